@@ -1,0 +1,1 @@
+"""Offline DDPM forward process: WebDataset shards in, validated Parquet training records out."""

@@ -1,0 +1,124 @@
+"""Keyed randomness: every record's timestep and noise are a pure function of its identity.
+
+A record is identified by ``(seed, shard, key, draw)``: the global seed, the shard's id (its file
+name without extension, see :func:`pipeline.source.shard_id`), the sample's WebDataset
+``__key__`` (keys are only unique within a shard) and the draw index ``0 <= draw < K``. The
+identity is hashed with BLAKE2b (32-byte digest):
+
+* bytes ``0:16`` key a Philox-4x64 counter-based generator (``numpy.random.Philox``) that draws
+  the noise ``eps ~ N(0, I)`` with ``Generator.standard_normal(dtype=float32)``;
+* bytes ``16:24`` give the ``uniform`` timestep ``t = floor(u * T)``, ``u = bytes / 2**64``
+  (53-bit resolution, so the bias is below 2**-53 * T).
+
+The ``stratified`` sampler replaces the second step by a low-discrepancy Weyl sequence over the
+record's position in its shard (``n = index * K + draw``): ``t = floor(T * frac(u_shard + n
+phi))`` in exact 64-bit fixed point, with ``u_shard`` hashed from ``(seed, shard)``. Any window of
+consecutive records, and so every shard and every batch, covers ``[0, T)`` evenly. Its noise is
+keyed exactly as for ``uniform``.
+
+Guarantees: the output is independent of the number of workers, the batch size and the order in
+which shards are processed; a single record can be regenerated from its identity alone (plus its
+position for ``stratified``). Noise is always generated on the CPU, so ``t`` and ``eps`` are
+bit-identical on CPU-only and GPU nodes; NumPy keeps ``Philox`` and ``standard_normal`` streams
+stable across releases (NEP 19), barring bug fixes. Arithmetic derived from them (x_t, posterior)
+may differ in the last float32 bit between device types (fused multiply-add).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLERS = ("uniform", "stratified")
+_PERSON = b"ddpm-precompute"  # BLAKE2b personalisation: domain separation from other hashes
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # round(2**64 / phi)
+_TO_UNIT = 2.0**-53
+
+
+def _digest(*parts: object) -> bytes:
+    msg = "\x1f".join(str(p) for p in parts).encode("utf-8")
+    return hashlib.blake2b(msg, digest_size=32, person=_PERSON).digest()
+
+
+def _unit_to_index(u: np.ndarray, n: int) -> np.ndarray:
+    """Map uint64 values to integers in [0, n) via their top 53 bits."""
+    return ((u >> np.uint64(11)).astype(np.float64) * _TO_UNIT * n).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class KeyedNoise:
+    """Draws (t, eps) for records from their identity. Immutable; safe to share.
+
+    seed: global seed; num_timesteps: T; draws: K draws per sample; sampler: uniform|stratified.
+    """
+
+    seed: int
+    num_timesteps: int
+    draws: int = 1
+    sampler: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown timestep sampler {self.sampler!r}; allowed: {SAMPLERS}")
+        if self.draws < 1:
+            raise ValueError(f"draws per sample must be >= 1, got {self.draws}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+
+    def digests(self, shard: str, keys: Sequence[str]) -> np.ndarray:
+        """Identity hashes, uint8 [N*K, 32], sample-major (sample i's draws are rows iK..iK+K-1)."""
+        out = np.empty((len(keys) * self.draws, 32), dtype=np.uint8)
+        row = 0
+        for key in keys:
+            for d in range(self.draws):
+                out[row] = np.frombuffer(_digest(self.seed, shard, key, d), dtype=np.uint8)
+                row += 1
+        return out
+
+    def timesteps(self, digests: np.ndarray, shard: str, indices: Sequence[int]) -> np.ndarray:
+        """Timesteps int64 [N*K] in [0, T). ``indices``: the samples' ordinals in the shard, [N]."""
+        T = self.num_timesteps
+        if self.sampler == "uniform":
+            u = np.ascontiguousarray(digests[:, 16:24]).view("<u8").reshape(-1)
+            return _unit_to_index(u, T)
+        idx = np.asarray(indices, dtype=np.uint64)
+        n = (idx[:, None] * np.uint64(self.draws) + np.arange(self.draws, dtype=np.uint64)).ravel()
+        offset = np.frombuffer(_digest(self.seed, shard, "stratified")[:8], dtype="<u8")[0]
+        with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+            pos = offset + n * _GOLDEN
+        return _unit_to_index(pos, T)
+
+    def noise(
+        self, digests: np.ndarray, shape: Sequence[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Standard normal noise, float32 [N*K, *shape], one Philox stream per record."""
+        shape = tuple(int(s) for s in shape)
+        if out is None:
+            out = np.empty((len(digests),) + shape, dtype=np.float32)
+        elif out.shape != (len(digests),) + shape or out.dtype != np.float32:
+            raise ValueError(
+                f"out must be float32 {(len(digests),) + shape}, got {out.dtype} {out.shape}"
+            )
+        keys = np.ascontiguousarray(digests[:, :16]).view("<u8")
+        for row in range(len(digests)):
+            gen = np.random.Generator(np.random.Philox(key=keys[row]))
+            gen.standard_normal(dtype=np.float32, out=out[row])
+        return out
+
+    def draw(
+        self, shard: str, keys: Sequence[str], indices: Sequence[int], shape: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(t int64 [N*K], eps float32 [N*K, *shape]) for N samples of one shard."""
+        d = self.digests(shard, keys)
+        return self.timesteps(d, shard, indices), self.noise(d, shape)
+
+    def describe(self) -> dict:
+        return {
+            "seed": self.seed,
+            "sampler": self.sampler,
+            "draws_per_sample": self.draws,
+            "generator": "blake2b(seed,shard,key,draw) -> numpy Philox4x64 standard_normal float32",
+        }
