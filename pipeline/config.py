@@ -1,0 +1,234 @@
+"""Structured configs (schemas) for the Hydra configs in ``conf/``.
+
+The YAML files under ``conf/`` extend these dataclasses through their defaults lists, so an unknown
+key or a value of the wrong type fails when Hydra composes the config, before Ray starts.
+:func:`validate` then checks values (ranges, choices) with messages that name the config key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .noise import SAMPLERS
+from .records import DTYPES
+from .schedule import SCHEDULES
+
+ON_ERROR = ("skip", "fail")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class SourceConfig:
+    kind: str = MISSING
+    urls: Any = MISSING  # a brace-expandable string or a list of URLs
+
+
+@dataclass
+class ImagesSource(SourceConfig):
+    kind: str = "images"
+    resolution: int = 256
+    channels: int = 3
+    normalize: bool = True
+    alpha: str = "composite"
+
+
+@dataclass
+class ArraysSource(SourceConfig):
+    kind: str = "arrays"
+    shape: list[int] | None = None
+    scale: float = 1.0
+    shift: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingConfig:
+    draws_per_sample: int = 1
+    timesteps: str = "uniform"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = MISSING
+    dtype: str = "float16"
+    store_x0: bool = False
+    rows_per_group: int = 256
+    compression: str = "zstd"
+    tensor_compression: str = "none"
+    overwrite: bool = False
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    num_actors: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    device: str = "auto"
+    max_shard_retries: int = 2
+
+
+@dataclass
+class PrecomputeConfig:
+    source: SourceConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    ray: RayConfig = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    batch_size: int = 64
+    on_error: str = "skip"
+    progress: bool = True
+
+
+def register_configs() -> None:
+    """Register the schemas the YAML files extend (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=PrecomputeConfig)
+    cs.store(group="source", name="base_images", node=ImagesSource)
+    cs.store(group="source", name="base_arrays", node=ArraysSource)
+    cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
+    cs.store(group="ray", name="base_ray", node=RayConfig)
+
+
+def _need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config key {key}: {message}")
+
+
+_CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values beyond their types; ValueError names the key and what is allowed."""
+    _need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _need(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+    _need(cfg.on_error in ON_ERROR, "on_error", f"must be one of {ON_ERROR}, got {cfg.on_error!r}")
+    s = cfg.sampling
+    _need(
+        s.draws_per_sample >= 1,
+        "sampling.draws_per_sample",
+        f"must be >= 1, got {s.draws_per_sample}",
+    )
+    _need(
+        s.timesteps in SAMPLERS,
+        "sampling.timesteps",
+        f"must be one of {SAMPLERS}, got {s.timesteps!r}",
+    )
+    o = cfg.output
+    _need(o.dtype in DTYPES, "output.dtype", f"must be one of {tuple(DTYPES)}, got {o.dtype!r}")
+    _need(o.rows_per_group >= 1, "output.rows_per_group", f"must be >= 1, got {o.rows_per_group}")
+    for key in ("compression", "tensor_compression"):
+        _need(o[key] in _CODECS, f"output.{key}", f"must be one of {_CODECS}, got {o[key]!r}")
+    sch = cfg.schedule
+    _need(sch.name in SCHEDULES, "schedule.name", f"must be one of {SCHEDULES}, got {sch.name!r}")
+    _need(
+        sch.num_timesteps >= 1, "schedule.num_timesteps", f"must be >= 1, got {sch.num_timesteps}"
+    )
+    src = cfg.source
+    _need(
+        src.kind in ("images", "arrays"),
+        "source.kind",
+        f"must be images or arrays, got {src.kind!r}",
+    )
+    urls = src.urls
+    _need(
+        bool(urls) and (isinstance(urls, str) or all(isinstance(u, str) for u in urls)),
+        "source.urls",
+        "must be a non-empty shard URL pattern or list of URLs",
+    )
+    if src.kind == "images":
+        _need(src.resolution > 0, "source.resolution", f"must be > 0, got {src.resolution}")
+        _need(
+            src.channels in (1, 3, 4), "source.channels", f"must be 1, 3 or 4, got {src.channels}"
+        )
+        _need(
+            src.alpha in ("composite", "drop"),
+            "source.alpha",
+            f"must be composite or drop, got {src.alpha!r}",
+        )
+    else:
+        _need(
+            src.shape is None or (len(src.shape) >= 1 and all(d > 0 for d in src.shape)),
+            "source.shape",
+            f"must be null or a list of positive sizes [C, ...], got {src.shape}",
+        )
+        _need(src.scale != 0, "source.scale", "must not be 0")
+    r = cfg.ray
+    _need(
+        r.num_actors is None or r.num_actors >= 1,
+        "ray.num_actors",
+        f"must be null or >= 1, got {r.num_actors}",
+    )
+    _need(r.cpus_per_actor > 0, "ray.cpus_per_actor", f"must be > 0, got {r.cpus_per_actor}")
+    _need(r.gpus_per_actor >= 0, "ray.gpus_per_actor", f"must be >= 0, got {r.gpus_per_actor}")
+    _need(r.device in DEVICES, "ray.device", f"must be one of {DEVICES}, got {r.device!r}")
+    _need(
+        not (r.device == "cuda" and r.gpus_per_actor == 0),
+        "ray.device",
+        "cuda needs ray.gpus_per_actor > 0 (Ray pins GPUs to actors); set ray.gpus_per_actor=1",
+    )
+    _need(
+        r.max_shard_retries >= 0,
+        "ray.max_shard_retries",
+        f"must be >= 0, got {r.max_shard_retries}",
+    )
+
+
+# The keys that change the records. Everything else (ray.*, batch_size, progress, output.dir,
+# output.overwrite, output.rows_per_group, compression) leaves every record value unchanged.
+PROCESS_CONFIG_KEYS = ("source", "schedule", "sampling", "seed")
+
+
+def process_config(cfg: DictConfig) -> dict:
+    """The part of the config that determines record values (source URLs excluded)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    out = {k: out[k] for k in PROCESS_CONFIG_KEYS}
+    out["source"].pop("urls", None)
+    out["output"] = {"dtype": cfg.output.dtype, "store_x0": cfg.output.store_x0}
+    return out
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short hash of :func:`process_config`: equal hashes mean interchangeable records."""
+    blob = json.dumps(process_config(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(overrides: list[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose a config from ``conf/`` with command-line style overrides (tests, demo, bench)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=quote_url_overrides(overrides))
+
+
+def quote_url_overrides(argv: list[str]) -> list[str]:
+    """Quote ``source.urls=`` values for Hydra's override grammar, so WebDataset brace patterns
+    work as users write them: ``source.urls=/data/train-{000000..000099}.tar``."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "source.urls" and value[:1] not in ("'", '"', "["):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(f"{key}{sep}{value}" if sep else arg)
+    return out

@@ -1,0 +1,278 @@
+"""The shard worker: one Ray actor turns whole shards into committed Parquet files.
+
+Like a NeMo Curator stage, :meth:`ShardWorker.setup` loads once (schedule tables, keyed noise,
+device, output filesystem) and :meth:`ShardWorker.process` handles one shard: stream its samples,
+batch them (``batch_size``), draw (t, eps), compute x_t and the posterior on the device, and write
+row groups as they fill. The worker writes its own file, so no tensor travels through Ray's
+object store; the driver only receives a small summary.
+
+Commit protocol (see :mod:`pipeline.manifest`): Parquet to a temporary name -> rejects part ->
+rename the Parquet into place -> the marker ``_shards/<shard>.json`` (the commit point).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from . import __version__
+from .diffusion import q_posterior, q_sample
+from .manifest import OutputDir
+from .noise import KeyedNoise
+from .records import DTYPES, TENSOR_COLUMNS, build_table, record_schema
+from .schedule import NoiseSchedule, make_schedule
+from .source import ArrayDecoder, ImageDecoder, Reject, Sample, ShardReadError, iter_shard, shard_id
+
+log = logging.getLogger(__name__)
+
+
+def make_decoder(source: dict, shape: Sequence[int] | None = None):
+    """A fresh decoder for one shard, from the ``source`` config group."""
+    if source["kind"] == "images":
+        return ImageDecoder(
+            resolution=source["resolution"],
+            channels=source["channels"],
+            normalize=source["normalize"],
+            alpha=source["alpha"],
+        )
+    shape = shape if shape is not None else source.get("shape")
+    return ArrayDecoder(
+        shape=tuple(shape) if shape is not None else None,
+        scale=source["scale"],
+        shift=source["shift"],
+    )
+
+
+def resolve_device(requested: str, gpu_ids: Sequence, cuda_available: bool) -> torch.device:
+    """The torch device for an actor, from the GPU ids Ray assigned it.
+
+    Ray sets CUDA_VISIBLE_DEVICES to the assigned ids, so the first assigned GPU is ``cuda:0``
+    inside the actor. ``requested`` is ``ray.device``: auto | cuda | cpu.
+    """
+    if requested == "cpu":
+        return torch.device("cpu")
+    if gpu_ids and cuda_available:
+        return torch.device("cuda", 0)
+    if requested == "cuda":
+        why = "Ray assigned this actor no GPU" if not gpu_ids else "torch sees no CUDA device"
+        raise RuntimeError(
+            f"ray.device=cuda but {why} (assigned GPU ids: {list(gpu_ids)}); set ray.gpus_per_actor=1 "
+            "on a node with GPUs and a CUDA build of torch, or use ray.device=auto|cpu"
+        )
+    return torch.device("cpu")
+
+
+def compute_records(
+    schedule: NoiseSchedule,
+    noise: KeyedNoise,
+    shard: str,
+    samples: Sequence[Sample],
+    device: torch.device,
+    dtype: str,
+    store_x0: bool,
+) -> dict[str, np.ndarray | list]:
+    """The record columns for a batch of samples (N samples -> N*K rows, sample-major)."""
+    keys = [s.key for s in samples]
+    indices = np.array([s.index for s in samples], dtype=np.int64)
+    x0 = np.stack([s.array for s in samples])  # [N, C, ...] float32
+    K = noise.draws
+    digests = noise.digests(shard, keys)
+    t = noise.timesteps(digests, shard, indices)  # [N*K]
+    eps = noise.noise(digests, x0.shape[1:])  # [N*K, C, ...] float32, always drawn on the CPU
+    if K > 1:
+        x0 = np.repeat(x0, K, axis=0)
+    out = DTYPES[dtype][0]
+    torch_out = torch.float16 if out == np.float16 else torch.float32
+    non_blocking = device.type == "cuda"
+    x0_d = torch.from_numpy(x0).to(device, non_blocking=non_blocking)
+    eps_d = torch.from_numpy(eps).to(device, non_blocking=non_blocking)
+    t_d = torch.from_numpy(t)
+    x_t = q_sample(schedule, x0_d, t_d, eps_d)  # float32: the posterior uses the unrounded x_t
+    mean, _, _ = q_posterior(schedule, x0_d, x_t, t_d, out_dtype=torch_out)
+    cols = {
+        "key": [k for k in keys for _ in range(K)],
+        "index": np.repeat(indices, K),
+        "draw": np.tile(np.arange(K, dtype=np.int32), len(keys)),
+        "t": t.astype(np.int32),
+        "x_t": x_t.to(torch_out).cpu().numpy(),
+        "epsilon": eps.astype(out),
+        "posterior_mean": mean.cpu().numpy(),
+        "posterior_variance": schedule.posterior_variance[t].astype(np.float32),
+        "posterior_log_variance": schedule.posterior_log_variance_clipped[t].astype(np.float32),
+        "alpha_bar": schedule.alphas_cumprod[t].astype(np.float32),
+    }
+    if store_x0:
+        cols["x_0"] = x0.astype(out)
+    return cols
+
+
+class _RowGroupWriter:
+    """Writes tables to a ParquetWriter in row groups of exactly ``rows`` rows (last may be short)."""
+
+    def __init__(self, writer: pq.ParquetWriter, rows: int):
+        self.writer, self.rows, self.pending = writer, rows, []
+        self.pending_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.rows:
+            merged = pa.concat_tables(self.pending)
+            full = (merged.num_rows // self.rows) * self.rows
+            self.writer.write_table(merged.slice(0, full), row_group_size=self.rows)
+            rest = merged.slice(full)
+            self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.rows)
+        self.writer.close()
+
+
+class ShardWorker:
+    """One pipeline stage worker. ``cfg`` is the resolved config as a plain dict.
+
+    ``metadata``: the process description shared by every file (see records.py); ``shape``: the
+    sample shape [C, ...] fixed by the driver (every file of a dataset has one shape).
+    """
+
+    def __init__(self, cfg: dict, metadata: dict, shape: Sequence[int]):
+        self.cfg, self.metadata, self.shape = cfg, metadata, [int(s) for s in shape]
+        self.setup()
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        sch = cfg["schedule"]
+        self.schedule = make_schedule(
+            sch["name"],
+            sch["num_timesteps"],
+            zero_terminal_snr=sch["zero_terminal_snr"],
+            **sch["params"],
+        )
+        self.noise = KeyedNoise(
+            seed=cfg["seed"],
+            num_timesteps=sch["num_timesteps"],
+            draws=cfg["sampling"]["draws_per_sample"],
+            sampler=cfg["sampling"]["timesteps"],
+        )
+        gpu_ids = _assigned_gpus()
+        self.device = resolve_device(cfg["ray"]["device"], gpu_ids, torch.cuda.is_available())
+        self.out = OutputDir(cfg["output"]["dir"])
+        log.info("worker pid %d on device %s (Ray GPU ids %s)", os.getpid(), self.device, gpu_ids)
+
+    def info(self) -> dict:
+        """Where this worker runs: for logs and the GPU-pinning tests."""
+        return {"pid": os.getpid(), "device": str(self.device), "gpu_ids": _assigned_gpus()}
+
+    def _writer(self, tmp: str, schema: pa.Schema) -> pq.ParquetWriter:
+        o = self.cfg["output"]
+        compression = {
+            f.name: (
+                o["tensor_compression"] if f.name in (*TENSOR_COLUMNS, "x_0") else o["compression"]
+            )
+            for f in schema
+        }
+        scalars = [f.name for f in schema if f.name not in (*TENSOR_COLUMNS, "x_0")]
+        return pq.ParquetWriter(
+            self.out.path(tmp),
+            schema,
+            filesystem=self.out.fs,
+            compression=compression,
+            use_dictionary=["key"],
+            write_statistics=scalars,
+        )
+
+    def process(self, url: str, final_attempt: bool = True) -> dict:
+        """Turn one shard into a committed file; returns its summary (see manifest.py).
+
+        A read failure raises :class:`ShardReadError` unless this is the final attempt and some
+        samples were read: those are then committed and the shard is marked ``partial``.
+        """
+        start = time.perf_counter()
+        cfg, shard = self.cfg, shard_id(url)
+        meta = {**self.metadata, "source": {**self.metadata["source"], "url": url, "shard": shard}}
+        schema = record_schema(self.shape, cfg["output"]["dtype"], cfg["output"]["store_x0"], meta)
+        name, tmp = self.out.data_name(shard), self.out.tmp_name(self.out.data_name(shard))
+        decoder = make_decoder(cfg["source"], self.shape)
+        rejects: list[dict] = []
+        samples = records = 0
+        error = None
+        batch: list[Sample] = []
+        writer = _RowGroupWriter(self._writer(tmp, schema), cfg["output"]["rows_per_group"])
+        try:
+
+            def flush() -> None:
+                nonlocal records
+                cols = compute_records(
+                    self.schedule, self.noise, shard, batch, self.device,
+                    cfg["output"]["dtype"], cfg["output"]["store_x0"],
+                )  # fmt: skip
+                writer.write(build_table(schema, cols))
+                records += len(cols["t"])
+                batch.clear()
+
+            try:
+                for item in iter_shard(url, decoder, on_error=cfg["on_error"]):
+                    samples += 1
+                    if isinstance(item, Reject):
+                        rejects.append(
+                            {
+                                "shard": shard,
+                                "key": item.key,
+                                "index": item.index,
+                                "reason": item.reason,
+                            }
+                        )
+                        continue
+                    batch.append(item)
+                    if len(batch) >= cfg["batch_size"]:
+                        flush()
+            except ShardReadError as exc:
+                if not final_attempt or samples == 0:
+                    raise  # retried by the driver, or recorded as failed (nothing committed)
+                error = str(exc)
+            if batch:
+                flush()
+            writer.close()
+        except BaseException:
+            writer.writer.close()
+            self.out.remove(tmp)
+            raise
+        status = "ok" if error is None else "partial"
+        if error is not None:
+            rejects.append(
+                {"shard": shard, "key": None, "index": None, "reason": f"shard read error: {error}"}
+            )
+        self.out.write_jsonl(self.out.rejects_name(shard), rejects)
+        self.out.commit(tmp, name)
+        summary = {
+            "url": url,
+            "file": name,
+            "status": status,
+            "samples": samples,
+            "records": records,
+            "rejected": sum(r["key"] is not None for r in rejects),
+            "bytes": self.out.size(name),
+            "seconds": round(time.perf_counter() - start, 3),
+            "error": error,
+            "worker": self.info(),
+            "library_version": __version__,
+        }
+        self.out.write_json(self.out.marker_name(shard), summary)
+        return summary
+
+
+def _assigned_gpus() -> list:
+    """GPU ids Ray assigned to the current worker ([] outside Ray or without GPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))

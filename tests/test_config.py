@@ -1,0 +1,135 @@
+"""Every config composes, typos fail at composition, values are validated with named keys."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from pipeline.config import CONF_DIR, compose, config_hash, validate
+
+GROUPS = {
+    g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in ("source", "schedule", "ray")
+}
+REQUIRED = ["source.urls=/d/a-{000..009}.tar", "output.dir=/tmp/out"]
+
+
+def test_groups_have_the_documented_choices():
+    assert GROUPS == {
+        "source": ["arrays", "images"],
+        "schedule": ["cosine", "linear", "scaled_linear", "sigmoid"],
+        "ray": ["cluster", "local"],
+    }
+
+
+@pytest.mark.parametrize("source,schedule,ray", list(itertools.product(*GROUPS.values())))
+def test_every_config_composes_and_validates(source, schedule, ray):
+    cfg = compose([f"source={source}", f"schedule={schedule}", f"ray={ray}", *REQUIRED])
+    validate(cfg)
+    assert cfg.source.kind == source and cfg.schedule.name == schedule
+    assert cfg.source.urls == "/d/a-{000..009}.tar"
+
+
+def test_config_files_are_small():
+    for path in CONF_DIR.rglob("*.yaml"):
+        assert path.stat().st_size < 2048, f"{path} is over 2 KB: split it"
+
+
+def test_required_values_are_missing_until_given():
+    cfg = compose([])
+    assert OmegaConf.is_missing(cfg.source, "urls") and OmegaConf.is_missing(cfg.output, "dir")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "source.resolutoin=64",
+        "output.dtyp=float16",
+        "batch_size=many",
+        "ray.num_actors=two",
+        "sampling.draws=2",
+    ],
+)
+def test_typos_and_wrong_types_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        compose([*REQUIRED, override])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("output.dtype=bfloat16", "output.dtype"),
+        ("sampling.draws_per_sample=0", "sampling.draws_per_sample"),
+        ("sampling.timesteps=sobol", "sampling.timesteps"),
+        ("source.resolution=0", "source.resolution"),
+        ("source.channels=2", "source.channels"),
+        ("on_error=ignore", "on_error"),
+        ("batch_size=0", "batch_size"),
+        ("ray.device=tpu", "ray.device"),
+        ("ray.num_actors=0", "ray.num_actors"),
+        ("output.compression=lzma", "output.compression"),
+        ("schedule.num_timesteps=0", "schedule.num_timesteps"),
+    ],
+)
+def test_bad_values_name_their_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(compose([*REQUIRED, override]))
+
+
+def test_config_hash_ignores_execution_settings_only():
+    base = config_hash(compose(REQUIRED))
+    for same in (
+        "ray.num_actors=3",
+        "batch_size=7",
+        "output.dir=/elsewhere",
+        "source.urls=/x.tar",
+        "progress=false",
+    ):
+        assert config_hash(compose([*REQUIRED, same])) == base, same
+    for other in (
+        "seed=1",
+        "schedule=cosine",
+        "output.dtype=float32",
+        "sampling.draws_per_sample=2",
+        "source.resolution=64",
+    ):
+        assert config_hash(compose([*REQUIRED, other])) != base, other
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.precompute", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_cfg_job_and_help_work_like_hydra():
+    res = _cli(
+        "--cfg",
+        "job",
+        "source.urls=/d/train-{000000..000099}.tar",
+        "output.dir=/tmp/o",
+        "schedule=cosine",
+    )
+    assert res.returncode == 0, res.stderr
+    job = OmegaConf.create(res.stdout)
+    assert job.source.urls == "/d/train-{000000..000099}.tar" and job.schedule.name == "cosine"
+    res = _cli("--help")
+    assert (
+        res.returncode == 0
+        and "source:   images | arrays" in res.stdout
+        and "urls: ???" in res.stdout
+    )
+
+
+def test_cli_typo_fails_before_ray_starts():
+    res = _cli("source.urls=/x.tar", "output.dir=/tmp/o", "output.dtyp=float16", timeout=60)
+    assert res.returncode != 0 and "dtyp" in res.stderr
+    res = _cli("source.urls=/x.tar", "output.dir=/tmp/o", "output.dtype=int8", timeout=60)
+    assert res.returncode == 2 and "output.dtype" in res.stderr

@@ -1,0 +1,336 @@
+"""End-to-end tests of the precompute job on tiny shards, with the session's local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from shards import npy_bytes, write_array_shard, write_image_shard, write_tar
+
+from pipeline import records
+from pipeline.config import quote_url_overrides
+from pipeline.manifest import OutputDir
+from pipeline.precompute import JobError, run
+from pipeline.schedule import make_schedule
+from pipeline.source import SampleError
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _arrays(tmp_path, n_shards=3, n=10, shape=(2, 4, 4)):
+    for i in range(n_shards):
+        write_array_shard(
+            tmp_path / f"lat-{i:02d}.tar", n, shape=shape, seed=i, key_prefix=f"k{i}_"
+        )
+    return f"{tmp_path}/lat-{{00..{n_shards - 1:02d}}}.tar"
+
+
+def _read_dir(path) -> dict[str, dict]:
+    """file name -> {column: numpy} for every committed file."""
+    out = OutputDir(str(path))
+    res = {}
+    for name in out.data_files():
+        table = pq.read_table(out.path(name))
+        cols = {}
+        for col in table.column_names:
+            c = table.column(col)
+            cols[col] = (
+                records.tensor_to_numpy(c)
+                if col in (*records.TENSOR_COLUMNS, "x_0")
+                else c.to_numpy(zero_copy_only=False)
+            )
+        res[name] = cols
+    return res
+
+
+def test_record_values_schema_and_metadata(tmp_path, make_cfg):
+    urls = _arrays(tmp_path, n_shards=2, n=12)
+    cfg = make_cfg(
+        "source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out", "output.dtype=float32",
+        "output.store_x0=true", "schedule=cosine", "schedule.num_timesteps=50", "seed=7",
+        "sampling.draws_per_sample=2", "batch_size=5", "output.rows_per_group=8",
+    )  # fmt: skip
+    manifest = run(cfg)
+    assert manifest["exit_code"] == 0
+    assert manifest["totals"] == {**manifest["totals"], "samples": 24, "records": 48, "rejected": 0}
+    sched = make_schedule("cosine", 50)
+    path = tmp_path / "out" / "lat-00.parquet"
+    pf = pq.ParquetFile(path)
+    assert [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)] == [8, 8, 8]
+    schema = pf.schema_arrow
+    assert schema.field("x_t").type == records.tensor_type([2, 4, 4], "float32")
+    assert schema.field("x_t").type.permutation is None
+    meta = records.process_metadata(schema)
+    assert (
+        meta["schedule"]["name"] == "cosine"
+        and meta["schedule"]["betas_sha256"] == sched.betas_sha256
+    )
+    assert meta["noise"]["seed"] == 7 and meta["noise"]["draws_per_sample"] == 2
+    assert meta["source"]["shard"] == "lat-00" and meta["source"]["url"].endswith("lat-00.tar")
+    assert meta["shape"] == [2, 4, 4] and meta["dtype"] == "float32" and meta["config_hash"]
+
+    cols = _read_dir(tmp_path / "out")["lat-00.parquet"]
+    t = cols["t"].astype(np.int64)
+    ab = sched.alphas_cumprod[t][:, None, None, None]
+    x0, eps = cols["x_0"].astype(np.float64), cols["epsilon"].astype(np.float64)
+    np.testing.assert_allclose(
+        cols["x_t"], np.sqrt(ab) * x0 + np.sqrt(1 - ab) * eps, rtol=1e-5, atol=1e-5
+    )
+    mean = (
+        sched.posterior_mean_coef1[t][:, None, None, None] * x0
+        + sched.posterior_mean_coef2[t][:, None, None, None] * cols["x_t"]
+    )
+    np.testing.assert_allclose(cols["posterior_mean"], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cols["posterior_variance"], sched.posterior_variance[t], rtol=1e-6)
+    np.testing.assert_allclose(
+        cols["posterior_log_variance"], sched.posterior_log_variance_clipped[t], rtol=1e-6
+    )
+    np.testing.assert_allclose(cols["alpha_bar"], sched.alphas_cumprod[t], rtol=1e-6)
+    # x_0 is the input array; draws are sample-major and share x_0 but not (t, eps)
+    from shards import array_samples
+
+    src = array_samples(12, (2, 4, 4), seed=0, key_prefix="k0_")
+    assert list(cols["key"][::2]) == list(src) and list(cols["draw"][:4]) == [0, 1, 0, 1]
+    np.testing.assert_array_equal(cols["x_0"][::2], np.stack(list(src.values())))
+    assert not np.array_equal(cols["epsilon"][0], cols["epsilon"][1])
+    # the noise is the keyed noise: regenerate it from the record's identity
+    noise = records.noise_from_metadata(meta)
+    d = noise.digests("lat-00", ["k0_000003"])
+    np.testing.assert_array_equal(noise.noise(d, (2, 4, 4)), cols["epsilon"][6:8])
+    np.testing.assert_array_equal(noise.timesteps(d, "lat-00", [3]), t[6:8])
+
+
+def test_output_identical_across_actors_batches_and_order(tmp_path, make_cfg):
+    urls = _arrays(tmp_path, n_shards=4, n=9)
+    common = ["source=arrays", "sampling.timesteps=stratified", "sampling.draws_per_sample=2"]
+    run(
+        make_cfg(
+            *common,
+            f"source.urls={urls}",
+            f"output.dir={tmp_path}/a",
+            "ray.num_actors=1",
+            "batch_size=4",
+        )
+    )
+    reversed_urls = "[" + ",".join(f"{tmp_path}/lat-{i:02d}.tar" for i in (3, 1, 2, 0)) + "]"
+    run(
+        make_cfg(
+            *common,
+            f"source.urls={reversed_urls}",
+            f"output.dir={tmp_path}/b",
+            "ray.num_actors=2",
+            "batch_size=7",
+        )
+    )
+    a, b = _read_dir(tmp_path / "a"), _read_dir(tmp_path / "b")
+    assert sorted(a) == sorted(b) and len(a) == 4
+    for name in a:
+        for col in a[name]:
+            np.testing.assert_array_equal(a[name][col], b[name][col], err_msg=f"{name}:{col}")
+
+
+def test_resume_skips_committed_shards_and_equals_clean_run(tmp_path, make_cfg):
+    urls = _arrays(tmp_path, n_shards=3, n=6)
+    args = ["source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out"]
+    run(make_cfg(*args))
+    out = OutputDir(str(tmp_path / "out"))
+    clean = _read_dir(tmp_path / "out")
+    # simulate a run killed while lat-01 was in flight: no marker, a temporary file left behind
+    out.remove(out.marker_name("lat-01"))
+    out.remove("lat-01.parquet")
+    out.write_bytes(".lat-01.parquet.tmp-deadbeef", b"partial garbage")
+    before = {n: os.stat(out.path(n)).st_mtime_ns for n in ("lat-00.parquet", "lat-02.parquet")}
+    manifest = run(make_cfg(*args))
+    assert manifest["exit_code"] == 0 and manifest["totals"]["ok"] == 3
+    assert {n: os.stat(out.path(n)).st_mtime_ns for n in before} == before  # untouched
+    assert not any(".tmp-" in n for n in out.list())
+    resumed = _read_dir(tmp_path / "out")
+    for name in clean:
+        for col in clean[name]:
+            np.testing.assert_array_equal(clean[name][col], resumed[name][col])
+
+
+def test_config_mismatch_refused_unless_overwrite(tmp_path, make_cfg):
+    urls = _arrays(tmp_path, n_shards=1, n=4)
+    args = ["source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out"]
+    run(make_cfg(*args, "seed=1"))
+    with pytest.raises(JobError, match=r"another config.*seed: 1 -> 2.*output.overwrite=true"):
+        run(make_cfg(*args, "seed=2"))
+    manifest = run(make_cfg(*args, "seed=2", "output.overwrite=true"))
+    assert manifest["exit_code"] == 0 and manifest["config"]["seed"] == 2
+    meta = records.process_metadata(pq.read_schema(tmp_path / "out" / "lat-00.parquet"))
+    assert meta["noise"]["seed"] == 2
+
+
+class _Evil:
+    """Unpickling this would create a file: shards must never be unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_bad_samples_are_rejected_with_reasons_and_reconciled(tmp_path, make_cfg):
+    good = np.zeros((2, 4, 4), np.float32)
+    nan = good.copy()
+    nan[0, 0, 0] = np.nan
+    canary = tmp_path / "pwned"
+    members = [
+        ("a.npy", npy_bytes(good)),
+        ("b.npy", b"\x93NUMPY garbage"),
+        ("c.npy", npy_bytes(np.array([{"x": 1}], dtype=object), allow_pickle=True)),
+        ("d.npy", npy_bytes(nan)),
+        ("e.npy", npy_bytes(np.zeros((2, 4, 5), np.float32))),
+        ("f.json", b"{}"),
+        ("g.npy", npy_bytes(good)),
+        ("h.pyd", pickle.dumps(_Evil(str(canary)))),
+        ("g.npy", npy_bytes(good)),
+        ("i.npy", npy_bytes(np.full((2, 4, 4), np.inf, np.float32))),
+    ]
+    write_tar(tmp_path / "bad-00.tar", members)
+    write_tar(tmp_path / "empty-00.tar", [])
+    urls = f"[{tmp_path}/bad-00.tar,{tmp_path}/empty-00.tar]"
+    manifest = run(
+        make_cfg(
+            "source=arrays",
+            f"source.urls={urls}",
+            f"output.dir={tmp_path}/out",
+            "source.shape=[2,4,4]",
+        )
+    )
+    assert not canary.exists()
+    assert manifest["exit_code"] == 0
+    bad = manifest["shards"]["bad-00"]
+    assert bad["samples"] == 10 and bad["records"] == 2 and bad["rejected"] == 8
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    reasons = {r["key"]: r["reason"] for r in rejects}
+    assert set(reasons) == {"b", "c", "d", "e", "f", "g", "h", "i"} and len(rejects) == 8
+    assert "pickle" in reasons["c"] and "NaN" in reasons["d"] and "shape" in reasons["e"]
+    assert "payload" in reasons["f"] and "pyd" in reasons["h"] and "Inf" in reasons["i"]
+    assert "duplicate" in reasons["g"]  # the second, non-contiguous "g"; the first is a record
+    t = manifest["totals"]
+    assert t["samples"] == t["records"] + t["rejected"]  # K = 1: every sample in one place
+    empty = pq.read_table(tmp_path / "out" / "empty-00.parquet")
+    assert empty.num_rows == 0 and empty.schema.field("x_t").type.shape == [2, 4, 4]
+
+
+def test_duplicate_key_is_rejected(tmp_path, make_cfg):
+    arr = npy_bytes(np.ones((1, 2, 2), np.float32))
+    write_tar(tmp_path / "dup-00.tar", [("a.npy", arr), ("b.npy", arr), ("a.npy", arr)])
+    m = run(
+        make_cfg(
+            "source=arrays", f"source.urls={tmp_path}/dup-00.tar", f"output.dir={tmp_path}/out"
+        )
+    )
+    assert m["shards"]["dup-00"]["records"] == 2 and m["shards"]["dup-00"]["rejected"] == 1
+    (line,) = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
+    assert json.loads(line)["key"] == "a" and "duplicate" in json.loads(line)["reason"]
+
+
+def test_truncated_shard_is_partial_and_fails_the_job(tmp_path, make_cfg):
+    write_array_shard(tmp_path / "ok-00.tar", 5, shape=(1, 8, 8))
+    write_array_shard(tmp_path / "cut-00.tar", 20, shape=(1, 8, 8))
+    data = (tmp_path / "cut-00.tar").read_bytes()
+    (tmp_path / "cut-00.tar").write_bytes(data[: len(data) // 2])
+    urls = f"[{tmp_path}/ok-00.tar,{tmp_path}/cut-00.tar,{tmp_path}/missing-00.tar]"
+    m = run(
+        make_cfg(
+            "source=arrays",
+            f"source.urls={urls}",
+            f"output.dir={tmp_path}/out",
+            "ray.max_shard_retries=1",
+        )
+    )
+    assert m["exit_code"] == 1
+    cut, missing = m["shards"]["cut-00"], m["shards"]["missing-00"]
+    assert cut["status"] == "partial" and 0 < cut["records"] < 20 and cut["error"]
+    assert (
+        missing["status"] == "failed"
+        and missing["attempts"] == 2
+        and "missing-00" in missing["error"]
+    )
+    assert m["shards"]["ok-00"]["status"] == "ok"
+    rejects = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert {r["shard"] for r in rejects if r["key"] is None} == {"cut-00", "missing-00"}
+    assert not (tmp_path / "out" / "missing-00.parquet").exists()
+
+
+def test_on_error_fail_names_shard_and_key(tmp_path, make_cfg):
+    write_tar(
+        tmp_path / "bad-00.tar",
+        [("a.npy", npy_bytes(np.ones((1, 2, 2), np.float32))), ("zz.npy", b"junk")],
+    )
+    cfg = make_cfg(
+        "source=arrays",
+        f"source.urls={tmp_path}/bad-00.tar",
+        f"output.dir={tmp_path}/out",
+        "on_error=fail",
+    )
+    with pytest.raises(SampleError, match=r"bad-00.*zz"):
+        run(cfg)
+    assert not (tmp_path / "out" / "bad-00.parquet").exists()
+
+
+def test_images_end_to_end(tmp_path, make_cfg):
+    write_image_shard(tmp_path / "img-00.tar", 6, size=(40, 30), fmt="jpg")
+    write_image_shard(tmp_path / "img-01.tar", 6, size=(30, 50), mode="RGBA", fmt="png", seed=9)
+    urls = f"{tmp_path}/img-{{00..01}}.tar"
+    m = run(
+        make_cfg(
+            f"source.urls={urls}",
+            f"output.dir={tmp_path}/out",
+            "source.resolution=16",
+            "output.store_x0=true",
+        )
+    )
+    assert m["exit_code"] == 0 and m["totals"]["records"] == 12
+    cols = _read_dir(tmp_path / "out")["img-01.parquet"]
+    assert cols["x_t"].shape == (6, 3, 16, 16) and cols["x_t"].dtype == np.float16
+    assert cols["x_0"].min() >= -1 and cols["x_0"].max() <= 1
+
+
+def test_gpu_pinning_gives_each_actor_its_own_gpu(tmp_path, make_cfg):
+    """With Ray's fake GPUs (the session Ray has num_gpus=2) each actor gets a distinct id."""
+    urls = _arrays(tmp_path, n_shards=4, n=2)
+    m = run(
+        make_cfg(
+            "source=arrays",
+            f"source.urls={urls}",
+            f"output.dir={tmp_path}/out",
+            "ray.gpus_per_actor=1",
+            "ray.cpus_per_actor=0.5",
+        )
+    )
+    workers = {e["worker"]["pid"]: tuple(e["worker"]["gpu_ids"]) for e in m["shards"].values()}
+    ids = [g for g in workers.values()]
+    assert all(len(g) == 1 for g in ids)
+    assert len(set(workers)) == len(set(ids)), "two actors shared a GPU"
+    assert {e["worker"]["device"] for e in m["shards"].values()} == {"cpu"}  # no CUDA here
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path, make_cfg):
+    urls = _arrays(tmp_path, n_shards=1, n=2)
+    cfg = make_cfg(
+        "source=arrays",
+        f"source.urls={urls}",
+        f"output.dir={tmp_path}/out",
+        "ray.device=cuda",
+        "ray.gpus_per_actor=0",
+    )
+    with pytest.raises(ValueError, match="ray.gpus_per_actor"):
+        run(cfg)
+
+
+def test_quote_url_overrides():
+    assert quote_url_overrides(["source.urls=/d/a-{0..3}.tar", "seed=1"]) == [
+        "source.urls='/d/a-{0..3}.tar'",
+        "seed=1",
+    ]
+    assert quote_url_overrides(["source.urls='x'"]) == ["source.urls='x'"]
+    assert quote_url_overrides(["source.urls=[a,b]"]) == ["source.urls=[a,b]"]
