@@ -1,0 +1,83 @@
+"""Unit tests of the shard worker's pieces: device pinning, batch maths, row-group writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.noise import KeyedNoise
+from pipeline.schedule import make_schedule
+from pipeline.source import ArrayDecoder, ImageDecoder, Sample
+from pipeline.worker import _RowGroupWriter, compute_records, make_decoder, resolve_device
+
+
+def test_resolve_device_from_assigned_gpus():
+    assert resolve_device("cpu", [0], True) == torch.device("cpu")
+    assert resolve_device("auto", [], True) == torch.device("cpu")
+    assert resolve_device("auto", ["3"], False) == torch.device("cpu")
+    # Ray sets CUDA_VISIBLE_DEVICES to the assigned ids: the first one is cuda:0 in the actor
+    assert resolve_device("auto", ["3"], True) == torch.device("cuda", 0)
+    assert resolve_device("cuda", [1], True) == torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match="assigned this actor no GPU.*gpus_per_actor"):
+        resolve_device("cuda", [], True)
+    with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+        resolve_device("cuda", [0], False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_records_equal_cpu_records_up_to_float32_rounding():
+    sched, noise = make_schedule("linear", 100), KeyedNoise(3, 100, draws=2)
+    samples = [
+        Sample(f"k{i}", i, np.random.default_rng(i).standard_normal((3, 8, 8)).astype(np.float32))
+        for i in range(5)
+    ]
+    cpu = compute_records(sched, noise, "s", samples, torch.device("cpu"), "float32", True)
+    gpu = compute_records(sched, noise, "s", samples, torch.device("cuda", 0), "float32", True)
+    np.testing.assert_array_equal(cpu["epsilon"], gpu["epsilon"])
+    np.testing.assert_array_equal(cpu["t"], gpu["t"])
+    np.testing.assert_allclose(cpu["x_t"], gpu["x_t"], rtol=1e-6, atol=1e-6)
+
+
+def test_make_decoder_follows_the_source_group():
+    img = make_decoder(
+        {"kind": "images", "resolution": 8, "channels": 1, "normalize": False, "alpha": "drop"}
+    )
+    assert isinstance(img, ImageDecoder)
+    arr = make_decoder(
+        {"kind": "arrays", "shape": None, "scale": 2.0, "shift": 0.5}, shape=[4, 2, 2]
+    )
+    assert isinstance(arr, ArrayDecoder)
+
+
+def test_compute_records_layout_and_half_precision():
+    sched, noise = make_schedule("cosine", 50), KeyedNoise(1, 50, draws=3)
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(f"k{i}", 10 + i, rng.standard_normal((2, 4, 4)).astype(np.float32)) for i in range(4)
+    ]
+    c32 = compute_records(sched, noise, "sh", samples, torch.device("cpu"), "float32", True)
+    c16 = compute_records(sched, noise, "sh", samples, torch.device("cpu"), "float16", True)
+    assert c32["key"] == [f"k{i}" for i in range(4) for _ in range(3)]
+    assert list(c32["index"]) == [10, 10, 10, 11, 11, 11, 12, 12, 12, 13, 13, 13]
+    assert list(c32["draw"]) == [0, 1, 2] * 4
+    assert c16["x_t"].dtype == np.float16 and c16["epsilon"].dtype == np.float16
+    for col in ("x_t", "epsilon", "posterior_mean", "x_0"):
+        # the float16 records are the float32 ones rounded once (no double rounding drift)
+        np.testing.assert_array_equal(c16[col], c32[col].astype(np.float16), err_msg=col)
+    np.testing.assert_array_equal(c32["x_0"][::3], np.stack([s.array for s in samples]))
+
+
+def test_row_group_writer_writes_exact_groups(tmp_path):
+    schema = pa.schema([("v", pa.int64())])
+    path = tmp_path / "x.parquet"
+    w = _RowGroupWriter(pq.ParquetWriter(path, schema), rows=4)
+    for n in (3, 3, 1, 6, 2):
+        w.write(pa.table({"v": np.arange(n)}, schema=schema))
+    w.close()
+    md = pq.ParquetFile(path).metadata
+    assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [4, 4, 4, 3]
+    assert pq.read_table(path).num_rows == 15
