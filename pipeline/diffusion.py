@@ -26,6 +26,8 @@ def _gather(table: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Ten
     t_np = np.asarray(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
     if t_np.ndim != 1 or t_np.shape[0] != like.shape[0]:
         raise ValueError(f"t must have shape [B] = [{like.shape[0]}], got {tuple(t_np.shape)}")
+    if t_np.dtype.kind not in "iu":  # a bool t would index as a mask, a float t not at all
+        raise ValueError(f"t must hold integer timesteps, got dtype {t_np.dtype}")
     if t_np.size and (t_np.min() < 0 or t_np.max() >= len(table)):
         raise ValueError(
             f"t must lie in [0, {len(table)}) (0-based timesteps), got range "
@@ -92,6 +94,8 @@ def predict_x0_from_eps(
 
     Undefined (infinite) where ab_t = 0, i.e. the last step of a zero-terminal-SNR schedule.
     """
+    if eps.shape != x_t.shape:
+        raise ValueError(f"eps shape {tuple(eps.shape)} != x_t shape {tuple(x_t.shape)}")
     dt = compute_dtype(x_t)
     r = _gather(schedule.sqrt_recip_alphas_cumprod, t, x_t)
     rm1 = _gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t)

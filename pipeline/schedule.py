@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,6 +110,28 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
+def _check_betas(b: np.ndarray, name: str) -> None:
+    """ValueError unless every beta is in (0, 1] and alpha_bar (with alpha_bar_{-1} = 1) is
+    strictly decreasing, so that 1 - alpha_bar_t > 0 and every table is well defined."""
+    if not np.all(np.isfinite(b)) or b.min() <= 0.0 or b.max() > 1.0:
+        raise ValueError(
+            f"betas must lie in (0, 1]; schedule {name!r} gives min {b.min():.3g}, max {b.max():.3g}"
+        )
+    ab = np.concatenate([[1.0], np.cumprod(1.0 - b)])
+    flat = np.diff(ab) >= 0
+    if np.any(flat):
+        bad = int(np.argmax(flat))
+        hint = (
+            "alpha_bar underflows to 0: use fewer timesteps or smaller betas"
+            if ab[bad + 1] == 0.0
+            else "betas below float64 resolution: use larger betas"
+        )
+        raise ValueError(
+            f"alpha_bar must be strictly decreasing; schedule {name!r} is not at t={bad} "
+            f"(alpha_bar {ab[bad]:.6g} -> {ab[bad + 1]:.6g}); {hint}"
+        )
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """An immutable DDPM schedule. Every table is a read-only float64 array of shape [T]."""
@@ -135,19 +158,9 @@ class NoiseSchedule:
         b = np.asarray(self.betas, dtype=np.float64)
         if b.ndim != 1 or len(b) != self.num_timesteps:
             raise ValueError(f"betas must have shape [{self.num_timesteps}], got {b.shape}")
-        if not np.all(np.isfinite(b)) or b.min() <= 0.0 or b.max() > 1.0:
-            raise ValueError(
-                f"betas must lie in (0, 1]; schedule {self.name!r} gives "
-                f"min {b.min():.3g}, max {b.max():.3g}"
-            )
+        _check_betas(b, self.name)
         a = 1.0 - b
         ab = np.cumprod(a)
-        if np.any(np.diff(ab) >= 0):
-            bad = int(np.argmax(np.diff(ab) >= 0)) + 1
-            raise ValueError(
-                f"alpha_bar must be strictly decreasing; schedule {self.name!r} is not at t={bad} "
-                f"(alpha_bar {ab[bad - 1]:.6g} -> {ab[bad]:.6g}); use fewer timesteps or larger betas"
-            )
         ab_prev = np.concatenate([[1.0], ab[:-1]])
         with np.errstate(divide="ignore"):
             pvar = b * (1.0 - ab_prev) / (1.0 - ab)
@@ -168,6 +181,9 @@ class NoiseSchedule:
                 "posterior_mean_coef2": (1.0 - ab_prev) * np.sqrt(a) / (1.0 - ab),
                 "snr": ab / (1.0 - ab),
             }
+        # c1_0 = beta_0 / (1 - ab_0) is 1 in exact arithmetic (the posterior at t = 0 is a point
+        # mass on x_0); 1 - (1 - beta_0) rounds, which left it 1 +- 1e-13.
+        tables["posterior_mean_coef1"][0] = 1.0
         for key, value in tables.items():
             value = np.array(value, dtype=np.float64)
             value.flags.writeable = False
@@ -220,8 +236,12 @@ def make_schedule(
     try:
         betas = builder(int(num_timesteps), **params)
     except TypeError as exc:
-        raise ValueError(f"bad parameters {params} for schedule {name!r}: {exc}") from None
+        allowed = ", ".join(list(inspect.signature(builder).parameters)[1:])
+        raise ValueError(
+            f"bad parameters {params} for schedule {name!r} (allowed: {allowed}): {exc}"
+        ) from None
     if zero_terminal_snr:
+        _check_betas(np.asarray(betas, dtype=np.float64), name)  # before rescaling: no NaNs
         betas = rescale_zero_terminal_snr(betas)
     return NoiseSchedule(
         name=name,
