@@ -1,0 +1,419 @@
+"""Training-side access to precomputed records: a PyTorch ``IterableDataset`` over an output dir.
+
+::
+
+    ds = PrecomputedDataset("s3://bucket/out", columns=["x_t", "t", "epsilon"], dtype=torch.float32)
+    loader = DataLoader(ds, batch_size=64, num_workers=4)
+    for epoch in range(E):
+        ds.set_epoch(epoch)          # before the loader's iterator is created
+        for batch in loader: ...
+
+What one epoch yields
+---------------------
+The work units are the (file, row group) pairs of the directory's committed ``*.parquet`` files
+(``OutputDir.data_files()``: sorted, temporary files excluded), so a few large files still spread
+over many readers. Units are dealt in two levels, like ``DistributedSampler``: rank ``r`` of
+``R`` takes units ``r, r + R, r + 2R, ...`` of the epoch's unit order, and DataLoader worker
+``w`` of ``W`` takes every ``W``-th of those. **Every record is yielded exactly once per epoch
+across all ranks and workers** (the default contract). When the units do not divide evenly, ranks
+get ``ceil(N/R)`` or ``floor(N/R)`` units (and workers of a rank likewise), so ranks differ by at
+most one unit; their *record* counts also differ by the rows of that unit (and by short last row
+groups). Nothing is padded or repeated.
+
+``drop_uneven=True`` is for DistributedDataParallel, where every rank must take the same number
+of steps: each DataLoader worker ``w`` of every rank yields the same number of records (the
+least that worker ``w`` has on any rank), so with one batch size every rank gets the same number
+of batches. It drops at most about one row group per worker and rank per epoch, and which
+records are dropped changes with the epoch when shuffling.
+
+Rank and world size come from the arguments, else from ``torch.distributed`` when it is
+initialised (looked up when the dataset is iterated or pickled to workers, so the dataset may be
+built before ``init_process_group``), else 0 and 1. Worker id and count come from
+``torch.utils.data.get_worker_info()``. All ranks must use the same ``seed``, epoch and number of
+DataLoader workers.
+
+Shuffling
+---------
+``shuffle=True``: the unit order is a permutation seeded by ``(seed, epoch)``, identical on every
+rank, and records pass through a shuffle buffer of ``shuffle_buffer`` records seeded by ``(seed,
+epoch, rank, worker)``: each row group read is merged with the buffer, a random part of the union
+is emitted and the rest kept. ``shuffle_buffer=0`` shuffles within each row group only. The order
+is a pure function of (seed, epoch, world size, number of workers); call :meth:`set_epoch` to
+reshuffle. With ``persistent_workers=True`` the DataLoader's workers keep the copy of the dataset
+they were started with, so ``set_epoch`` does not reach them: leave persistent workers off, or
+build a new loader per epoch. ``shuffle=False``: units in file order, rows in file order.
+
+Memory
+------
+Only the requested columns are read (Parquet column projection), one row group at a time. A
+reader holds one row group, the shuffle buffer and the block being yielded (transiently twice
+the buffer while merging): about ``(2 * shuffle_buffer + 2 * rows_per_group) * record_bytes``.
+Tensor columns are converted to numpy once per block; yielded tensors are views into that block
+(``default_collate`` copies them into the batch; ``.clone()`` a record you keep).
+
+Yielded records
+---------------
+A dict with the requested columns, in the order asked: tensor columns as torch tensors of their
+stored shape ``[C, H, W]`` (stored dtype, or ``dtype`` when given), ``t`` as an int64 0-d tensor,
+``posterior_variance``/``posterior_log_variance``/``alpha_bar`` as float32 0-d tensors, ``key``
+as ``str``, ``index`` and ``draw`` as ``int``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from . import records
+from .manifest import OutputDir
+
+DEFAULT_SHUFFLE_BUFFER = 1024
+# URI schemes pyarrow.fs resolves itself; any other scheme goes through fsspec.
+_PYARROW_SCHEMES = ("file", "local", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
+_INT_COLUMNS = ("index", "draw")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit: row group ``row_group`` of file number ``file``, with ``num_rows`` rows."""
+
+    file: int
+    row_group: int
+    num_rows: int
+
+
+def _output_dir(uri: str, filesystem) -> OutputDir:
+    """An OutputDir for ``uri`` on ``filesystem`` (pyarrow or fsspec), or resolved from the URI:
+    by pyarrow for local paths and the schemes it knows, by fsspec for any other (memory://...)."""
+    if filesystem is not None:
+        if not isinstance(filesystem, pafs.FileSystem):  # an fsspec filesystem
+            filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+        path = uri.split("://", 1)[1] if "://" in uri else uri
+        return OutputDir(path, filesystem=filesystem)
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme not in _PYARROW_SCHEMES:
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return OutputDir(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+    return OutputDir(uri)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class RecordsDir:
+    """The committed Parquet files of an output directory: their footers, Arrow schema and the
+    process metadata they share. Reads only footers; refuses mixed processes.
+
+    ``dir``: local path or URI; ``filesystem``: a ``pyarrow.fs.FileSystem`` or an fsspec
+    filesystem to read ``dir`` from (default: resolved from the URI).
+    """
+
+    def __init__(self, dir, filesystem=None, footer_threads: int = 16):
+        self.uri = str(dir)
+        out = _output_dir(self.uri, filesystem)
+        self.fs, self.root = out.fs, out.root
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"records directory {self.uri} does not exist")
+        if info.type != pafs.FileType.Directory:
+            raise NotADirectoryError(f"{self.uri} is not a directory of records")
+        self.files: list[str] = out.data_files()
+        if not self.files:
+            raise ValueError(
+                f"{self.uri} holds no records (no *.parquet files): not an output directory "
+                "of pipeline.precompute, or no shard is committed yet"
+            )
+        workers = max(1, min(footer_threads, len(self.files)))
+        with ThreadPoolExecutor(workers) as pool:
+            self.footers: list[pq.FileMetaData] = list(pool.map(self._footer, self.files))
+        self.schema: pa.Schema = self.footers[0].schema.to_arrow_schema()
+        metas = [self._process(i) for i in range(len(self.files))]
+        ref = metas[0]
+        for name, meta in zip(self.files[1:], metas[1:]):
+            diff = records.same_process(ref, meta)
+            if diff:
+                detail = "; ".join(
+                    f"{k}: {_short(ref.get(k))} vs {_short(meta.get(k))}" for k in diff
+                )
+                raise ValueError(
+                    f"records in {self.uri} come from different processes: "
+                    f"{self.display(self.files[0])} and {self.display(name)} differ in "
+                    f"{', '.join(diff)} ({detail}); a dataset must hold one process, so write "
+                    "each run to its own directory"
+                )
+        self.metadata: dict = {k: ref[k] for k in records.PROCESS_KEYS if k in ref}
+        self.sources: dict[str, dict] = {n: m.get("source", {}) for n, m in zip(self.files, metas)}
+
+    def display(self, name: str) -> str:
+        return posixpath.join(self.uri.rstrip("/"), name)
+
+    def path(self, file: int) -> str:
+        return posixpath.join(self.root, self.files[file])
+
+    def _footer(self, name: str) -> pq.FileMetaData:
+        try:
+            with self.fs.open_input_file(posixpath.join(self.root, name)) as f:
+                return pq.read_metadata(f)
+        except (pa.ArrowException, OSError) as exc:
+            raise ValueError(f"{self.display(name)} is not a readable Parquet file: {exc}") from exc
+
+    def _process(self, file: int) -> dict:
+        try:
+            return records.process_metadata(self.footers[file].schema.to_arrow_schema())
+        except ValueError as exc:
+            raise ValueError(f"{self.display(self.files[file])}: {exc}") from None
+
+    @property
+    def num_records(self) -> int:
+        return sum(f.num_rows for f in self.footers)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema.names)
+
+    def units(self) -> list[Unit]:
+        """Every non-empty (file, row group), in file order."""
+        return [
+            Unit(i, g, footer.row_group(g).num_rows)
+            for i, footer in enumerate(self.footers)
+            for g in range(footer.num_row_groups)
+            if footer.row_group(g).num_rows > 0
+        ]
+
+    def read(self, unit: Unit, columns: Sequence[str], use_threads: bool = True) -> pa.Table:
+        """The ``columns`` of one row group (only those column chunks are fetched)."""
+        with self.fs.open_input_file(self.path(unit.file)) as f:
+            pf = pq.ParquetFile(f, metadata=self.footers[unit.file])
+            return pf.read_row_group(unit.row_group, columns=list(columns), use_threads=use_threads)
+
+
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """Columns of a records table as numpy: tensors [N, *shape] (zero-copy when possible),
+    scalars [N], ``key`` as an object array of str."""
+    out = {}
+    for name in table.column_names:
+        col = table[name]
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            out[name] = records.tensor_to_numpy(col)
+        else:
+            out[name] = col.to_numpy()
+    return out
+
+
+def _take(pool: dict | None, block: dict, idx: np.ndarray) -> dict:
+    """Rows ``idx`` of the concatenation pool ++ block, without materialising it."""
+    n_pool = 0 if pool is None else len(next(iter(pool.values())))
+    if n_pool == 0:
+        return {k: v[idx] for k, v in block.items()}
+    from_pool = idx < n_pool
+    ip, ib = idx[from_pool], idx[~from_pool] - n_pool
+    out = {}
+    for k, v in block.items():
+        res = np.empty((len(idx), *v.shape[1:]), dtype=v.dtype)
+        res[from_pool] = pool[k][ip]
+        res[~from_pool] = v[ib]
+        out[k] = res
+    return out
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch dtype (e.g. torch.float32), got {dtype!r}"
+        )
+    return dtype
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+class PrecomputedDataset(IterableDataset):
+    """An iterable dataset of the records in ``dir`` (see the module docstring for the contract).
+
+    dir: output directory (path or URI); columns: names to read (default: all); shuffle, seed,
+    shuffle_buffer: see *Shuffling*; rank, world_size: override torch.distributed; dtype: cast
+    tensor columns to this floating torch dtype; filesystem: pyarrow or fsspec filesystem for
+    ``dir``; drop_uneven: equal record counts per rank and worker (for DDP), dropping a few.
+    """
+
+    def __init__(
+        self,
+        dir,
+        columns: Sequence[str] | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        dtype: torch.dtype | str | None = None,
+        filesystem=None,
+        drop_uneven: bool = False,
+    ):
+        super().__init__()
+        self.records = RecordsDir(dir, filesystem)
+        available = self.records.column_names
+        if columns is None:
+            columns = available
+        elif isinstance(columns, str):
+            columns = [columns]
+        columns = list(columns)
+        unknown = [c for c in columns if c not in available]
+        if unknown or not columns:
+            raise ValueError(
+                f"unknown columns {unknown} for records in {self.records.uri}; "
+                f"available: {', '.join(available)}"
+                + ("" if "x_0" in available else " (x_0 is only stored with output.store_x0=true)")
+            )
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"duplicate column names in {columns}")
+        self.columns: list[str] = columns
+        self.shuffle = bool(shuffle)
+        self.seed = _check_int("seed", seed, 0)
+        self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 0)
+        self.dtype = _resolve_dtype(dtype)
+        self.drop_uneven = bool(drop_uneven)
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither (torch.distributed)")
+        if world_size is not None:
+            world_size = _check_int("world_size", world_size, 1)
+            rank = _check_int("rank", rank, 0)
+            if rank >= world_size:
+                raise ValueError(f"rank must be < world_size = {world_size}, got {rank}")
+        self._rank, self._world_size = rank, world_size
+        self.epoch = 0
+
+    # -- metadata -------------------------------------------------------------------------------
+
+    @property
+    def num_records(self) -> int:
+        """Records in the directory (all ranks together), from the Parquet footers."""
+        return self.records.num_records
+
+    @property
+    def metadata(self) -> dict:
+        """The process description every file shares (schedule, noise, dtype, shape, ...)."""
+        return self.records.metadata
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.records.files)
+
+    def schedule(self):
+        """The NoiseSchedule the records were made with, rebuilt from the metadata."""
+        return records.schedule_from_metadata(self.metadata)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffle (call on every rank before iterating)."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    # -- partitioning ---------------------------------------------------------------------------
+
+    def world(self) -> tuple[int, int]:
+        """(rank, world_size): from the arguments, else torch.distributed, else (0, 1)."""
+        if self._world_size is not None:
+            return self._rank, self._world_size
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        # Freeze the distributed placement here: spawned DataLoader workers have no process group.
+        state["_rank"], state["_world_size"] = self.world()
+        return state
+
+    def plan(self, world_size: int, num_workers: int = 1, epoch: int | None = None):
+        """Units per rank and worker for an epoch: ``plan[rank][worker] -> [Unit, ...]``."""
+        epoch = self.epoch if epoch is None else epoch
+        units = self.records.units()
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(units))
+            units = [units[i] for i in order]
+        return [
+            [units[r::world_size][w::num_workers] for w in range(num_workers)]
+            for r in range(world_size)
+        ]
+
+    def _limit(self, plan, worker: int) -> int | None:
+        if not self.drop_uneven:
+            return None
+        return min(sum(u.num_rows for u in rank_plan[worker]) for rank_plan in plan)
+
+    # -- iteration ------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world_size = self.world()
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan(world_size, num_workers)
+        limit = self._limit(plan, worker)
+        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
+        blocks = self._blocks(plan[rank][worker], rng, use_threads=info is None)
+        count = 0
+        for block in blocks:
+            n = len(block[self.columns[0]])
+            if limit is not None:
+                n = min(n, limit - count)
+            seqs = [(name, self._to_python(name, block[name], n)) for name in self.columns]
+            for i in range(n):
+                yield {name: seq[i] for name, seq in seqs}
+            count += n
+            if limit is not None and count >= limit:
+                return
+
+    def _blocks(self, units: Sequence[Unit], rng: np.random.Generator, use_threads: bool):
+        """Numpy column blocks of the units, in order or through the shuffle buffer."""
+        pool = None
+        for unit in units:
+            block = table_to_numpy(self.records.read(unit, self.columns, use_threads))
+            if not self.shuffle:
+                yield block
+                continue
+            n_pool = 0 if pool is None else len(pool[self.columns[0]])
+            total = n_pool + unit.num_rows
+            order = rng.permutation(total)
+            emit = max(total - self.shuffle_buffer, 0)
+            if emit:
+                yield _take(pool, block, order[:emit])
+            pool = _take(pool, block, order[emit:])
+            del block
+        if pool is not None and len(pool[self.columns[0]]):
+            yield pool  # already in random order
+
+    def _to_python(self, name: str, values: np.ndarray, n: int):
+        """A per-row indexable view of one column block: torch tensor, or list of str/int."""
+        values = values[:n]
+        if name == "key":
+            return values.tolist()
+        if name in _INT_COLUMNS:
+            return values.astype(np.int64).tolist()
+        if not values.flags.writeable:  # zero-copy Arrow memory: torch wants writable arrays
+            values = values.copy()
+        if name == "t":
+            return torch.from_numpy(values.astype(np.int64, copy=False))
+        tensor = torch.from_numpy(values)
+        if values.ndim > 1 and self.dtype is not None:
+            tensor = tensor.to(self.dtype)
+        return tensor

@@ -1,0 +1,221 @@
+"""Hugging Face ``datasets`` access to precomputed records.
+
+``datasets`` (checked with 5.2) cannot read the records as they are: ``Dataset.from_parquet``
+and ``load_dataset("parquet", ...)`` fail on the tensor columns with "Arrow type
+extension<arrow.fixed_shape_tensor[...]> does not have a datasets dtype equivalent". Two paths:
+
+* :func:`to_hf_dataset` -- a ``datasets.Dataset`` with ``Array3D`` features (``Array2D`` ...
+  ``Array5D`` for other ranks), built by ``Dataset.from_generator`` from one row group at a time
+  and cached by ``datasets`` as memory-mapped Arrow. The cache is keyed by the files' names,
+  sizes and modification times and by the columns, so a changed directory is re-read.
+* :func:`export_hf_parquet` -- rewrites every file as Parquet that ``datasets`` reads natively:
+  tensor columns in ``datasets``' ``ArrayND`` layout (nested lists) and the ``datasets`` features
+  in the schema metadata (``huggingface``), next to the original ``ddpm`` metadata. Use it to
+  ``load_dataset("parquet", data_files=...)`` or to upload to the Hub. Row groups are kept.
+
+Note: ``datasets``' numpy/torch formatting returns float16 ``ArrayND`` columns as float32.
+Tensor ranks 2 to 5 are supported (``[C, H, W]`` is rank 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import records
+from .dataset import RecordsDir, Unit, table_to_numpy
+from .manifest import OutputDir
+
+CACHE_VERSION = 1
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("pipeline.hf needs Hugging Face datasets: pip install datasets") from exc
+    return datasets
+
+
+def _array_feature(type_: pa.FixedShapeTensorType):
+    datasets = _import_datasets()
+    shape = tuple(int(s) for s in type_.shape)
+    classes = {2: datasets.Array2D, 3: datasets.Array3D, 4: datasets.Array4D, 5: datasets.Array5D}
+    if len(shape) not in classes:
+        raise ValueError(f"datasets has ArrayND features of rank 2 to 5 only, got shape {shape}")
+    dtype = {pa.float16(): "float16", pa.float32(): "float32"}.get(type_.value_type)
+    if dtype is None:
+        raise ValueError(f"unsupported tensor value type {type_.value_type}")
+    return classes[len(shape)](shape=shape, dtype=dtype)
+
+
+def hf_features(schema: pa.Schema, columns: Sequence[str] | None = None):
+    """``datasets.Features`` of a records schema (or of its ``columns``): tensors as ArrayND."""
+    datasets = _import_datasets()
+    columns = list(schema.names if columns is None else columns)
+    plain = pa.schema(
+        [
+            f
+            for f in (schema.field(c) for c in columns)
+            if not isinstance(f.type, pa.FixedShapeTensorType)
+        ]
+    )
+    base = datasets.Features.from_arrow_schema(plain)
+    feats = {}
+    for name in columns:
+        type_ = schema.field(name).type
+        feats[name] = (
+            _array_feature(type_) if isinstance(type_, pa.FixedShapeTensorType) else base[name]
+        )
+    return datasets.Features(feats)
+
+
+def _nested_storage(column: pa.ChunkedArray | pa.Array, type_) -> pa.Array:
+    """A fixed_shape_tensor column as datasets' ArrayND storage: nested lists, row-major."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    values = column.storage.flatten()  # honours slicing offsets
+    for dim in reversed(type_.shape):
+        n = len(values) // dim
+        offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
+        values = pa.ListArray.from_arrays(offsets, values)
+    return values
+
+
+def to_hf_table(table: pa.Table, features) -> pa.Table:
+    """A records table as the Arrow table ``datasets`` expects for ``features``."""
+    schema = features.arrow_schema
+    arrays = []
+    for field in schema:
+        col = table[field.name]
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            storage = _nested_storage(col, col.type).cast(field.type.storage_type)
+            arrays.append(pa.ExtensionArray.from_storage(field.type, storage))
+        else:
+            arrays.append(col.cast(field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _examples(paths: list[str], fs, columns: tuple[str, ...]) -> Iterator[dict]:
+    """One dict per record, read one row group at a time (the generator of to_hf_dataset)."""
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.metadata.num_row_groups):
+                block = table_to_numpy(pf.read_row_group(g, columns=list(columns)))
+                n = len(block[columns[0]])
+                rows = [(c, block[c] if block[c].ndim > 1 else block[c].tolist()) for c in columns]
+                for i in range(n):
+                    yield {c: v[i] for c, v in rows}
+
+
+def _fingerprint(rd: RecordsDir, columns: list[str]) -> str:
+    infos = rd.fs.get_file_info([rd.path(i) for i in range(len(rd.files))])
+    state = {
+        "v": CACHE_VERSION,
+        "uri": rd.uri,
+        "columns": columns,
+        "config_hash": rd.metadata.get("config_hash"),
+        "files": [
+            [name, info.size, info.mtime_ns, footer.num_rows]
+            for name, info, footer in zip(rd.files, infos, rd.footers)
+        ],
+    }
+    return "ddpm-" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _columns(rd: RecordsDir, columns: Sequence[str] | None) -> list[str]:
+    cols = list(rd.column_names if columns is None else columns)
+    unknown = [c for c in cols if c not in rd.column_names]
+    if unknown or not cols:
+        raise ValueError(
+            f"unknown columns {unknown} for records in {rd.uri}; available: "
+            f"{', '.join(rd.column_names)}"
+        )
+    return cols
+
+
+def to_hf_dataset(
+    dir,
+    columns: Sequence[str] | None = None,
+    *,
+    cache_dir: str | None = None,
+    filesystem=None,
+    num_proc: int | None = None,
+    **from_generator_kwargs,
+):
+    """The records of ``dir`` as a ``datasets.Dataset`` with ArrayND tensor features.
+
+    Reads one row group at a time (bounded memory) into ``datasets``' Arrow cache
+    (``cache_dir``, default ``~/.cache/huggingface/datasets``); a later call on the same,
+    unchanged files and columns reuses it. Refuses mixed processes like PrecomputedDataset.
+    ``num_proc`` splits the files over processes; other keywords go to ``Dataset.from_generator``.
+    """
+    datasets = _import_datasets()
+    rd = RecordsDir(dir, filesystem)
+    cols = _columns(rd, columns)
+    features = hf_features(rd.schema, cols)
+    paths = [rd.path(i) for i in range(len(rd.files))]
+    ds = datasets.Dataset.from_generator(
+        _examples,
+        features=features,
+        cache_dir=cache_dir,
+        # Only ``paths`` is a list: datasets shards list-valued gen_kwargs over num_proc.
+        gen_kwargs={"paths": paths, "fs": rd.fs, "columns": tuple(cols)},
+        num_proc=num_proc if num_proc and len(paths) > 1 else None,
+        fingerprint=_fingerprint(rd, cols),
+        **from_generator_kwargs,
+    )
+    return ds
+
+
+def export_hf_parquet(
+    dir,
+    out,
+    columns: Sequence[str] | None = None,
+    *,
+    filesystem=None,
+    compression: str = "zstd",
+) -> list[str]:
+    """Rewrite the records of ``dir`` as datasets-readable Parquet under ``out`` (path or URI).
+
+    One output file per input file, same names and row groups, written to a temporary name and
+    moved into place. The schema keeps the ``ddpm`` metadata and adds ``datasets``' features.
+    Returns the written file names. Then, e.g.::
+
+        datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train")
+    """
+    rd = RecordsDir(dir, filesystem)
+    cols = _columns(rd, columns)
+    features = hf_features(rd.schema, cols)
+    schema = features.arrow_schema
+    ddpm = (rd.schema.metadata or {}).get(records.METADATA_KEY)
+    target = OutputDir(str(out))
+    target.makedirs()
+    written = []
+    for i, name in enumerate(rd.files):
+        file_meta = rd.footers[i].schema.to_arrow_schema().metadata or {}
+        meta = {
+            **(schema.metadata or {}),
+            records.METADATA_KEY: file_meta.get(records.METADATA_KEY, ddpm),
+        }
+        file_schema = schema.with_metadata(meta)
+        tmp = target.tmp_name(name)
+        with pq.ParquetWriter(
+            target.path(tmp), file_schema, filesystem=target.fs, compression=compression
+        ) as writer:
+            for g in range(rd.footers[i].num_row_groups):
+                unit = Unit(i, g, rd.footers[i].row_group(g).num_rows)
+                table = to_hf_table(rd.read(unit, cols), features)
+                writer.write_table(
+                    table.replace_schema_metadata(meta), row_group_size=unit.num_rows or None
+                )
+        target.commit(tmp, name)
+        written.append(posixpath.basename(name))
+    return written

@@ -1,0 +1,424 @@
+"""PrecomputedDataset: exactly-once partitioning, column projection, shuffling, memory, errors."""
+
+from __future__ import annotations
+
+import io
+import tracemalloc
+import zlib
+from collections import Counter
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from pipeline import records
+from pipeline.dataset import PrecomputedDataset, RecordsDir
+from pipeline.schedule import make_schedule
+
+
+def process_meta(shape, dtype="float16", store_x0=False, seed=0, schedule="linear", T=100):
+    return {
+        "format": records.FORMAT,
+        "schedule": make_schedule(schedule, T).describe(),
+        "noise": {"seed": seed, "sampler": "uniform", "draws_per_sample": 1},
+        "dtype": dtype,
+        "shape": list(shape),
+        "store_x0": store_x0,
+        "source": {"url": "synthetic", "shard": None},
+        "config_hash": f"test-{schedule}-{seed}",
+    }
+
+
+def write_file(path, shard, n, *, shape=(3, 4, 4), dtype="float16", row_group_size=8, **meta):
+    """A records file of ``n`` rows, keys ``f"{shard}-{i:05d}"``; x_t[i] is filled with i."""
+    m = process_meta(shape, dtype, **meta)
+    m["source"]["shard"] = shard
+    schema = records.record_schema(shape, dtype, m["store_x0"], m)
+    rng = np.random.default_rng(zlib.crc32(shard.encode()))
+    i = np.arange(n)
+    tens = (n, *shape)
+    cols = {
+        "key": [f"{shard}-{k:05d}" for k in i],
+        "index": i,
+        "draw": np.zeros(n, np.int32),
+        "t": (i % 100).astype(np.int32),
+        "x_t": np.broadcast_to(i.reshape(-1, *([1] * len(shape))), tens).astype(np.float32),
+        "epsilon": rng.standard_normal(tens),
+        "posterior_mean": rng.standard_normal(tens),
+        "posterior_variance": np.full(n, 0.5, np.float32),
+        "posterior_log_variance": np.full(n, np.log(0.5), np.float32),
+        "alpha_bar": np.linspace(1, 0, n, dtype=np.float32),
+    }
+    if m["store_x0"]:
+        cols["x_0"] = rng.standard_normal(tens)
+    pq.write_table(records.build_table(schema, cols), path, row_group_size=row_group_size)
+    return cols["key"]
+
+
+def write_dir(root, sizes: dict[str, int], **kw) -> list[str]:
+    """One file per shard (``{shard}.parquet``) plus the manifest files a real run leaves."""
+    root.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for shard, n in sizes.items():
+        keys += write_file(root / f"{shard}.parquet", shard, n, **kw)
+    (root / "_shards").mkdir(exist_ok=True)
+    (root / "_manifest.json").write_text("{}")
+    (root / ".tmp-partial.parquet.tmp-123").write_text("junk")  # ignored: temporary name
+    return keys
+
+
+@pytest.fixture
+def recdir(tmp_path):
+    """3 files, row groups of 8: 5 + 7 + 2 = 14 units of uneven sizes, 100 records."""
+    keys = write_dir(tmp_path / "recs", {"a": 37, "b": 50, "c": 13})
+    return tmp_path / "recs", keys
+
+
+def keys_of(ds) -> list[str]:
+    return [r["key"] for r in ds]
+
+
+# -- partitioning -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_exactly_once_two_ranks_two_workers(recdir, shuffle):
+    root, keys = recdir
+    seen = []
+    for rank in range(2):
+        ds = PrecomputedDataset(
+            root, columns=["key", "t"], shuffle=shuffle, rank=rank, world_size=2
+        )
+        ds.set_epoch(3)
+        loader = DataLoader(ds, batch_size=4, num_workers=2)
+        for batch in loader:
+            assert isinstance(batch["key"], list) and batch["t"].dtype == torch.int64
+            seen += batch["key"]
+    assert len(seen) == len(keys) and sorted(seen) == sorted(keys)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+@pytest.mark.parametrize("num_workers", [1, 2, 4])
+def test_plan_covers_every_unit_once_and_balances(recdir, world_size, num_workers):
+    ds = PrecomputedDataset(recdir[0], columns=["t"])
+    units = ds.records.units()
+    assert len(units) == 14
+    for epoch in range(3):
+        plan = ds.plan(world_size, num_workers, epoch=epoch)
+        flat = [u for rank in plan for worker in rank for u in worker]
+        assert sorted(flat, key=lambda u: (u.file, u.row_group)) == units
+        per_rank = [sum(len(w) for w in rank) for rank in plan]
+        assert max(per_rank) - min(per_rank) <= 1
+        for rank in plan:
+            per_worker = [len(w) for w in rank]
+            assert max(per_worker) - min(per_worker) <= 1
+
+
+def test_drop_uneven_equalises_every_worker(recdir):
+    root, keys = recdir
+    counts = {}
+    seen = []
+    for rank in range(2):
+        ds = PrecomputedDataset(
+            root, columns=["key"], rank=rank, world_size=2, drop_uneven=True, seed=1
+        )
+        ds.set_epoch(2)
+        plan = ds.plan(2, 2)
+        for worker in range(2):
+            limit = ds._limit(plan, worker)
+            assert limit == min(sum(u.num_rows for u in plan[r][worker]) for r in range(2))
+        loader = DataLoader(ds, batch_size=3, num_workers=2)
+        batches = list(loader)
+        counts[rank] = (len(batches), sum(len(b["key"]) for b in batches))
+        seen += [k for b in batches for k in b["key"]]
+    assert counts[0] == counts[1]  # same number of batches and of records on every rank
+    assert len(set(seen)) == len(seen)  # still never twice
+    assert len(keys) - len(seen) <= 2 * 2 * 8  # at most ~one row group per worker and rank
+
+
+def test_single_file_spreads_over_row_groups(tmp_path):
+    keys = write_dir(tmp_path / "one", {"big": 64}, row_group_size=8)
+    got = []
+    for rank in range(4):
+        part = keys_of(
+            PrecomputedDataset(tmp_path / "one", columns=["key"], rank=rank, world_size=4)
+        )
+        assert len(part) == 16  # 8 row groups over 4 ranks: every rank works
+        got += part
+    assert sorted(got) == sorted(keys)
+
+
+def test_torch_distributed_defaults(recdir, monkeypatch):
+    root, keys = recdir
+    expected = {r: set(keys_of(PrecomputedDataset(root, rank=r, world_size=2))) for r in range(2)}
+    ds = PrecomputedDataset(root)  # built before the "process group" exists
+    assert ds.world() == (0, 1)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    assert ds.world() == (1, 2)
+    assert set(keys_of(ds)) == expected[1]
+    # The placement is frozen when the dataset is pickled to (spawned) DataLoader workers.
+    assert ds.__getstate__()["_rank"] == 1 and ds.__getstate__()["_world_size"] == 2
+    # Explicit arguments win over torch.distributed.
+    assert PrecomputedDataset(root, rank=0, world_size=2).world() == (0, 2)
+
+
+def test_gloo_group_of_one(recdir, tmp_path):
+    root, keys = recdir
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        ds = PrecomputedDataset(root, columns=["key"])
+        assert ds.world() == (0, 1)
+        assert sorted(keys_of(ds)) == sorted(keys)
+    finally:
+        dist.destroy_process_group()
+
+
+# -- columns, dtypes, values --------------------------------------------------------------------
+
+
+class _CountingFile(io.RawIOBase):
+    def __init__(self, f, counter: list):
+        self.f, self.counter = f, counter
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buf):
+        data = self.f.read(len(buf))
+        buf[: len(data)] = data
+        self.counter[0] += len(data)
+        return len(data)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+class CountingHandler(pafs.FSSpecHandler):
+    """A pyarrow filesystem over fsspec's local one that counts the bytes read."""
+
+    def __init__(self):
+        super().__init__(fsspec.filesystem("file"))
+        self.counter = [0]
+
+    def open_input_file(self, path):
+        return pa.PythonFile(_CountingFile(self.fs.open(path, "rb"), self.counter), mode="r")
+
+
+def test_reads_only_requested_columns(tmp_path):
+    write_dir(tmp_path / "r", {"a": 256}, shape=(3, 16, 16), dtype="float32", row_group_size=64)
+    handler = CountingHandler()
+    fs = pafs.PyFileSystem(handler)
+
+    ds = PrecomputedDataset(str(tmp_path / "r"), columns=["t", "key"], filesystem=fs)
+    footer_bytes = handler.counter[0]
+    recs = list(ds)
+    assert len(recs) == 256 and all(list(r) == ["t", "key"] for r in recs)
+    narrow = handler.counter[0] - footer_bytes
+
+    handler.counter[0] = 0
+    all_recs = list(PrecomputedDataset(str(tmp_path / "r"), filesystem=fs))
+    wide = handler.counter[0] - footer_bytes
+    assert set(all_recs[0]) == set(records.record_schema((3, 16, 16), "float32", False).names)
+    tensor_bytes = 256 * 3 * 3 * 16 * 16 * 4
+    assert wide > tensor_bytes and narrow < 0.05 * tensor_bytes
+
+
+def test_record_types_and_dtype_cast(tmp_path):
+    write_dir(tmp_path / "r", {"a": 20}, store_x0=True)
+    ds = PrecomputedDataset(tmp_path / "r", shuffle=False)
+    r = next(iter(ds))
+    assert list(r) == ds.records.column_names  # file column order by default
+    assert isinstance(r["key"], str) and isinstance(r["draw"], int) and isinstance(r["index"], int)
+    assert r["t"].dtype == torch.int64 and r["t"].shape == ()
+    for name in ("x_t", "epsilon", "posterior_mean", "x_0"):
+        assert r[name].shape == (3, 4, 4) and r[name].dtype == torch.float16
+    for name in records.SCALAR_COLUMNS:
+        assert r[name].dtype == torch.float32 and r[name].shape == ()
+
+    cast = list(PrecomputedDataset(tmp_path / "r", shuffle=False, dtype=torch.float32))
+    plain = list(ds)
+    for a, b in zip(cast, plain):
+        assert a["x_t"].dtype == torch.float32 and a["x_0"].dtype == torch.float32
+        assert torch.equal(a["x_t"], b["x_t"].float()) and torch.equal(a["x_0"], b["x_0"].float())
+        assert a["alpha_bar"].dtype == torch.float32 and a["t"].dtype == torch.int64
+    assert [float(r["x_t"][0, 0, 0]) for r in cast] == list(range(20))
+    r64 = next(iter(PrecomputedDataset(tmp_path / "r", dtype="float64", columns=["epsilon"])))
+    assert r64["epsilon"].dtype == torch.float64
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        PrecomputedDataset(tmp_path / "r", dtype=torch.int32)
+
+
+def test_metadata_num_records_and_schedule(recdir):
+    ds = PrecomputedDataset(recdir[0])
+    assert ds.num_records == 100
+    assert ds.files == ["a.parquet", "b.parquet", "c.parquet"]
+    assert ds.metadata["shape"] == [3, 4, 4] and ds.metadata["noise"]["seed"] == 0
+    assert "source" not in ds.metadata and ds.records.sources["b.parquet"]["shard"] == "b"
+    sched = ds.schedule()
+    assert (
+        sched.num_timesteps == 100
+        and sched.betas_sha256 == make_schedule("linear", 100).betas_sha256
+    )
+
+
+def test_argument_errors(recdir):
+    root = recdir[0]
+    with pytest.raises(ValueError, match=r"unknown columns \['x_0'\].*store_x0"):
+        PrecomputedDataset(root, columns=["x_t", "x_0"])
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        PrecomputedDataset(root, rank=1)
+    with pytest.raises(ValueError, match="rank must be < world_size"):
+        PrecomputedDataset(root, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        PrecomputedDataset(root, shuffle_buffer=-1)
+
+
+# -- shuffling ----------------------------------------------------------------------------------
+
+
+def test_shuffle_is_seeded_per_epoch(recdir):
+    root, keys = recdir
+
+    def order(seed, epoch, **kw):
+        ds = PrecomputedDataset(root, columns=["key"], seed=seed, shuffle_buffer=16, **kw)
+        ds.set_epoch(epoch)
+        return keys_of(ds)
+
+    e0 = order(0, 0)
+    assert sorted(e0) == sorted(keys) and e0 != keys
+    assert order(0, 0) == e0  # same seed and epoch: same order
+    assert order(0, 1) != e0 and sorted(order(0, 1)) == sorted(keys)  # reshuffled per epoch
+    assert order(1, 0) != e0
+    # Unshuffled: files sorted by name, rows in file order, whatever the epoch.
+    ds = PrecomputedDataset(root, columns=["key"], shuffle=False)
+    ds.set_epoch(5)
+    assert keys_of(ds) == keys
+
+
+def test_shuffle_mixes_across_row_groups(recdir):
+    root, keys = recdir
+    got = keys_of(PrecomputedDataset(root, columns=["key"], shuffle_buffer=64))
+    # With a buffer much larger than a row group, the first 8 records come from several groups.
+    groups = {(k.split("-")[0], int(k.split("-")[1]) // 8) for k in got[:8]}
+    assert len(groups) >= 3
+    # shuffle_buffer=0 still permutes within each row group and shuffles the unit order.
+    got0 = keys_of(PrecomputedDataset(root, columns=["key"], shuffle_buffer=0))
+    assert sorted(got0) == sorted(keys) and got0 != keys
+
+
+def test_bounded_memory_on_a_large_file(tmp_path):
+    """One row group plus the shuffle buffer, never the file (32 MiB of x_t here)."""
+    n, shape, rg, buf = 8192, (1, 32, 32), 128, 256
+    write_dir(tmp_path / "big", {"big": n}, shape=shape, dtype="float32", row_group_size=rg)
+    record_bytes = 4 * int(np.prod(shape))
+    ds = PrecomputedDataset(tmp_path / "big", columns=["x_t", "t"], shuffle_buffer=buf)
+
+    reads = []
+    read = ds.records.read
+    ds.records.read = lambda unit, *a, **k: (reads.append(unit.num_rows), read(unit, *a, **k))[1]
+
+    pool = pa.default_memory_pool()
+    arrow_base = pool.bytes_allocated()
+    tracemalloc.start()
+    try:
+        arrow_peak, count = 0, 0
+        for r in ds:
+            count += 1
+            arrow_peak = max(arrow_peak, pool.bytes_allocated() - arrow_base)
+            assert r["x_t"].shape == shape
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == n and sum(reads) == n and max(reads) == rg
+    file_bytes = n * record_bytes
+    bound = 2 * (2 * buf + 2 * rg) * record_bytes  # 2x the documented estimate: 6 MiB
+    assert numpy_peak < bound < file_bytes / 4
+    assert arrow_peak < 4 * rg * record_bytes  # Arrow holds at most the row group being read
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_refuses_mixed_processes(tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    write_file(root / "s1.parquet", "s1", 10, seed=0)
+    write_file(root / "s2.parquet", "s2", 10, seed=7)
+    with pytest.raises(ValueError) as exc:
+        PrecomputedDataset(root)
+    msg = str(exc.value)
+    assert "s1.parquet" in msg and "s2.parquet" in msg and "noise" in msg and "config_hash" in msg
+    assert "schedule" not in msg.split("differ in")[1].split("(")[0]
+
+    write_file(root / "s2.parquet", "s2", 10, schedule="cosine")
+    with pytest.raises(ValueError, match=r"s1\.parquet and .*s2\.parquet differ in schedule"):
+        PrecomputedDataset(root)
+
+
+def test_refuses_files_without_process_metadata(tmp_path):
+    root = tmp_path / "foreign"
+    root.mkdir()
+    write_file(root / "a.parquet", "a", 4)
+    pq.write_table(pa.table({"x": [1, 2]}), root / "b.parquet")
+    with pytest.raises(ValueError, match=r"b\.parquet: no 'ddpm' process metadata"):
+        PrecomputedDataset(root)
+    (root / "b.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"b\.parquet is not a readable Parquet file"):
+        PrecomputedDataset(root)
+
+
+def test_empty_and_missing_directories(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'} holds no records"):
+        PrecomputedDataset(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist"):
+        PrecomputedDataset(tmp_path / "nope")
+    (tmp_path / "file.parquet").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file.parquet"):
+        PrecomputedDataset(tmp_path / "file.parquet")
+
+
+# -- filesystems --------------------------------------------------------------------------------
+
+
+def test_file_uri_and_fsspec_filesystems(recdir):
+    root, keys = recdir
+    assert sorted(keys_of(PrecomputedDataset(f"file://{root}", columns=["key"]))) == sorted(keys)
+    fs = fsspec.filesystem("file")
+    ds = PrecomputedDataset(str(root), columns=["key"], filesystem=fs)
+    assert sorted(keys_of(ds)) == sorted(keys)
+
+    mem = fsspec.filesystem("memory")
+    try:
+        for name in ("a.parquet", "b.parquet", "c.parquet"):
+            mem.pipe(f"/recs-test/{name}", (root / name).read_bytes())
+        ds = PrecomputedDataset("memory://recs-test", columns=["key", "x_t"], shuffle=False)
+        assert keys_of(ds) == keys
+    finally:
+        mem.rm("/recs-test", recursive=True)
+
+
+def test_records_dir_units(recdir):
+    rd = RecordsDir(recdir[0])
+    assert [u.num_rows for u in rd.units()] == [8, 8, 8, 8, 5, 8, 8, 8, 8, 8, 8, 2, 8, 5]
+    assert sum(Counter(u.file for u in rd.units()).values()) == 14

@@ -1,0 +1,220 @@
+"""The records are readable as they are by pyarrow, Ray Data, polars and DuckDB, and through
+pipeline.hf by Hugging Face datasets. Each test documents what its library returns for the
+``arrow.fixed_shape_tensor`` columns, and the one-liner that gives [N, C, H, W] where needed.
+
+Findings (pyarrow 26, Ray 2.60, polars 2.1, DuckDB 2.0, datasets 5.2):
+
+* pyarrow: ``FixedShapeTensorType``; ``records.tensor_to_numpy`` / ``to_numpy_ndarray()`` give
+  [N, C, H, W] in the stored dtype. ``pq.read_table(out_dir)`` fails on a real output directory:
+  it skips ``_manifest.json``, ``_shards/`` and ``.*`` temporary files (``ignore_prefixes``) but
+  opens ``rejects.jsonl``. Pass the file list (``OutputDir.data_files()``) or
+  ``pyarrow.dataset.dataset(dir, format="parquet", exclude_invalid_files=True)``.
+* Ray Data: schema keeps the extension type; numpy batches are [B, C, H, W] ndarrays of the
+  stored dtype, rows are [C, H, W] ndarrays, torch batches [B, C, H, W] tensors.
+* polars: ``Extension('arrow.fixed_shape_tensor', Array(Float16, shape=(C*H*W,)), ...)``;
+  ``Series.to_numpy()`` is [N, C*H*W] -> ``.reshape(-1, *shape)``.
+* DuckDB: ``FLOAT[]`` (a variable-length list; float16 widened to float32, losslessly);
+  ``pyarrow.compute.list_flatten(col).to_numpy().reshape(-1, *shape)``, the shape from the
+  ``ddpm`` entry of ``parquet_kv_metadata()``.
+* datasets: cannot read the columns at all ("does not have a datasets dtype equivalent"); use
+  ``pipeline.hf.to_hf_dataset`` or ``export_hf_parquet`` (Array3D features; numpy/torch
+  formatting returns float16 arrays as float32).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import records
+from pipeline.schedule import make_schedule
+
+SHAPE = (3, 4, 4)
+
+
+def write_records(root, sizes: dict[str, int], row_group_size: int = 8) -> None:
+    """float16 records, one file per shard, plus the non-record files a real run leaves."""
+    root.mkdir(parents=True)
+    for s, (shard, n) in enumerate(sizes.items()):
+        meta = {
+            "format": records.FORMAT,
+            "schedule": make_schedule("linear", 50).describe(),
+            "noise": {"seed": 3, "sampler": "uniform", "draws_per_sample": 1},
+            "dtype": "float16",
+            "shape": list(SHAPE),
+            "store_x0": False,
+            "source": {"url": f"{shard}.tar", "shard": shard},
+            "config_hash": "readers",
+        }
+        rng = np.random.default_rng(s)
+        tens = (n, *SHAPE)
+        cols = {
+            "key": [f"{shard}-{i:04d}" for i in range(n)],
+            "index": np.arange(n),
+            "draw": np.zeros(n, np.int32),
+            "t": rng.integers(0, 50, n).astype(np.int32),
+            "x_t": rng.standard_normal(tens),
+            "epsilon": rng.standard_normal(tens),
+            "posterior_mean": rng.standard_normal(tens),
+            "posterior_variance": rng.random(n, np.float32),
+            "posterior_log_variance": rng.random(n, np.float32),
+            "alpha_bar": rng.random(n, np.float32),
+        }
+        schema = records.record_schema(SHAPE, "float16", False, meta)
+        table = records.build_table(schema, cols)
+        pq.write_table(table, root / f"{shard}.parquet", row_group_size=row_group_size)
+    (root / "_shards").mkdir()
+    for shard in sizes:
+        (root / "_shards" / f"{shard}.json").write_text('{"status": "ok"}')
+    (root / "_manifest.json").write_text("{}")
+    (root / "rejects.jsonl").write_text("")
+    (root / ".a.parquet.tmp-0123").write_bytes(b"partial")
+
+
+@pytest.fixture(scope="module")
+def recdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readers") / "out"
+    write_records(root, {"a": 21, "b": 12})
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(recdir):
+    """key -> x_t [C, H, W] float16, read file by file with pyarrow."""
+    out = {}
+    for f in sorted(recdir.glob("[!._]*.parquet")):
+        t = pq.read_table(f, columns=["key", "x_t"])
+        out.update(zip(t["key"].to_pylist(), records.tensor_to_numpy(t["x_t"])))
+    return out
+
+
+def check(keys, x_t, reference, dtype=np.float16):
+    assert len(keys) == len(reference) == len(set(keys))
+    assert x_t.shape == (len(keys), *SHAPE) and x_t.dtype == dtype
+    for k, x in zip(keys, x_t):
+        np.testing.assert_array_equal(x, reference[k].astype(dtype))
+
+
+def test_pyarrow(recdir, reference):
+    # A bare directory read also opens rejects.jsonl (not a Parquet file, no '_' or '.' prefix).
+    with pytest.raises(pa.ArrowInvalid, match="rejects.jsonl"):
+        pq.read_table(recdir)
+    # Either skip invalid files (opens every footer) or list the records yourself.
+    ds = pads.dataset(f"file://{recdir}", format="parquet", exclude_invalid_files=True)
+    assert [f.rsplit("/", 1)[1] for f in ds.files] == ["a.parquet", "b.parquet"]
+    table = pq.read_table(sorted(str(f) for f in recdir.glob("*.parquet")))
+    assert isinstance(table.schema.field("x_t").type, pa.FixedShapeTensorType)
+    check(table["key"].to_pylist(), records.tensor_to_numpy(table["x_t"]), reference)
+    meta = records.process_metadata(pq.read_schema(recdir / "a.parquet"))
+    assert meta["shape"] == list(SHAPE)
+    # Projection and predicate pushdown.
+    low = ds.to_table(columns=["key", "t", "x_t"], filter=pc.field("t") < 25)
+    assert set(low["t"].to_pylist()) <= set(range(25))
+    chunk = low["x_t"].chunk(0)
+    assert chunk.to_numpy_ndarray().shape == (len(chunk), *SHAPE)
+
+
+@pytest.mark.slow
+def test_ray_data(recdir, reference, ray_session):
+    ray = ray_session
+    # Ray skips the non-Parquet and hidden files. Materialised once: each Ray Data execution
+    # costs seconds here, reads of the materialised blocks are instant.
+    ds = ray.data.read_parquet(str(recdir)).materialize()
+    assert ds.count() == len(reference)
+    assert "fixed_shape_tensor" in str(ds.schema().types[ds.schema().names.index("x_t")])
+    keys, xs = [], []
+    for batch in ds.select_columns(["key", "x_t"]).iter_batches(
+        batch_size=10, batch_format="numpy"
+    ):
+        assert isinstance(batch["x_t"], np.ndarray) and batch["x_t"].shape[1:] == SHAPE
+        keys += batch["key"].tolist()
+        xs.append(batch["x_t"])
+    check(keys, np.concatenate(xs), reference)
+    row = ds.take(1)[0]
+    assert isinstance(row["x_t"], np.ndarray) and row["x_t"].shape == SHAPE
+    tb = next(iter(ds.select_columns(["x_t", "t"]).iter_torch_batches(batch_size=4)))
+    assert tuple(tb["x_t"].shape) == (4, *SHAPE) and str(tb["x_t"].dtype) == "torch.float16"
+
+
+def test_polars(recdir, reference):
+    pl = pytest.importorskip("polars")
+    df = pl.read_parquet(f"{recdir}/*.parquet", columns=["key", "t", "x_t"])
+    assert "arrow.fixed_shape_tensor" in str(df.schema["x_t"])
+    flat = df["x_t"].to_numpy()  # [N, C*H*W]: the Array storage of the extension type
+    assert flat.shape == (len(df), int(np.prod(SHAPE)))
+    check(df["key"].to_list(), flat.reshape(-1, *SHAPE), reference)
+    # Lazy scan with a filter keeps the type; polars hands it back to Arrow intact.
+    lazy = pl.scan_parquet(f"{recdir}/*.parquet").filter(pl.col("t") < 25).collect()
+    assert isinstance(lazy.to_arrow().schema.field("x_t").type, pa.FixedShapeTensorType)
+
+
+def test_duckdb(recdir, reference):
+    duckdb = pytest.importorskip("duckdb")
+    con = duckdb.connect()
+    rel = con.sql(f"select key, t, x_t from read_parquet('{recdir}/*.parquet')")
+    assert [str(t) for t in rel.types] == ["VARCHAR", "INTEGER", "FLOAT[]"]
+    table = rel.to_arrow_table()
+    (raw,) = con.execute(
+        f"select value from parquet_kv_metadata('{recdir}/a.parquet') where key = 'ddpm'"
+    ).fetchone()
+    shape = json.loads(raw)["shape"]
+    x_t = pc.list_flatten(table["x_t"]).to_numpy().reshape(-1, *shape)  # float32 [N, C, H, W]
+    check(table["key"].to_pylist(), x_t, reference, dtype=np.float32)
+    sql = f"select count(*) from read_parquet('{recdir}/*.parquet') where t < 25"
+    (n,) = con.execute(sql).fetchone()
+    assert 0 < n < len(reference)
+
+
+def test_datasets_cannot_read_tensor_columns(recdir):
+    datasets = pytest.importorskip("datasets")
+    with pytest.raises(ValueError, match="does not have a datasets dtype equivalent"):
+        datasets.Dataset.from_parquet(str(recdir / "a.parquet"))
+
+
+def test_to_hf_dataset(recdir, reference, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pipeline.hf import to_hf_dataset
+
+    ds = to_hf_dataset(recdir, cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == len(reference)
+    assert ds.features["x_t"] == datasets.Array3D(shape=SHAPE, dtype="float16")
+    assert ds.features["t"] == datasets.Value("int32")
+    np_ds = ds.with_format("numpy")
+    check(list(np_ds["key"]), np.asarray(np_ds["x_t"]), reference, dtype=np.float32)
+    torch_row = ds.with_format("torch")[0]
+    assert tuple(torch_row["x_t"].shape) == SHAPE
+
+    sub = to_hf_dataset(recdir, columns=["key", "epsilon"], cache_dir=str(tmp_path / "hf"))
+    assert sub.column_names == ["key", "epsilon"]
+    again = to_hf_dataset(recdir, columns=["key", "epsilon"], cache_dir=str(tmp_path / "hf"))
+    assert again.cache_files == sub.cache_files  # unchanged files: the cache is reused
+    with pytest.raises(ValueError, match="unknown columns"):
+        to_hf_dataset(recdir, columns=["x_0"], cache_dir=str(tmp_path / "hf"))
+
+
+def test_export_hf_parquet(recdir, reference, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pipeline.hf import export_hf_parquet
+
+    out = tmp_path / "hf-parquet"
+    assert export_hf_parquet(recdir, out) == ["a.parquet", "b.parquet"]
+    meta = pq.read_schema(out / "a.parquet").metadata
+    assert records.process_metadata(pq.read_schema(out / "a.parquet"))["shape"] == list(SHAPE)
+    assert b"huggingface" in meta
+    assert pq.ParquetFile(out / "a.parquet").metadata.num_row_groups == 3  # row groups kept
+
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=f"{out}/*.parquet",
+        split="train",
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
+    assert ds.features["x_t"] == datasets.Array3D(shape=SHAPE, dtype="float16")
+    np_ds = ds.with_format("numpy")
+    check(list(np_ds["key"]), np.asarray(np_ds["x_t"]), reference, dtype=np.float32)
