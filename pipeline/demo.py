@@ -68,7 +68,9 @@ def write_photo_shards(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--dir", default="demo", help="where shards, records and the report go")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--per-shard", type=int, default=96)

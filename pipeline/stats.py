@@ -1,0 +1,353 @@
+"""Mergeable streaming statistics: moments, co-moments and a bounded reservoir sample.
+
+Everything here is a plain picklable object (Ray ships them between tasks and the driver), fed
+batch by batch with vectorised numpy and merged in any order:
+
+* :class:`GroupedMoments` / :class:`Moments`: count, mean and the central sums M2, M3, M4 of a
+  stream, per group (e.g. per t-bin x channel), accumulated in float64 and merged with the
+  pairwise formulas of Chan, Golub & LeVeque (1979) extended to M3/M4 by Pebay (2008). Merging
+  the statistics of any split of a stream gives those of the whole stream (up to rounding).
+* :class:`GroupedCoMoments`: count, mean vector and the matrix of centred cross-products of a
+  d-dimensional stream, per group (covariances, correlations, variances of linear combinations).
+* :class:`Reservoir`: a uniform sample of at most ``k`` items of a stream ("bottom-k": every item
+  gets an iid uniform key and the k smallest keys are kept). Once full, only a Binomial number of
+  candidates per batch gets a key (keys below the current threshold are uniform on it), which is
+  Algorithm L's skipping in key form. Two reservoirs of disjoint streams merge exactly by keeping
+  the k smallest keys of their union: no weighted subsampling needed. Deterministic for a seed.
+
+Standard errors are those of iid normal data (``se_*``): SE(mean) = sqrt(var/n),
+SE(var) = sqrt(2/(n-1)) var, SE(skew) = sqrt(6/n), SE(excess kurtosis) = sqrt(24/n).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+_STATS = ("n", "mean", "m2", "m3", "m4")
+
+
+def _merge_arrays(a: dict, b: dict) -> dict:
+    """Pairwise merge of moment arrays (Chan et al.; Pebay 2008, eq. 3.1), elementwise over groups."""
+    na, nb = a["n"], b["n"]
+    n = na + nb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = np.where(n > 0, b["mean"] - a["mean"], 0.0)
+        fb = np.where(n > 0, nb / n, 0.0)
+        mean = a["mean"] + d * fb
+        nanb_n = np.where(n > 0, na * nb / n, 0.0)
+        m2 = a["m2"] + b["m2"] + d * d * nanb_n
+        n_safe = np.where(n > 0, n, 1.0)
+        m3 = (
+            a["m3"]
+            + b["m3"]
+            + d**3 * nanb_n * (na - nb) / n_safe
+            + 3.0 * d * (na * b["m2"] - nb * a["m2"]) / n_safe
+        )
+        m4 = (
+            a["m4"]
+            + b["m4"]
+            + d**4 * nanb_n * (na * na - na * nb + nb * nb) / n_safe**2
+            + 6.0 * d * d * (na * na * b["m2"] + nb * nb * a["m2"]) / n_safe**2
+            + 4.0 * d * (na * b["m3"] - nb * a["m3"]) / n_safe
+        )
+    return {"n": n, "mean": mean, "m2": m2, "m3": m3, "m4": m4}
+
+
+class GroupedMoments:
+    """Moments up to order 4 of a scalar stream, for each cell of a group grid ``shape``.
+
+    ``update(values, index)``: ``index`` is a tuple of integer arrays, one per grid axis,
+    broadcastable against ``values``; every value goes to the cell ``index`` names.
+    """
+
+    def __init__(self, shape: Sequence[int] | int = ()):
+        self.shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        size = int(np.prod(self.shape, dtype=np.int64))
+        self._a = {k: np.zeros(size, dtype=np.float64) for k in _STATS}
+
+    @classmethod
+    def _from_arrays(cls, shape: tuple, arrays: dict) -> GroupedMoments:
+        out = cls(shape)
+        out._a = {k: np.asarray(arrays[k], dtype=np.float64).reshape(-1).copy() for k in _STATS}
+        return out
+
+    def update(self, values: np.ndarray, index: Sequence[np.ndarray] = ()) -> GroupedMoments:
+        values = np.asarray(values, dtype=np.float64)
+        if len(index) != len(self.shape):
+            raise ValueError(f"need {len(self.shape)} index arrays, got {len(index)}")
+        if values.size == 0:
+            return self
+        size = len(self._a["n"])
+        if self.shape:
+            arrays = np.broadcast_arrays(values, *(np.asarray(i) for i in index))
+            values = arrays[0].reshape(-1)
+            groups = np.ravel_multi_index([a.reshape(-1) for a in arrays[1:]], self.shape)
+        else:
+            values = values.reshape(-1)
+            groups = np.zeros(values.size, dtype=np.int64)
+        n = np.bincount(groups, minlength=size).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, np.bincount(groups, values, size) / n, 0.0)
+        dev = values - mean[groups]
+        dev2 = dev * dev
+        batch = {
+            "n": n,
+            "mean": mean,
+            "m2": np.bincount(groups, dev2, size),
+            "m3": np.bincount(groups, dev2 * dev, size),
+            "m4": np.bincount(groups, dev2 * dev2, size),
+        }
+        self._a = _merge_arrays(self._a, batch)
+        return self
+
+    def merge(self, other: GroupedMoments) -> GroupedMoments:
+        """Add another accumulator of the same grid (in place; returns self)."""
+        if other.shape != self.shape:
+            raise ValueError(f"cannot merge moments of grid {other.shape} into {self.shape}")
+        self._a = _merge_arrays(self._a, other._a)
+        return self
+
+    def collapse(self, axis: int | Sequence[int]) -> GroupedMoments:
+        """Merge the cells along ``axis`` (one or several), returning the smaller grid."""
+        axes = sorted({a % len(self.shape) for a in np.atleast_1d(axis)}, reverse=True)
+        shape = list(self.shape)
+        arrays = {k: v.reshape(shape) for k, v in self._a.items()}
+        for ax in axes:
+            acc = {k: np.take(v, 0, axis=ax) for k, v in arrays.items()}
+            for i in range(1, shape[ax]):
+                acc = _merge_arrays(acc, {k: np.take(v, i, axis=ax) for k, v in arrays.items()})
+            arrays = acc
+            del shape[ax]
+        return GroupedMoments._from_arrays(tuple(shape), arrays)
+
+    def total(self) -> Moments:
+        """All cells merged into one :class:`Moments`."""
+        if not self.shape:
+            return Moments._from_arrays((), self._a)
+        return Moments._from_arrays((), self.collapse(range(len(self.shape)))._a)
+
+    def __getitem__(self, idx) -> Moments:
+        flat = int(np.ravel_multi_index(np.atleast_1d(idx), self.shape)) if self.shape else 0
+        return Moments._from_arrays((), {k: v[flat : flat + 1] for k, v in self._a.items()})
+
+    def var(self, ddof: int = 1) -> np.ndarray:
+        n, m2 = (self._a[k].reshape(self.shape) for k in ("n", "m2"))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > ddof, m2 / (n - ddof), np.nan)
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """n, mean, var (ddof 1), skew g1 = sqrt(n) M3 / M2^1.5 and excess kurtosis
+        g2 = n M4 / M2^2 - 3 (scipy.stats.skew / kurtosis with bias=True), and their standard
+        errors under normality; arrays of the grid's shape."""
+        n, mean, m2, m3, m4 = (self._a[k].reshape(self.shape) for k in _STATS)
+        var = self.var()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "n": n,
+                "mean": mean,
+                "var": var,
+                "skew": np.where(m2 > 0, np.sqrt(n) * m3 / m2**1.5, np.nan),
+                "excess_kurtosis": np.where(m2 > 0, n * m4 / m2**2 - 3.0, np.nan),
+                "se_mean": np.sqrt(var / n),
+                "se_var": np.sqrt(2.0 / (n - 1)) * var,
+                "se_skew": np.sqrt(6.0 / n),
+                "se_kurtosis": np.sqrt(24.0 / n),
+            }
+
+    n = property(lambda self: self.summary()["n"])
+    mean = property(lambda self: self.summary()["mean"])
+    skew = property(lambda self: self.summary()["skew"])
+    excess_kurtosis = property(lambda self: self.summary()["excess_kurtosis"])
+    se_mean = property(lambda self: self.summary()["se_mean"])
+    se_var = property(lambda self: self.summary()["se_var"])
+    se_skew = property(lambda self: self.summary()["se_skew"])
+    se_kurtosis = property(lambda self: self.summary()["se_kurtosis"])
+
+
+class Moments(GroupedMoments):
+    """Moments of a single scalar stream; its statistics are Python floats."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @classmethod
+    def _from_arrays(cls, shape: tuple, arrays: dict) -> Moments:
+        out = cls()
+        out._a = {k: np.asarray(arrays[k], dtype=np.float64).reshape(1).copy() for k in _STATS}
+        return out
+
+    def update(self, values: np.ndarray, index: Sequence[np.ndarray] = ()) -> Moments:
+        return super().update(values, ())
+
+    def var(self, ddof: int = 1) -> float:
+        return float(super().var(ddof))
+
+    def summary(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in super().summary().items()}
+        out["n"] = int(out["n"])
+        return out
+
+    @property
+    def count(self) -> int:
+        return int(self._a["n"][0])
+
+
+class GroupedCoMoments:
+    """Count, mean vector and centred cross-product matrix C of a d-dimensional stream, per
+    group cell. ``cov = C / (n - 1)``; the variance of a linear combination ``w . x`` is
+    ``w C w / (n - 1)``. ``update(rows [N, d], index)`` with one integer array [N] per grid axis.
+    """
+
+    def __init__(self, shape: Sequence[int] | int, dim: int):
+        self.shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        self.dim = int(dim)
+        size = int(np.prod(self.shape, dtype=np.int64))
+        self.n = np.zeros(size, dtype=np.float64)
+        self.mean_ = np.zeros((size, self.dim), dtype=np.float64)
+        self.c = np.zeros((size, self.dim, self.dim), dtype=np.float64)
+
+    def _merge(self, n, mean, c) -> None:
+        tot = self.n + n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fb = np.where(tot > 0, n / tot, 0.0)
+            w = np.where(tot > 0, self.n * n / tot, 0.0)
+        d = mean - self.mean_
+        self.mean_ = self.mean_ + d * fb[:, None]
+        self.c = self.c + c + d[:, :, None] * d[:, None, :] * w[:, None, None]
+        self.n = tot
+
+    def update(self, rows: np.ndarray, index: Sequence[np.ndarray] = ()) -> GroupedCoMoments:
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.dim)
+        if len(rows) == 0:
+            return self
+        size = len(self.n)
+        if self.shape:
+            groups = np.ravel_multi_index([np.asarray(i).reshape(-1) for i in index], self.shape)
+            groups = np.broadcast_to(groups, (len(rows),))
+        else:
+            groups = np.zeros(len(rows), dtype=np.int64)
+        n = np.bincount(groups, minlength=size).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.stack([np.bincount(groups, rows[:, j], size) for j in range(self.dim)], 1)
+            mean = np.where(n[:, None] > 0, mean / n[:, None], 0.0)
+        dev = rows - mean[groups]
+        c = np.zeros((size, self.dim, self.dim), dtype=np.float64)
+        for i in range(self.dim):
+            for j in range(i, self.dim):
+                c[:, i, j] = c[:, j, i] = np.bincount(groups, dev[:, i] * dev[:, j], size)
+        self._merge(n, mean, c)
+        return self
+
+    def merge(self, other: GroupedCoMoments) -> GroupedCoMoments:
+        if other.shape != self.shape or other.dim != self.dim:
+            raise ValueError("cannot merge co-moments of a different grid or dimension")
+        self._merge(other.n, other.mean_, other.c)
+        return self
+
+    def cell(self, idx) -> tuple[float, np.ndarray, np.ndarray]:
+        """(n, mean [d], C [d, d]) of one cell."""
+        flat = int(np.ravel_multi_index(np.atleast_1d(idx), self.shape)) if self.shape else 0
+        return float(self.n[flat]), self.mean_[flat].copy(), self.c[flat].copy()
+
+    def pooled(self, cells: Sequence) -> tuple[float, np.ndarray, np.ndarray]:
+        """(n, mean, C) of the union of several cells."""
+        n, mean, c = 0.0, np.zeros(self.dim), np.zeros((self.dim, self.dim))
+        for idx in cells:
+            nb, mb, cb = self.cell(idx)
+            tot = n + nb
+            if tot == 0:
+                continue
+            d = mb - mean
+            c = c + cb + np.outer(d, d) * (n * nb / tot)
+            mean = mean + d * (nb / tot)
+            n = tot
+        return n, mean, c
+
+
+def linear_mean_se(n: float, mean: np.ndarray, c: np.ndarray, w: Sequence[float]):
+    """Mean of ``w . x`` and its standard error across rows: sqrt(w C w / (n (n - 1)))."""
+    w = np.asarray(w, dtype=np.float64)
+    if n < 2:
+        return float(w @ mean) if n else math.nan, math.nan
+    var = max(float(w @ c @ w), 0.0) / (n - 1)
+    return float(w @ mean), math.sqrt(var / n)
+
+
+def correlation(n: float, c: np.ndarray, i: int = 0, j: int = 1) -> float:
+    """Pearson correlation of components i and j from a cross-product matrix."""
+    den = math.sqrt(max(c[i, i], 0.0) * max(c[j, j], 0.0))
+    return float(c[i, j] / den) if n > 1 and den > 0 else math.nan
+
+
+class Reservoir:
+    """A uniform random sample of at most ``k`` items (rows of ``item_shape``) of a stream.
+
+    Bottom-k sampling: each item has an iid Uniform(0, 1) key; the k smallest are kept. Once the
+    reservoir is full with threshold tau (its largest key), a batch of m items contributes
+    Binomial(m, tau) candidates at random positions with keys Uniform(0, tau): the same
+    distribution as drawing every key, at O(candidates) cost. ``merge`` keeps the k smallest keys
+    of two reservoirs of disjoint streams, which is a uniform sample of the union. Keys may also
+    be given (e.g. hashed from the items' identities): the sample is then independent of how
+    the stream was split. ``values`` are stored as ``dtype`` (float32 by default).
+    """
+
+    def __init__(self, k: int, seed: int | Sequence[int] = 0, item_shape=(), dtype=np.float32):
+        if k < 0:
+            raise ValueError(f"reservoir size must be >= 0, got {k}")
+        self.k = int(k)
+        self.item_shape = tuple(item_shape)
+        self.seen = 0
+        self.keys = np.empty(0, dtype=np.float64)
+        self.values = np.empty((0, *self.item_shape), dtype=dtype)
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _keep(self, keys: np.ndarray, values: np.ndarray) -> None:
+        keys = np.concatenate([self.keys, keys])
+        values = np.concatenate([self.values, values.astype(self.values.dtype, copy=False)])
+        if len(keys) > self.k:
+            part = np.argpartition(keys, self.k - 1)[: self.k]
+            keys, values = keys[part], values[part]
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.values = keys[order], values[order]
+
+    def update(self, values: np.ndarray, keys: np.ndarray | None = None) -> Reservoir:
+        values = np.asarray(values).reshape((-1, *self.item_shape))
+        m = len(values)
+        self.seen += m
+        if m == 0 or self.k == 0:
+            return self
+        if keys is not None:
+            keys = np.asarray(keys, dtype=np.float64).reshape(-1)
+            if len(keys) != m:
+                raise ValueError(f"{len(keys)} keys for {m} items")
+            if len(self.keys) == self.k:
+                sel = keys < self.keys[-1]
+                keys, values = keys[sel], values[sel]
+        elif len(self.keys) < self.k:
+            keys = self._rng.random(m)
+        else:
+            tau = float(self.keys[-1])
+            c = int(self._rng.binomial(m, tau))
+            pos = np.sort(self._rng.choice(m, size=c, replace=False))
+            keys, values = self._rng.random(c) * tau, values[pos]
+        self._keep(keys, values)
+        return self
+
+    def merge(self, other: Reservoir) -> Reservoir:
+        """Absorb a reservoir of a disjoint stream (in place; returns self)."""
+        if other.item_shape != self.item_shape:
+            raise ValueError(f"item shapes differ: {other.item_shape} vs {self.item_shape}")
+        self.seen += other.seen
+        if len(other):
+            self._keep(other.keys, other.values)
+        return self
+
+    def sample(self) -> np.ndarray:
+        """The kept items, [len, *item_shape], in key order."""
+        return self.values

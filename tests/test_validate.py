@@ -1,0 +1,358 @@
+"""pipeline.validate end to end: datasets built by the real precompute on tiny shards, then
+defects planted by rewriting the Parquet files consistently (x_t, posterior and scalar columns
+recomputed from the altered values), so that only the statistics can betray them.
+
+Datasets: 4 shards x 48 images (16 x 16 RGB noise pictures, Var(x_0) = 1/3) x 2 draws, T = 100.
+Most runs use ``max_consistency_records=0`` so that the statistical checks must catch the defects
+without the exact keyed-noise regeneration (tested separately).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shards import write_array_shard, write_image_shard
+
+from pipeline import records, validate
+from pipeline.config import compose
+from pipeline.diffusion import q_posterior, q_sample
+from pipeline.manifest import MANIFEST, OutputDir
+from pipeline.precompute import run as precompute
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+CHECKS = (
+    "completeness", "record_consistency", "keyed_noise", "epsilon_moments", "epsilon_normality",
+    "noise_independence", "variance_preservation", "convergence", "timestep_distribution",
+)  # fmt: skip
+
+
+def _build(root, name, *overrides, kind="images"):
+    src = root / f"{name}-src"
+    src.mkdir()
+    for i in range(4):
+        if kind == "images":
+            write_image_shard(
+                src / f"sh-{i}.tar", 48, size=(20, 16), seed=97 * i, key_prefix=f"k{i}_"
+            )
+        else:
+            write_array_shard(src / f"sh-{i}.tar", 48, shape=(4, 8, 8), seed=i, key_prefix=f"k{i}_")
+    source = ["source=images", "source.resolution=16"] if kind == "images" else ["source=arrays"]
+    cfg = compose(
+        ["progress=false", *source, f"source.urls={src}/sh-{{0..3}}.tar", f"output.dir={root / name}",
+         "schedule.num_timesteps=100", "sampling.draws_per_sample=2", "output.rows_per_group=40",
+         "ray.num_actors=1",
+         *overrides]
+    )  # fmt: skip
+    assert precompute(cfg)["exit_code"] == 0
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Clean datasets: a (x_0 stored, defects are planted on copies of it), b, c (arrays)."""
+    root = tmp_path_factory.mktemp("validate")
+    return {
+        "a": _build(root, "a", "seed=3", "output.store_x0=true"),
+        "b": _build(root, "b", "seed=1", "schedule=cosine", "sampling.timesteps=stratified"),
+        "c": _build(root, "c", "seed=2", "schedule=scaled_linear", "schedule.num_timesteps=1000",
+                    "output.dtype=float32", "sampling.draws_per_sample=1", kind="arrays"),
+    }  # fmt: skip
+
+
+def _validate(path, *overrides):
+    cfg = validate.load_config(
+        [f"output.dir={path}", "progress=false", "plots=false", "max_consistency_records=0",
+         *overrides]
+    )  # fmt: skip
+    report = validate.run(cfg)
+    return report, {c["name"]: c for c in report["checks"]}
+
+
+def _failed(checks: dict) -> set:
+    return {name for name, c in checks.items() if not c["passed"]}
+
+
+# -- planting defects ------------------------------------------------------------------------
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _read(path):
+    pf = pq.ParquetFile(path)
+    table = pf.read()
+    cols = {}
+    for f in table.schema:
+        c = table.column(f.name)
+        if isinstance(f.type, pa_tensor_type()):
+            cols[f.name] = records.tensor_to_numpy(c).copy()
+        elif f.name == "key":
+            cols[f.name] = c.to_pylist()
+        else:
+            cols[f.name] = c.to_numpy().copy()
+    return pf.schema_arrow, cols
+
+
+def pa_tensor_type():
+    import pyarrow as pa
+
+    return pa.FixedShapeTensorType
+
+
+def _write(path, schema, cols):
+    pq.write_table(records.build_table(schema, cols), path, row_group_size=40)
+
+
+def _refresh(cols, sched, eps32=None, t_xt=None):
+    """Recompute everything derived from (x_0, t, eps) as the worker does (float32, then cast)."""
+    out = torch.float16 if cols["x_t"].dtype == np.float16 else torch.float32
+    x0 = torch.from_numpy(cols["x_0"].astype(np.float32))
+    eps = torch.from_numpy(cols["epsilon"].astype(np.float32) if eps32 is None else eps32)
+    t = torch.from_numpy(cols["t"].astype(np.int64))
+    x_t = q_sample(sched, x0, t if t_xt is None else torch.from_numpy(t_xt), eps)
+    mean, _, _ = q_posterior(sched, x0, x_t, t, out_dtype=out)
+    tn = cols["t"].astype(np.int64)
+    cols.update(
+        x_t=x_t.to(out).numpy(),
+        epsilon=eps.to(out).numpy(),
+        posterior_mean=mean.numpy(),
+        alpha_bar=sched.alphas_cumprod[tn].astype(np.float32),
+        posterior_variance=sched.posterior_variance[tn].astype(np.float32),
+        posterior_log_variance=sched.posterior_log_variance_clipped[tn].astype(np.float32),
+    )
+
+
+def _plant(root, shards, fn):
+    """Apply fn(cols, sched, shard) to the named shards' files and rewrite them."""
+    for shard in shards:
+        path = root / f"{shard}.parquet"
+        schema, cols = _read(path)
+        sched = records.schedule_from_metadata(records.process_metadata(schema))
+        fn(cols, sched, shard)
+        _write(path, schema, cols)
+    return root
+
+
+def _drop_x0(root):
+    """Turn a store_x0=true dataset into one without x_0 (files and manifest agree)."""
+    out = OutputDir(str(root))
+    for name in out.data_files():
+        schema, cols = _read(out.path(name))
+        meta = {**records.process_metadata(schema), "store_x0": False}
+        cols.pop("x_0")
+        new = records.record_schema(meta["shape"], meta["dtype"], False, meta)
+        _write(out.path(name), new, cols)
+    manifest = out.read_json(MANIFEST)
+    manifest["process"]["store_x0"] = False
+    out.write_json(MANIFEST, manifest)
+    return root
+
+
+def _scale_noise(cols, sched, shard):
+    _refresh(cols, sched, eps32=cols["epsilon"].astype(np.float32) * np.float32(1.05))
+
+
+def _alpha_bar_of_next_t(cols, sched, shard):
+    t = cols["t"].astype(np.int64)
+    _refresh(cols, sched, t_xt=np.minimum(t + 1, sched.num_timesteps - 1))
+
+
+def _skew_t(cols, sched, shard):
+    """A sampler bug: t drawn over [0, T/2) instead of [0, T)."""
+    u = np.random.default_rng(int(shard[-1])).random(len(cols["t"]))
+    cols["t"] = np.floor(sched.num_timesteps // 2 * u).astype(np.int32)
+    _refresh(cols, sched)
+
+
+def _correlate_with_x0(cols, sched, shard, rho=0.05):
+    x0 = cols["x_0"].astype(np.float64)
+    z = (x0 - x0.mean(axis=(0, 2, 3), keepdims=True)) / x0.std(axis=(0, 2, 3), keepdims=True)
+    eps = rho * z + np.sqrt(1 - rho**2) * cols["epsilon"].astype(np.float64)
+    _refresh(cols, sched, eps32=eps.astype(np.float32))
+
+
+# -- clean data ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_clean_datasets_pass(base, name, tmp_path):
+    report, checks = _validate(base[name], "max_consistency_records=300")
+    assert report["exit_code"] == 0, {k: c["summary"] for k, c in checks.items() if not c["passed"]}
+    assert set(checks) == set(CHECKS)
+    assert checks["keyed_noise"]["detail"]["items"][0]["checked"] == min(
+        300, report["summary"]["records"]
+    )
+    # scaled_linear keeps sqrt(alpha_bar_T) = 0.068 of x_0 at t = T-1: a warning, not a failure
+    expect_warning = name == "c"
+    assert (checks["convergence"]["severity"] == "warning") == expect_warning
+    if expect_warning:
+        assert "zero_terminal_snr=true" in checks["convergence"]["summary"]
+
+
+# -- planted defects -------------------------------------------------------------------------
+
+
+def test_noise_scaled_in_one_shard(base, tmp_path):
+    d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-2"], _scale_noise)
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1
+    assert "epsilon_moments" in _failed(checks)
+    bad = [i for i in checks["epsilon_moments"]["detail"]["items"] if not i["passed"]]
+    assert any(i["where"] == "shard sh-2" and i["quantity"] == "var" for i in bad)
+    assert not any(i["where"].startswith("shard sh-") and i["where"] != "shard sh-2" for i in bad)
+    assert {"record_consistency", "completeness"}.isdisjoint(_failed(checks))
+
+
+def test_noise_copied_between_shards(base, tmp_path):
+    _, donor = _read(base["a"] / "sh-0.parquet")
+
+    def copy_noise(cols, sched, shard):
+        _refresh(cols, sched, eps32=donor["epsilon"].astype(np.float32))
+
+    d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-3"], copy_noise)
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1
+    assert "noise_independence" in _failed(checks)
+    dup = checks["noise_independence"]["detail"]["items"][0]
+    assert dup["value"] == 2 * 96 and ["sh-0", "sh-3"] in dup["examples"]
+    assert {"epsilon_moments", "record_consistency"}.isdisjoint(_failed(checks))
+
+
+@pytest.mark.parametrize("store_x0", [True, False])
+def test_x_t_with_alpha_bar_of_next_t(base, tmp_path, store_x0):
+    d = _plant(
+        _copy(base["a"], tmp_path / "d"), ["sh-0", "sh-1", "sh-2", "sh-3"], _alpha_bar_of_next_t
+    )
+    if not store_x0:
+        _drop_x0(d)
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1
+    if store_x0:  # checked record by record
+        assert "record_consistency" in _failed(checks)
+    else:  # only the statistics can tell: the noise enters x_t with the wrong coefficient
+        assert {"variance_preservation", "noise_independence"} <= _failed(checks)
+    assert {"epsilon_moments", "timestep_distribution"}.isdisjoint(_failed(checks))
+
+
+def test_missing_shard_file(base, tmp_path):
+    d = _copy(base["a"], tmp_path / "d")
+    (d / "sh-1.parquet").unlink()
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1 and _failed(checks) == {"completeness"}
+    item = next(
+        i for i in checks["completeness"]["detail"]["items"] if i["quantity"] == "missing files"
+    )
+    assert item["value"] == 1 and item["examples"][0].endswith("sh-1.parquet")
+
+
+def test_corrupt_file_and_stray_file(base, tmp_path):
+    d = _copy(base["a"], tmp_path / "d")
+    shutil.copy(d / "sh-0.parquet", d / "old-run-7.parquet")  # a leftover a glob reader would take
+    (d / "sh-2.parquet").write_bytes(b"PAR1 not really")
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1 and _failed(checks) == {"completeness"}
+    items = {i["quantity"]: i for i in checks["completeness"]["detail"]["items"]}
+    assert items["unreadable files"]["value"] == 1
+    assert items["files not in the manifest"]["examples"][0].endswith("old-run-7.parquet")
+    assert report["summary"]["records"] == 3 * 96  # the other shards were validated
+
+
+def test_timesteps_skewed_in_some_shards(base, tmp_path):
+    d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-1", "sh-3"], _skew_t)
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1
+    assert "timestep_distribution" in _failed(checks)
+    bad = {
+        i["where"] for i in checks["timestep_distribution"]["detail"]["items"] if not i["passed"]
+    }
+    assert {"shard sh-1", "shard sh-3"} <= bad and "shard sh-0" not in bad
+    assert {"record_consistency", "epsilon_moments"}.isdisjoint(_failed(checks))
+
+
+@pytest.mark.parametrize("store_x0", [True, False])
+def test_noise_correlated_with_x0(base, tmp_path, store_x0):
+    d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-0"], _correlate_with_x0)
+    if not store_x0:
+        _drop_x0(d)
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1
+    assert "noise_independence" in _failed(checks)
+    bad = [i for i in checks["noise_independence"]["detail"]["items"] if not i["passed"]]
+    assert any(i["where"] == "shard sh-0" and i["quantity"] == "corr(eps, x_0)" for i in bad)
+    assert "record_consistency" not in _failed(checks)
+
+
+def test_keyed_noise_regeneration_catches_rewritten_noise(base, tmp_path):
+    d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-2"], _scale_noise)
+    _, checks = _validate(d, "max_consistency_records=100")
+    k = checks["keyed_noise"]
+    assert not k["passed"]
+    eps_item = next(i for i in k["detail"]["items"] if i["quantity"].startswith("eps"))
+    assert 0 < eps_item["value"] <= eps_item["checked"] and eps_item["checked"] >= 100
+
+
+def test_inconsistent_x_t_is_caught_record_by_record(base, tmp_path):
+    def nudge(cols, sched, shard):  # one element of one record off by 1%
+        cols["x_t"][5, 0, 3, 3] *= np.float16(1.01)
+
+    d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-0"], nudge)
+    _, checks = _validate(d)
+    assert _failed(checks) == {"record_consistency"}
+    item = next(
+        i
+        for i in checks["record_consistency"]["detail"]["items"]
+        if i["quantity"].startswith("x_t")
+    )
+    assert item["value"] == 1 and item["worst"]["shard"] == "sh-0"
+
+
+# -- report and exit codes -------------------------------------------------------------------
+
+
+def test_report_files_and_exit_code_0(base, capsys):
+    assert validate.main([f"output.dir={base['b']}", "progress=false"]) == 0
+    out = capsys.readouterr().out
+    assert "epsilon_moments" in out and "report:" in out
+    rep = base["b"] / "validation"
+    report = json.loads((rep / "report.json").read_text())  # strict JSON: no NaN
+    assert report["format"] == "ddpm-validation/1" and report["passed"] is True
+    assert [c["name"] for c in report["checks"]] == list(CHECKS)
+    for c in report["checks"]:
+        assert {"name", "passed", "severity", "statistic", "threshold", "detail"} <= set(c)
+    assert report["terminal"]["alpha_bar_T"] > 0 and report["summary"]["records"] == 4 * 48 * 2
+    md = (rep / "report.md").read_text()
+    assert "| check | verdict |" in md and "variance_preservation" in md
+    for png in (
+        "var_mean_over_t.png",
+        "schedule.png",
+        "eps_hist.png",
+        "qq_x_T.png",
+        "x_t_grid.png",
+    ):
+        assert (rep / png).read_bytes()[:4] == b"\x89PNG" and png in report["plots"]
+
+
+def test_exit_code_1_on_a_failed_check(base, tmp_path, capsys):
+    d = _copy(base["a"], tmp_path / "d")
+    (d / "sh-0.parquet").unlink()
+    assert validate.main([f"output.dir={d}", "progress=false", "plots=false"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_exit_code_2_when_it_cannot_run(tmp_path, capsys):
+    assert validate.main([f"output.dir={tmp_path / 'nope'}"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert validate.main([f"output.dir={tmp_path}"]) == 2
+    assert f"no _manifest.json in {tmp_path}" in capsys.readouterr().err
+    assert validate.main([]) == 2
+    assert "output.dir" in capsys.readouterr().err
+    assert validate.main([f"output.dir={tmp_path}", "z=-1"]) == 2
+    assert "config key z" in capsys.readouterr().err
+    assert validate.main([f"output.dir={tmp_path}", "no_such_key=1"]) == 2
