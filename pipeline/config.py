@@ -80,6 +80,7 @@ class RayConfig:
     gpus_per_actor: float = 0.0
     device: str = "auto"
     max_shard_retries: int = 2
+    actor_start_timeout_s: float = 120.0
 
 
 @dataclass
@@ -181,6 +182,11 @@ def validate(cfg: DictConfig) -> None:
         not (r.device == "cuda" and r.gpus_per_actor == 0),
         "ray.device",
         "cuda needs ray.gpus_per_actor > 0 (Ray pins GPUs to actors); set ray.gpus_per_actor=1",
+    )
+    _need(
+        r.actor_start_timeout_s > 0,
+        "ray.actor_start_timeout_s",
+        f"must be > 0, got {r.actor_start_timeout_s}",
     )
     _need(
         r.max_shard_retries >= 0,

@@ -11,8 +11,11 @@
       validation/                   report of pipeline.validate
 
 A shard counts as done when its marker exists; the marker is written after its Parquet file and
-rejects are in place, so a reader never sees a shard half-committed. Every write goes to a
-temporary name first and is then moved into place.
+rejects are in place, so a reader never sees a shard half-committed. On a file system every write
+goes to a temporary name first and is then moved into place. On an object store (``s3://``,
+``gs://``) an object becomes visible only when its upload completes, so a killed writer leaves
+nothing behind, while a "move" is a copy (S3 CopyObject: 5 GB at most) plus a delete: there,
+files are written under their final name (:attr:`OutputDir.atomic_writes`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterable
 
@@ -31,6 +35,11 @@ SHARDS = "_shards"
 MANIFEST_FORMAT = "ddpm-manifest/1"
 # Statuses of a shard: committed ones are never redone on resume.
 COMMITTED = ("ok", "partial")
+OBJECT_STORES = {"s3", "s3a", "gcs", "gs"}  # filesystems whose uploads are atomic
+
+
+class OutputWriteError(OSError):
+    """Writing or committing a file of the output directory failed; the message names the file."""
 
 
 class OutputDir:
@@ -46,6 +55,10 @@ class OutputDir:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        # object stores: an upload is atomic, a rename is a copy; write in place (module doc)
+        kind = self.fs.type_name  # "s3", "gcs", or "py::fsspec+('s3', 's3a')" for fsspec ones
+        protocols = set(re.findall(r"\w+", kind.partition("fsspec+")[2])) | {kind}
+        self.atomic_writes = bool(protocols & OBJECT_STORES)
 
     def __reduce__(self):  # picklable for Ray: rebuild the filesystem on the other side
         return (OutputDir, (self.uri,))
@@ -79,12 +92,17 @@ class OutputDir:
         return self.fs.get_file_info(self.path(name)).size
 
     def tmp_name(self, name: str) -> str:
+        """Where to write ``name`` before :meth:`commit`: a hidden temporary name, or ``name``
+        itself on an object store (:attr:`atomic_writes`)."""
+        if self.atomic_writes:
+            return name
         head, tail = posixpath.split(name)
         return posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:12]}")
 
     def commit(self, tmp: str, name: str) -> None:
         """Move a fully written temporary file into place."""
-        self.fs.move(self.path(tmp), self.path(name))
+        if tmp != name:
+            self.fs.move(self.path(tmp), self.path(name))
 
     def remove(self, name: str) -> None:
         try:

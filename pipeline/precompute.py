@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,7 +41,6 @@ from .source import (
 from .worker import ShardWorker, make_decoder
 
 log = logging.getLogger(__name__)
-ACTOR_START_TIMEOUT_S = 120.0  # with no live actor, how long to wait for one to be placed
 
 
 class JobError(RuntimeError):
@@ -101,7 +101,19 @@ def _metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
 
 
 def _prepare_output(out: OutputDir, cfg: DictConfig, chash: str) -> None:
-    """Refuse to mix records of two configs unless output.overwrite=true (then clear the dir)."""
+    """Refuse to mix records of two configs unless output.overwrite=true (then clear the dir);
+    fail before Ray starts, naming the path, when output.dir cannot be written."""
+    try:
+        _prepare_output_dir(out, cfg, chash)
+        out.makedirs(SHARDS)
+        probe = f"{SHARDS}/.write-probe.tmp-{uuid.uuid4().hex[:12]}"  # a temporary file's name
+        out.write_bytes(probe, b"")
+        out.remove(probe)
+    except OSError as exc:
+        raise JobError(f"output.dir={out.display()} is not writable: {exc}") from exc
+
+
+def _prepare_output_dir(out: OutputDir, cfg: DictConfig, chash: str) -> None:
     old = out.read_manifest()
     if old is not None and old.get("config_hash") != chash:
         if not cfg.output.overwrite:
@@ -119,9 +131,30 @@ def _prepare_output(out: OutputDir, cfg: DictConfig, chash: str) -> None:
         log.warning("output.overwrite=true: deleting the records in %s", out.display())
         for name in out.data_files() + out.list(SHARDS) + [MANIFEST, REJECTS]:
             out.remove(name)
-    for name in out.list() + out.list(SHARDS):  # temporary files of interrupted runs
+    _remove_temporaries(out)
+
+
+def _remove_temporaries(out: OutputDir) -> None:
+    """Temporary files of interrupted writes (a killed run, actor or node)."""
+    for name in out.list() + out.list(SHARDS):
         if name.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in name:
             out.remove(name)
+
+
+def _remove_uncommitted(out: OutputDir, shards: list, summaries: dict) -> None:
+    """After the last attempt: what attempts of shards that did not commit left behind (an actor
+    killed between its rename and its marker, a failed commit), so no file without a marker
+    remains, and temporary files of killed attempts."""
+    try:
+        _remove_temporaries(out)
+    except OSError as exc:  # the output became unwritable: the manifest write will say so
+        log.warning("cannot clean up %s: %s", out.display(), exc)
+    for s in shards:
+        for name in (out.data_name(s.id), out.rejects_name(s.id)) if s.id not in summaries else ():
+            try:
+                out.remove(name)
+            except OSError as exc:
+                log.warning("cannot remove %s of uncommitted shard %s: %s", name, s.id, exc)
 
 
 def _num_actors(cfg: DictConfig, pending: int) -> int:
@@ -137,7 +170,12 @@ def _num_actors(cfg: DictConfig, pending: int) -> int:
 
 
 class _Pool:
-    """Actors that take shards as they become idle; dead actors are replaced, never awaited."""
+    """Actors that take shards as they become idle; dead actors are replaced, never awaited.
+
+    ``max_restarts=0``: Ray does not restart a dead actor in place (a task sent to an actor that
+    is restarting waits for it, forever if its node is gone and nothing else fits); the driver
+    starts a fresh actor instead, which Ray places wherever resources are free, or never (the
+    run goes on with fewer actors: degraded, not stuck)."""
 
     def __init__(self, cfg: DictConfig, metadata: dict, shape: list[int]):
         self.cls = ray.remote(ShardWorker).options(
@@ -147,8 +185,11 @@ class _Pool:
         self.starting: dict = {}  # ready ref -> actor
         self.idle: list = []
         self.live = 0
+        self.wanted = 0
+        self.start_error: str | None = None  # why the last actor failed to start
 
     def start(self, n: int) -> None:
+        self.wanted = max(self.wanted, n)
         for _ in range(n):
             actor = self.cls.remote(*self.args)
             self.starting[actor.info.remote()] = actor
@@ -158,6 +199,7 @@ class _Pool:
         try:
             info = ray.get(ref)
         except ray.exceptions.RayError as exc:
+            self.start_error = f"{type(exc).__name__}: {exc}"
             log.warning("an actor failed to start: %s", exc)
             return
         log.info(
@@ -166,15 +208,29 @@ class _Pool:
         self.idle.append(actor)
         self.live += 1
 
-    def shutdown(self) -> None:
-        for actor in list(self.starting.values()) + self.idle:
+    def lost(self, actor, why: str) -> None:
+        """A busy actor died (its process, or its node): start a replacement."""
+        self.live -= 1
+        ray.kill(actor)  # if it is only unreachable, it must not go on writing
+        self.start(1)
+        log.warning(
+            "actor lost (%s): %d of %d actors live, a replacement is starting",
+            why, self.live, self.wanted,
+        )  # fmt: skip
+
+    def shutdown(self, busy=()) -> None:
+        for actor in list(self.starting.values()) + self.idle + list(busy):
             ray.kill(actor)
 
 
 def _init_ray(cfg: DictConfig) -> None:
     if ray.is_initialized():
         return
-    ray.init(address=cfg.ray.address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=cfg.ray.address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, ray.exceptions.RayError) as exc:  # no cluster there, token refused
+        where = cfg.ray.address or "a new local Ray"
+        raise JobError(f"cannot start or join Ray (ray.address={where}): {exc}") from exc
 
 
 def _write_manifest(out, cfg, chash, metadata, shards, summaries, started, final) -> dict:
@@ -271,6 +327,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _dispatch(cfg, out, metadata, shape, shards, pending: deque, summaries: dict, started) -> None:
     max_attempts = cfg.ray.max_shard_retries + 1
+    timeout = cfg.ray.actor_start_timeout_s
     pool = _Pool(cfg, metadata, shape)
     pool.start(_num_actors(cfg, len(pending)))
     running: dict = {}  # task ref -> (actor, shard)
@@ -289,9 +346,17 @@ def _dispatch(cfg, out, metadata, shape, shards, pending: deque, summaries: dict
             waiting = list(running) + list(pool.starting)
             if not running and not pool.live:
                 no_actor_since = no_actor_since or time.monotonic()
-                if time.monotonic() - no_actor_since > ACTOR_START_TIMEOUT_S:
+                if not pool.starting:  # every actor failed to start: none will come
                     for shard in pending:
-                        shard.errors.append("no actor could be placed on the cluster")
+                        shard.errors.append(f"no actor could start: {pool.start_error}")
+                    break
+                if time.monotonic() - no_actor_since > timeout:
+                    need = f"{cfg.ray.cpus_per_actor} CPU, {cfg.ray.gpus_per_actor} GPU"
+                    for shard in pending:
+                        shard.errors.append(
+                            f"no actor ({need}) could be placed on the cluster in {timeout:g} s "
+                            "(ray.actor_start_timeout_s)"
+                        )
                     break
             else:
                 no_actor_since = None
@@ -303,17 +368,17 @@ def _dispatch(cfg, out, metadata, shape, shards, pending: deque, summaries: dict
                 actor, shard = running.pop(ref)
                 try:
                     summary = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:  # the actor process or its node died
-                    pool.live -= 1
-                    pool.start(1)
-                    _retry(shard, f"actor died: {type(exc).__name__}", pending, max_attempts)
-                    continue
-                except ray.exceptions.RayTaskError as exc:
+                except ray.exceptions.RayTaskError as exc:  # process() raised
                     pool.idle.append(actor)
                     cause = exc.cause if hasattr(exc, "cause") else exc
                     if isinstance(cause, SampleError):
                         raise cause from None  # on_error=fail: stop at the first bad sample
                     _retry(shard, f"{type(cause).__name__}: {cause}", pending, max_attempts)
+                    continue
+                except ray.exceptions.RayError as exc:  # the actor's process or node died
+                    why = f"actor died: {type(exc).__name__}"
+                    pool.lost(actor, f"{why} while processing {shard.id}")
+                    _retry(shard, why, pending, max_attempts)
                     continue
                 pool.idle.append(actor)
                 summaries[shard.id] = summary
@@ -333,9 +398,10 @@ def _dispatch(cfg, out, metadata, shape, shards, pending: deque, summaries: dict
                     final=False,
                 )
                 last_manifest = time.monotonic()
+        _remove_uncommitted(out, shards, summaries)  # nothing runs any more
     finally:
         bar.close()
-        pool.shutdown()
+        pool.shutdown(busy=[actor for actor, _ in running.values()])
 
 
 def _retry(shard: _Shard, reason: str, pending: deque, max_attempts: int) -> None:
@@ -371,12 +437,15 @@ register_configs()
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         manifest = run(cfg)
+    except SampleError as exc:  # before ValueError: SampleError is one
+        print(f"error (on_error=fail): {exc}", file=sys.stderr)
+        sys.exit(1)
     except (JobError, ValueError) as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except SampleError as exc:
-        print(f"error (on_error=fail): {exc}", file=sys.stderr)
+    except OSError as exc:  # e.g. output.dir became unwritable mid-run
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     print(format_summary(manifest))
     sys.exit(manifest["exit_code"])

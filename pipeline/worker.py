@@ -24,7 +24,7 @@ import torch
 
 from . import __version__
 from .diffusion import q_posterior, q_sample
-from .manifest import OutputDir
+from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
 from .records import DTYPES, TENSOR_COLUMNS, build_table, record_schema
 from .schedule import NoiseSchedule, make_schedule
@@ -209,7 +209,10 @@ class ShardWorker:
         samples = records = 0
         error = None
         batch: list[Sample] = []
-        writer = _RowGroupWriter(self._writer(tmp, schema), cfg["output"]["rows_per_group"])
+        try:
+            writer = _RowGroupWriter(self._writer(tmp, schema), cfg["output"]["rows_per_group"])
+        except OSError as exc:
+            raise self._write_error(name, exc) from exc
         try:
 
             def flush() -> None:
@@ -245,32 +248,49 @@ class ShardWorker:
             if batch:
                 flush()
             writer.close()
-        except BaseException:
-            writer.writer.close()
-            self.out.remove(tmp)
+        except BaseException as exc:  # nothing of this attempt may stay: clean up, keep the cause
+            _quietly(writer.writer.close)
+            _quietly(self.out.remove, tmp)
+            if isinstance(exc, OSError) and not isinstance(exc, ShardReadError):
+                raise self._write_error(name, exc) from exc  # reading raises ShardReadError
             raise
         status = "ok" if error is None else "partial"
         if error is not None:
             rejects.append(
                 {"shard": shard, "key": None, "index": None, "reason": f"shard read error: {error}"}
             )
-        self.out.write_jsonl(self.out.rejects_name(shard), rejects)
-        self.out.commit(tmp, name)
-        summary = {
-            "url": url,
-            "file": name,
-            "status": status,
-            "samples": samples,
-            "records": records,
-            "rejected": sum(r["key"] is not None for r in rejects),
-            "bytes": self.out.size(name),
-            "seconds": round(time.perf_counter() - start, 3),
-            "error": error,
-            "worker": self.info(),
-            "library_version": __version__,
-        }
-        self.out.write_json(self.out.marker_name(shard), summary)
+        try:
+            self.out.write_jsonl(self.out.rejects_name(shard), rejects)
+            self.out.commit(tmp, name)
+            summary = {
+                "url": url,
+                "file": name,
+                "status": status,
+                "samples": samples,
+                "records": records,
+                "rejected": sum(r["key"] is not None for r in rejects),
+                "bytes": self.out.size(name),
+                "seconds": round(time.perf_counter() - start, 3),
+                "error": error,
+                "worker": self.info(),
+                "library_version": __version__,
+            }
+            self.out.write_json(self.out.marker_name(shard), summary)
+        except OSError as exc:  # not committed: the driver retries, then removes what is left
+            _quietly(self.out.remove, tmp)
+            raise self._write_error(name, exc) from exc
         return summary
+
+    def _write_error(self, name: str, exc: BaseException) -> OutputWriteError:
+        return OutputWriteError(f"cannot write {self.out.display(name)}: {exc}")
+
+
+def _quietly(fn, *args) -> None:
+    """Best-effort cleanup after a failure: its own error must not hide the first one."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        log.warning("cleanup %s%s failed: %s", getattr(fn, "__name__", fn), args, exc)
 
 
 def _assigned_gpus() -> list:
