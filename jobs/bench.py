@@ -1,0 +1,204 @@
+"""Benchmark of the precompute against its floor and its Ray Data peer (``make bench``).
+
+::
+
+    python jobs/bench.py            # the full run (<= ~25 min on 2 cores): docs/benchmark.{md,png,json}
+    python jobs/bench.py --quick    # a smoke run on a few hundred samples: bench-out/quick-report/
+
+On the same shards and machine, in one run, it times as whole processes (spawn to exit, start-up
+included) three systems doing the same work, each on every core of the machine:
+
+* ``project``: ``python -m pipeline.precompute source.urls=... output.dir=... progress=false``
+  (embedded local Ray, default settings);
+* ``floor``: ``jobs/bench_floor.py``, the same records written plainly with numpy/pyarrow in a
+  ``multiprocessing.Pool(os.cpu_count())``: the limit on this machine;
+* ``peer``: ``jobs/bench_peer.py``, Ray Data ``read_webdataset -> map_batches(actor class) ->
+  write_parquet`` with ``ray.init(num_cpus=os.cpu_count())``.
+
+Scenarios (``--quick`` shrinks them): ``headline`` 16 x 1000 photo crops at 64 px (3 repeats);
+``photos256`` 4 x 500 larger crops at 256 px; ``arrays`` 16 x 1000 latent-like float32
+[4, 32, 32]; ``shards``: 1, 2 and 4 shards of 1000 photos (with the headline's 16: scaling in
+shard count); ``samples``: 2 shards of 250 and 10,000 photos (with 2 x 1000: scaling in shard
+size, and per-actor memory at 1k vs 10k samples per shard). Repeats are interleaved (project,
+floor, peer, project, ...). Every run gets a fresh output directory and its row count is checked.
+Before each run the harness waits (up to ``--quiet-wait`` s) for the machine to be idle, and it
+reports the CPU that other processes used during each run.
+
+Measured (``jobs/bench_measure.py``): wall time, samples/s, output MB/s (bytes of Parquet
+written), CPU utilisation ((user + sys) / (wall x cores)) and peak RSS of the driver and of every
+actor or worker process. A py-spy profile of one 64 px shard in the project's worker and in the
+floor (``jobs/bench_profile.py``) says where the time goes. Input shards are cached under
+``--workdir`` (default ``bench-out/``) keyed by their parameters. Results: ``benchmark.json``
+(every run), ``benchmark.md`` (tables; text outside its generated block is kept) and
+``benchmark.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+JOBS = Path(__file__).resolve().parent
+ROOT = JOBS.parent
+sys.path.insert(0, str(JOBS))
+
+import bench_measure  # noqa: E402
+import bench_profile  # noqa: E402
+import bench_report  # noqa: E402
+
+SYSTEMS = ("project", "floor", "peer")
+PHOTOS64 = {"kind": "photos", "min_crop": 96, "max_crop": 320}  # demo's crops: JPEG, some PNG
+PHOTOS256 = {"kind": "photos", "min_crop": 256, "max_crop": 768}
+ARRAYS = {"kind": "arrays", "shape": (4, 32, 32)}
+
+
+@dataclass
+class Scenario:
+    group: str  # headline | photos256 | arrays | shards | samples
+    data: dict  # kind + dataset parameters (crops or shape)
+    shards: int
+    per_shard: int
+    resolution: int  # images: output side; arrays: unused
+    repeats: int = 1
+
+    @property
+    def name(self) -> str:
+        what = f"photos{self.resolution}" if self.data["kind"] == "photos" else "arrays"
+        return f"{what} {self.shards}x{self.per_shard}"
+
+    @property
+    def samples(self) -> int:
+        return self.shards * self.per_shard
+
+
+def plan(quick: bool, repeats_headline: int, repeats: int) -> list[Scenario]:
+    """The scenarios of a run; see the module docstring. The report finds the scaling series
+    among the 64 px runs: shard count at ``n`` samples per shard, shard size at 2 shards."""
+    n = 200 if quick else 1000  # samples per shard of the 64 px series
+    small, big = 250, (2 if quick else 10) * n
+    scenarios = [
+        Scenario("headline", PHOTOS64, 2 if quick else 16, n, 64, repeats_headline),
+        Scenario("photos256", PHOTOS256, 2 if quick else 4, 30 if quick else 500, 256, repeats),
+        Scenario("arrays", ARRAYS, 2 if quick else 16, n, 0, repeats),
+    ]
+    for shards in () if quick else (1, 2, 4):
+        scenarios.append(Scenario("shards", PHOTOS64, shards, n, 64))
+    for per_shard in (big,) if quick else (small, big):
+        scenarios.append(Scenario("samples", PHOTOS64, 2, per_shard, 64))
+    return scenarios
+
+
+def command(system: str, sc: Scenario, paths: list[str], out: Path) -> list[str]:
+    py = sys.executable
+    if system == "project":
+        cmd = [py, "-m", "pipeline.precompute"]
+        if sc.data["kind"] == "arrays":
+            cmd += ["source=arrays"]
+        else:
+            cmd += [f"source.resolution={sc.resolution}"]
+        return cmd + [f"source.urls={bench_measure.brace_url(paths)}", f"output.dir={out}",
+                      "progress=false"]  # fmt: skip
+    script = JOBS / f"bench_{system}.py"
+    return [py, str(script), "--out", str(out), "--resolution", str(sc.resolution or 64), *paths]
+
+
+def run_one(system: str, sc: Scenario, paths: list[str], work: Path, repeat: int, a) -> dict:
+    out = work / "runs" / f"{system}-{sc.name.replace(' ', '-')}-r{repeat}"
+    shutil.rmtree(out, ignore_errors=True)
+    cwd = work / "cwd"  # Hydra writes outputs/ into the working directory
+    cwd.mkdir(parents=True, exist_ok=True)
+    log = work / "logs" / f"{out.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    waited = bench_measure.wait_quiet(a.quiet_wait) if a.quiet_wait > 0 else 0.0
+    m = bench_measure.run_measured(command(system, sc, paths, out), log, cwd, a.interval)
+    stats = (
+        bench_measure.parquet_stats(out) if out.exists() else {"files": 0, "rows": 0, "bytes": 0}
+    )
+    ok = m["exit_code"] == 0 and stats["rows"] == sc.samples
+    if not ok:
+        print(f"[bench] !! {system} {sc.name}: exit {m['exit_code']}, {stats['rows']} rows of "
+              f"{sc.samples}; see {log}")  # fmt: skip
+    shutil.rmtree(out, ignore_errors=True)
+    row = {**asdict(sc), "name": sc.name, "samples": sc.samples, "system": system}
+    row.update(repeat=repeat, ok=ok, log=str(log), waited_s=waited, **stats, **m)
+    row["samples_per_s"] = sc.samples / m["wall_s"]
+    row["mb_per_s"] = stats["bytes"] / 1e6 / m["wall_s"]
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few hundred samples, 1 repeat")
+    p.add_argument("--workdir", default=str(ROOT / "bench-out"), help="cached shards, runs, logs")
+    p.add_argument("--docs", default=None, help="report dir (default docs/, quick: workdir)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    p.add_argument("--groups", default=None, help="comma-separated scenario groups to run")
+    p.add_argument("--repeats-headline", type=int, default=None, help="default 3 (quick: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="other groups; default 2 (quick: 1)")
+    p.add_argument("--interval", type=float, default=0.2, help="seconds between RSS/CPU polls")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="before each run, wait up to this many seconds for a second with the machine "
+        "< 25%% busy (0: do not wait)",
+    )
+    p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    a = p.parse_args(argv)
+    work = Path(a.workdir).resolve()
+    docs = Path(a.docs or (work / "quick-report" if a.quick else ROOT / "docs")).resolve()
+    rh = a.repeats_headline or (1 if a.quick else 3)
+    scenarios = plan(a.quick, rh, a.repeats or (1 if a.quick else 2))
+    if a.groups:
+        scenarios = [s for s in scenarios if s.group in a.groups.split(",")]
+    systems = [s for s in a.systems.split(",") if s]
+    started = time.time()
+    info = {
+        "command": "python jobs/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": bench_measure.machine(),
+        "quick": a.quick,
+        "systems": systems,
+    }
+    runs: list[dict] = []
+    for sc in scenarios:
+        paths = bench_measure.dataset(
+            work / "data", sc.data["kind"], sc.shards, sc.per_shard,
+            **{k: v for k, v in sc.data.items() if k != "kind"},
+        )  # fmt: skip
+        for r in range(sc.repeats):
+            for system in systems:
+                row = run_one(system, sc, paths, work, r, a)
+                runs.append(row)
+                print(
+                    f"[bench] {sc.name:<22} {system:<8} r{r}  {row['wall_s']:6.1f} s  "
+                    f"{row['samples_per_s']:7.1f} samples/s  cpu {row['cpu_util']:.0%}  "
+                    f"others {row['others_cpu_util']:.0%}",
+                    flush=True,
+                )
+    profile = {}
+    if not a.no_profile:
+        shard = bench_measure.dataset(work / "data", "photos", 1, 1000, **{
+            k: v for k, v in PHOTOS64.items() if k != "kind"})[0]  # fmt: skip
+        for system in ("project", "floor"):
+            try:
+                profile[system] = bench_profile.profile(system, shard, work / f"profile-{system}")
+            except Exception as exc:  # py-spy may be missing or not allowed to ptrace
+                print(f"[bench] profile of {system} failed: {exc}")
+    info["seconds"] = round(time.time() - started)
+    results = {**info, "runs": runs, "profile": profile}
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
+    bench_report.write(results, docs)
+    print(bench_report.summary_table(results))
+    print(f"[bench] {len(runs)} runs in {info['seconds']} s; report: {docs / 'benchmark.md'}")
+    return 0 if all(r["ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
