@@ -109,7 +109,7 @@ def _project(url: str, out: str, resolution: int, kind: str) -> dict:
         + ([f"source.resolution={resolution}"] if kind == "images" else [])
     )
     shape = _sample_shape(cfg, [url])
-    worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), _metadata(cfg, shape, config_hash(cfg)), shape)  # fmt: skip
+    worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), _metadata(cfg, shape, config_hash(cfg)))  # fmt: skip
     OutputDir(out).makedirs(SHARDS)
     return worker.process(url)
 

@@ -177,11 +177,11 @@ class _Pool:
     starts a fresh actor instead, which Ray places wherever resources are free, or never (the
     run goes on with fewer actors: degraded, not stuck)."""
 
-    def __init__(self, cfg: DictConfig, metadata: dict, shape: list[int]):
+    def __init__(self, cfg: DictConfig, metadata: dict):
         self.cls = ray.remote(ShardWorker).options(
             num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor, max_restarts=0
         )
-        self.args = (OmegaConf.to_container(cfg, resolve=True), metadata, shape)
+        self.args = (OmegaConf.to_container(cfg, resolve=True), metadata)
         self.starting: dict = {}  # ready ref -> actor
         self.idle: list = []
         self.live = 0
@@ -316,7 +316,7 @@ def run(cfg: DictConfig) -> dict:
 
     if pending:
         _init_ray(cfg)
-        _dispatch(cfg, out, metadata, shape, shards, pending, summaries, started)
+        _dispatch(cfg, out, metadata, shards, pending, summaries, started)
     manifest = _write_manifest(out, cfg, chash, metadata, shards, summaries, started, final=True)
     _write_rejects(out, shards, manifest)
     t = manifest["totals"]
@@ -325,10 +325,10 @@ def run(cfg: DictConfig) -> dict:
     return manifest
 
 
-def _dispatch(cfg, out, metadata, shape, shards, pending: deque, summaries: dict, started) -> None:
+def _dispatch(cfg, out, metadata, shards, pending: deque, summaries: dict, started) -> None:
     max_attempts = cfg.ray.max_shard_retries + 1
     timeout = cfg.ray.actor_start_timeout_s
-    pool = _Pool(cfg, metadata, shape)
+    pool = _Pool(cfg, metadata)
     pool.start(_num_actors(cfg, len(pending)))
     running: dict = {}  # task ref -> (actor, shard)
     bar = tqdm(total=len(pending), unit="shard", disable=not cfg.progress, dynamic_ncols=True)

@@ -26,8 +26,15 @@ from . import __version__
 from .diffusion import q_posterior, q_sample
 from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
-from .records import DTYPES, TENSOR_COLUMNS, build_table, record_schema
-from .schedule import NoiseSchedule, make_schedule
+from .records import (
+    DTYPES,
+    TENSOR_COLUMNS,
+    build_table,
+    noise_from_metadata,
+    record_schema,
+    schedule_from_metadata,
+)
+from .schedule import NoiseSchedule
 from .source import ArrayDecoder, ImageDecoder, Reject, Sample, ShardReadError, iter_shard, shard_id
 
 log = logging.getLogger(__name__)
@@ -140,29 +147,20 @@ class _RowGroupWriter:
 class ShardWorker:
     """One pipeline stage worker. ``cfg`` is the resolved config as a plain dict.
 
-    ``metadata``: the process description shared by every file (see records.py); ``shape``: the
-    sample shape [C, ...] fixed by the driver (every file of a dataset has one shape).
+    ``metadata``: the process description shared by every file (see records.py), including the
+    sample shape [C, ...] the driver fixed (every file of a dataset has one shape).
     """
 
-    def __init__(self, cfg: dict, metadata: dict, shape: Sequence[int]):
-        self.cfg, self.metadata, self.shape = cfg, metadata, [int(s) for s in shape]
+    def __init__(self, cfg: dict, metadata: dict):
+        self.cfg, self.metadata = cfg, metadata
+        self.shape = [int(s) for s in metadata["shape"]]
         self.setup()
 
     def setup(self) -> None:
         cfg = self.cfg
-        sch = cfg["schedule"]
-        self.schedule = make_schedule(
-            sch["name"],
-            sch["num_timesteps"],
-            zero_terminal_snr=sch["zero_terminal_snr"],
-            **sch["params"],
-        )
-        self.noise = KeyedNoise(
-            seed=cfg["seed"],
-            num_timesteps=sch["num_timesteps"],
-            draws=cfg["sampling"]["draws_per_sample"],
-            sampler=cfg["sampling"]["timesteps"],
-        )
+        # Rebuilt from the driver's process description (checks the betas hash on this node).
+        self.schedule = schedule_from_metadata(self.metadata)
+        self.noise = noise_from_metadata(self.metadata)
         # Threads from the declared CPU budget, not from the host: oversubscribing cores slows
         # torch's elementwise kernels by an order of magnitude.
         torch.set_num_threads(max(1, int(cfg["ray"]["cpus_per_actor"])))
