@@ -92,6 +92,7 @@ class PrecomputeConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
     batch_size: int = 64
+    read_ahead: int | None = None
     on_error: str = "skip"
     progress: bool = True
 
@@ -118,6 +119,11 @@ def validate(cfg: DictConfig) -> None:
     """Check values beyond their types; ValueError names the key and what is allowed."""
     _need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _need(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
+    _need(
+        cfg.read_ahead is None or cfg.read_ahead >= 0,
+        "read_ahead",
+        f"must be null (auto) or >= 0 (0: decode inline), got {cfg.read_ahead}",
+    )
     _need(cfg.on_error in ON_ERROR, "on_error", f"must be one of {ON_ERROR}, got {cfg.on_error!r}")
     s = cfg.sampling
     _need(
@@ -195,8 +201,9 @@ def validate(cfg: DictConfig) -> None:
     )
 
 
-# The keys that change the records. Everything else (ray.*, batch_size, progress, output.dir,
-# output.overwrite, output.rows_per_group, compression) leaves every record value unchanged.
+# The keys that change the records. Everything else (ray.*, batch_size, read_ahead, progress,
+# output.dir, output.overwrite, output.rows_per_group, compression) leaves every record value
+# unchanged.
 PROCESS_CONFIG_KEYS = ("source", "schedule", "sampling", "seed")
 
 

@@ -124,6 +124,7 @@ def test_output_identical_across_actors_batches_and_order(tmp_path, make_cfg):
             f"output.dir={tmp_path}/b",
             "ray.num_actors=2",
             "batch_size=7",
+            "read_ahead=2",  # decoded by a reader thread: same records
         )
     )
     a, b = _read_dir(tmp_path / "a"), _read_dir(tmp_path / "b")
@@ -233,7 +234,8 @@ def test_duplicate_key_is_rejected(tmp_path, make_cfg):
     assert json.loads(line)["key"] == "a" and "duplicate" in json.loads(line)["reason"]
 
 
-def test_truncated_shard_is_partial_and_fails_the_job(tmp_path, make_cfg):
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_truncated_shard_is_partial_and_fails_the_job(tmp_path, make_cfg, ahead):
     write_array_shard(tmp_path / "ok-00.tar", 5, shape=(1, 8, 8))
     write_array_shard(tmp_path / "cut-00.tar", 20, shape=(1, 8, 8))
     data = (tmp_path / "cut-00.tar").read_bytes()
@@ -245,6 +247,7 @@ def test_truncated_shard_is_partial_and_fails_the_job(tmp_path, make_cfg):
             f"source.urls={urls}",
             f"output.dir={tmp_path}/out",
             "ray.max_shard_retries=1",
+            f"read_ahead={ahead}",  # the read error reaches the worker after the samples before it
         )
     )
     assert m["exit_code"] == 1

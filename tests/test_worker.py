@@ -1,4 +1,5 @@
-"""Unit tests of the shard worker's pieces: device pinning, batch maths, row-group writing."""
+"""Unit tests of the shard worker's pieces: device pinning, batch maths, row-group writing,
+GPU batch sizing and the read-ahead default."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import torch
 from pipeline.noise import KeyedNoise
 from pipeline.schedule import make_schedule
 from pipeline.source import ArrayDecoder, ImageDecoder, Sample
-from pipeline.worker import _RowGroupWriter, compute_records, make_decoder, resolve_device
+from pipeline.worker import (
+    DEVICE_BYTES_PER_ELEMENT,
+    _RowGroupWriter,
+    compute_records,
+    fit_batch_size,
+    make_decoder,
+    read_ahead,
+    resolve_device,
+)
 
 
 def test_resolve_device_from_assigned_gpus():
@@ -81,3 +90,22 @@ def test_row_group_writer_writes_exact_groups(tmp_path):
     md = pq.ParquetFile(path).metadata
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [4, 4, 4, 3]
     assert pq.read_table(path).num_rows == 15
+
+
+def test_fit_batch_size_caps_to_free_device_memory():
+    per_sample = 3 * 64 * 64 * DEVICE_BYTES_PER_ELEMENT  # one 64 px draw: 384 KiB
+    assert fit_batch_size(64, per_sample, free_bytes=8 * 2**30) == 64  # fits: unchanged
+    # half of 10 MiB free holds 13 such samples
+    assert fit_batch_size(64, per_sample, free_bytes=10 * 2**20) == 13
+    with pytest.raises(RuntimeError, match=r"free the GPU or use ray.device=cpu"):
+        fit_batch_size(64, per_sample, free_bytes=2**19)
+
+
+def test_read_ahead_auto_needs_a_second_cpu():
+    def cfg(read_ahead, cpus):
+        return {"read_ahead": read_ahead, "ray": {"cpus_per_actor": cpus}}
+
+    assert read_ahead(cfg(None, 1)) == 0  # one CPU: the thread would only contend for the GIL
+    assert read_ahead(cfg(None, 2)) == 2
+    assert read_ahead(cfg(3, 1)) == 3  # explicit wins
+    assert read_ahead(cfg(0, 8)) == 0
