@@ -19,15 +19,18 @@ Scenarios (``--quick`` shrinks them): ``headline`` 16 x 1000 photo crops at 64 p
 ``photos256`` 4 x 500 larger crops at 256 px; ``arrays`` 16 x 1000 latent-like float32
 [4, 32, 32]; ``shards``: 1, 2 and 4 shards of 1000 photos (with the headline's 16: scaling in
 shard count); ``samples``: 2 shards of 250 and 10,000 photos (with 2 x 1000: scaling in shard
-size, and per-actor memory at 1k vs 10k samples per shard). Repeats are interleaved (project,
-floor, peer, project, ...). Every run gets a fresh output directory and its row count is checked.
+size, and per-actor memory at 1k vs 10k samples per shard); ``long``: 64 x 1000 photos, project
+and floor only (how far the project's fixed start-up cost amortises). Repeats are interleaved
+(project, floor, peer, project, ...). Every run gets a fresh output directory and its row count is checked.
 Before each run the harness waits (up to ``--quiet-wait`` s) for the machine to be idle, and it
 reports the CPU that other processes used during each run.
 
 Measured (``jobs/bench_measure.py``): wall time, samples/s, output MB/s (bytes of Parquet
 written), CPU utilisation ((user + sys) / (wall x cores)) and peak RSS of the driver and of every
 actor or worker process. A py-spy profile of one 64 px shard in the project's worker and in the
-floor (``jobs/bench_profile.py``) says where the time goes. Input shards are cached under
+floor (``jobs/bench_profile.py``) says where the time goes inside a worker, and
+``jobs/bench_startup.py`` times the project's fixed cost (imports, ``ray.init``, actors ready,
+``ray.shutdown``) in fresh interpreters. Input shards are cached under
 ``--workdir`` (default ``bench-out/``) keyed by their parameters. Results: ``benchmark.json``
 (every run), ``benchmark.md`` (tables; text outside its generated block is kept) and
 ``benchmark.png``.
@@ -50,6 +53,7 @@ sys.path.insert(0, str(JOBS))
 import bench_measure  # noqa: E402
 import bench_profile  # noqa: E402
 import bench_report  # noqa: E402
+import bench_startup  # noqa: E402
 
 SYSTEMS = ("project", "floor", "peer")
 PHOTOS64 = {"kind": "photos", "min_crop": 96, "max_crop": 320}  # demo's crops: JPEG, some PNG
@@ -65,6 +69,7 @@ class Scenario:
     per_shard: int
     resolution: int  # images: output side; arrays: unused
     repeats: int = 1
+    systems: tuple[str, ...] = SYSTEMS  # which systems run it
 
     @property
     def name(self) -> str:
@@ -90,7 +95,10 @@ def plan(quick: bool, repeats_headline: int, repeats: int) -> list[Scenario]:
         scenarios.append(Scenario("shards", PHOTOS64, shards, n, 64))
     for per_shard in (big,) if quick else (small, big):
         scenarios.append(Scenario("samples", PHOTOS64, 2, per_shard, 64))
-    return scenarios
+    # a 4x longer job than the headline: how far the project's fixed start-up cost amortises
+    # (the peer would take ~5 min per run here and is left out)
+    long = Scenario("long", PHOTOS64, 4 if quick else 64, n, 64, systems=("project", "floor"))
+    return scenarios + [long]
 
 
 def command(system: str, sc: Scenario, paths: list[str], out: Path) -> list[str]:
@@ -149,6 +157,9 @@ def main(argv=None) -> int:
         "< 25%% busy (0: do not wait)",
     )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    p.add_argument(
+        "--no-startup", action="store_true", help="skip timing the start-up phases (~45 s)"
+    )
     a = p.parse_args(argv)
     work = Path(a.workdir).resolve()
     docs = Path(a.docs or (work / "quick-report" if a.quick else ROOT / "docs")).resolve()
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
             **{k: v for k, v in sc.data.items() if k != "kind"},
         )  # fmt: skip
         for r in range(sc.repeats):
-            for system in systems:
+            for system in (s for s in systems if s in sc.systems):
                 row = run_one(system, sc, paths, work, r, a)
                 runs.append(row)
                 print(
@@ -190,8 +201,12 @@ def main(argv=None) -> int:
                 profile[system] = bench_profile.profile(system, shard, work / f"profile-{system}")
             except Exception as exc:  # py-spy may be missing or not allowed to ptrace
                 print(f"[bench] profile of {system} failed: {exc}")
+    startup = {}
+    if not a.no_startup and "project" in systems:
+        bench_measure.wait_quiet(a.quiet_wait) if a.quiet_wait > 0 else None
+        startup = bench_startup.measure(repeats=3)
     info["seconds"] = round(time.time() - started)
-    results = {**info, "runs": runs, "profile": profile}
+    results = {**info, "runs": runs, "profile": profile, "startup": startup}
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
     bench_report.write(results, docs)

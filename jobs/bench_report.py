@@ -187,10 +187,53 @@ def goals(rows: list[dict]) -> tuple[str, dict]:
         f"| per-actor peak RSS, {big} vs {n} samples per shard (project) | <= 1.2x | "
         f"{mark(vals['actor_rss_growth'], lambda v: v <= 1.2)} |",
     ]
+    long = next((r["name"] for r in rows if r["group"] == "long"), None)
+    lp, lf = (_find(rows, long, s) for s in ("project", "floor")) if long else (None, None)
+    if lp and lf:
+        lines.append(f"| (a 4x longer job, {long}: project / floor) | | {_ratio(lp, lf)} |")
     for s in ("peer", "floor"):
         if mem.get(s) is not None:
             lines.append(f"| (same for the {s}, for reference) | | {mem[s]:.2f}x |")
     return "\n".join(lines), vals
+
+
+def startup_table(startup: dict) -> str:
+    """The project's fixed cost per job (``jobs/bench_startup.py``)."""
+    if not startup:
+        return "(not measured: --no-startup)"
+    what = {
+        "import": "driver imports (`pipeline.precompute`: Hydra, Ray, torch via webdataset)",
+        "ray_init": "`ray.init`: GCS, raylet, API server, dashboard + runtime-env agents",
+        "actors": "2 actors ready (worker processes importing torch, pyarrow, PIL)",
+        "shutdown": "`ray.shutdown` (SIGTERM to Ray's processes, waiting for them)",
+        "total": "total",
+    }
+    out = ["| phase | median s | min-max s |", "|---|---:|---:|"]
+    for phase, v in startup["phases"].items():
+        out.append(
+            f"| {what.get(phase, phase)} | {v['median']:.1f} | {v['min']:.1f}-{v['max']:.1f} |"
+        )
+    return "\n".join(out) + f"\n\n({startup['repeats']} fresh interpreters.)"
+
+
+def cpu_by_role(results: dict) -> str:
+    """Core-seconds by process role in the headline runs (median over repeats)."""
+    head = [r for r in results["runs"] if r["group"] == "headline"]
+    roles = ("actor", "driver", "worker", "ray-system")
+    out = ["| system | " + " | ".join(roles) + " | total | wall s |", "|---|" + "---:|" * 6]
+    for system in SYSTEMS:
+        runs = [r for r in head if r["system"] == system]
+        if not runs:
+            continue
+        sums = {
+            k: statistics.median(sum(p["cpu"] for p in r["procs"] if p["role"] == k) for r in runs)
+            for k in roles
+        }
+        total = statistics.median(r["cpu_s"] for r in runs)
+        wall = statistics.median(r["wall_s"] for r in runs)
+        cells = " | ".join(f"{sums[k]:.1f}" for k in roles)
+        out.append(f"| {system} | {cells} | {total:.1f} | {wall:.1f} |")
+    return "\n".join(out)
 
 
 def profile_table(profile: dict) -> str:
@@ -305,6 +348,13 @@ def block(results: dict, png: str) -> str:
         "repeat): other work on the machine; above a few % the run competed for the cores.", "",
         "### Ratios (median samples/s)", "", ratios_table(rows), "",
         "### Scaling", "", scaling_tables(rows), "",
+        "### The project's fixed cost per job", "", startup_table(results.get("startup", {})), "",
+        "### CPU seconds by process role (headline, median over repeats)", "",
+        cpu_by_role(results), "",
+        "*actor*: the project's `ShardWorker`s / the peer's map actors; *worker*: other Ray "
+        "workers (dashboard and runtime-env agents, idle workers, read tasks) and the floor's "
+        "pool processes; *ray-system*: GCS, raylet, API server, monitors. *total* is the tree's "
+        "user + sys.", "",
         "### Where the time goes (py-spy, one 64 px shard of 1000 photos, in-process, no Ray)",
         "", profile_table(results.get("profile", {})), "",
         f"![benchmark plots]({png})", "",

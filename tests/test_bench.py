@@ -144,6 +144,8 @@ def test_plan_and_commands():
     cmd = bench.command("project", head[0], ["/d/shard-0000.tar", "/d/shard-0001.tar"], Path("/o"))
     assert cmd[1:3] == ["-m", "pipeline.precompute"]
     assert "source.urls=/d/shard-{0000..0001}.tar" in cmd and "progress=false" in cmd
+    (long,) = [s for s in full if s.group == "long"]
+    assert (long.shards, long.per_shard, long.systems) == (64, 1000, ("project", "floor"))
 
 
 def test_profile_stages():
@@ -164,8 +166,17 @@ def _fake_results() -> dict:
         ("photos64 16x1000", "headline", 16, 1000, 1.0),
         ("photos64 2x1000", "shards", 2, 1000, 0.5),
         ("photos64 2x10000", "samples", 2, 10_000, 0.9),
+        ("photos64 64x1000", "long", 64, 1000, 1.2),
     ]:
         for system, sps, rss in [("project", 400, 500), ("floor", 450, 200), ("peer", 150, 300)]:
+            if group == "long" and system == "peer":
+                continue  # the long job runs project and floor only
+            procs = [
+                {"role": "actor", "cpu": 10.0},
+                {"role": "actor", "cpu": 11.0},
+                {"role": "driver", "cpu": 4.0},
+                {"role": "ray-system", "cpu": 2.5},
+            ]
             rss_mib = rss * (1.1 if per == 10_000 else 1.0) * 2**20
             runs.append({
                 "name": name, "group": group, "system": system, "data": {"kind": "photos"},
@@ -174,12 +185,15 @@ def _fake_results() -> dict:
                 "samples_per_s": sps * scale, "mb_per_s": 30.0, "cpu_util": 0.9,
                 "driver_peak_rss": 300 * 2**20, "actor_peak_rss": [rss_mib, rss_mib],
                 "worker_peak_rss": [], "tree_peak_rss": 2**31, "load_before": 0.5,
+                "procs": procs, "cpu_s": 27.5,
             })  # fmt: skip
     machine = {"cpu": "test cpu", "cores": 2, "memory_gb": 24, "os": "Linux", "python": "3",
                "versions": dict.fromkeys(("ray", "pyarrow", "numpy", "torch", "PIL"), "1"),
                "commit": "abc1234", "dirty": []}  # fmt: skip
     return {"command": "python jobs/bench.py", "date": "today", "machine": machine, "runs": runs,
-            "profile": {"project": {"stages": {"resize (PIL)": 1.0}, "seconds": 2.0}}}  # fmt: skip
+            "profile": {"project": {"stages": {"resize (PIL)": 1.0}, "seconds": 2.0}},
+            "startup": {"repeats": 3, "phases": {
+                p: {"median": 1.5, "min": 1.0, "max": 2.0} for p in ("ray_init", "total")}}}  # fmt: skip
 
 
 def test_report_tables_goals_and_kept_notes(tmp_path):
@@ -197,5 +211,11 @@ def test_report_tables_goals_and_kept_notes(tmp_path):
     text = md.read_text()
     assert text.startswith("# notes by hand") and text.rstrip().endswith("tail")
     assert "old" not in text and "0.89x (met)" in text and "2.67x (met)" in text
+    assert "| (a 4x longer job, photos64 64x1000: project / floor) | | 0.89x |" in text
+    assert (
+        "| `ray.init`: GCS, raylet, API server, dashboard + runtime-env agents | 1.5 | 1.0-2.0 |"
+        in text
+    )
+    assert "| project | 21.0 | 4.0 | 0.0 | 2.5 | 27.5 |" in text  # core-seconds by role
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
     json.dumps(results)  # what bench.py saves
