@@ -100,20 +100,22 @@ def _metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
     }
 
 
-def _prepare_output(out: OutputDir, cfg: DictConfig, chash: str) -> None:
+def _prepare_output(out: OutputDir, cfg: DictConfig, chash: str) -> dict | None:
     """Refuse to mix records of two configs unless output.overwrite=true (then clear the dir);
-    fail before Ray starts, naming the path, when output.dir cannot be written."""
+    fail before Ray starts, naming the path, when output.dir cannot be written. Returns the
+    manifest of an earlier run of this config (None if there is none)."""
     try:
-        _prepare_output_dir(out, cfg, chash)
+        old = _prepare_output_dir(out, cfg, chash)
         out.makedirs(SHARDS)
         probe = f"{SHARDS}/.write-probe.tmp-{uuid.uuid4().hex[:12]}"  # a temporary file's name
         out.write_bytes(probe, b"")
         out.remove(probe)
     except OSError as exc:
         raise JobError(f"output.dir={out.display()} is not writable: {exc}") from exc
+    return old
 
 
-def _prepare_output_dir(out: OutputDir, cfg: DictConfig, chash: str) -> None:
+def _prepare_output_dir(out: OutputDir, cfg: DictConfig, chash: str) -> dict | None:
     old = out.read_manifest()
     if old is not None and old.get("config_hash") != chash:
         if not cfg.output.overwrite:
@@ -131,7 +133,9 @@ def _prepare_output_dir(out: OutputDir, cfg: DictConfig, chash: str) -> None:
         log.warning("output.overwrite=true: deleting the records in %s", out.display())
         for name in out.data_files() + out.list(SHARDS) + [MANIFEST, REJECTS]:
             out.remove(name)
+        old = None
     _remove_temporaries(out)
+    return old
 
 
 def _remove_temporaries(out: OutputDir) -> None:
@@ -299,13 +303,11 @@ def run(cfg: DictConfig) -> dict:
     check_unique_ids(urls)
     out = OutputDir(cfg.output.dir)
     chash = config_hash(cfg)
-    _prepare_output(out, cfg, chash)
-    out.makedirs(SHARDS)
+    old = _prepare_output(out, cfg, chash)
     shards = [_Shard(u, shard_id(u)) for u in urls]
     summaries = {k: v for k, v in out.markers().items() if v.get("status") in COMMITTED}
     pending = deque(s for s in shards if s.id not in summaries)
     started = time.time()
-    old = out.read_manifest()
     if old is not None and old.get("process", {}).get("shape"):
         shape = old["process"]["shape"]
     else:
