@@ -1,7 +1,7 @@
-"""The named checks of pipeline.validate, and the driver-side merge of shard statistics.
+"""The named checks of pipeline.validate: verdicts from the merged statistics of a scan.
 
-:class:`DatasetStats` folds in the per-shard statistics of :func:`pipeline.validate.scan_shard`
-as they arrive. Each check function turns them into a :class:`Check`: a list of items, each a
+:class:`pipeline.scan.DatasetStats` holds the merged per-shard statistics of
+:func:`pipeline.scan.scan_shard`. Each check function turns them into a :class:`Check`: a list of items, each a
 statistic with its expected value and a tolerance of ``z`` standard errors (``kind="z"``), a
 p-value against ``alpha = 2 Phi(-z)`` (``kind="p"``), or a count/figure against a limit
 (``kind="limit"``). Items come in families (per shard, per channel, per t-bin, ...): with
@@ -12,7 +12,6 @@ size. An item's ``severity`` is "error" (fails the check) or "warning" (reported
 
 from __future__ import annotations
 
-import hashlib
 import math
 import posixpath
 from collections import Counter
@@ -22,205 +21,8 @@ import numpy as np
 from scipy import stats as sps
 
 from .manifest import COMMITTED, REJECTS, SHARDS, OutputDir
-from .stats import GroupedCoMoments, GroupedMoments, Reservoir, correlation, linear_mean_se
-
-REC = ("xt_mean", "xt_ms", "xt_eps", "ab", "sqrt_ab", "sqrt_1mab")  # per-record features
-X0REC = ("x0_mean", "x0_ms")
-CROSS = ("eps", "x0", "xt")  # elementwise co-moments
-CONSISTENCY = ("alpha_bar", "posterior_variance", "posterior_log_variance", "x_t", "posterior_mean")
-
-
-@dataclass(frozen=True)
-class ScanPlan:
-    """What a shard scan needs; built once on the driver, shipped to every task."""
-
-    process: dict  # the manifest's "process" block
-    edges: tuple  # t-bin edges, len bins + 1, edges[0] = 0, edges[-1] = T
-    reservoir_size: int = 20000
-    recon_min_alpha_bar: float = 0.1
-    batch_elements: int = 1 << 20
-    seed: int = 0
-    consistency_quota: int = 0  # records per shard whose (t, eps) are regenerated
-    grid: bool = True
-
-    @property
-    def bins(self) -> int:
-        return len(self.edges) - 1
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(int(s) for s in self.process["shape"])
-
-    @property
-    def T(self) -> int:
-        return int(self.process["schedule"]["num_timesteps"])
-
-    @property
-    def P(self) -> int:
-        """Elements per channel."""
-        return int(np.prod(self.shape[1:], dtype=np.int64))
-
-
-def bin_of_t(edges, T: int) -> np.ndarray:
-    """t-bin index of every timestep 0..T-1."""
-    return np.searchsorted(np.asarray(edges), np.arange(T), side="right") - 1
-
-
-def seed_of(*parts) -> list[int]:
-    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16).digest()
-    return list(np.frombuffer(h, dtype="<u4"))
-
-
-def chi2_binned(hist: np.ndarray, nbins: int) -> tuple[float, float, int, np.ndarray]:
-    """Chi-square of a length-T histogram of t against uniform t, in ``nbins`` ranges.
-    Returns (statistic, p-value, degrees of freedom, observed counts)."""
-    T, n = len(hist), int(hist.sum())
-    edges = np.floor(np.linspace(0, T, nbins + 1)).astype(np.int64)
-    obs = np.add.reduceat(hist, edges[:-1]).astype(np.float64)
-    exp = n * np.diff(edges) / T
-    res = sps.chisquare(obs, exp)
-    return float(res.statistic), float(res.pvalue), nbins - 1, obs
-
-
-class Stats:
-    """The mergeable statistics of a set of records: one shard (filled by the scan of
-    :func:`pipeline.validate.scan_shard`), or the whole dataset (the merge of its shards).
-    ``seed`` parts make the reservoirs' random streams distinct per shard.
-
-    Per t-bin x channel unless said otherwise:
-
-    * elementwise moments (order 4) of eps, x_t and x_0 (stored, or reconstructed as
-      ``(x_t - sqrt(1 - ab) eps) / sqrt(ab)`` where ``ab >= reconstruct_min_alpha_bar``);
-    * per-record features, with co-moments across records (standard errors then count
-      records, not correlated pixels): mean(x_t), mean(x_t^2), mean(x_t eps), ab, sqrt(ab), sqrt(1 - ab) and,
-      where x_0 is known, mean(x_0), mean(x_0^2); channel index C averages the channels;
-    * elementwise co-moments of (eps, x_0, x_t);
-    * the t histogram, eps summed per tensor position, correlations of eps between consecutive
-      records, seeded reservoirs (eps elements, x_t elements of the top t-bin, one x_t record per
-      t-bin), and counts: consistency violations, invalid records, keyed-noise mismatches.
-
-    The scan also returns, per shard, a 12-byte BLAKE2b hash of each record's eps bytes and the
-    (key, draw) identity counts (``pipeline.validate.ShardStats``).
-    """
-
-    def __init__(self, plan: ScanPlan, *seed):
-        B, C, k = plan.bins, plan.shape[0], plan.reservoir_size
-        self.t_hist = np.zeros(plan.T, dtype=np.int64)
-        self.eps, self.xt, self.x0 = (GroupedMoments((B, C)) for _ in range(3))
-        self.rec = GroupedCoMoments((B, C + 1), len(REC))
-        self.x0rec = GroupedCoMoments((B, C + 1), len(X0REC))
-        self.cross = GroupedCoMoments((B, C), len(CROSS))
-        self.pos_sum, self.pos_n = np.zeros(C * plan.P, dtype=np.float64), 0
-        self.adj = {"n": 0, "sum_z": 0.0, "max_abs_z": 0.0}
-        # nonfinite, t_out_of_range, unchecked_pm, keyed_checked, t_mismatch, eps_mismatch
-        self.counts: Counter = Counter()
-        self.consistency = {
-            c: {"checked": 0, "violations": 0, "max_ratio": 0.0} for c in CONSISTENCY
-        }
-        self.eps_res = Reservoir(k, seed_of(*seed, "eps"))
-        self.xT_res = Reservoir(k, seed_of(*seed, "xT"))
-        grid = range(B) if plan.grid else ()
-        self.grid = {b: Reservoir(1, seed_of(*seed, "grid", b), plan.shape) for b in grid}
-
-    def merge(self, other: Stats, where: str = "") -> Stats:
-        """Add the statistics of disjoint records (in place); ``where`` names them in 'worst'."""
-        for name in ("eps", "xt", "x0", "rec", "x0rec", "cross", "eps_res", "xT_res"):
-            getattr(self, name).merge(getattr(other, name))
-        for b, r in other.grid.items():
-            self.grid[b].merge(r)
-        self.t_hist += other.t_hist
-        self.pos_sum += other.pos_sum
-        self.pos_n += other.pos_n
-        a, o = self.adj, other.adj
-        self.adj = {
-            "n": a["n"] + o["n"],
-            "sum_z": a["sum_z"] + o["sum_z"],
-            "max_abs_z": max(a["max_abs_z"], o["max_abs_z"]),
-        }
-        self.counts.update(other.counts)
-        for name, c in other.consistency.items():
-            mine = self.consistency[name]
-            mine["checked"] += c["checked"]
-            mine["violations"] += c["violations"]
-            if c["max_ratio"] > mine["max_ratio"]:
-                mine.update(max_ratio=c["max_ratio"], worst={"shard": where, **c.get("worst", {})})
-        return self
-
-
-class DatasetStats(Stats):
-    """The merged statistics plus small per-shard summaries and every record's noise hash.
-
-    Shards are folded in as they arrive, so the driver holds O(reservoirs + positions + 16
-    bytes per record) whatever the number of shards.
-    """
-
-    def __init__(self, plan: ScanPlan, manifest_shards: dict):
-        super().__init__(plan, plan.seed, "dataset")
-        self.plan, self.entries, self.T = plan, manifest_shards, plan.T
-        self.shards: dict[str, dict] = {}
-        self.hashes: list[np.ndarray] = []
-        self.hash_shard: list[np.ndarray] = []
-        self.source_kind = None
-
-    def add(self, st) -> None:
-        """Fold in one shard's ``pipeline.validate.ShardStats``."""
-        summ = {"file": st.file, "rows": st.num_rows, "error": st.error, "seconds": st.seconds}
-        summ["meta_problems"] = st.meta_problems
-        self.shards[st.shard] = summ
-        if st.error is not None:
-            return
-        s = st.stats
-        self.source_kind = self.source_kind or st.meta.get("source", {}).get("kind")
-        summ["ids"], summ["eps"] = st.ids, s.eps.total().summary()
-        summ["keyed_mismatches"] = s.counts["t_mismatch"] + s.counts["eps_mismatch"]
-        entry = self.entries.get(st.shard, {})
-        samples = max(1, int(entry.get("samples") or 0))
-        summ["rejected_fraction"] = float(entry.get("rejected") or 0) / samples
-        nb = min(self.plan.bins, int(s.t_hist.sum() // 5))
-        if nb >= 2:
-            summ["t_chi2"] = chi2_binned(s.t_hist, nb)[:3]
-        if len(s.eps_res) >= 20:
-            ks = sps.kstest(s.eps_res.sample().astype(np.float64), "norm")
-            summ["ks"] = (float(ks.statistic), float(ks.pvalue), len(s.eps_res))
-        n = float(s.cross.n.sum())
-        summ["corr_eps_x0"] = (n, correlation(n, s.cross.c.sum(axis=0)))
-        summ["shared_chi2"] = shared_chi2(s.pos_sum, s.pos_n)
-        self.merge(s, st.shard)
-        self.hashes.append(st.hashes)
-        self.hash_shard.append(np.full(len(st.hashes), len(self.hash_shard), dtype=np.uint32))
-        summ["ordinal"] = len(self.hash_shard) - 1
-
-    def duplicate_noise(self) -> tuple[int, list]:
-        """Records whose eps bytes equal another record's, and up to 5 (shard, shard) examples."""
-        if not self.hashes:
-            return 0, []
-        h = np.concatenate(self.hashes)
-        owner = np.concatenate(self.hash_shard)
-        hv = np.ascontiguousarray(h).view("V12").reshape(-1)
-        order = np.argsort(hv, kind="stable")
-        hs = hv[order]
-        same = hs[1:] == hs[:-1]
-        dup = np.zeros(len(hs), dtype=bool)
-        dup[1:] |= same
-        dup[:-1] |= same
-        names = {s["ordinal"]: k for k, s in self.shards.items() if "ordinal" in s}
-        ex = sorted(
-            {
-                (names[owner[order[i]]], names[owner[order[i + 1]]])
-                for i in np.flatnonzero(same)[:50]
-            }
-        )
-        return int(dup.sum()), [list(e) for e in ex[:5]]
-
-
-def shared_chi2(pos_sum, pos_n) -> tuple[float, float, int]:
-    """Sum over tensor positions of n * mean(eps at position)^2 ~ chi2(d) when records' noises
-    share no component. Returns (statistic, p-value, d)."""
-    if pos_n < 2:
-        return math.nan, math.nan, 0
-    stat = float((pos_sum * pos_sum).sum() / pos_n)
-    return stat, float(sps.chi2.sf(stat, len(pos_sum))), len(pos_sum)
-
+from .scan import DatasetStats, ScanPlan
+from .stats import GroupedCoMoments, chi2_binned, correlation, linear_mean_se, shared_chi2
 
 # -- verdicts ------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import stats as sps
 
 _STATS = ("n", "mean", "m2", "m3", "m4")
 
@@ -351,3 +352,26 @@ class Reservoir:
     def sample(self) -> np.ndarray:
         """The kept items, [len, *item_shape], in key order."""
         return self.values
+
+
+# -- tests on accumulated counts -----------------------------------------------------------
+
+
+def chi2_binned(hist: np.ndarray, nbins: int) -> tuple[float, float, int, np.ndarray]:
+    """Chi-square of a length-T histogram of t against uniform t, in ``nbins`` ranges.
+    Returns (statistic, p-value, degrees of freedom, observed counts)."""
+    T, n = len(hist), int(hist.sum())
+    edges = np.floor(np.linspace(0, T, nbins + 1)).astype(np.int64)
+    obs = np.add.reduceat(hist, edges[:-1]).astype(np.float64)
+    exp = n * np.diff(edges) / T
+    res = sps.chisquare(obs, exp)
+    return float(res.statistic), float(res.pvalue), nbins - 1, obs
+
+
+def shared_chi2(pos_sum, pos_n) -> tuple[float, float, int]:
+    """Sum over tensor positions of n * mean(eps at position)^2 ~ chi2(d) when records' noises
+    share no component. Returns (statistic, p-value, d)."""
+    if pos_n < 2:
+        return math.nan, math.nan, 0
+    stat = float((pos_sum * pos_sum).sum() / pos_n)
+    return stat, float(sps.chi2.sf(stat, len(pos_sum))), len(pos_sum)

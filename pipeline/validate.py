@@ -1,9 +1,9 @@
 """Validate a precomputed DDPM dataset: ``python -m pipeline.validate output.dir=/data/noised``.
 
 One pass over the records, bounded memory whatever the dataset size: every committed shard is
-read one Parquet batch at a time by a Ray task (:func:`scan_shard`), and the per-shard statistics
+read one Parquet batch at a time by a Ray task (:func:`pipeline.scan.scan_shard`), and the per-shard statistics
 (mergeable moments, co-moments, reservoirs, hashes; see :mod:`pipeline.stats`) are merged on the
-driver as tasks finish (:class:`pipeline.checks.DatasetStats`). Everything about the process comes
+driver as tasks finish (:class:`pipeline.scan.DatasetStats`). Everything about the process comes
 from the dataset itself: the manifest's ``process`` block and every file's ``ddpm`` metadata.
 
 The named checks (:mod:`pipeline.checks`) each give a statistic, its expected value and a
@@ -12,314 +12,32 @@ to ``<output.dir>/validation/``: ``report.json``, ``report.md`` and PNG plots.
 
 Exit codes: 0 every check passed (warnings allowed), 1 a check failed, 2 the validator could not
 run (no such directory, no manifest, bad config value, ...), with a message naming the path/key.
-What a shard scan measures: :class:`pipeline.checks.Stats`.
+What a shard scan measures: :class:`pipeline.scan.Stats`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import math
 import sys
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
-import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from . import checks, records
-from .checks import REC, DatasetStats, ScanPlan, Stats, bin_of_t, seed_of
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, OutputDir
+from .scan import DatasetStats, ScanPlan, ShardStats, scan_shard
 
 REPORT_FORMAT = "ddpm-validation/1"
-U32 = 2.0**-24  # float32 unit roundoff: relative error bound of one float32 operation
 
 
 class CannotValidate(RuntimeError):
     """The validator cannot run; the message names the path or config key (exit code 2)."""
-
-
-def half_ulp(v: np.ndarray) -> np.ndarray:
-    """Half the spacing of the stored values (their dtype) at v: the round-to-nearest bound."""
-    return 0.5 * np.abs(np.spacing(np.abs(v))).astype(np.float64)
-
-
-@dataclass
-class ShardStats:
-    """What :func:`scan_shard` returns: a shard's statistics, identities and noise hashes, or
-    the error that stopped its scan."""
-
-    shard: str
-    file: str
-    num_rows: int = 0
-    error: str | None = None
-    meta: dict = field(default_factory=dict)
-    meta_problems: list = field(default_factory=list)
-    seconds: float = 0.0
-    stats: Stats | None = None
-    hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
-    ids: dict = field(default_factory=dict)
-
-
-class _Scanner:
-    """Accumulates one shard's statistics batch by batch."""
-
-    def __init__(self, st: ShardStats, plan: ScanPlan):
-        p = plan.process
-        self.st, self.plan = st, plan
-        self.sched = records.schedule_from_metadata(p)
-        self.noise = records.noise_from_metadata(p)
-        self.T, self.K = self.sched.num_timesteps, self.noise.draws
-        self.dtype, self.store_x0 = p["dtype"], bool(p["store_x0"])
-        self.C, self.P = plan.shape[0], plan.P
-        self.tbin = bin_of_t(plan.edges, self.T)
-        self.s = st.stats = Stats(plan, plan.seed, st.shard)
-        self.pairs: set = set()
-        self.draws_per_key: Counter = Counter()
-        self.dups = self.bad_draw = 0
-        self.hashes: list[bytes] = []
-        self.prev = None  # last centred eps row and its norm, for adjacent correlations
-        rng = np.random.Generator(np.random.PCG64(seed_of(plan.seed, st.shard, "keyed")))
-        quota = min(plan.consistency_quota, st.num_rows)
-        self.keyed_rows = set(rng.choice(st.num_rows, size=quota, replace=False).tolist())
-
-    # -- per batch -------------------------------------------------------------------------
-    def batch(self, rb, row0: int) -> None:
-        n = rb.num_rows
-        keys = rb.column("key").to_pylist()
-        index = rb.column("index").to_numpy()
-        draw = rb.column("draw").to_numpy().astype(np.int64)
-        t = rb.column("t").to_numpy().astype(np.int64)
-        cols = {c: records.tensor_to_numpy(rb.column(c)) for c in records.TENSOR_COLUMNS}
-        if self.store_x0:
-            cols["x_0"] = records.tensor_to_numpy(rb.column("x_0"))
-        scal = {c: rb.column(c).to_numpy().astype(np.float64) for c in records.SCALAR_COLUMNS}
-        self.identities(keys, draw, cols["epsilon"])
-        self.regenerate(keys, index, draw, t, cols["epsilon"], row0)
-        ok = (t >= 0) & (t < self.T)
-        self.s.counts["t_out_of_range"] += int(n - ok.sum())
-        finite = np.ones(n, dtype=bool)
-        for v in (*cols.values(), *scal.values()):
-            finite &= np.isfinite(v.reshape(n, -1)).all(axis=1)
-        self.s.counts["nonfinite"] += int((ok & ~finite).sum())
-        ok &= finite
-        if not ok.all():
-            keys = [k for k, o in zip(keys, ok) if o]
-            draw, t = draw[ok], t[ok]
-            cols = {c: v[ok] for c, v in cols.items()}
-            scal = {c: v[ok] for c, v in scal.items()}
-        if len(t):
-            np.add.at(self.s.t_hist, t, 1)
-            self.consistency(keys, draw, t, cols, scal)
-            self.moments(t, cols)
-
-    def identities(self, keys, draw, eps) -> None:
-        for k, d in zip(keys, draw.tolist()):
-            if (k, d) in self.pairs:
-                self.dups += 1
-            else:
-                self.pairs.add((k, d))
-                self.draws_per_key[k] += 1
-        self.bad_draw += int(((draw < 0) | (draw >= self.K)).sum())
-        flat = np.ascontiguousarray(eps).reshape(len(eps), -1)
-        self.hashes.extend(hashlib.blake2b(r.tobytes(), digest_size=12).digest() for r in flat)
-
-    def regenerate(self, keys, index, draw, t, eps, row0: int) -> None:
-        """Recompute (t, eps) from the record's identity; compare exactly after the dtype cast."""
-        kd = self.s.counts
-        np_dtype = records.DTYPES[self.dtype][0]
-        for i in range(len(keys)):
-            if row0 + i not in self.keyed_rows:
-                continue
-            kd["keyed_checked"] += 1
-            d = int(draw[i])
-            if not 0 <= d < self.K:
-                kd["t_mismatch"] += 1
-                kd["eps_mismatch"] += 1
-                continue
-            dig = self.noise.digests(self.st.shard, [keys[i]])
-            t_re = self.noise.timesteps(dig, self.st.shard, [int(index[i])])[d]
-            e_re = self.noise.noise(dig[d : d + 1], self.plan.shape)[0].astype(np_dtype)
-            kd["t_mismatch"] += int(t_re != t[i])
-            kd["eps_mismatch"] += int(e_re.tobytes() != np.ascontiguousarray(eps[i]).tobytes())
-
-    def _tally(self, name, ratio, keys, draw, t) -> None:
-        """ratio: [B] worst |error| / tolerance per record (> 1 is a violation)."""
-        c = self.s.consistency[name]
-        c["checked"] += len(ratio)
-        c["violations"] += int((ratio > 1.0).sum())
-        if len(ratio) and ratio.max() > c["max_ratio"]:
-            w = int(np.argmax(ratio))
-            c["max_ratio"] = float(ratio[w])
-            c["worst"] = {"key": keys[w], "draw": int(draw[w]), "t": int(t[w])}
-
-    def consistency(self, keys, draw, t, cols, scal) -> None:
-        """Every record's arithmetic against the schedule, to the stored dtypes' precision.
-
-        Scalar columns (float32): |stored - table[t]| <= 1 float32 ulp of the table value (its
-        rounding is half an ulp; one more allows one float32 operation). Tensor identities: the
-        error bound is the sum of half an ulp of every stored operand times its coefficient's
-        magnitude, plus 4 float32 roundoffs of the magnitudes involved (float32 arithmetic).
-        """
-        s = self.sched
-        for name, table in (
-            ("alpha_bar", s.alphas_cumprod),
-            ("posterior_variance", s.posterior_variance),
-            ("posterior_log_variance", s.posterior_log_variance_clipped),
-        ):
-            col = "alpha_bar" if name == "alpha_bar" else name
-            exp = table[t]
-            tol = np.abs(np.spacing(np.abs(exp).astype(np.float32))).astype(np.float64)
-            self._tally(name, np.abs(scal[col] - exp) / tol, keys, draw, t)
-        B, shp = len(t), (len(t), self.C, self.P)
-        f = {c: v.reshape(shp).astype(np.float64) for c, v in cols.items()}
-        h = {c: half_ulp(v).reshape(shp) for c, v in cols.items()}
-        a = s.sqrt_alphas_cumprod[t][:, None, None]
-        sg = s.sqrt_one_minus_alphas_cumprod[t][:, None, None]
-        c1 = s.posterior_mean_coef1[t][:, None, None]
-        c2 = s.posterior_mean_coef2[t][:, None, None]
-        xt, ep, pm = f["x_t"], f["epsilon"], f["posterior_mean"]
-
-        def worst(err, tol):
-            return (np.abs(err) / tol).reshape(len(err), -1).max(axis=1)
-
-        if self.store_x0:
-            x0 = f["x_0"]
-            tol = h["x_t"] + a * h["x_0"] + sg * h["epsilon"]
-            tol += 4 * U32 * (a * np.abs(x0) + sg * np.abs(ep))
-            self._tally("x_t", worst(xt - (a * x0 + sg * ep), tol), keys, draw, t)
-            tol = h["posterior_mean"] + c1 * h["x_0"] + c2 * h["x_t"]
-            tol += 4 * U32 * (c1 * np.abs(x0) + c2 * np.abs(xt) + np.abs(pm))
-            self._tally("posterior_mean", worst(pm - (c1 * x0 + c2 * xt), tol), keys, draw, t)
-            return
-        ok = s.alphas_cumprod[t] >= self.plan.recon_min_alpha_bar
-        self.s.counts["unchecked_pm"] += int(B - ok.sum())
-        if not ok.any():
-            return
-        a, sg, c1, c2 = a[ok], sg[ok], c1[ok], c2[ok]
-        xt, ep, pm = xt[ok], ep[ok], pm[ok]
-        g, q = c1 / a + c2, c1 * sg / a  # pm = g x_t - q eps with x_0 reconstructed
-        tol = h["posterior_mean"][ok] + g * h["x_t"][ok] + q * h["epsilon"][ok]
-        tol += (
-            4 * U32 * (c1 / a * (np.abs(xt) + 2 * sg * np.abs(ep)) + c2 * np.abs(xt) + np.abs(pm))
-        )
-        sel = np.flatnonzero(ok)
-        self._tally(
-            "posterior_mean",
-            worst(pm - (g * xt - q * ep), tol),
-            [keys[i] for i in sel],
-            draw[ok],
-            t[ok],
-        )
-
-    def moments(self, t, cols) -> None:
-        st, plan, s = self.s, self.plan, self.sched
-        B, C, P = len(t), self.C, self.P
-        xt = cols["x_t"].reshape(B, C, P).astype(np.float64)
-        ep = cols["epsilon"].reshape(B, C, P).astype(np.float64)
-        ab, a, sg = (
-            s.alphas_cumprod[t],
-            s.sqrt_alphas_cumprod[t],
-            s.sqrt_one_minus_alphas_cumprod[t],
-        )
-        bn, ch = self.tbin[t], np.arange(C)
-        st.eps.update(ep, (bn[:, None, None], ch[None, :, None]))
-        st.xt.update(xt, (bn[:, None, None], ch[None, :, None]))
-
-        def with_all(v):  # [B, C] -> [B, C + 1], the last column averaging the channels
-            return np.concatenate([v, v.mean(axis=1, keepdims=True)], axis=1)
-
-        cells = (np.repeat(bn, C + 1), np.tile(np.arange(C + 1), B))
-        per_t = [np.broadcast_to(v[:, None], (B, C + 1)) for v in (ab, a, sg)]
-        feats = [with_all(xt.mean(2)), with_all((xt * xt).mean(2)), with_all((xt * ep).mean(2))]
-        st.rec.update(np.stack(feats + per_t, axis=-1).reshape(-1, len(REC)), cells)
-        if self.store_x0:
-            av = np.ones(B, dtype=bool)
-            x0 = cols["x_0"].reshape(B, C, P).astype(np.float64)
-        else:
-            av = ab >= plan.recon_min_alpha_bar
-            x0 = (xt[av] - sg[av, None, None] * ep[av]) / a[av, None, None]
-        if av.any():
-            bav, nav = bn[av], int(av.sum())
-            st.x0.update(x0, (bav[:, None, None], ch[None, :, None]))
-            f0 = np.stack([with_all(x0.mean(2)), with_all((x0 * x0).mean(2))], axis=-1)
-            st.x0rec.update(
-                f0.reshape(-1, 2), (np.repeat(bav, C + 1), np.tile(np.arange(C + 1), nav))
-            )
-            rows = np.stack([ep[av], x0, xt[av]], axis=-1).reshape(-1, 3)
-            idx = np.broadcast_to(bav[:, None, None], (nav, C, P)).reshape(-1)
-            chx = np.broadcast_to(ch[None, :, None], (nav, C, P)).reshape(-1)
-            st.cross.update(rows, (idx, chx))
-        st.pos_sum += ep.sum(axis=0).reshape(-1)
-        st.pos_n += B
-        flat = ep.reshape(B, -1)
-        fc = flat - flat.mean(axis=1, keepdims=True)
-        norm = np.sqrt((fc * fc).sum(axis=1))
-        if self.prev is not None:
-            fc, norm = np.concatenate([self.prev[0], fc]), np.concatenate([self.prev[1], norm])
-        if len(fc) > 1:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r = (fc[:-1] * fc[1:]).sum(axis=1) / (norm[:-1] * norm[1:])
-            z = np.nan_to_num(r) * math.sqrt(fc.shape[1] - 1)
-            st.adj["n"] += len(z)
-            st.adj["sum_z"] += float(z.sum())
-            st.adj["max_abs_z"] = max(st.adj["max_abs_z"], float(np.abs(z).max()))
-        self.prev = (fc[-1:], norm[-1:])
-        st.eps_res.update(cols["epsilon"].reshape(-1))
-        top = bn == plan.bins - 1
-        if top.any():
-            st.xT_res.update(cols["x_t"][top].reshape(-1))
-        for b in np.unique(bn) if st.grid else ():
-            st.grid[int(b)].update(cols["x_t"][bn == b])
-
-    def finish(self) -> ShardStats:
-        st = self.st
-        st.hashes = np.frombuffer(b"".join(self.hashes), dtype=np.uint8).reshape(-1, 12)
-        wrong = sum(1 for c in self.draws_per_key.values() if c != self.K)
-        st.ids = {
-            "duplicate_key_draw": self.dups,
-            "draw_out_of_range": self.bad_draw,
-            "keys": len(self.draws_per_key),
-            "keys_without_K_draws": wrong,
-        }
-        return st
-
-
-def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
-    """Read one committed shard batch by batch and return its statistics. Never raises for a
-    bad file: the error is returned in ``ShardStats.error`` (reported by ``completeness``)."""
-    t0 = time.perf_counter()
-    name = OutputDir.data_name(shard)
-    st = ShardStats(shard=shard, file=out.display(name))
-    try:
-        with out.fs.open_input_file(out.path(name)) as fh:
-            pf = pq.ParquetFile(fh)
-            st.num_rows = pf.metadata.num_rows
-            st.meta = records.process_metadata(pf.schema_arrow)
-            st.meta_problems = records.same_process(st.meta, plan.process)
-            if st.meta.get("source", {}).get("shard", shard) != shard:
-                st.meta_problems.append("source.shard")
-            if {"dtype", "shape", "schedule", "noise", "store_x0"} & set(st.meta_problems):
-                raise ValueError(
-                    f"process metadata differs from the manifest in {st.meta_problems}: not scanned"
-                )
-            scanner = _Scanner(st, plan)
-            cols = list(pf.schema_arrow.names)
-            rows = max(1, plan.batch_elements // max(1, scanner.C * scanner.P))
-            row0 = 0
-            for rb in pf.iter_batches(batch_size=rows, columns=cols):
-                scanner.batch(rb, row0)
-                row0 += rb.num_rows
-            scanner.finish()
-    except Exception as exc:  # reported, not raised: one bad shard must not stop the others
-        st.error = f"{type(exc).__name__}: {exc}"
-    st.seconds = time.perf_counter() - t0
-    return st
 
 
 # -- orchestration ---------------------------------------------------------------------------
