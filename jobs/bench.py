@@ -2,7 +2,7 @@
 
 ::
 
-    python jobs/bench.py            # the full run (<= ~25 min on 2 cores): docs/benchmark.{md,png,json}
+    python jobs/bench.py            # the full run (~30-40 min on 2 cores): docs/benchmark.{md,png,json}
     python jobs/bench.py --quick    # a smoke run on a few hundred samples: bench-out/quick-report/
 
 On the same shards and machine, in one run, it times as whole processes (spawn to exit, start-up

@@ -252,9 +252,9 @@ def machine() -> dict:
             versions[mod] = "?"
     root = Path(__file__).resolve().parent.parent
 
-    def git(*args):
+    def git(*args):  # not stripped: porcelain lines start with a status column that may be " "
         r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return r.stdout.strip()
+        return r.stdout
 
     return {
         "cpu": cpu,
@@ -263,9 +263,14 @@ def machine() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "python": sys.version.split()[0],
         "versions": versions,
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": sorted(line[3:] for line in git("status", "--porcelain").splitlines()),
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "dirty": dirty_paths(git("status", "--porcelain")),
     }
+
+
+def dirty_paths(porcelain: str) -> list[str]:
+    """Paths of ``git status --porcelain`` output (``XY path`` lines; X may be a space)."""
+    return sorted(line[3:] for line in porcelain.splitlines() if line.strip())
 
 
 if __name__ == "__main__":  # python jobs/bench_measure.py CMD...: measure one command

@@ -120,6 +120,15 @@ def test_monitor_times_a_process_tree_and_its_memory(tmp_path):
     assert m["leftover_pids"] == []
 
 
+def test_dirty_paths_keep_the_first_character():
+    porcelain = " M pipeline/precompute.py\n?? docs/new.md\nM  jobs/bench.py\n"
+    assert bench_measure.dirty_paths(porcelain) == [
+        "docs/new.md",
+        "jobs/bench.py",
+        "pipeline/precompute.py",
+    ]
+
+
 def test_dataset_cache_and_parquet_stats(tmp_path):
     paths = bench_measure.dataset(tmp_path, "arrays", 2, 3, shape=(4, 2, 2))
     assert [Path(p).name for p in paths] == ["shard-0000.tar", "shard-0001.tar"]
