@@ -36,6 +36,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,18 @@ def evaluate(model, ds, kl_term: PosteriorKL, batch_size: int, batches: int) -> 
     return out
 
 
+@contextmanager
+def _torch_threads(n: int | None):
+    """torch intra-op threads set to ``n`` inside the block (None: unchanged), then restored."""
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train(
     data,
     steps: int = 300,
@@ -190,96 +203,63 @@ def train(
 
     ``threads``: torch intra-op threads while training (restored afterwards); None leaves them.
     """
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _train(
-            data,
-            steps,
-            out,
-            batch_size,
-            lr,
-            width,
-            workers,
-            seed,
-            eval_batches,
-            shuffle_buffer,
-            log_every,
-            quiet,
+    with _torch_threads(threads):
+        torch.manual_seed(seed)
+        ds = PrecomputedDataset(
+            data, columns=COLUMNS, dtype=torch.float32, seed=seed, shuffle_buffer=shuffle_buffer
         )
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _train(
-    data,
-    steps,
-    out,
-    batch_size,
-    lr,
-    width,
-    workers,
-    seed,
-    eval_batches,
-    shuffle_buffer,
-    log_every,
-    quiet,
-) -> dict:
-    torch.manual_seed(seed)
-    ds = PrecomputedDataset(
-        data, columns=COLUMNS, dtype=torch.float32, seed=seed, shuffle_buffer=shuffle_buffer
-    )
-    schedule = ds.schedule()
-    shape = ds.metadata["shape"]
-    if ds.num_records < batch_size:
-        raise ValueError(
-            f"{data} holds {ds.num_records} records, fewer than one batch ({batch_size})"
+        schedule = ds.schedule()
+        shape = ds.metadata["shape"]
+        if ds.num_records < batch_size:
+            raise ValueError(
+                f"{data} holds {ds.num_records} records, fewer than one batch ({batch_size})"
+            )
+        model = TinyDenoiser(shape, schedule.num_timesteps, width=width)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=steps, pct_start=0.1
         )
-    model = TinyDenoiser(shape, schedule.num_timesteps, width=width)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    kl_term = PosteriorKL(schedule)
-    losses, zero_losses = [], []
-    start, epoch = time.perf_counter(), 0
-    while len(losses) < steps:
-        ds.set_epoch(epoch)
-        for batch in _loader(ds, batch_size, workers):
-            eps = batch["epsilon"]
-            loss = F.mse_loss(model(batch["x_t"], batch["t"]), eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            zero_losses.append(eps.pow(2).mean().item())
-            step = len(losses)
-            if not quiet and (step % log_every == 0 or step == 1):
-                print(
-                    f"step {step:5d}  loss {losses[-1]:.4f}  zero-predictor {zero_losses[-1]:.4f}"
-                )
-            if step >= steps:
-                break
-        epoch += 1
-    elapsed = time.perf_counter() - start
-    tail = max(1, steps // 10)
-    metrics = {
-        "steps": steps,
-        "epochs": epoch,
-        "seconds": elapsed,
-        "records": ds.num_records,
-        "shape": shape,
-        "schedule": ds.metadata["schedule"]["name"],
-        "num_timesteps": schedule.num_timesteps,
-        "final_loss": float(np.mean(losses[-tail:])),
-        "final_zero_loss": float(np.mean(zero_losses[-tail:])),
-        "eval": evaluate(model, ds, kl_term, batch_size, eval_batches),
-        "losses": losses,
-        "zero_losses": zero_losses,
-    }
-    if out is not None:
-        save(metrics, Path(out))
-    return metrics
+        kl_term = PosteriorKL(schedule)
+        losses, zero_losses = [], []
+        start, epoch = time.perf_counter(), 0
+        while len(losses) < steps:
+            ds.set_epoch(epoch)
+            for batch in _loader(ds, batch_size, workers):
+                eps = batch["epsilon"]
+                loss = F.mse_loss(model(batch["x_t"], batch["t"]), eps)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                zero_losses.append(eps.pow(2).mean().item())
+                step = len(losses)
+                if not quiet and (step % log_every == 0 or step == 1):
+                    print(
+                        f"step {step:5d}  loss {losses[-1]:.4f}  zero-predictor {zero_losses[-1]:.4f}"
+                    )
+                if step >= steps:
+                    break
+            epoch += 1
+        elapsed = time.perf_counter() - start
+        tail = max(1, steps // 10)
+        metrics = {
+            "steps": steps,
+            "epochs": epoch,
+            "seconds": elapsed,
+            "records": ds.num_records,
+            "shape": shape,
+            "schedule": ds.metadata["schedule"]["name"],
+            "num_timesteps": schedule.num_timesteps,
+            "final_loss": float(np.mean(losses[-tail:])),
+            "final_zero_loss": float(np.mean(zero_losses[-tail:])),
+            "eval": evaluate(model, ds, kl_term, batch_size, eval_batches),
+            "losses": losses,
+            "zero_losses": zero_losses,
+        }
+        if out is not None:
+            save(metrics, Path(out))
+        return metrics
 
 
 def save(metrics: dict, out: Path) -> None:

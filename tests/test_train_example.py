@@ -68,6 +68,7 @@ def test_model_mean_of_true_noise_is_the_posterior_mean(te):
 
 @pytest.mark.slow
 def test_training_beats_the_zero_predictor(te, tiny, tmp_path):
+    before = torch.get_num_threads()
     m = te.train(tiny, steps=60, out=tmp_path / "run", batch_size=32, lr=3e-3, width=16,
                  workers=0, quiet=True, threads=1, eval_batches=4)  # fmt: skip
     assert len(m["losses"]) == 60 and m["epochs"] >= 2  # 768 records = 24 batches per epoch
@@ -78,6 +79,7 @@ def test_training_beats_the_zero_predictor(te, tiny, tmp_path):
     assert e["kl_true_eps"] < 1e-6 <= e["kl_zero"]  # stored posterior agrees with the schedule
     assert np.isfinite(e["kl"]) and e["kl_records"] > 0
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert torch.get_num_threads() == before  # threads=1 held only while training
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["final_loss"] == m["final_loss"]
     assert "L_(t-1) KL" in te.report(m)
