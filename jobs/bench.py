@@ -203,7 +203,8 @@ def main(argv=None) -> int:
                 print(f"[bench] profile of {system} failed: {exc}")
     startup = {}
     if not a.no_startup and "project" in systems:
-        bench_measure.wait_quiet(a.quiet_wait) if a.quiet_wait > 0 else None
+        if a.quiet_wait > 0:
+            bench_measure.wait_quiet(a.quiet_wait)
         startup = bench_startup.measure(repeats=3)
     info["seconds"] = round(time.time() - started)
     results = {**info, "runs": runs, "profile": profile, "startup": startup}

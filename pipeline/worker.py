@@ -1,9 +1,10 @@
 """The shard worker: one Ray actor turns whole shards into committed Parquet files.
 
 Like a NeMo Curator stage, :meth:`ShardWorker.setup` loads once (schedule tables, keyed noise,
-device, output filesystem) and :meth:`ShardWorker.process` handles one shard: stream its samples,
-batch them (``batch_size``), draw (t, eps), compute x_t and the posterior on the device, and write
-row groups as they fill. The worker writes its own file, so no tensor travels through Ray's
+device, batch size, output filesystem) and :meth:`ShardWorker.process` handles one shard: stream
+its samples (decoded ahead by a reader thread when ``read_ahead`` allows, see
+:mod:`pipeline.prefetch`), batch them (``batch_size``, capped by free memory on a GPU), draw
+(t, eps), compute x_t and the posterior on the device, and write row groups as they fill. The worker writes its own file, so no tensor travels through Ray's
 object store; the driver only receives a small summary.
 
 Commit protocol (see :mod:`pipeline.manifest`): Parquet to a temporary name -> rejects part ->
