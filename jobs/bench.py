@@ -21,9 +21,9 @@ Scenarios (``--quick`` shrinks them): ``headline`` 16 x 1000 photo crops at 64 p
 shard count); ``samples``: 2 shards of 250 and 10,000 photos (with 2 x 1000: scaling in shard
 size, and per-actor memory at 1k vs 10k samples per shard); ``long``: 64 x 1000 photos, project
 and floor only (how far the project's fixed start-up cost amortises). Repeats are interleaved
-(project, floor, peer, project, ...). Every run gets a fresh output directory and its row count is checked.
-Before each run the harness waits (up to ``--quiet-wait`` s) for the machine to be idle, and it
-reports the CPU that other processes used during each run.
+(project, floor, peer, project, ...). Every run gets a fresh output directory and its row count
+is checked. Before each run the harness waits (up to ``--quiet-wait`` s) for the machine to be
+idle, and it reports the CPU that other processes used during each run.
 
 Measured (``jobs/bench_measure.py``): wall time, samples/s, output MB/s (bytes of Parquet
 written), CPU utilisation ((user + sys) / (wall x cores)) and peak RSS of the driver and of every

@@ -15,6 +15,9 @@ batch by batch with vectorised numpy and merged in any order:
   Algorithm L's skipping in key form. Two reservoirs of disjoint streams merge exactly by keeping
   the k smallest keys of their union: no weighted subsampling needed. Deterministic for a seed.
 
+* :func:`chi2_binned` / :func:`shared_chi2`: chi-square tests on accumulated counts (timestep
+  histogram against uniform; per-position eps sums against independent noise).
+
 Standard errors are those of iid normal data (``se_*``): SE(mean) = sqrt(var/n),
 SE(var) = sqrt(2/(n-1)) var, SE(skew) = sqrt(6/n), SE(excess kurtosis) = sqrt(24/n).
 """
