@@ -101,15 +101,15 @@ def _project(url: str, out: str, resolution: int, kind: str) -> dict:
 
     from pipeline.config import compose, config_hash
     from pipeline.manifest import SHARDS, OutputDir
-    from pipeline.precompute import _metadata, _sample_shape
+    from pipeline.precompute import dataset_metadata, sample_shape
     from pipeline.worker import ShardWorker
 
     cfg = compose(
         [f"source={kind}", f"source.urls={url}", f"output.dir={out}", "progress=false"]
         + ([f"source.resolution={resolution}"] if kind == "images" else [])
     )
-    shape = _sample_shape(cfg, [url])
-    worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), _metadata(cfg, shape, config_hash(cfg)))  # fmt: skip
+    shape = sample_shape(cfg, [url])
+    worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), dataset_metadata(cfg, shape, config_hash(cfg)))  # fmt: skip
     OutputDir(out).makedirs(SHARDS)
     return worker.process(url)
 

@@ -55,7 +55,7 @@ class _Shard:
     errors: list = field(default_factory=list)
 
 
-def _sample_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
+def sample_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     """The [C, ...] shape every record of this dataset has: from the config, or for arrays
     without ``source.shape`` from the first valid sample of the first shards (deterministic)."""
     src = cfg.source
@@ -78,7 +78,7 @@ def _sample_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     )
 
 
-def _metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
+def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
     sch = cfg.schedule
     schedule = make_schedule(
         sch.name, sch.num_timesteps, zero_terminal_snr=sch.zero_terminal_snr, **sch.params
@@ -311,8 +311,8 @@ def run(cfg: DictConfig) -> dict:
     if old is not None and old.get("process", {}).get("shape"):
         shape = old["process"]["shape"]
     else:
-        shape = _sample_shape(cfg, urls)
-    metadata = _metadata(cfg, shape, chash)
+        shape = sample_shape(cfg, urls)
+    metadata = dataset_metadata(cfg, shape, chash)
     _write_manifest(out, cfg, chash, metadata, shards, summaries, started, final=False)
     log.info("%d shards, %d already committed, %d to do", len(shards), len(summaries), len(pending))
 
