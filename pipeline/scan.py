@@ -90,15 +90,16 @@ class Stats:
     * elementwise moments (order 4) of eps, x_t and x_0 (stored, or reconstructed as
       ``(x_t - sqrt(1 - ab) eps) / sqrt(ab)`` where ``ab >= reconstruct_min_alpha_bar``);
     * per-record features, with co-moments across records (standard errors then count
-      records, not correlated pixels): mean(x_t), mean(x_t^2), mean(x_t eps), ab, sqrt(ab), sqrt(1 - ab) and,
-      where x_0 is known, mean(x_0), mean(x_0^2); channel index C averages the channels;
+      records, not correlated pixels): mean(x_t), mean(x_t^2), mean(x_t eps), ab, sqrt(ab),
+      sqrt(1 - ab) and, where x_0 is known, mean(x_0), mean(x_0^2); channel index C averages
+      the channels;
     * elementwise co-moments of (eps, x_0, x_t);
     * the t histogram, eps summed per tensor position, correlations of eps between consecutive
       records, seeded reservoirs (eps elements, x_t elements of the top t-bin, one x_t record per
       t-bin), and counts: consistency violations, invalid records, keyed-noise mismatches.
 
     The scan also returns, per shard, a 12-byte BLAKE2b hash of each record's eps bytes and the
-    (key, draw) identity counts (``pipeline.validate.ShardStats``).
+    (key, draw) identity counts (:class:`ShardStats`).
     """
 
     def __init__(self, plan: ScanPlan, *seed):
@@ -160,8 +161,8 @@ class DatasetStats(Stats):
         self.hash_shard: list[np.ndarray] = []
         self.source_kind = None
 
-    def add(self, st) -> None:
-        """Fold in one shard's ``pipeline.validate.ShardStats``."""
+    def add(self, st: ShardStats) -> None:
+        """Fold in one shard's :class:`ShardStats` (what :func:`scan_shard` returned)."""
         summ = {"file": st.file, "rows": st.num_rows, "error": st.error, "seconds": st.seconds}
         summ["meta_problems"] = st.meta_problems
         self.shards[st.shard] = summ
@@ -342,10 +343,9 @@ class _Scanner:
             ("posterior_variance", s.posterior_variance),
             ("posterior_log_variance", s.posterior_log_variance_clipped),
         ):
-            col = "alpha_bar" if name == "alpha_bar" else name
             exp = table[t]
             tol = np.abs(np.spacing(np.abs(exp).astype(np.float32))).astype(np.float64)
-            self._tally(name, np.abs(scal[col] - exp) / tol, keys, draw, t)
+            self._tally(name, np.abs(scal[name] - exp) / tol, keys, draw, t)
         B, shp = len(t), (len(t), self.C, self.P)
         f = {c: v.reshape(shp).astype(np.float64) for c, v in cols.items()}
         h = {c: half_ulp(v).reshape(shp) for c, v in cols.items()}

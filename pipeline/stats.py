@@ -34,7 +34,8 @@ _STATS = ("n", "mean", "m2", "m3", "m4")
 
 
 def _merge_arrays(a: dict, b: dict) -> dict:
-    """Pairwise merge of moment arrays (Chan et al.; Pebay 2008, eq. 3.1), elementwise over groups."""
+    """Pairwise merge of moment arrays (Chan et al.; Pebay 2008, eq. 3.1), elementwise over
+    groups."""
     na, nb = a["n"], b["n"]
     n = na + nb
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -71,6 +72,11 @@ class GroupedMoments:
         self.shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
         size = int(np.prod(self.shape, dtype=np.int64))
         self._a = {k: np.zeros(size, dtype=np.float64) for k in _STATS}
+        self._summary: tuple[dict, dict] | None = None  # (the _a it was computed from, summary)
+
+    def __getstate__(self) -> dict:
+        """Pickled without the cached summary (Ray ships these between processes)."""
+        return {**self.__dict__, "_summary": None}
 
     @classmethod
     def _from_arrays(cls, shape: tuple, arrays: dict) -> GroupedMoments:
@@ -161,14 +167,21 @@ class GroupedMoments:
                 "se_kurtosis": np.sqrt(24.0 / n),
             }
 
-    n = property(lambda self: self.summary()["n"])
-    mean = property(lambda self: self.summary()["mean"])
-    skew = property(lambda self: self.summary()["skew"])
-    excess_kurtosis = property(lambda self: self.summary()["excess_kurtosis"])
-    se_mean = property(lambda self: self.summary()["se_mean"])
-    se_var = property(lambda self: self.summary()["se_var"])
-    se_skew = property(lambda self: self.summary()["se_skew"])
-    se_kurtosis = property(lambda self: self.summary()["se_kurtosis"])
+    def _summary_once(self) -> dict:
+        """:meth:`summary`, computed once per state: every update and merge replaces ``_a``."""
+        if self._summary is None or self._summary[0] is not self._a:
+            self._summary = (self._a, self.summary())
+        return self._summary[1]
+
+    # One statistic of the summary each; reading several computes the summary once.
+    n = property(lambda self: self._summary_once()["n"])
+    mean = property(lambda self: self._summary_once()["mean"])
+    skew = property(lambda self: self._summary_once()["skew"])
+    excess_kurtosis = property(lambda self: self._summary_once()["excess_kurtosis"])
+    se_mean = property(lambda self: self._summary_once()["se_mean"])
+    se_var = property(lambda self: self._summary_once()["se_var"])
+    se_skew = property(lambda self: self._summary_once()["se_skew"])
+    se_kurtosis = property(lambda self: self._summary_once()["se_kurtosis"])
 
 
 class Moments(GroupedMoments):

@@ -219,3 +219,19 @@ def test_reservoir_items_and_pickle():
     with pytest.raises(ValueError):
         r.merge(Reservoir(3))
     assert len(Reservoir(0).update(np.arange(5))) == 0
+
+
+def test_summary_properties_follow_updates_and_merges():
+    g = GroupedMoments(2).update(np.array([1.0, 2.0, 4.0]), (np.array([0, 0, 1]),))
+    s = g.summary()
+    for name in ("n", "mean", "skew", "excess_kurtosis", "se_mean", "se_var", "se_skew"):
+        np.testing.assert_array_equal(getattr(g, name), s[name], err_msg=name)
+    np.testing.assert_array_equal(g.se_kurtosis, s["se_kurtosis"])
+    g.update(np.array([10.0]), (np.array([1]),))  # a new state: the properties see it
+    np.testing.assert_array_equal(g.n, [2, 2])
+    np.testing.assert_array_equal(g.mean, [1.5, 7.0])
+    g.merge(GroupedMoments(2).update(np.array([0.0]), (np.array([0]),)))
+    np.testing.assert_array_equal(g.n, [3, 2])
+    assert pickle.loads(pickle.dumps(g))._summary is None  # the cache is not shipped
+    m = Moments().update(np.array([1.0, 3.0]))
+    assert (m.n, m.mean) == (2, 2.0) and isinstance(m.mean, float)
