@@ -30,7 +30,7 @@ demo: setup
 	$(PY) -m pipeline.demo --dir $(DEMO_DIR)
 
 bench: setup
-	$(PY) jobs/bench.py
+	$(PY) -m jobs.bench
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

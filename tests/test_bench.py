@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark harness (jobs/bench*.py) on tiny inputs: its pieces run, and the
+"""Smoke tests of the benchmark harness (jobs/bench/) on tiny inputs: its pieces run, and the
 floor and the Ray Data peer's batch function compute the project's records. Behaviour only,
 never speed."""
 
@@ -15,18 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 from shards import npy_bytes, write_tar
 
+from jobs.bench import floor as bench_floor
+from jobs.bench import measure as bench_measure
+from jobs.bench import peer as bench_peer
+from jobs.bench import profile as bench_profile
+from jobs.bench import report as bench_report
+from jobs.bench import run as bench
 from pipeline.demo import write_photo_shards
 from pipeline.records import TENSOR_COLUMNS, tensor_to_numpy
-
-JOBS = Path(__file__).resolve().parent.parent / "jobs"
-sys.path.insert(0, str(JOBS))
-
-import bench  # noqa: E402
-import bench_floor  # noqa: E402
-import bench_measure  # noqa: E402
-import bench_peer  # noqa: E402
-import bench_profile  # noqa: E402
-import bench_report  # noqa: E402
 
 SCALARS = ("key", "index", "draw", "t", "posterior_variance", "posterior_log_variance", "alpha_bar")
 
@@ -78,7 +74,8 @@ def test_floor_computes_the_project_records_for_photos(photo_shard, tmp_path):
 
 def test_floor_computes_the_project_records_for_arrays(tmp_path):
     rng = np.random.default_rng(1)
-    members = [(f"z_{i:06d}.npy", npy_bytes(rng.standard_normal((4, 8, 8), np.float32))) for i in range(7)]  # fmt: skip
+    arrays = [rng.standard_normal((4, 8, 8), np.float32) for _ in range(7)]
+    members = [(f"z_{i:06d}.npy", npy_bytes(x)) for i, x in enumerate(arrays)]
     url = str(write_tar(tmp_path / "lat-0003.tar", members))
     want = _project(url, tmp_path / "project", kind="arrays")
     (tmp_path / "floor").mkdir()
@@ -199,10 +196,10 @@ def _fake_results() -> dict:
     machine = {"cpu": "test cpu", "cores": 2, "memory_gb": 24, "os": "Linux", "python": "3",
                "versions": dict.fromkeys(("ray", "pyarrow", "numpy", "torch", "PIL"), "1"),
                "commit": "abc1234", "dirty": []}  # fmt: skip
+    phases = {p: {"median": 1.5, "min": 1.0, "max": 2.0} for p in ("ray_init", "total")}
     return {"command": "python jobs/bench.py", "date": "today", "machine": machine, "runs": runs,
             "profile": {"project": {"stages": {"resize (PIL)": 1.0}, "seconds": 2.0}},
-            "startup": {"repeats": 3, "phases": {
-                p: {"median": 1.5, "min": 1.0, "max": 2.0} for p in ("ray_init", "total")}}}  # fmt: skip
+            "startup": {"repeats": 3, "phases": phases}}  # fmt: skip
 
 
 def test_report_tables_goals_and_kept_notes(tmp_path):

@@ -1,6 +1,6 @@
 """The floor of the benchmark: the precompute's work written as plainly as possible.
 
-``python jobs/bench_floor.py --kind images --resolution 64 --out DIR SHARD.tar [...]``
+``python -m jobs.bench.floor --resolution 64 --out DIR SHARD.tar [...]``
 
 A ``multiprocessing.Pool(os.cpu_count())`` over shards; each worker streams its tar with
 ``tarfile``, decodes (PIL with ``draft`` for JPEG, shorter side resized bicubic + centre crop in
@@ -15,7 +15,7 @@ records are the project's records (``tests/test_bench.py`` checks it): a keyed P
 the same as one ``default_rng`` stream per shard (both ~0.25 ms per 64 px sample here). Only the
 default sampler is covered: ``uniform`` timesteps, one draw per sample, ``float16`` output.
 
-Functions here are shared by the Ray Data peer (``jobs/bench_peer.py``), so that floor, peer and
+Functions here are shared by the Ray Data peer (``jobs/bench/peer.py``), so that floor, peer and
 project differ only in how the work is run, not in the work.
 """
 

@@ -36,6 +36,7 @@ except ImportError:  # ray[default] ships psutil in ray/thirdparty_files, put on
     import psutil
 
 ACTOR_NAMES = ("ray::ShardWorker", "ray::MapWorker")
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 class TreeMonitor(threading.Thread):
@@ -250,10 +251,9 @@ def machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = "?"
-    root = Path(__file__).resolve().parent.parent
 
     def git(*args):  # not stripped: porcelain lines start with a status column that may be " "
-        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return r.stdout
 
     return {
@@ -273,5 +273,5 @@ def dirty_paths(porcelain: str) -> list[str]:
     return sorted(line[3:] for line in porcelain.splitlines() if line.strip())
 
 
-if __name__ == "__main__":  # python jobs/bench_measure.py CMD...: measure one command
+if __name__ == "__main__":  # python -m jobs.bench.measure CMD...: measure one command
     print(json.dumps(run_measured(sys.argv[1:], Path(os.devnull)), indent=1))

@@ -1,6 +1,6 @@
 """What Parquet encoding of the float16 tensor columns costs, by Arrow layout and writer option.
 
-``python jobs/bench_parquet.py`` writes 1024 rows of three float16 [3, 64, 64] columns (the
+``python -m jobs.bench.parquet`` writes 1024 rows of three float16 [3, 64, 64] columns (the
 project's x_t, epsilon and posterior_mean at 64 px) uncompressed, best of 5, and prints ms per
 1024 rows and the file size for:
 

@@ -1,6 +1,6 @@
 """The peer of the benchmark: the precompute as a Ray user would write it with Ray Data.
 
-``python jobs/bench_peer.py --resolution 64 --out DIR SHARD.tar [...]``
+``python -m jobs.bench.peer --resolution 64 --out DIR SHARD.tar [...]`` (from the repository root)
 
 ``ray.data.read_webdataset(paths, decoder=one_payload)`` (raw member bytes: Ray Data's default
 decoder would turn images into uint8 arrays at full size and ``np.load`` arrays without checks)
@@ -8,11 +8,11 @@ decoder would turn images into uint8 arrays at full size and ``np.load`` arrays 
 batch and computes the record columns -> ``write_parquet(out)``. Local Ray with
 ``num_cpus=os.cpu_count()``: the same cores as the project and the floor.
 
-The record computation is the floor's (``jobs/bench_floor.py``), so the three systems differ only
+The record computation is the floor's (``jobs/bench/floor.py``), so the three systems differ only
 in how the work is run. Two things a Ray Data pipeline does not give directly are taken as a Ray
 user would: the shard id comes from the ``__url__`` column (keyed noise is per shard), and a
 sample's ordinal in its shard (the ``index`` column) is parsed from the benchmark's keys, which
-end in ``_<ordinal>`` (``pipeline.demo`` and ``jobs/bench_measure.py`` write them so). Files are
+end in ``_<ordinal>`` (``pipeline.demo`` and ``jobs/bench/measure.py`` write them so). Files are
 laid out as Ray Data writes them (one per write task), not one per shard.
 
 Resources: one actor per core (``--actor-cpus 1``) and read tasks that reserve no CPU
@@ -34,8 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_floor  # noqa: E402
+from . import floor as bench_floor
 
 PAYLOADS = ("jpg", "jpeg", "png", "npy")
 

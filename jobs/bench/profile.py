@@ -1,6 +1,6 @@
 """Where the time goes: py-spy samples one shard's processing, in-process and without Ray.
 
-``python jobs/bench_profile.py --system project|floor --out DIR SHARD.tar`` runs one shard
+``python -m jobs.bench.profile --system project|floor --out DIR SHARD.tar`` runs one shard
 through :meth:`pipeline.worker.ShardWorker.process` (built as the driver builds it, default
 config) or through the floor's ``process_shard``; :func:`profile` runs that under ``py-spy
 record --format raw`` and sorts every sampled stack into a stage (:data:`STAGES`: the first rule
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import linecache
-import os
 import re
 import shutil
 import subprocess
@@ -22,8 +21,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-JOBS = Path(__file__).resolve().parent
-ROOT = JOBS.parent
+BENCH = Path(__file__).resolve().parent  # this package: the floor's source
+ROOT = BENCH.parents[1]  # the repository root
 IMPORTS = "imports on first use"
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 
@@ -61,8 +60,8 @@ def _deepest_source(frames: list[tuple[str, str, int]]) -> str:
     for _, file, line in reversed(frames):
         if file.startswith("pipeline/") or "/pipeline/" in file:
             path = ROOT / "pipeline" / file.rsplit("pipeline/", 1)[1]
-        elif os.path.basename(file).startswith("bench_"):
-            path = JOBS / os.path.basename(file)
+        elif file.startswith("jobs/bench/") or "/jobs/bench/" in file:
+            path = BENCH / file.rsplit("jobs/bench/", 1)[1]
         else:
             continue
         return linecache.getline(str(path), line)
@@ -109,14 +108,14 @@ def _project(url: str, out: str, resolution: int, kind: str) -> dict:
         + ([f"source.resolution={resolution}"] if kind == "images" else [])
     )
     shape = sample_shape(cfg, [url])
-    worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), dataset_metadata(cfg, shape, config_hash(cfg)))  # fmt: skip
+    meta = dataset_metadata(cfg, shape, config_hash(cfg))
+    worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), meta)
     OutputDir(out).makedirs(SHARDS)
     return worker.process(url)
 
 
 def _floor(url: str, out: str, resolution: int) -> dict:
-    sys.path.insert(0, str(JOBS))
-    import bench_floor
+    from . import floor as bench_floor
 
     Path(out).mkdir(parents=True, exist_ok=True)
     return bench_floor.process_shard((url, out, resolution, 0))
@@ -127,11 +126,11 @@ def profile(system: str, url: str, out: Path, resolution: int = 64, rate: int = 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     raw = out / f"profile-{system}.txt"
-    target = [sys.executable, str(JOBS / "bench_profile.py"), "--system", system]
+    target = [sys.executable, "-m", "jobs.bench.profile", "--system", system]
     target += ["--out", str(out / "records"), "--resolution", str(resolution), url]
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     cmd = [spy, "record", "-r", str(rate), "--format", "raw", "-o", str(raw), "--", *target]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)  # jobs is importable
     if proc.returncode != 0 or not raw.exists():
         raise RuntimeError(f"py-spy failed ({proc.returncode}): {proc.stderr[-2000:]}")
     counts = breakdown(raw.read_text())

@@ -2,17 +2,20 @@
 
 ::
 
-    python jobs/bench.py            # the full run (~30-40 min on 2 cores): docs/benchmark.{md,png,json}
-    python jobs/bench.py --quick    # a smoke run on a few hundred samples: bench-out/quick-report/
+    python -m jobs.bench            # the full run (~30-40 min on 2 cores): docs/benchmark.{md,png}
+                                    # and jobs/bench/results/benchmark.json
+    python -m jobs.bench --quick    # a smoke run on a few hundred samples: bench-out/quick-report/
+
+(from the repository root, where ``jobs`` is importable; ``make bench`` runs the first).
 
 On the same shards and machine, in one run, it times as whole processes (spawn to exit, start-up
 included) three systems doing the same work, each on every core of the machine:
 
 * ``project``: ``python -m pipeline.precompute source.urls=... output.dir=... progress=false``
   (embedded local Ray, default settings);
-* ``floor``: ``jobs/bench_floor.py``, the same records written plainly with numpy/pyarrow in a
+* ``floor``: ``jobs/bench/floor.py``, the same records written plainly with numpy/pyarrow in a
   ``multiprocessing.Pool(os.cpu_count())``: the limit on this machine;
-* ``peer``: ``jobs/bench_peer.py``, Ray Data ``read_webdataset -> map_batches(actor class) ->
+* ``peer``: ``jobs/bench/peer.py``, Ray Data ``read_webdataset -> map_batches(actor class) ->
   write_parquet`` with ``ray.init(num_cpus=os.cpu_count())``.
 
 Scenarios (``--quick`` shrinks them): ``headline`` 16 x 1000 photo crops at 64 px (3 repeats);
@@ -25,15 +28,16 @@ and floor only (how far the project's fixed start-up cost amortises). Repeats ar
 is checked. Before each run the harness waits (up to ``--quiet-wait`` s) for the machine to be
 idle, and it reports the CPU that other processes used during each run.
 
-Measured (``jobs/bench_measure.py``): wall time, samples/s, output MB/s (bytes of Parquet
+Measured (``jobs/bench/measure.py``): wall time, samples/s, output MB/s (bytes of Parquet
 written), CPU utilisation ((user + sys) / (wall x cores)) and peak RSS of the driver and of every
 actor or worker process. A py-spy profile of one 64 px shard in the project's worker and in the
-floor (``jobs/bench_profile.py``) says where the time goes inside a worker, and
-``jobs/bench_startup.py`` times the project's fixed cost (imports, ``ray.init``, actors ready,
+floor (``jobs/bench/profile.py``) says where the time goes inside a worker, and
+``jobs/bench/startup.py`` times the project's fixed cost (imports, ``ray.init``, actors ready,
 ``ray.shutdown``) in fresh interpreters. Input shards are cached under
 ``--workdir`` (default ``bench-out/``) keyed by their parameters. Results: ``benchmark.json``
-(every run), ``benchmark.md`` (tables; text outside its generated block is kept) and
-``benchmark.png``.
+(every run; ``--results``, default ``jobs/bench/results/``, or beside the report with ``--docs``
+or ``--quick``), ``benchmark.md`` (tables; text outside its generated block is kept) and
+``benchmark.png`` (both in ``--docs``, default ``docs/``).
 """
 
 from __future__ import annotations
@@ -46,14 +50,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-JOBS = Path(__file__).resolve().parent
-ROOT = JOBS.parent
-sys.path.insert(0, str(JOBS))
+from . import measure as bench_measure
+from . import profile as bench_profile
+from . import report as bench_report
+from . import startup as bench_startup
+from .measure import ROOT
 
-import bench_measure  # noqa: E402
-import bench_profile  # noqa: E402
-import bench_report  # noqa: E402
-import bench_startup  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"  # the saved results of full runs
 
 SYSTEMS = ("project", "floor", "peer")
 PHOTOS64 = {"kind": "photos", "min_crop": 96, "max_crop": 320}  # demo's crops: JPEG, some PNG
@@ -111,14 +114,17 @@ def command(system: str, sc: Scenario, paths: list[str], out: Path) -> list[str]
             cmd += [f"source.resolution={sc.resolution}"]
         return cmd + [f"source.urls={bench_measure.brace_url(paths)}", f"output.dir={out}",
                       "progress=false"]  # fmt: skip
-    script = JOBS / f"bench_{system}.py"
-    return [py, str(script), "--out", str(out), "--resolution", str(sc.resolution or 64), *paths]
+    # floor and peer: modules of this package, run from the repository root (see run_one)
+    module = f"jobs.bench.{system}"
+    return [py, "-m", module, "--out", str(out), "--resolution", str(sc.resolution or 64), *paths]
 
 
 def run_one(system: str, sc: Scenario, paths: list[str], work: Path, repeat: int, a) -> dict:
     out = work / "runs" / f"{system}-{sc.name.replace(' ', '-')}-r{repeat}"
     shutil.rmtree(out, ignore_errors=True)
-    cwd = work / "cwd"  # Hydra writes outputs/ into the working directory
+    # the project: Hydra writes outputs/ into the working directory; floor and peer run as
+    # ``python -m jobs.bench.<system>``, so from the repository root
+    cwd = work / "cwd" if system == "project" else ROOT
     cwd.mkdir(parents=True, exist_ok=True)
     log = work / "logs" / f"{out.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -140,10 +146,16 @@ def run_one(system: str, sc: Scenario, paths: list[str], work: Path, repeat: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few hundred samples, 1 repeat")
     p.add_argument("--workdir", default=str(ROOT / "bench-out"), help="cached shards, runs, logs")
     p.add_argument("--docs", default=None, help="report dir (default docs/, quick: workdir)")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="benchmark.json path (default jobs/bench/results/; with --docs or --quick: beside "
+        "the report)",
+    )
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     p.add_argument("--groups", default=None, help="comma-separated scenario groups to run")
     p.add_argument("--repeats-headline", type=int, default=None, help="default 3 (quick: 1)")
@@ -163,6 +175,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work = Path(a.workdir).resolve()
     docs = Path(a.docs or (work / "quick-report" if a.quick else ROOT / "docs")).resolve()
+    saved = a.results or (docs if a.docs or a.quick else RESULTS) / "benchmark.json"
+    saved = Path(saved).resolve()
     rh = a.repeats_headline or (1 if a.quick else 3)
     scenarios = plan(a.quick, rh, a.repeats or (1 if a.quick else 2))
     if a.groups:
@@ -170,7 +184,7 @@ def main(argv=None) -> int:
     systems = [s for s in a.systems.split(",") if s]
     started = time.time()
     info = {
-        "command": "python jobs/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m jobs.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": bench_measure.machine(),
         "quick": a.quick,
@@ -209,10 +223,12 @@ def main(argv=None) -> int:
     info["seconds"] = round(time.time() - started)
     results = {**info, "runs": runs, "profile": profile, "startup": startup}
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "benchmark.json").write_text(json.dumps(results, indent=1, default=str))
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(results, indent=1, default=str))
     bench_report.write(results, docs)
     print(bench_report.summary_table(results))
-    print(f"[bench] {len(runs)} runs in {info['seconds']} s; report: {docs / 'benchmark.md'}")
+    print(f"[bench] {len(runs)} runs in {info['seconds']} s; report: {docs / 'benchmark.md'}, "
+          f"results: {saved}")  # fmt: skip
     return 0 if all(r["ok"] for r in runs) else 1
 
 

@@ -1,8 +1,8 @@
 """The project's fixed cost: the start-up and shutdown phases of an embedded-Ray run, timed.
 
-``python jobs/bench_startup.py [--repeats 3]`` prints JSON: for each phase the median and the
-range over fresh interpreters. Each repeat runs ``python jobs/bench_startup.py --child`` and
-times, as the precompute driver does them, in order:
+``python -m jobs.bench.startup [--repeats 3]`` prints JSON: for each phase the median and the
+range over fresh interpreters. Each repeat runs ``python -m jobs.bench.startup --child`` (from
+the repository root) and times, as the precompute driver does them, in order:
 
 * ``import``: ``import pipeline.precompute`` (Hydra, Ray, and torch through webdataset);
 * ``ray_init``: ``ray.init(include_dashboard=False)``, i.e. starting GCS, raylet, the API
@@ -23,7 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository root, where jobs is importable
 PHASES = ("import", "ray_init", "actors", "shutdown")
 
 
@@ -59,7 +61,11 @@ def measure(repeats: int = 3) -> dict:
     runs = []
     for _ in range(repeats):
         out = subprocess.run(
-            [sys.executable, __file__, "--child"], capture_output=True, text=True, check=True
+            [sys.executable, "-m", "jobs.bench.startup", "--child"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     result = {}
