@@ -328,15 +328,14 @@ def make_synthetic_records(
 
     sched = make_schedule(schedule, num_timesteps)
     noise = KeyedNoise(seed, num_timesteps)
-    meta = {
-        "format": records.FORMAT,
-        "schedule": sched.describe(),
-        "noise": noise.describe(),
-        "dtype": dtype,
-        "shape": list(shape),
-        "store_x0": False,
-        "config_hash": f"synthetic-{seed}-{schedule}-{num_timesteps}",
-    }
+    meta = records.make_metadata(
+        schedule=sched,
+        noise=noise,
+        dtype=dtype,
+        shape=shape,
+        store_x0=False,
+        config_hash=f"synthetic-{seed}-{schedule}-{num_timesteps}",
+    )
     target = OutputDir(str(out))
     target.makedirs()
     rng = np.random.default_rng(seed)
@@ -356,7 +355,6 @@ def make_synthetic_records(
         mean, var, log_var = q_posterior(sched, x0_t, x_t, t_t)
         m = {**meta, "source": {"url": "synthetic", "shard": shard}}
         schema = records.record_schema(shape, dtype, False, m)
-        tensors = records.TENSOR_COLUMNS
         table = records.build_table(
             schema,
             {
@@ -379,9 +377,7 @@ def make_synthetic_records(
             target.path(tmp),
             filesystem=target.fs,
             row_group_size=rows_per_group,
-            # as pipeline.precompute writes: noise does not compress, dictionaries slow reads
-            compression={f.name: "none" if f.name in tensors else "zstd" for f in schema},
-            use_dictionary=["key"],
+            **records.writer_options(schema, compression="zstd", tensor_compression="none"),
         )
         target.commit(tmp, name)
 

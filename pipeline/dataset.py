@@ -78,8 +78,6 @@ from . import records
 from .manifest import OutputDir
 
 DEFAULT_SHUFFLE_BUFFER = 1024
-# URI schemes pyarrow.fs resolves itself; any other scheme goes through fsspec.
-_PYARROW_SCHEMES = ("file", "local", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
 _INT_COLUMNS = ("index", "draw")
 
 
@@ -90,23 +88,6 @@ class Unit:
     file: int
     row_group: int
     num_rows: int
-
-
-def _output_dir(uri: str, filesystem) -> OutputDir:
-    """An OutputDir for ``uri`` on ``filesystem`` (pyarrow or fsspec), or resolved from the URI:
-    by pyarrow for local paths and the schemes it knows, by fsspec for any other (memory://...)."""
-    if filesystem is not None:
-        if not isinstance(filesystem, pafs.FileSystem):  # an fsspec filesystem
-            filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
-        path = uri.split("://", 1)[1] if "://" in uri else uri
-        return OutputDir(path, filesystem=filesystem)
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    if scheme and scheme not in _PYARROW_SCHEMES:
-        import fsspec.core
-
-        fs, path = fsspec.core.url_to_fs(uri)
-        return OutputDir(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
-    return OutputDir(uri)
 
 
 def _short(value) -> str:
@@ -124,7 +105,7 @@ class RecordsDir:
 
     def __init__(self, dir, filesystem=None, footer_threads: int = 16):
         self.uri = str(dir)
-        out = _output_dir(self.uri, filesystem)
+        out = OutputDir(self.uri, filesystem)
         self.fs, self.root = out.fs, out.root
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:

@@ -21,13 +21,14 @@ files are written under their final name (:attr:`OutputDir.atomic_writes`).
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
 import uuid
 from collections.abc import Iterable
 
 import pyarrow.fs as pafs
+
+from .fs import resolve
 
 MANIFEST = "_manifest.json"
 REJECTS = "rejects.jsonl"
@@ -49,12 +50,7 @@ class OutputDir:
         if not uri:
             raise ValueError("output.dir is empty: set output.dir=/path/or/uri")
         self.uri = uri
-        if filesystem is not None:
-            self.fs, self.root = filesystem, uri.rstrip("/")
-        elif "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(uri)
+        self.fs, self.root = resolve(uri, filesystem)
         # object stores: an upload is atomic, a rename is a copy; write in place (module doc)
         kind = self.fs.type_name  # "s3", "gcs", or "py::fsspec+('s3', 's3a')" for fsspec ones
         protocols = set(re.findall(r"\w+", kind.partition("fsspec+")[2])) | {kind}

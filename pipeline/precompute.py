@@ -11,7 +11,6 @@ or was only partly readable, or ``on_error=fail`` stopped the job; 2 the job cou
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 import uuid
@@ -23,11 +22,13 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, stages
 from .config import config_hash, process_config, quote_url_overrides, register_configs, validate
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, SHARDS, OutputDir
 from .noise import KeyedNoise
-from .records import FORMAT
+from .pool import ActorPool, pool_size
+from .raysession import RayConnectError, ray_session
+from .records import make_metadata
 from .schedule import make_schedule
 from .source import (
     Sample,
@@ -38,21 +39,14 @@ from .source import (
     iter_shard,
     shard_id,
 )
-from .worker import ShardWorker, make_decoder
+from .stages import make_decoder
+from .worker import ShardWorker
 
 log = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
     """The job cannot start; the message says which config key or path to fix (exit code 2)."""
-
-
-@dataclass
-class _Shard:
-    url: str
-    id: str
-    attempts: int = 0
-    errors: list = field(default_factory=list)
 
 
 def sample_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
@@ -86,18 +80,16 @@ def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
     noise = KeyedNoise(
         cfg.seed, sch.num_timesteps, cfg.sampling.draws_per_sample, cfg.sampling.timesteps
     )
-    source = process_config(cfg)["source"]
-    return {
-        "format": FORMAT,
-        "schedule": schedule.describe(),
-        "noise": noise.describe(),
-        "dtype": cfg.output.dtype,
-        "shape": shape,
-        "store_x0": cfg.output.store_x0,
-        "source": source,
-        "config_hash": chash,
-        "library_version": __version__,
-    }
+    return make_metadata(
+        schedule=schedule,
+        noise=noise,
+        dtype=cfg.output.dtype,
+        shape=shape,
+        store_x0=cfg.output.store_x0,
+        config_hash=chash,
+        source=process_config(cfg)["source"],
+        library_version=__version__,
+    )
 
 
 def _prepare_output(out: OutputDir, cfg: DictConfig, chash: str) -> dict | None:
@@ -145,276 +137,277 @@ def _remove_temporaries(out: OutputDir) -> None:
             out.remove(name)
 
 
-def _remove_uncommitted(out: OutputDir, shards: list, summaries: dict) -> None:
-    """After the last attempt: what attempts of shards that did not commit left behind (an actor
-    killed between its rename and its marker, a failed commit), so no file without a marker
-    remains, and temporary files of killed attempts."""
-    try:
-        _remove_temporaries(out)
-    except OSError as exc:  # the output became unwritable: the manifest write will say so
-        log.warning("cannot clean up %s: %s", out.display(), exc)
-    for s in shards:
-        for name in (out.data_name(s.id), out.rejects_name(s.id)) if s.id not in summaries else ():
-            try:
-                out.remove(name)
-            except OSError as exc:
-                log.warning("cannot remove %s of uncommitted shard %s: %s", name, s.id, exc)
+@dataclass
+class ShardTask:
+    """One input shard as the driver tracks it: its attempts and their errors."""
+
+    url: str
+    id: str
+    attempts: int = 0
+    errors: list = field(default_factory=list)
 
 
-def _num_actors(cfg: DictConfig, pending: int) -> int:
-    r = cfg.ray
-    if r.num_actors is not None:
-        return max(1, min(r.num_actors, pending))
-    res = ray.cluster_resources()
-    if r.gpus_per_actor > 0:
-        n = math.floor(res.get("GPU", 0) / r.gpus_per_actor)
-    else:
-        n = math.floor(res.get("CPU", 1) / r.cpus_per_actor)
-    return max(1, min(n, pending))
+@dataclass
+class JobState:
+    """Everything the driver knows about one run: the config, the output directory, the process
+    description, every shard, what is committed (``summaries``: shard id -> marker summary) and
+    what is still to do (``pending``)."""
 
+    cfg: DictConfig
+    out: OutputDir
+    metadata: dict
+    shards: list[ShardTask]
+    summaries: dict
+    pending: deque = field(init=False)
+    started: float = field(default_factory=time.time)
 
-class _Pool:
-    """Actors that take shards as they become idle; dead actors are replaced, never awaited.
+    def __post_init__(self):
+        self.pending = deque(s for s in self.shards if s.id not in self.summaries)
 
-    ``max_restarts=0``: Ray does not restart a dead actor in place (a task sent to an actor that
-    is restarting waits for it, forever if its node is gone and nothing else fits); the driver
-    starts a fresh actor instead, which Ray places wherever resources are free, or never (the
-    run goes on with fewer actors: degraded, not stuck)."""
+    @property
+    def max_attempts(self) -> int:
+        return self.cfg.ray.max_shard_retries + 1
 
-    def __init__(self, cfg: DictConfig, metadata: dict):
-        self.cls = ray.remote(ShardWorker).options(
-            num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor, max_restarts=0
-        )
-        self.args = (OmegaConf.to_container(cfg, resolve=True), metadata)
-        self.starting: dict = {}  # ready ref -> actor
-        self.idle: list = []
-        self.live = 0
-        self.wanted = 0
-        self.start_error: str | None = None  # why the last actor failed to start
+    def last_attempt(self, shard: ShardTask) -> bool:
+        return shard.attempts >= self.max_attempts
 
-    def start(self, n: int) -> None:
-        self.wanted = max(self.wanted, n)
-        for _ in range(n):
-            actor = self.cls.remote(*self.args)
-            self.starting[actor.info.remote()] = actor
+    def committed(self, shard: ShardTask, summary: dict) -> None:
+        self.summaries[shard.id] = summary
 
-    def ready(self, ref) -> None:
-        actor = self.starting.pop(ref)
-        try:
-            info = ray.get(ref)
-        except ray.exceptions.RayError as exc:
-            self.start_error = f"{type(exc).__name__}: {exc}"
-            log.warning("an actor failed to start: %s", exc)
-            return
-        log.info(
-            "actor ready: pid %s device %s gpu ids %s", info["pid"], info["device"], info["gpu_ids"]
-        )
-        self.idle.append(actor)
-        self.live += 1
-
-    def lost(self, actor, why: str) -> None:
-        """A busy actor died (its process, or its node): start a replacement."""
-        self.live -= 1
-        ray.kill(actor)  # if it is only unreachable, it must not go on writing
-        self.start(1)
-        log.warning(
-            "actor lost (%s): %d of %d actors live, a replacement is starting",
-            why, self.live, self.wanted,
-        )  # fmt: skip
-
-    def shutdown(self, busy=()) -> None:
-        for actor in list(self.starting.values()) + self.idle + list(busy):
-            ray.kill(actor)
-
-
-def _init_ray(cfg: DictConfig) -> None:
-    if ray.is_initialized():
-        return
-    try:
-        ray.init(address=cfg.ray.address, include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, ray.exceptions.RayError) as exc:  # no cluster there, token refused
-        where = cfg.ray.address or "a new local Ray"
-        raise JobError(f"cannot start or join Ray (ray.address={where}): {exc}") from exc
-
-
-def _write_manifest(out, cfg, chash, metadata, shards, summaries, started, final) -> dict:
-    entries = {}
-    for s in shards:
-        if s.id in summaries:
-            entries[s.id] = {**summaries[s.id], "attempts": max(s.attempts, 1)}
+    def failed_attempt(self, shard: ShardTask, reason: str) -> None:
+        """An attempt failed: retry the shard while attempts remain."""
+        shard.errors.append(f"attempt {shard.attempts}: {reason}")
+        if not self.last_attempt(shard):
+            log.warning(
+                "shard %s: %s; retrying (%d/%d)",
+                shard.url, reason, shard.attempts, self.max_attempts,
+            )  # fmt: skip
+            self.pending.append(shard)
         else:
-            status = "failed" if final else "pending"
-            entries[s.id] = {
-                "url": s.url,
-                "status": status,
-                "attempts": s.attempts,
-                "error": "; ".join(s.errors) or None,
-            }
-    totals = {
-        "shards": len(shards),
-        "ok": sum(e["status"] == "ok" for e in entries.values()),
-        "partial": sum(e["status"] == "partial" for e in entries.values()),
-        "failed": sum(e["status"] == "failed" for e in entries.values()),
-        "pending": sum(e["status"] == "pending" for e in entries.values()),
-        "samples": sum(e.get("samples", 0) for e in entries.values()),
-        "records": sum(e.get("records", 0) for e in entries.values()),
-        "rejected": sum(e.get("rejected", 0) for e in entries.values()),
-        "bytes": sum(e.get("bytes", 0) for e in entries.values()),
-    }
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "library_version": __version__,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "config_hash": chash,
-        "process_config": process_config(cfg),
-        "process": metadata,
-        "shards": entries,
-        "totals": totals,
-        "started": started,
-        "updated": time.time(),
-        "complete": final,
-    }
-    out.write_json(MANIFEST, manifest)
-    return manifest
+            log.error("shard %s failed after %d attempts: %s", shard.url, shard.attempts, reason)
 
+    def give_up(self, reason: str) -> None:
+        """No actor will come: every pending shard fails with ``reason``."""
+        for shard in self.pending:
+            shard.errors.append(reason)
+        self.pending.clear()
 
-def _write_rejects(out: OutputDir, shards: list[_Shard], manifest: dict) -> None:
-    rows = []
-    for s in shards:
-        entry = manifest["shards"][s.id]
-        if entry["status"] in COMMITTED and out.exists(out.rejects_name(s.id)):
-            rows.extend(out.read_jsonl(out.rejects_name(s.id)))
-        elif entry["status"] == "failed":
-            reason = f"shard failed after {s.attempts} attempt(s): {entry['error']}"
-            rows.append({"shard": s.id, "key": None, "index": None, "reason": reason})
-    out.write_jsonl(REJECTS, rows)
+    def manifest(self, final: bool) -> dict:
+        """The manifest (see manifest.py) as of now; ``final``: unfinished shards are failed."""
+        entries = {}
+        for s in self.shards:
+            if s.id in self.summaries:
+                entries[s.id] = {**self.summaries[s.id], "attempts": max(s.attempts, 1)}
+            else:
+                entries[s.id] = {
+                    "url": s.url,
+                    "status": "failed" if final else "pending",
+                    "attempts": s.attempts,
+                    "error": "; ".join(s.errors) or None,
+                }
+        values = entries.values()
+        totals = {"shards": len(self.shards)}
+        for status in ("ok", "partial", "failed", "pending"):
+            totals[status] = sum(e["status"] == status for e in values)
+        for key in ("samples", "records", "rejected", "bytes"):
+            totals[key] = sum(e.get(key, 0) for e in values)
+        return {
+            "format": MANIFEST_FORMAT,
+            "library_version": __version__,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config_hash": self.metadata["config_hash"],
+            "process_config": process_config(self.cfg),
+            "process": self.metadata,
+            "shards": entries,
+            "totals": totals,
+            "started": self.started,
+            "updated": time.time(),
+            "complete": final,
+        }
+
+    def write_manifest(self, final: bool) -> dict:
+        manifest = self.manifest(final)
+        self.out.write_json(MANIFEST, manifest)
+        return manifest
+
+    def write_rejects(self, manifest: dict) -> None:
+        """``rejects.jsonl``: the committed shards' rejects parts, and a row per failed shard."""
+        rows = []
+        for s in self.shards:
+            entry = manifest["shards"][s.id]
+            if entry["status"] in COMMITTED and self.out.exists(self.out.rejects_name(s.id)):
+                rows.extend(self.out.read_jsonl(self.out.rejects_name(s.id)))
+            elif entry["status"] == "failed":
+                reason = f"shard failed after {s.attempts} attempt(s): {entry['error']}"
+                rows.append({"shard": s.id, "key": None, "index": None, "reason": reason})
+        self.out.write_jsonl(REJECTS, rows)
+
+    def remove_uncommitted(self) -> None:
+        """After the last attempt: what attempts of shards that did not commit left behind (an
+        actor killed between its rename and its marker, a failed commit), so no file without a
+        marker remains, and temporary files of killed attempts."""
+        try:
+            _remove_temporaries(self.out)
+        except OSError as exc:  # the output became unwritable: the manifest write will say so
+            log.warning("cannot clean up %s: %s", self.out.display(), exc)
+        for s in self.shards:
+            if s.id in self.summaries:
+                continue
+            for name in (self.out.data_name(s.id), self.out.rejects_name(s.id)):
+                try:
+                    self.out.remove(name)
+                except OSError as exc:
+                    log.warning("cannot remove %s of uncommitted shard %s: %s", name, s.id, exc)
 
 
 def run(cfg: DictConfig) -> dict:
     """Run the job for a composed config; returns the manifest with an ``exit_code``."""
     validate(cfg)
-    urls = expand_urls(
-        OmegaConf.to_container(cfg.source.urls)
-        if not isinstance(cfg.source.urls, str)
-        else cfg.source.urls
-    )
-    if not urls:
-        raise JobError(f"source.urls={cfg.source.urls!r} expands to no shard")
+    spec = cfg.source.urls
+    urls = expand_urls(spec if isinstance(spec, str) else list(spec))
     check_unique_ids(urls)
     out = OutputDir(cfg.output.dir)
     chash = config_hash(cfg)
     old = _prepare_output(out, cfg, chash)
-    shards = [_Shard(u, shard_id(u)) for u in urls]
     summaries = {k: v for k, v in out.markers().items() if v.get("status") in COMMITTED}
-    pending = deque(s for s in shards if s.id not in summaries)
-    started = time.time()
     if old is not None and old.get("process", {}).get("shape"):
         shape = old["process"]["shape"]
     else:
         shape = sample_shape(cfg, urls)
-    metadata = dataset_metadata(cfg, shape, chash)
-    _write_manifest(out, cfg, chash, metadata, shards, summaries, started, final=False)
-    log.info("%d shards, %d already committed, %d to do", len(shards), len(summaries), len(pending))
-
-    if pending:
-        _init_ray(cfg)
-        _dispatch(cfg, out, metadata, shards, pending, summaries, started)
-    manifest = _write_manifest(out, cfg, chash, metadata, shards, summaries, started, final=True)
-    _write_rejects(out, shards, manifest)
+    job = JobState(
+        cfg=cfg,
+        out=out,
+        metadata=dataset_metadata(cfg, shape, chash),
+        shards=[ShardTask(u, shard_id(u)) for u in urls],
+        summaries=summaries,
+    )
+    job.write_manifest(final=False)
+    log.info(
+        "%d shards, %d already committed, %d to do",
+        len(job.shards), len(summaries), len(job.pending),
+    )  # fmt: skip
+    if job.pending:
+        try:
+            with ray_session(cfg.ray.address):
+                _dispatch(job)
+        except RayConnectError as exc:
+            raise JobError(str(exc)) from exc
+    manifest = job.write_manifest(final=True)
+    job.write_rejects(manifest)
     t = manifest["totals"]
     manifest["exit_code"] = 0 if t["partial"] == 0 and t["failed"] == 0 else 1
-    manifest["wall_seconds"] = time.time() - started
+    manifest["wall_seconds"] = time.time() - job.started
     return manifest
 
 
-def _dispatch(cfg, out, metadata, shards, pending: deque, summaries: dict, started) -> None:
-    max_attempts = cfg.ray.max_shard_retries + 1
-    timeout = cfg.ray.actor_start_timeout_s
-    pool = _Pool(cfg, metadata)
-    pool.start(_num_actors(cfg, len(pending)))
+class _Progress:
+    """The driver's tqdm bar over shards, with samples and samples/s."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = tqdm(total=total, unit="shard", disable=not enabled, dynamic_ncols=True)
+        self.samples, self.t0 = 0, time.perf_counter()
+
+    def shard_done(self, summary: dict) -> None:
+        self.samples += summary["samples"]
+        self.bar.update(1)
+        rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix(samples=self.samples, rate=f"{rate:.0f}/s", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _dispatch(job: JobState) -> None:
+    """Hand pending shards to idle actors until every shard is committed or out of attempts."""
+    r = job.cfg.ray
+    pool = ActorPool(
+        ShardWorker,
+        (OmegaConf.to_container(job.cfg, resolve=True), job.metadata),
+        num_cpus=r.cpus_per_actor,
+        num_gpus=r.gpus_per_actor,
+    )
+    pool.start(pool_size(r, len(job.pending)))
     running: dict = {}  # task ref -> (actor, shard)
-    bar = tqdm(total=len(pending), unit="shard", disable=not cfg.progress, dynamic_ncols=True)
-    samples, t0, last_manifest = 0, time.perf_counter(), time.monotonic()
-    no_actor_since = None
+    progress = _Progress(len(job.pending), job.cfg.progress)
+    last_manifest, no_actor_since = time.monotonic(), None
     try:
-        while pending or running:
-            while pool.idle and pending:
-                actor, shard = pool.idle.pop(), pending.popleft()
+        while job.pending or running:
+            while job.pending and (actor := pool.acquire()) is not None:
+                shard = job.pending.popleft()
                 shard.attempts += 1
-                running[actor.process.remote(shard.url, shard.attempts >= max_attempts)] = (
-                    actor,
-                    shard,
-                )
-            waiting = list(running) + list(pool.starting)
-            if not running and not pool.live:
-                no_actor_since = no_actor_since or time.monotonic()
-                if not pool.starting:  # every actor failed to start: none will come
-                    for shard in pending:
-                        shard.errors.append(f"no actor could start: {pool.start_error}")
-                    break
-                if time.monotonic() - no_actor_since > timeout:
-                    need = f"{cfg.ray.cpus_per_actor} CPU, {cfg.ray.gpus_per_actor} GPU"
-                    for shard in pending:
-                        shard.errors.append(
-                            f"no actor ({need}) could be placed on the cluster in {timeout:g} s "
-                            "(ray.actor_start_timeout_s)"
-                        )
-                    break
-            else:
+                running[actor.process.remote(shard.url)] = (actor, shard)
+            if running or pool.live:
                 no_actor_since = None
-            done, _ = ray.wait(waiting, num_returns=1, timeout=5.0)
+            else:
+                no_actor_since = no_actor_since or time.monotonic()
+                if _no_actor_will_come(job, pool, no_actor_since):
+                    break
+            done, _ = ray.wait([*running, *pool.starting_refs()], timeout=5.0)
             for ref in done:
-                if ref in pool.starting:
-                    pool.ready(ref)
+                if pool.is_starting(ref):
+                    pool.started(ref)
                     continue
                 actor, shard = running.pop(ref)
-                try:
-                    summary = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # process() raised
-                    pool.idle.append(actor)
-                    cause = exc.cause if hasattr(exc, "cause") else exc
-                    if isinstance(cause, SampleError):
-                        raise cause from None  # on_error=fail: stop at the first bad sample
-                    _retry(shard, f"{type(cause).__name__}: {cause}", pending, max_attempts)
-                    continue
-                except ray.exceptions.RayError as exc:  # the actor's process or node died
-                    why = f"actor died: {type(exc).__name__}"
-                    pool.lost(actor, f"{why} while processing {shard.id}")
-                    _retry(shard, why, pending, max_attempts)
-                    continue
-                pool.idle.append(actor)
-                summaries[shard.id] = summary
-                samples += summary["samples"]
-                bar.update(1)
-                rate = samples / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(samples=samples, rate=f"{rate:.0f}/s", refresh=False)
+                summary = _outcome(job, pool, actor, shard, ref)
+                if summary is not None:
+                    job.committed(shard, summary)
+                    progress.shard_done(summary)
             if time.monotonic() - last_manifest > 10:
-                _write_manifest(
-                    out,
-                    cfg,
-                    metadata["config_hash"],
-                    metadata,
-                    shards,
-                    summaries,
-                    started,
-                    final=False,
-                )
+                job.write_manifest(final=False)
                 last_manifest = time.monotonic()
-        _remove_uncommitted(out, shards, summaries)  # nothing runs any more
+        job.remove_uncommitted()  # nothing runs any more
     finally:
-        bar.close()
-        pool.shutdown(busy=[actor for actor, _ in running.values()])
+        progress.close()
+        pool.shutdown()
 
 
-def _retry(shard: _Shard, reason: str, pending: deque, max_attempts: int) -> None:
-    shard.errors.append(f"attempt {shard.attempts}: {reason}")
-    if shard.attempts < max_attempts:
-        log.warning(
-            "shard %s: %s; retrying (%d/%d)", shard.url, reason, shard.attempts, max_attempts
+def _no_actor_will_come(job: JobState, pool: ActorPool, since: float) -> bool:
+    """With no live actor: fail the pending shards when every actor failed to start, or when
+    none could be placed within ``ray.actor_start_timeout_s``."""
+    r = job.cfg.ray
+    if not pool.any_starting:
+        job.give_up(f"no actor could start: {pool.start_error}")
+        return True
+    if time.monotonic() - since > r.actor_start_timeout_s:
+        need = f"{r.cpus_per_actor} CPU, {r.gpus_per_actor} GPU"
+        job.give_up(
+            f"no actor ({need}) could be placed on the cluster in {r.actor_start_timeout_s:g} s "
+            "(ray.actor_start_timeout_s)"
         )
-        pending.append(shard)
-    else:
-        log.error("shard %s failed after %d attempts: %s", shard.url, shard.attempts, reason)
+        return True
+    return False
+
+
+def _outcome(job: JobState, pool: ActorPool, actor, shard: ShardTask, ref) -> dict | None:
+    """The committed summary of a finished task, or None after recording why it failed. A
+    partial shard (its stream broke after some samples) is committed on its last attempt and
+    discarded otherwise: the retry policy lives here, not in the worker."""
+    try:
+        result = ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # process() raised
+        pool.release(actor)
+        cause = exc.cause if hasattr(exc, "cause") else exc
+        if isinstance(cause, SampleError):
+            raise cause from None  # on_error=fail: stop at the first bad sample
+        job.failed_attempt(shard, f"{type(cause).__name__}: {cause}")
+        return None
+    except ray.exceptions.RayError as exc:  # the actor's process or node died
+        why = f"actor died: {type(exc).__name__}"
+        pool.lost(actor, f"{why} while processing {shard.id}")
+        job.failed_attempt(shard, why)
+        return None
+    pool.release(actor)
+    if "tmp" not in result:
+        return result
+    if not job.last_attempt(shard):
+        stages.discard(job.out, result)
+        job.failed_attempt(shard, f"ShardReadError: {result['error']}")
+        return None
+    try:
+        return stages.commit(job.out, result)
+    except OSError as exc:
+        job.failed_attempt(shard, f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def format_summary(manifest: dict) -> str:

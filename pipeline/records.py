@@ -38,6 +38,11 @@ SCALAR_COLUMNS = ("posterior_variance", "posterior_log_variance", "alpha_bar")
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
+def tensor_columns(store_x0: bool) -> tuple[str, ...]:
+    """The tensor columns of a file: :data:`TENSOR_COLUMNS`, and ``x_0`` with ``store_x0``."""
+    return (*TENSOR_COLUMNS, "x_0") if store_x0 else TENSOR_COLUMNS
+
+
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise ValueError(f"output.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -66,6 +71,55 @@ def record_schema(
         fields.append(pa.field("x_0", tt, nullable=False))
     meta = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)} if metadata else None
     return pa.schema(fields, metadata=meta)
+
+
+def make_metadata(
+    *,
+    schedule,
+    noise,
+    dtype: str,
+    shape: Sequence[int],
+    store_x0: bool,
+    config_hash: str,
+    source: Mapping | None = None,
+    library_version: str | None = None,
+) -> dict:
+    """The ``ddpm`` process description of a dataset (see the module docstring): what a reader
+    needs to interpret and regenerate every record. ``schedule`` is a NoiseSchedule, ``noise`` a
+    KeyedNoise; ``source`` describes the input (decoding, normalisation; the shard URL is added
+    per file)."""
+    meta = {
+        "format": FORMAT,
+        "schedule": schedule.describe(),
+        "noise": noise.describe(),
+        "dtype": check_dtype(dtype),
+        "shape": [int(s) for s in shape],
+        "store_x0": bool(store_x0),
+        "config_hash": config_hash,
+    }
+    if source is not None:
+        meta["source"] = dict(source)
+    if library_version is not None:
+        meta["library_version"] = library_version
+    return meta
+
+
+def writer_options(schema: pa.Schema, compression: str, tensor_compression: str) -> dict:
+    """Keyword arguments of ``pyarrow.parquet.ParquetWriter`` / ``write_table`` for a record file.
+
+    Tensor columns get ``tensor_compression`` (Gaussian noise does not compress: ``none`` by
+    default), scalars ``compression``; only ``key`` is dictionary-encoded (dictionaries of float
+    tensors slow reads for nothing), and statistics are kept for the scalar columns only (min/max
+    of a tensor column is of no use to a reader and costs encode time).
+    """
+    tensors = {f.name for f in schema if isinstance(f.type, pa.FixedShapeTensorType)}
+    return {
+        "compression": {
+            f.name: tensor_compression if f.name in tensors else compression for f in schema
+        },
+        "use_dictionary": ["key"],
+        "write_statistics": [f.name for f in schema if f.name not in tensors],
+    }
 
 
 def tensor_array(values: np.ndarray, type_: pa.FixedShapeTensorType) -> pa.ExtensionArray:

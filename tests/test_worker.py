@@ -12,15 +12,8 @@ import torch
 from pipeline.noise import KeyedNoise
 from pipeline.schedule import make_schedule
 from pipeline.source import ArrayDecoder, ImageDecoder, Sample
-from pipeline.worker import (
-    DEVICE_BYTES_PER_ELEMENT,
-    _RowGroupWriter,
-    compute_records,
-    fit_batch_size,
-    make_decoder,
-    read_ahead,
-    resolve_device,
-)
+from pipeline.stages import RowGroupWriter, compute_records, make_decoder, read_ahead
+from pipeline.worker import DEVICE_BYTES_PER_ELEMENT, fit_batch_size, resolve_device
 
 
 def test_resolve_device_from_assigned_gpus():
@@ -44,8 +37,12 @@ def test_cuda_records_equal_cpu_records_up_to_float32_rounding():
         Sample(f"k{i}", i, np.random.default_rng(i).standard_normal((3, 8, 8)).astype(np.float32))
         for i in range(5)
     ]
-    cpu = compute_records(sched, noise, "s", samples, torch.device("cpu"), "float32", True)
-    gpu = compute_records(sched, noise, "s", samples, torch.device("cuda", 0), "float32", True)
+    cpu = compute_records(
+        sched, noise, "s", samples, device=torch.device("cpu"), dtype="float32", store_x0=True
+    )
+    gpu = compute_records(
+        sched, noise, "s", samples, device=torch.device("cuda", 0), dtype="float32", store_x0=True
+    )
     np.testing.assert_array_equal(cpu["epsilon"], gpu["epsilon"])
     np.testing.assert_array_equal(cpu["t"], gpu["t"])
     np.testing.assert_allclose(cpu["x_t"], gpu["x_t"], rtol=1e-6, atol=1e-6)
@@ -68,8 +65,12 @@ def test_compute_records_layout_and_half_precision():
     samples = [
         Sample(f"k{i}", 10 + i, rng.standard_normal((2, 4, 4)).astype(np.float32)) for i in range(4)
     ]
-    c32 = compute_records(sched, noise, "sh", samples, torch.device("cpu"), "float32", True)
-    c16 = compute_records(sched, noise, "sh", samples, torch.device("cpu"), "float16", True)
+    c32 = compute_records(
+        sched, noise, "sh", samples, device=torch.device("cpu"), dtype="float32", store_x0=True
+    )
+    c16 = compute_records(
+        sched, noise, "sh", samples, device=torch.device("cpu"), dtype="float16", store_x0=True
+    )
     assert c32["key"] == [f"k{i}" for i in range(4) for _ in range(3)]
     assert list(c32["index"]) == [10, 10, 10, 11, 11, 11, 12, 12, 12, 13, 13, 13]
     assert list(c32["draw"]) == [0, 1, 2] * 4
@@ -83,7 +84,7 @@ def test_compute_records_layout_and_half_precision():
 def test_row_group_writer_writes_exact_groups(tmp_path):
     schema = pa.schema([("v", pa.int64())])
     path = tmp_path / "x.parquet"
-    w = _RowGroupWriter(pq.ParquetWriter(path, schema), rows=4)
+    w = RowGroupWriter(pq.ParquetWriter(path, schema), rows=4)
     for n in (3, 3, 1, 6, 2):
         w.write(pa.table({"v": np.arange(n)}, schema=schema))
     w.close()

@@ -1,0 +1,55 @@
+"""Where a path or URI lives: the one place that turns ``/data/x``, ``s3://b/x``, ``memory://x``
+into a ``pyarrow.fs.FileSystem`` and a path on it.
+
+pyarrow resolves local paths and the schemes it implements itself (:data:`PYARROW_SCHEMES`);
+any other scheme goes through fsspec (``memory://``, ``az://``, ...), wrapped so the rest of the
+project sees one filesystem API. A filesystem passed in explicitly (pyarrow or fsspec) wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+# URI schemes pyarrow.fs resolves itself; any other scheme goes through fsspec.
+PYARROW_SCHEMES = ("file", "local", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")
+
+
+def scheme(uri: str) -> str:
+    """The lower-case URI scheme, or "" for a plain path."""
+    return uri.split("://", 1)[0].lower() if "://" in uri else ""
+
+
+def is_remote(uri: str) -> bool:
+    """True for a URI on another filesystem than the local one (``s3://``, ``memory://``, ...)."""
+    return scheme(uri) not in ("", "file", "local")
+
+
+def resolve(uri: str, filesystem=None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for ``uri``; a local path is made absolute.
+
+    ``filesystem``: a ``pyarrow.fs.FileSystem`` or an fsspec filesystem to use instead of the
+    one the URI names (the URI's scheme, if any, is then stripped from the path).
+    """
+    if filesystem is not None:
+        if not isinstance(filesystem, pafs.FileSystem):  # an fsspec filesystem
+            filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+        path = uri.split("://", 1)[1] if "://" in uri else uri
+        return filesystem, path.rstrip("/") or "/"
+    kind = scheme(uri)
+    if kind and kind not in PYARROW_SCHEMES:
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    if kind:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def open_input(uri: str):
+    """A readable binary stream of the file at ``uri`` (any scheme :func:`resolve` knows)."""
+    fs, path = resolve(uri)
+    return fs.open_input_stream(path)

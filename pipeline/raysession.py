@@ -1,0 +1,45 @@
+"""Connecting to Ray: the one place where the driver and the validator start or join it.
+
+``ray.address``:
+
+* ``null``: always a new embedded Ray of this process (``ray.init(address="local")``). A bare
+  ``ray.init()`` would join whatever ``/tmp/ray/ray_current_cluster`` names (a ``ray start``
+  cluster that may be long dead, where it retries forever, or another embedded run, which takes
+  its Ray down when it ends); ``"local"`` never does.
+* ``auto``: join the cluster of this machine (``RAY_ADDRESS``, or the running ``ray start``).
+* an address (``ray://head:10001``, ``head:6379``): join that cluster.
+
+A Ray that the calling process already initialised (a test session, a notebook, a Ray job's
+driver) is used as it is and left running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+
+class RayConnectError(RuntimeError):
+    """Ray could not be started or joined; the message names ``ray.address`` and the cause."""
+
+
+@contextmanager
+def ray_session(address: str | None, **init_kwargs) -> Iterator[None]:
+    """Ray for the duration of the block (see the module docstring for ``address``); a Ray this
+    block started is shut down when it ends. ``init_kwargs`` go to ``ray.init``."""
+    if ray.is_initialized():
+        yield
+        return
+    options = {"include_dashboard": False, "logging_level": logging.WARNING, **init_kwargs}
+    try:
+        ray.init(address="local" if address is None else address, **options)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        where = "null (a new embedded Ray)" if address is None else address
+        raise RayConnectError(f"cannot start or join Ray (ray.address={where}): {exc}") from exc
+    try:
+        yield
+    finally:
+        ray.shutdown()

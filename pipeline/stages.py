@@ -1,0 +1,312 @@
+"""The stages a shard goes through inside a worker: read -> batch -> (encode) -> noise -> write
+-> commit.
+
+Like NeMo Curator's stages, each is built once per actor (its ``__init__`` is the ``setup``: tables,
+decoders' settings, device) and then called per shard or per batch. :class:`pipeline.worker.ShardWorker`
+chains them; an encoder (a frozen VAE on the GPU) slots in between batching and noising as one more
+stage with the same ``process(shard, batch) -> batch`` shape.
+
+* :class:`ReadStage`: a shard's samples in tar order (:func:`pipeline.source.iter_shard`), decoded
+  ahead by a reader thread when ``read_ahead`` allows (:mod:`pipeline.prefetch`).
+* :func:`batches`: samples in batches of ``batch_size``; rejects and a stream fault go to a
+  :class:`Tally` instead of ending the shard's good samples.
+* :class:`NoiseStage`: (t, eps) drawn on the CPU from the keyed streams, x_t and the posterior on
+  the device (:func:`compute_records`).
+* :class:`ParquetSink`: row groups of exactly ``rows_per_group`` rows into a temporary file.
+* :func:`commit`: rejects part -> rename -> marker (the commit point, see :mod:`pipeline.manifest`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .diffusion import q_posterior, q_sample
+from .manifest import OutputDir, OutputWriteError
+from .noise import KeyedNoise
+from .prefetch import ReadAhead
+from .records import DTYPES, build_table, writer_options
+from .schedule import NoiseSchedule
+from .source import ArrayDecoder, ImageDecoder, Reject, Sample, ShardReadError, iter_shard
+
+log = logging.getLogger(__name__)
+
+
+def make_decoder(source: dict, shape: Sequence[int] | None = None):
+    """A fresh decoder for one shard, from the ``source`` config group."""
+    if source["kind"] == "images":
+        return ImageDecoder(
+            resolution=source["resolution"],
+            channels=source["channels"],
+            normalize=source["normalize"],
+            alpha=source["alpha"],
+        )
+    shape = shape if shape is not None else source.get("shape")
+    return ArrayDecoder(
+        shape=tuple(shape) if shape is not None else None,
+        scale=source["scale"],
+        shift=source["shift"],
+    )
+
+
+def read_ahead(cfg: dict) -> int:
+    """Batches decoded ahead by a reader thread: ``read_ahead``, or when null 2 if the actor has
+    a second CPU for it, else 0 (measured: with one CPU the thread only adds GIL contention)."""
+    if cfg["read_ahead"] is not None:
+        return int(cfg["read_ahead"])
+    return 2 if cfg["ray"]["cpus_per_actor"] >= 2 else 0
+
+
+def reject_row(shard: str, key: str | None, index: int | None, reason: str) -> dict:
+    """A row of ``rejects.jsonl``: a sample (key, index) or the whole shard (None, None)."""
+    return {"shard": shard, "key": key, "index": index, "reason": reason}
+
+
+@dataclass
+class Tally:
+    """What one shard's read produced besides its samples: counts, rejects, a stream fault."""
+
+    shard: str
+    samples: int = 0  # every group of the shard: good samples and rejects
+    records: int = 0
+    rejects: list = field(default_factory=list)
+    read_error: str | None = None  # the stream broke after ``samples`` groups
+
+
+class ReadStage:
+    """Decoded samples of one shard, in tar order (see :func:`pipeline.source.iter_shard`)."""
+
+    def __init__(self, cfg: dict, shape: Sequence[int], batch_size: int):
+        self.source, self.on_error = cfg["source"], cfg["on_error"]
+        self.shape = shape
+        self.depth = read_ahead(cfg) * batch_size  # samples decoded ahead (0: inline)
+
+    def read(self, url: str):
+        """A context manager over the shard's :class:`Sample`/:class:`Reject` items."""
+        items = iter_shard(url, make_decoder(self.source, self.shape), on_error=self.on_error)
+        if self.depth > 0:
+            return ReadAhead(items, self.depth, name="shard-reader")
+        return nullcontext(items)
+
+
+def batches(items: Iterator, size: int, tally: Tally) -> Iterator[list[Sample]]:
+    """``items`` in batches of ``size`` samples; rejects go to ``tally``. A stream fault
+    (:class:`ShardReadError`) is recorded in ``tally.read_error`` after the last full batch and
+    ends the shard: the samples read before it are still yielded."""
+    batch: list[Sample] = []
+    try:
+        for item in items:
+            tally.samples += 1
+            if isinstance(item, Reject):
+                tally.rejects.append(reject_row(tally.shard, item.key, item.index, item.reason))
+                continue
+            batch.append(item)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    except ShardReadError as exc:
+        tally.read_error = str(exc)
+    if batch:
+        yield batch
+
+
+def compute_records(
+    schedule: NoiseSchedule,
+    noise: KeyedNoise,
+    shard: str,
+    samples: Sequence[Sample],
+    *,
+    device: torch.device,
+    dtype: str,
+    store_x0: bool,
+) -> dict[str, np.ndarray | list]:
+    """The record columns for a batch of samples (N samples -> N*K rows, sample-major).
+
+    t and eps are drawn on the CPU from the keyed streams (so they are bit-identical on every
+    device); x_t and the posterior mean are computed on ``device``. On CUDA the inputs go through
+    pinned host memory with asynchronous copies, the results come back the same way, and the
+    stream is synchronised once per batch, before the columns are handed to Arrow.
+    """
+    keys = [s.key for s in samples]
+    indices = np.array([s.index for s in samples], dtype=np.int64)
+    x0 = np.stack([s.array for s in samples])  # [N, C, ...] float32
+    K = noise.draws
+    digests = noise.digests(shard, keys)
+    t = noise.timesteps(digests, shard, indices)  # [N*K]
+    eps = noise.noise(digests, x0.shape[1:])  # [N*K, C, ...] float32, always drawn on the CPU
+    if K > 1:
+        x0 = np.repeat(x0, K, axis=0)
+    out = DTYPES[dtype][0]
+    torch_out = torch.float16 if out == np.float16 else torch.float32
+    x0_h, eps_h = torch.from_numpy(x0), torch.from_numpy(eps)
+    x0_d, eps_d = _to_device(x0_h, device), _to_device(eps_h, device)
+    t_d = torch.from_numpy(t)
+    x_t = q_sample(schedule, x0_d, t_d, eps_d)  # float32: the posterior uses the unrounded x_t
+    mean, _, _ = q_posterior(schedule, x0_d, x_t, t_d, out_dtype=torch_out)
+    x_t_h, mean_h = _to_host(x_t.to(torch_out)), _to_host(mean)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the host copies are complete
+    cols = {
+        "key": [k for k in keys for _ in range(K)],
+        "index": np.repeat(indices, K),
+        "draw": np.tile(np.arange(K, dtype=np.int32), len(keys)),
+        "t": t.astype(np.int32),
+        "x_t": x_t_h.numpy(),
+        "epsilon": eps_h.to(torch_out).numpy(),  # torch's float16 cast is ~2.5x numpy's
+        "posterior_mean": mean_h.numpy(),
+        "posterior_variance": schedule.posterior_variance[t].astype(np.float32),
+        "posterior_log_variance": schedule.posterior_log_variance_clipped[t].astype(np.float32),
+        "alpha_bar": schedule.alphas_cumprod[t].astype(np.float32),
+    }
+    if store_x0:
+        cols["x_0"] = x0_h.to(torch_out).numpy()
+    return cols
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: on CUDA copied from pinned memory, without blocking."""
+    if device.type != "cuda":
+        return x
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A device tensor in (pinned) host memory; from CUDA the copy is asynchronous: synchronise
+    the stream before reading it."""
+    if x.device.type != "cuda":
+        return x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return host.copy_(x, non_blocking=True)
+
+
+class NoiseStage:
+    """The forward process for batches of samples: :func:`compute_records` with this actor's
+    schedule, keyed noise, device and output dtype."""
+
+    def __init__(self, *, schedule, noise, device: torch.device, dtype: str, store_x0: bool):
+        self.schedule, self.noise, self.device = schedule, noise, device
+        self.dtype, self.store_x0 = dtype, store_x0
+
+    def process(self, shard: str, batch: Sequence[Sample]) -> dict:
+        return compute_records(
+            self.schedule,
+            self.noise,
+            shard,
+            batch,
+            device=self.device,
+            dtype=self.dtype,
+            store_x0=self.store_x0,
+        )
+
+
+class RowGroupWriter:
+    """Writes tables to a ParquetWriter in row groups of exactly ``rows`` rows (last may be short)."""
+
+    def __init__(self, writer: pq.ParquetWriter, rows: int):
+        self.writer, self.rows, self.pending = writer, rows, []
+        self.pending_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.rows:
+            merged = pa.concat_tables(self.pending)
+            full = (merged.num_rows // self.rows) * self.rows
+            self.writer.write_table(merged.slice(0, full), row_group_size=self.rows)
+            rest = merged.slice(full)
+            self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=self.rows)
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Close the file after a failure without writing what is pending."""
+        self.writer.close()
+
+
+class ParquetSink:
+    """One shard's records into a temporary Parquet file of ``out``; :meth:`close` leaves it
+    complete under :attr:`tmp`, :meth:`abort` removes it. Errors name the final file."""
+
+    def __init__(self, out: OutputDir, shard: str, schema: pa.Schema, output_cfg: dict):
+        self.out, self.schema = out, schema
+        self.name = out.data_name(shard)
+        self.tmp = out.tmp_name(self.name)
+        options = writer_options(
+            schema, output_cfg["compression"], output_cfg["tensor_compression"]
+        )
+        try:
+            writer = pq.ParquetWriter(out.path(self.tmp), schema, filesystem=out.fs, **options)
+        except OSError as exc:
+            raise self.error(exc) from exc
+        self.rows = RowGroupWriter(writer, output_cfg["rows_per_group"])
+
+    def write(self, cols: dict) -> int:
+        """Append a batch's columns; returns its row count."""
+        table = build_table(self.schema, cols)
+        try:
+            self.rows.write(table)
+        except OSError as exc:
+            raise self.error(exc) from exc
+        return table.num_rows
+
+    def close(self) -> None:
+        try:
+            self.rows.close()
+        except OSError as exc:
+            raise self.error(exc) from exc
+
+    def abort(self) -> None:
+        """Nothing of this attempt may stay; cleanup errors must not hide the first one."""
+        quietly(self.rows.abort)
+        quietly(self.out.remove, self.tmp)
+
+    def error(self, exc: BaseException) -> OutputWriteError:
+        return OutputWriteError(f"cannot write {self.out.display(self.name)}: {exc}")
+
+
+def commit(out: OutputDir, result: dict) -> dict:
+    """Commit a shard written to ``result["tmp"]``: its rejects part, the rename into place, then
+    the marker ``_shards/<shard>.json`` (the commit point). Returns the marker's summary. On
+    failure the temporary file is removed and an :class:`OutputWriteError` names the file."""
+    shard, name = result["shard"], result["file"]
+    rejects = list(result["rejects"])
+    if result["error"] is not None:
+        rejects.append(reject_row(shard, None, None, f"shard read error: {result['error']}"))
+    summary = {k: v for k, v in result.items() if k not in ("tmp", "rejects", "shard")}
+    try:
+        out.write_jsonl(out.rejects_name(shard), rejects)
+        out.commit(result["tmp"], name)
+        summary["bytes"] = out.size(name)
+        out.write_json(out.marker_name(shard), summary)
+    except OSError as exc:  # not committed: the driver retries, then removes what is left
+        quietly(out.remove, result["tmp"])
+        raise OutputWriteError(f"cannot write {out.display(name)}: {exc}") from exc
+    return summary
+
+
+def discard(out: OutputDir, result: dict) -> None:
+    """Drop an uncommitted shard's temporary file (a partial attempt that will be retried)."""
+    quietly(out.remove, result["tmp"])
+
+
+def quietly(fn, *args) -> None:
+    """Best-effort cleanup after a failure: its own error must not hide the first one."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        log.warning("cleanup %s%s failed: %s", getattr(fn, "__name__", fn), args, exc)
+
+
+def elapsed(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
