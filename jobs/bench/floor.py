@@ -8,6 +8,9 @@ one ``resize(box=...)``, to float32 [-1, 1]; arrays: ``np.load``), draws ``t`` a
 ``x_t`` and the posterior in float32 numpy from the float64 tables of :mod:`pipeline.schedule`,
 casts to float16 and writes one Parquet file per shard (``arrow.fixed_shape_tensor`` columns,
 the project's columns and codecs) in row groups of 256. No framework, no checks, no manifest.
+The one piece of the project it uses besides the schedule's tables is the ~10-line Arrow wrapper
+:func:`pipeline.records.tensor_array` (numpy buffer -> tensor column, zero-copy): plain pyarrow
+that the floor would otherwise write out the same way.
 
 The draws follow the project's record identity (``pipeline.noise``: BLAKE2b of (seed, shard,
 key, draw) keys a Philox stream for eps and gives t), re-implemented inline so that the floor's
@@ -38,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.records import tensor_array, tensor_type
 from pipeline.schedule import make_schedule
 
 PERSON = b"ddpm-precompute"  # the BLAKE2b personalisation of pipeline.noise
@@ -106,18 +110,6 @@ def draw(seed: int, shard: str, keys: list[str], T: int, shape: tuple) -> tuple:
     return t, eps
 
 
-def tensor_column(values: np.ndarray) -> pa.ExtensionArray:
-    """float16 [N, *shape] -> arrow.fixed_shape_tensor column (zero-copy)."""
-    flat = values.reshape(-1)
-    size = int(np.prod(values.shape[1:]))
-    storage = pa.FixedSizeListArray.from_arrays(
-        pa.Array.from_buffers(pa.float16(), flat.size, [None, pa.py_buffer(flat)]), size
-    )
-    return pa.ExtensionArray.from_storage(
-        pa.fixed_shape_tensor(pa.float16(), list(values.shape[1:])), storage
-    )
-
-
 def record_table(tab: Tables, seed: int, shard: str, keys, index, x0: np.ndarray) -> pa.Table:
     """The project's record columns for a batch [N, C, ...] of one shard."""
     t, eps = draw(seed, shard, keys, tab.T, x0.shape[1:])
@@ -128,15 +120,17 @@ def record_table(tab: Tables, seed: int, shard: str, keys, index, x0: np.ndarray
 
     x_t = g(tab.a) * x0 + g(tab.s) * eps
     mean = g(tab.c1) * x0 + g(tab.c2) * x_t
+    # cast here, in numpy (the floor's float16 cast); tensor_array then only wraps the buffers
+    tt = tensor_type(x0.shape[1:], "float16")
     return pa.table(
         {
             "key": pa.array(keys, pa.string()),
             "index": pa.array(np.asarray(index, dtype=np.int64)),
             "draw": pa.array(np.zeros(len(keys), dtype=np.int32)),
             "t": pa.array(t.astype(np.int32)),
-            "x_t": tensor_column(x_t.astype(np.float16)),
-            "epsilon": tensor_column(eps.astype(np.float16)),
-            "posterior_mean": tensor_column(mean.astype(np.float16)),
+            "x_t": tensor_array(x_t.astype(np.float16), tt),
+            "epsilon": tensor_array(eps.astype(np.float16), tt),
+            "posterior_mean": tensor_array(mean.astype(np.float16), tt),
             "posterior_variance": pa.array(tab.var[t].astype(np.float32)),
             "posterior_log_variance": pa.array(tab.logvar[t].astype(np.float32)),
             "alpha_bar": pa.array(tab.ab[t].astype(np.float32)),

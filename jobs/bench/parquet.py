@@ -23,13 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.records import tensor_array, tensor_type
+
 ROWS, SHAPE = 1024, (3, 64, 64)
-
-
-def tensor_column(x: np.ndarray) -> pa.ExtensionArray:
-    flat = pa.Array.from_buffers(pa.float16(), x.size, [None, pa.py_buffer(x.reshape(-1))])
-    storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(x.shape[1:])))
-    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float16(), x.shape[1:]), storage)
 
 
 def binary_column(x: np.ndarray) -> pa.Array:
@@ -51,7 +47,8 @@ def time_write(table: pa.Table, path: str, **options) -> tuple[float, int]:
 
 def main() -> int:
     x = np.random.default_rng(0).standard_normal((ROWS, *SHAPE)).astype(np.float16)
-    tensors = pa.table({name: tensor_column(x) for name in ("x_t", "epsilon", "posterior_mean")})
+    tt = tensor_type(SHAPE, "float16")  # the project's column type, built as the project does
+    tensors = pa.table({name: tensor_array(x, tt) for name in ("x_t", "epsilon", "posterior_mean")})
     binary = pa.table({name: binary_column(x) for name in ("x_t", "epsilon", "posterior_mean")})
     project = {"use_dictionary": False, "write_statistics": False}
     cases = [

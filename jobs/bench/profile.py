@@ -48,7 +48,7 @@ STAGES = [
     ),
     ("float16 cast", r"$^", r"float16|torch_out|\.to\("),
     ("to float32, normalise", r"ImageDecoder|decode_image|decode_array", None),
-    ("Arrow table build", r"build_table|tensor_array|tensor_column|pa\.table", None),
+    ("Arrow table build", r"build_table|tensor_array|pa\.table", None),
     ("Parquet encode, write", r"ParquetWriter|write_table|_RowGroupWriter|parquet", None),
     ("commit, manifest", r"commit \(|write_json|write_jsonl", None),
 ]
