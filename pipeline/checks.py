@@ -1,13 +1,15 @@
 """The named checks of pipeline.validate: verdicts from the merged statistics of a scan.
 
 :class:`pipeline.scan.DatasetStats` holds the merged per-shard statistics of
-:func:`pipeline.scan.scan_shard`. Each check function turns them into a :class:`Check`: a list of items, each a
-statistic with its expected value and a tolerance of ``z`` standard errors (``kind="z"``), a
-p-value against ``alpha = 2 Phi(-z)`` (``kind="p"``), or a count/figure against a limit
-(``kind="limit"``). Items come in families (per shard, per channel, per t-bin, ...): with
-``family_correction`` a family of m tests uses z_m = Phi^-1(1 - Phi(-z)/m) (Bonferroni), so each
-family's false-alarm probability stays about 2 Phi(-z) (5.7e-7 at z = 5) whatever the dataset
-size. An item's ``severity`` is "error" (fails the check) or "warning" (reported, passes).
+:func:`pipeline.scan.scan_shard`. Each check function turns them into a :class:`Check`: a list
+of items, each a statistic with its expected value and a tolerance of ``z`` standard errors
+(``kind="z"``), a p-value against ``alpha = 2 Phi(-z)`` (``kind="p"``), or a count/figure
+against a limit (``kind="limit"``). Items come in families (per shard, per channel, per t-bin,
+...): with ``family_correction`` a family of m tests uses z_m = Phi^-1(1 - Phi(-z)/m)
+(Bonferroni), so each family's false-alarm probability stays about 2 Phi(-z) (5.7e-7 at z = 5)
+whatever the dataset size. An item's ``severity`` is "error" (fails the check) or "warning"
+(reported, passes). A check's notes explain it; those a reader must not miss (what this dataset
+could not show, what about the data explains the numbers) are also :class:`Highlight` s.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import math
 import posixpath
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats as sps
@@ -25,6 +28,27 @@ from .scan import DatasetStats, ScanPlan
 from .stats import GroupedCoMoments, chi2_binned, correlation, linear_mean_se, shared_chi2
 
 # -- verdicts ------------------------------------------------------------------------------
+
+
+HIGHLIGHT_KINDS = ("not_checked", "data")
+
+
+@dataclass(frozen=True)
+class Highlight:
+    """A note of a check that the CLI prints under the summary table.
+
+    ``kind`` is "not_checked" (a property this dataset cannot show, e.g. without stored x_0) or
+    "data" (a property of the data, not a defect, that explains the figures); ``subject`` names
+    what it is about; ``text`` is the sentence shown (it is also one of the check's notes).
+    """
+
+    kind: str
+    subject: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in HIGHLIGHT_KINDS:
+            raise ValueError(f"Highlight kind must be one of {HIGHLIGHT_KINDS}, got {self.kind!r}")
 
 
 @dataclass
@@ -38,6 +62,7 @@ class Check:
     threshold: float | None
     summary: str
     detail: dict
+    highlights: list[Highlight] = field(default_factory=list)
 
 
 def family_z(z: float, m: int, correct: bool = True) -> float:
@@ -85,11 +110,24 @@ def corr_item(where, quantity, r, n, expected=0.0, severity="error") -> dict | N
     return zitem(where, quantity, r, expected, 1 / math.sqrt(n), severity, n=n) if n > 2 else None
 
 
-def verdict(name, families, z, correct, notes=(), statistic=None, threshold=None, extra=None):
-    """A Check from families of items; each family gets its own multiple-test threshold z_m.
+def verdict(
+    name: str,
+    families: Sequence[Sequence[dict | None]],
+    *,
+    z: float,
+    correct: bool,
+    notes: Sequence[str | Highlight] = (),
+    statistic: float | None = None,
+    threshold: float | None = None,
+    extra: dict | None = None,
+) -> Check:
+    """A Check from families of items; each family gets its own multiple-test threshold z_m
+    (``z`` raised for its size when ``correct``). None items (not computable) are dropped.
 
     Its statistic is the largest |z| (vs the largest z_m), else the smallest p-value (vs its
-    alpha), unless given (a count or ratio vs its limit).
+    alpha), unless given (a count or ratio vs its ``threshold``). ``notes`` are text, or
+    :class:`Highlight` s (kept in the notes as their text, and in ``Check.highlights``);
+    ``extra`` adds to ``Check.detail``.
     """
     items = []
     for fam in families:
@@ -125,12 +163,18 @@ def verdict(name, families, z, correct, notes=(), statistic=None, threshold=None
         "statistic_name": stat_name,
         "n_items": len(items),
         "items": keep,
-        "notes": list(notes),
+        "notes": [n.text if isinstance(n, Highlight) else n for n in notes],
     }
-    sev = "error" if errors else "warning" if warns else "info"
-    stat = None if statistic is None else float(statistic)
-    thr = None if threshold is None else float(threshold)
-    return Check(name, not errors, sev, stat, thr, summary, {**detail, **(extra or {})})
+    return Check(
+        name=name,
+        passed=not errors,
+        severity="error" if errors else "warning" if warns else "info",
+        statistic=None if statistic is None else float(statistic),
+        threshold=None if threshold is None else float(threshold),
+        summary=summary,
+        detail={**detail, **(extra or {})},
+        highlights=[n for n in notes if isinstance(n, Highlight)],
+    )
 
 
 def describe(i: dict) -> str:
@@ -178,7 +222,8 @@ def epsilon_moments(ds: DatasetStats, z: float, correct: bool) -> Check:
         [i for b in range(p.bins) for i in _four(_bin(p, b), tb[b].summary())],
         [i for k, s in ds.shards.items() if "eps" in s for i in _four(f"shard {k}", s["eps"])],
     ]
-    return verdict("epsilon_moments", fams, z, correct, ["SE under normality, n = eps elements"])
+    notes = ["SE under normality, n = eps elements"]
+    return verdict("epsilon_moments", fams, z=z, correct=correct, notes=notes)
 
 
 def epsilon_normality(ds: DatasetStats, z: float, correct: bool) -> Check:
@@ -194,7 +239,7 @@ def epsilon_normality(ds: DatasetStats, z: float, correct: bool) -> Check:
             overall.append(pitem("overall", name, res.statistic, res.pvalue, n=len(x)))
     shards = [pitem(f"shard {k}", ks_name, *s["ks"]) for k, s in ds.shards.items() if "ks" in s]
     notes = [f"on a seeded reservoir of {len(x)} of {ds.eps_res.seen} eps elements"]
-    return verdict("epsilon_normality", [overall, shards], z, correct, notes)
+    return verdict("epsilon_normality", [overall, shards], z=z, correct=correct, notes=notes)
 
 
 def noise_independence(ds: DatasetStats, z: float, correct: bool) -> Check:
@@ -256,14 +301,22 @@ def noise_independence(ds: DatasetStats, z: float, correct: bool) -> Check:
         )
         if not p.process["store_x0"]:
             notes.append(
-                f"x_0 reconstructed as (x_t - sqrt(1-ab) eps)/sqrt(ab) where ab >= {p.recon_min_alpha_bar}: a wrong x_t makes it correlate with eps"
+                "x_0 reconstructed as (x_t - sqrt(1-ab) eps)/sqrt(ab) where ab >= "
+                f"{p.recon_min_alpha_bar}: a wrong x_t makes it correlate with eps"
             )
     else:
-        notes.append("corr(eps, x_0) NOT checked: x_0 neither stored nor reconstructable")
+        notes.append(
+            Highlight(
+                "not_checked",
+                "corr(eps, x_0)",
+                "corr(eps, x_0) NOT checked: x_0 neither stored nor reconstructable",
+            )
+        )
     notes.append(
-        "corr(eps, x_0): within (t-bin, channel) cells; SE 1/sqrt(elements), exact under H0 as eps is iid"
+        "corr(eps, x_0): within (t-bin, channel) cells; SE 1/sqrt(elements), exact under H0 as "
+        "eps is iid"
     )
-    return verdict("noise_independence", fams, z, correct, notes)
+    return verdict("noise_independence", fams, z=z, correct=correct, notes=notes)
 
 
 def record_consistency(ds: DatasetStats, z: float, correct: bool) -> Check:
@@ -288,37 +341,59 @@ def record_consistency(ds: DatasetStats, z: float, correct: bool) -> Check:
         )
     if not ds.plan.process["store_x0"]:
         notes.append(
-            "x_t = sqrt(ab) x_0 + sqrt(1-ab) eps is NOT checkable record by record without stored x_0 "
-            "(any x_t defines an x_0): covered statistically by variance_preservation "
-            "(E[x_t eps] = sqrt(1-ab)) and noise_independence (corr(eps, x_0)), exactly by keyed_noise"
+            Highlight(
+                "not_checked",
+                "x_t",
+                "x_t = sqrt(ab) x_0 + sqrt(1-ab) eps is NOT checkable record by record without "
+                "stored x_0 (any x_t defines an x_0): covered statistically by "
+                "variance_preservation (E[x_t eps] = sqrt(1-ab)) and noise_independence "
+                "(corr(eps, x_0)), exactly by keyed_noise",
+            )
         )
         notes.append(
-            f"posterior_mean checked from reconstructed x_0 where alpha_bar >= {ds.plan.recon_min_alpha_bar}; NOT checked for {ds.counts['unchecked_pm']} records below"
+            Highlight(
+                "not_checked",
+                "posterior_mean",
+                "posterior_mean checked from reconstructed x_0 where alpha_bar >= "
+                f"{ds.plan.recon_min_alpha_bar}; NOT checked for {ds.counts['unchecked_pm']} "
+                "records below",
+            )
         )
     notes.append(
-        "tolerance: scalar columns 1 float32 ulp of the float64 table value; tensor identities: the "
-        "sum of half an ulp of every stored operand times its coefficient plus 4 float32 roundoffs "
-        "of the terms (a worst-case bound: values close to 1 are normal, above 1 impossible)"
+        "tolerance: scalar columns 1 float32 ulp of the float64 table value; tensor identities: "
+        "the sum of half an ulp of every stored operand times its coefficient plus 4 float32 "
+        "roundoffs of the terms (a worst-case bound: values close to 1 are normal, above 1 "
+        "impossible)"
     )
     ratio = max((c["max_ratio"] for c in ds.consistency.values()), default=0.0)
     return verdict(
         "record_consistency",
         [items],
-        z,
-        correct,
-        notes,
-        ratio,
-        1.0,
-        {"statistic_name": "max error / tolerance"},
+        z=z,
+        correct=correct,
+        notes=notes,
+        statistic=ratio,
+        threshold=1.0,
+        extra={"statistic_name": "max error / tolerance"},
     )
 
 
 def keyed_noise(ds: DatasetStats, z: float, correct: bool) -> Check:
     """(t, eps) of a seeded sample of records regenerated from (seed, shard, key, draw)."""
     n, c = ds.counts["keyed_checked"], ds.counts
+    stat_name = {"statistic_name": "mismatches"}
     if not n:
         notes = ["skipped: max_consistency_records=0"]
-        return verdict("keyed_noise", [], z, correct, notes, 0, 0, {"statistic_name": "mismatches"})
+        return verdict(
+            "keyed_noise",
+            [],
+            z=z,
+            correct=correct,
+            notes=notes,
+            statistic=0,
+            threshold=0,
+            extra=stat_name,
+        )
     items = [
         litem("overall", f"{v} differs from the keyed noise", c[f"{v}_mismatch"], 0, checked=n)
         for v in ("t", "eps")
@@ -328,9 +403,15 @@ def keyed_noise(ds: DatasetStats, z: float, correct: bool) -> Check:
         f"{n} records regenerated; eps compared bit for bit after the cast to the stored dtype"
     ]
     notes += [f"shards with mismatches: {bad[:20]}"] if bad else []
-    mismatches = c["t_mismatch"] + c["eps_mismatch"]
     return verdict(
-        "keyed_noise", [items], z, correct, notes, mismatches, 0, {"statistic_name": "mismatches"}
+        "keyed_noise",
+        [items],
+        z=z,
+        correct=correct,
+        notes=notes,
+        statistic=c["t_mismatch"] + c["eps_mismatch"],
+        threshold=0,
+        extra=stat_name,
     )
 
 
@@ -436,18 +517,26 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
             else f"reconstructed where ab >= {p.recon_min_alpha_bar}",
         )
         notes.append(
-            f"Var(x_0) = {v0:.4g}, E[x_0] = {fig[C]['mean']:.4g} (x_0 {src}, {fig[C]['records']:.0f} records)"
+            f"Var(x_0) = {v0:.4g}, E[x_0] = {fig[C]['mean']:.4g} "
+            f"(x_0 {src}, {fig[C]['records']:.0f} records)"
         )
         if abs(v0 - 1) > 0.1:
             notes.append(
-                f"data is not unit-variance (Var(x_0) = {v0:.3g}): the identity holds in its general form Var(x_t) = ab Var(x_0) + 1 - ab; Var(x_t) = 1 only for unit-variance data"
+                Highlight(
+                    "data",
+                    "Var(x_0)",
+                    f"data is not unit-variance (Var(x_0) = {v0:.3g}): the identity holds in its "
+                    "general form Var(x_t) = ab Var(x_0) + 1 - ab; Var(x_t) = 1 only for "
+                    "unit-variance data",
+                )
             )
     else:
         notes.append(
-            "no x_0 (not stored, no record with ab above the reconstruction threshold): only E[x_t eps] = sqrt(1-ab) checked"
+            "no x_0 (not stored, no record with ab above the reconstruction threshold): only "
+            "E[x_t eps] = sqrt(1-ab) checked"
         )
     extra = {"per_bin": table, "x0": {str(k): v for k, v in fig.items()}}
-    return verdict("variance_preservation", [items], z, correct, notes, extra=extra)
+    return verdict("variance_preservation", [items], z=z, correct=correct, notes=notes, extra=extra)
 
 
 def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: float) -> Check:
@@ -507,7 +596,13 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
         )
         normal.append(corr_item(where, "corr(x_T, x_0) vs 0", r, nb[b], 0.0, "warning"))
     else:
-        notes.append("corr(x_T, x_0) NOT checked: x_0 not stored (not reconstructable at small ab)")
+        notes.append(
+            Highlight(
+                "not_checked",
+                "corr(x_T, x_0)",
+                "corr(x_T, x_0) NOT checked: x_0 not stored (not reconstructable at small ab)",
+            )
+        )
     xs = ds.xT_res.sample().astype(np.float64)
     if len(xs) >= 20:
         ks = sps.kstest(xs, "norm")
@@ -520,7 +615,8 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
         "records": n,
         "threshold_mean_shift": max_shift,
     }
-    return verdict("convergence", [[shift], model, normal], z, correct, notes, extra=extra)
+    fams = [[shift], model, normal]
+    return verdict("convergence", fams, z=z, correct=correct, notes=notes, extra=extra)
 
 
 def timestep_distribution(ds: DatasetStats, sampler: str, z: float, correct: bool) -> Check:
@@ -543,7 +639,11 @@ def timestep_distribution(ds: DatasetStats, sampler: str, z: float, correct: boo
         else:
             shards.append(pitem(f"shard {k}", f"chi2({df}) of t", stat, pv))
     return verdict(
-        "timestep_distribution", [overall, shards, limits], z, correct, [f"sampler: {sampler}"]
+        "timestep_distribution",
+        [overall, shards, limits],
+        z=z,
+        correct=correct,
+        notes=[f"sampler: {sampler}"],
     )
 
 
@@ -609,7 +709,8 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
             (
                 "keys without all draws",
                 ids.get("keys_without_K_draws") or ids.get("draw_out_of_range"),
-                f"{k}: {ids.get('keys_without_K_draws')} keys, {ids.get('draw_out_of_range')} draws outside [0, {K})",
+                f"{k}: {ids.get('keys_without_K_draws')} keys, "
+                f"{ids.get('draw_out_of_range')} draws outside [0, {K})",
             ),
         )
         for what, bad, msg in checks:
@@ -637,6 +738,13 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
         "committed": len(committed),
         "not_committed": sorted(set(shards) - committed),
     }
-    return verdict(
-        "completeness", [items], 0.0, False, notes, sum(map(len, prob.values())), 0, extra
+    return verdict(  # counts against 0: no z threshold
+        "completeness",
+        [items],
+        z=0.0,
+        correct=False,
+        notes=notes,
+        statistic=sum(map(len, prob.values())),
+        threshold=0,
+        extra=extra,
     )

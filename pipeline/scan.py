@@ -75,7 +75,16 @@ def bin_of_t(edges, T: int) -> np.ndarray:
     return np.searchsorted(np.asarray(edges), np.arange(T), side="right") - 1
 
 
+def t_edges(T: int, bins: int, terminal_window: float) -> tuple[int, ...]:
+    """t-bin edges: ``bins`` equal ranges over [0, T - w), then the terminal bin [T - w, T) with
+    w = max(1, round(T * terminal_window)) (where convergence looks at x_T)."""
+    w = min(T, max(1, round(T * terminal_window)))
+    main = np.floor(np.linspace(0, T - w, min(bins, T - w) + 1)) if T > w else np.zeros(1)
+    return tuple(int(e) for e in np.unique(main)) + (T,)
+
+
 def seed_of(*parts) -> list[int]:
+    """A PCG64 seed (four uint32) hashed from ``parts``: one stream per (seed, shard, use)."""
     h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=16).digest()
     return list(np.frombuffer(h, dtype="<u4"))
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 from shards import write_array_shard, write_image_shard
 
-from pipeline import records, validate
+from pipeline import records, report, validate
+from pipeline.checks import Highlight, litem, verdict
 from pipeline.config import compose
 from pipeline.diffusion import q_posterior, q_sample
 from pipeline.manifest import MANIFEST, OutputDir
@@ -43,9 +44,9 @@ def _build(root, name, *overrides, kind="images"):
             write_array_shard(src / f"sh-{i}.tar", 48, shape=(4, 8, 8), seed=i, key_prefix=f"k{i}_")
     source = ["source=images", "source.resolution=16"] if kind == "images" else ["source=arrays"]
     cfg = compose(
-        ["progress=false", *source, f"source.urls={src}/sh-{{0..3}}.tar", f"output.dir={root / name}",
-         "schedule.num_timesteps=100", "sampling.draws_per_sample=2", "output.rows_per_group=40",
-         "ray.num_actors=1",
+        ["progress=false", *source, f"source.urls={src}/sh-{{0..3}}.tar",
+         f"output.dir={root / name}", "schedule.num_timesteps=100", "sampling.draws_per_sample=2",
+         "output.rows_per_group=40", "ray.num_actors=1",
          *overrides]
     )  # fmt: skip
     assert precompute(cfg)["exit_code"] == 0
@@ -329,6 +330,19 @@ def test_report_files_and_exit_code_0(base, capsys):
     assert report["terminal"]["alpha_bar_T"] > 0 and report["summary"]["records"] == 4 * 48 * 2
     md = (rep / "report.md").read_text()
     assert "| check | verdict |" in md and "variance_preservation" in md
+    # highlights are data: x_0 not stored (b), Var(x_0) = 1/3; each printed under the table
+    found = {
+        (c["name"], h["kind"], h["subject"]) for c in report["checks"] for h in c["highlights"]
+    }
+    assert found == {
+        ("record_consistency", "not_checked", "x_t"),
+        ("record_consistency", "not_checked", "posterior_mean"),
+        ("convergence", "not_checked", "corr(x_T, x_0)"),
+        ("variance_preservation", "data", "Var(x_0)"),
+    }
+    for c in report["checks"]:
+        for h in c["highlights"]:
+            assert f"note ({c['name']}): {h['text']}" in out and h["text"] in c["detail"]["notes"]
     for png in (
         "var_mean_over_t.png",
         "schedule.png",
@@ -356,3 +370,37 @@ def test_exit_code_2_when_it_cannot_run(tmp_path, capsys):
     assert validate.main([f"output.dir={tmp_path}", "z=-1"]) == 2
     assert "config key z" in capsys.readouterr().err
     assert validate.main([f"output.dir={tmp_path}", "no_such_key=1"]) == 2
+
+
+# -- report rendering and verdicts (no dataset) ------------------------------------------------
+
+
+def _check(name, notes, highlights):
+    return {
+        "name": name, "passed": True, "severity": "info", "statistic": 0.5, "threshold": 1.0,
+        "summary": "1 items passed", "highlights": highlights,
+        "detail": {"statistic_name": "given", "items": [], "notes": notes},
+    }  # fmt: skip
+
+
+def test_console_prints_highlights_not_notes_that_look_alike():
+    h = {"kind": "data", "subject": "Var(x_0)", "text": "data has a small spread"}
+    rep = {
+        "passed": True, "report_dir": "/r",
+        "checks": [_check("a", ["x NOT checked, but only a note"], []),
+                   _check("b", ["plain", h["text"]], [h])],
+    }  # fmt: skip
+    out = report.format_console(rep)
+    assert "note (b): data has a small spread" in out
+    assert "NOT checked" not in out and out.endswith("PASSED; report: /r/report.md")
+
+
+def test_verdict_takes_keywords_and_keeps_highlights_in_order():
+    item = litem("overall", "problems", 0, 0)
+    h = Highlight("not_checked", "corr(eps, x_0)", "corr(eps, x_0) NOT checked")
+    c = verdict("x", [[item]], z=5.0, correct=True, notes=["first", h, "last"])
+    assert c.passed and c.detail["notes"] == ["first", h.text, "last"] and c.highlights == [h]
+    with pytest.raises(TypeError):
+        verdict("x", [[item]], 5.0, True)  # z and correct are keyword-only
+    with pytest.raises(ValueError, match="not_checked"):
+        Highlight("important", "x", "text")
