@@ -20,8 +20,6 @@ from raycluster import (
     finish,
     gated,
     read_records,
-    release_when_done,
-    shared_cluster,
     urls_override,
     wait_for,
     writing_actors,
@@ -30,15 +28,7 @@ from raycluster import (
 ARGS = JOB_ARGS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_cluster_after_last_use(request):
-    yield
-    release_when_done(request)
-
-
-@pytest.fixture
-def cluster(request):
-    return shared_cluster(request)
+pytestmark = pytest.mark.usefixtures("cluster_release")  # conftest: the shared cluster's end
 
 
 @pytest.fixture(scope="module")

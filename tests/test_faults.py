@@ -27,8 +27,6 @@ from raycluster import (
     finish,
     gated,
     read_records,
-    release_when_done,
-    shared_cluster,
     urls_override,
     wait_for,
     writing_actors,
@@ -40,22 +38,7 @@ from pipeline.precompute import JobError, run
 ARGS, N = JOB_ARGS, NUM_SHARDS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_cluster_after_last_use(request):
-    yield
-    release_when_done(request)
-
-
-@pytest.fixture
-def cluster(request):
-    """The loopback cluster with its worker node (started again if a test removed it)."""
-    return shared_cluster(request)
-
-
-@pytest.fixture
-def any_cluster(request):
-    """The loopback cluster as it is (one node is enough)."""
-    return shared_cluster(request, workers=0)
+pytestmark = pytest.mark.usefixtures("cluster_release")  # conftest: the shared cluster's end
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from raycluster import (
     finish,
     gated,
     read_records,
-    release_when_done,
     shared_cluster,
     urls_override,
     wait_for,
@@ -40,10 +39,7 @@ ARGS = JOB_ARGS
 BUCKET = "ddpm"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _stop_cluster_after_last_use(request):
-    yield
-    release_when_done(request)
+pytestmark = pytest.mark.usefixtures("cluster_release")  # conftest: the shared cluster's end
 
 
 @pytest.fixture(scope="module")
