@@ -158,6 +158,13 @@ def validate(cfg: DictConfig) -> None:
         "source.urls",
         "must be a non-empty shard URL pattern or list of URLs",
     )
+    parts = [p.strip() for u in ([urls] if isinstance(urls, str) else urls) for p in u.split("::")]
+    _need(
+        "-" not in parts,
+        "source.urls",
+        "'-' (standard input) cannot be a shard: Ray actors read the shards and have no stdin; "
+        "give shard paths or URLs",
+    )
     if src.kind == "images":
         _need(src.resolution > 0, "source.resolution", f"must be > 0, got {src.resolution}")
         _need(
@@ -222,17 +229,98 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The Hydra configs: the one place both CLIs, compose() and the validator read them from. They
+# live inside the package, so an installed wheel has them; the top-level conf/ is a symlink here.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def compose(overrides: list[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose a config from ``conf/`` with command-line style overrides (tests, demo, bench)."""
+    """Compose a config from ``conf/`` with command-line style overrides (tests, demo, bench).
+
+    A key its schema lacks fails here even when added with ``+``/``++`` (:func:`check_keys`);
+    required values (``???``) may stay unset."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose(config_name=config_name, overrides=quote_url_overrides(overrides))
+        cfg = hydra_compose(config_name=config_name, overrides=quote_url_overrides(overrides))
+    check_keys(cfg, required=False)
+    return cfg
+
+
+_REQUIRED_EXAMPLE = {
+    "output.dir": "output.dir=/path/to/output",
+    "source.urls": "source.urls=/data/train-{000000..000099}.tar",
+}
+
+
+def _required_message(key: str) -> str:
+    return f"config key {key} is required: add {_REQUIRED_EXAMPLE.get(key, key + '=<value>')}"
+
+
+def check_keys(cfg: DictConfig, required: bool = True) -> None:
+    """Refuse what Hydra's composition lets through: a key that a node's schema (dataclass) lacks,
+    which ``+key=value`` and ``++key=value`` add past struct mode, so a typo such as
+    ``+sampling.draw_per_sample=2`` would otherwise be kept silently; with ``required``, a
+    required value (``???``) left unset. Raises ConfigCompositionException naming the key."""
+    import dataclasses
+    import difflib
+
+    from hydra.errors import ConfigCompositionException
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        fields = (
+            [f.name for f in dataclasses.fields(schema)]
+            if dataclasses.is_dataclass(schema)
+            else None
+        )
+        for key in node.keys():
+            name = f"{prefix}{key}"
+            if fields is not None and key not in fields:
+                near = difflib.get_close_matches(str(key), fields, n=1)
+                hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+                raise ConfigCompositionException(
+                    f"config key {name}: not a key of {schema.__name__} (a typo?){hint}"
+                )
+            if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+                continue
+            if isinstance(node[key], DictConfig):
+                walk(node[key], f"{name}.")
+
+    walk(cfg, "")
+    missing = sorted(OmegaConf.missing_keys(cfg)) if required else []
+    if missing:
+        raise ConfigCompositionException("; ".join(_required_message(k) for k in missing))
+
+
+def config_error_message(exc: BaseException) -> str:
+    """One line for a config error that Hydra or OmegaConf raised: what both CLIs print before
+    exiting 2 (a missing required value, an unknown key, an override grammar error, ...)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    def first_line(e: BaseException) -> str:
+        return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+    key = getattr(exc, "full_key", None)
+    if isinstance(exc, MissingMandatoryValue) and key:
+        return _required_message(key)
+    if isinstance(exc, OverrideParseException):
+        return (
+            f"cannot parse the override {exc.override!r}: {first_line(exc)} (grammar: "
+            "https://hydra.cc/docs/advanced/override_grammar/basic/; quote values with spaces)"
+        )
+    if isinstance(exc, MissingConfigException):
+        options = [o for o in exc.options or () if not o.startswith("base_")]
+        return first_line(exc) + (f"; options: {', '.join(options)}" if options else "")
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return f"config key {cause.full_key}: {first_line(cause)}"
+    if key:
+        return f"config key {key}: {first_line(exc)}"
+    return " ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip())
 
 
 def quote_url_overrides(argv: list[str]) -> list[str]:

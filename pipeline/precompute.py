@@ -425,13 +425,26 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-register_configs()
+def _config_error(exc: BaseException) -> None:
+    """A config that Hydra or OmegaConf refused: one line naming the key, exit code 2."""
+    from .config import config_error_message
+
+    print(f"error: {config_error_message(exc)}", file=sys.stderr)
+    sys.exit(2)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
+def _job(cfg: DictConfig) -> None:
+    """The Hydra task: run the job for the composed config and exit with its code."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import check_keys
+
     try:
+        check_keys(cfg)  # a key added with +/++ that the schema lacks; a required value unset
         manifest = run(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:  # before ValueError: some are
+        _config_error(exc)
     except SampleError as exc:  # before ValueError: SampleError is one
         print(f"error (on_error=fail): {exc}", file=sys.stderr)
         sys.exit(1)
@@ -447,8 +460,31 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    """``diffusion-precompute``: Hydra's command line (overrides, ``--help``, ``--cfg job``).
+
+    The configs come from :data:`pipeline.config.CONF_DIR`; Hydra writes nothing to the working
+    directory (the ``hydra:`` block of conf/config.yaml). A config that Hydra or OmegaConf
+    refuses (a required value unset, an unknown key, an override it cannot parse) exits 2 with
+    one line naming the key; ``HYDRA_FULL_ERROR=1`` adds the traceback."""
+    import os
+    import traceback
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import CONF_DIR
+
+    register_configs()
     sys.argv[1:] = quote_url_overrides(sys.argv[1:])
-    _hydra_main()
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises a config error instead of exiting 1
+    task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_job)
+    try:
+        task()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if show_traceback:
+            traceback.print_exc()
+        _config_error(exc)
 
 
 if __name__ == "__main__":

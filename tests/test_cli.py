@@ -1,0 +1,125 @@
+"""Both command lines as a user runs them: a config that cannot run exits 2 with one line naming
+the key (no traceback), nothing is written to the working directory, stdin is never read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shards import write_image_shard
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HYDRA_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def _run(module: str, *args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def cwd(tmp_path) -> Path:
+    """An empty working directory the process may not write (as root it still can: the tests
+    check that it stays empty)."""
+    d = tmp_path / "cwd"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+@pytest.mark.parametrize(
+    "module,args,expected",
+    [
+        (
+            "pipeline.precompute",
+            ["source.urls=/d/a.tar"],
+            "error: config key output.dir is required: add output.dir=",
+        ),
+        (  # Hydra's override grammar
+            "pipeline.precompute",
+            ["source.urls=[unclosed", "output.dir=/tmp/o"],
+            "'source.urls=[unclosed'",
+        ),
+        (  # + adds a key past struct mode: the schema still refuses it
+            "pipeline.precompute",
+            ["source.urls=/d/a.tar", "output.dir=/tmp/o", "+sampling.draw_per_sample=2"],
+            "config key sampling.draw_per_sample: not a key of SamplingConfig",
+        ),
+        ("pipeline.validate", ["output.dir=/tmp/o", "z=[5"], "'z=[5'"),
+    ],
+)
+def test_a_config_error_exits_2_with_one_line(module, args, expected, cwd):
+    res = _run(module, *args, cwd=cwd)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
+    assert list(cwd.iterdir()) == []  # Hydra wrote no outputs/<date>/<time>/ (nor .hydra/)
+
+
+def test_stdin_as_a_shard_is_refused_not_read(tmp_path):
+    """``source.urls=-`` would make the driver wait on its stdin (WebDataset's "-"); stdin stays
+    open here, so reading it would block until the timeout."""
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.precompute", "source=arrays", "source.urls=-"]
+            + [f"output.dir={tmp_path / 'out'}", "progress=false"],
+            cwd=tmp_path,
+            env=_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            rc = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the driver blocked (reading its stdin?)")
+        finally:
+            proc.stdin.close()
+    assert rc == 2 and "config key source.urls: '-' (standard input)" in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_job_and_its_validation_write_nothing_to_the_working_directory(tmp_path, cwd):
+    shard = tmp_path / "shards" / "a-000000.tar"
+    shard.parent.mkdir()
+    write_image_shard(shard, 4, size=(12, 10))
+    out = tmp_path / "out"
+    res = _run(
+        "pipeline.precompute",
+        f"source.urls={shard}",
+        "source.resolution=8",
+        f"output.dir={out}",
+        "ray.num_actors=1",
+        "progress=false",
+        cwd=cwd,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = _run(
+        "pipeline.validate",
+        f"output.dir={out}",
+        "progress=false",
+        "plots=false",
+        "max_consistency_records=0",
+        cwd=cwd,
+    )
+    assert res.returncode in (0, 1), res.stdout[-3000:] + res.stderr[-3000:]
+    assert (out / "validation" / "report.json").exists()
+    assert list(cwd.iterdir()) == []
