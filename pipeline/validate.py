@@ -32,6 +32,7 @@ from . import checks, records
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, OutputDir
 from .report import REPORT_FORMAT, dataset_summary, format_console, write_report
 from .scan import DatasetStats, ScanPlan, ShardStats, scan_shard, t_edges
+from .validate_config import check_values, register_validate_configs
 
 
 class CannotValidate(RuntimeError):
@@ -42,31 +43,21 @@ class CannotValidate(RuntimeError):
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
-    """conf/validate.yaml with command-line style overrides (``key=value``)."""
+    """conf/validate.yaml with command-line style overrides (``key=value``), typed by
+    :class:`pipeline.validate_config.ValidateConfig`: an unknown key or a wrong type raises
+    (Hydra's ConfigCompositionException, exit code 2 from :func:`main`)."""
     from .config import compose
 
+    register_validate_configs()
     return compose(list(overrides), config_name="validate")
 
 
 def _check_config(cfg: DictConfig) -> None:
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise CannotValidate(f"config key {key}: {msg}")
-
+    """Values beyond their types (the schema checked those): CannotValidate naming the key."""
     try:
-        uri = cfg.output.dir
-    except Exception:  # omegaconf MissingMandatoryValue
-        uri = None
-    need(bool(uri), "output.dir", "required: python -m pipeline.validate output.dir=/path/or/uri")
-    need(cfg.z > 0, "z", f"must be > 0, got {cfg.z}")
-    need(cfg.bins >= 1, "bins", f"must be >= 1, got {cfg.bins}")
-    need(cfg.reservoir_size >= 0, "reservoir_size", f"must be >= 0, got {cfg.reservoir_size}")
-    need(cfg.max_consistency_records >= 0, "max_consistency_records", "must be >= 0")
-    need(0 < cfg.reconstruct_min_alpha_bar <= 1, "reconstruct_min_alpha_bar", "must be in (0, 1]")
-    need(cfg.terminal_mean_shift >= 0, "terminal_mean_shift", "must be >= 0")
-    need(0 <= cfg.terminal_window < 1, "terminal_window", "must be in [0, 1)")
-    need(cfg.batch_elements >= 1, "batch_elements", f"must be >= 1, got {cfg.batch_elements}")
-    need(cfg.ray.num_cpus_per_task > 0, "ray.num_cpus_per_task", "must be > 0")
+        check_values(cfg)
+    except ValueError as exc:
+        raise CannotValidate(str(exc)) from None
 
 
 def open_dataset(uri: str) -> tuple[OutputDir, dict]:
