@@ -53,3 +53,20 @@ def open_input(uri: str):
     """A readable binary stream of the file at ``uri`` (any scheme :func:`resolve` knows)."""
     fs, path = resolve(uri)
     return fs.open_input_stream(path)
+
+
+def identity(url: str) -> dict | None:
+    """What identifies the content of the file at ``url`` without reading it: its size and
+    modification time (an object store's mtime changes with every upload). None for what
+    cannot be looked at (``pipe:`` commands, unreachable files)."""
+    if url.startswith("pipe:") or url == "-":
+        return None
+    try:
+        fs, path = resolve(url)
+        info = fs.get_file_info(path)
+    except (OSError, ValueError):
+        return None
+    if info.type != pafs.FileType.File:
+        return None
+    mtime = info.mtime_ns
+    return {"size": info.size, "mtime_ns": mtime}

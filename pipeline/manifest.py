@@ -21,6 +21,7 @@ files are written under their final name (:attr:`OutputDir.atomic_writes`).
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 import uuid
@@ -39,8 +40,22 @@ COMMITTED = ("ok", "partial")
 OBJECT_STORES = {"s3", "s3a", "gcs", "gs"}  # filesystems whose uploads are atomic
 
 
+# A temporary file of this pipeline: "." + the final name + ".tmp-" + 12 hex digits (tmp_name).
+TEMPORARY = re.compile(r"^\.(?P<final>[^/]+)\.tmp-[0-9a-f]{12}$")
+
+
 class OutputWriteError(OSError):
     """Writing or committing a file of the output directory failed; the message names the file."""
+
+
+class CorruptFileError(ValueError):
+    """A file of the output directory is not what this pipeline writes (not JSON, wrong shape);
+    the message names the file and the fix."""
+
+
+def is_temporary(name: str) -> bool:
+    """True for a temporary file name this pipeline writes (see :meth:`OutputDir.tmp_name`)."""
+    return TEMPORARY.match(posixpath.basename(name)) is not None
 
 
 class OutputDir:
@@ -120,21 +135,64 @@ class OutputDir:
     def write_json(self, name: str, obj) -> None:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
-    def read_json(self, name: str):
-        return json.loads(self.read_bytes(name))
+    def read_json(self, name: str, kind: type = dict):
+        """The JSON object (``kind``: dict or list) in ``name``; :class:`CorruptFileError` naming
+        the file when it is not valid JSON of that kind."""
+        try:
+            value = json.loads(self.read_bytes(name))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._corrupt(name, f"not valid JSON ({exc})") from exc
+        if not isinstance(value, kind):
+            raise self._corrupt(name, f"a JSON {type(value).__name__}, not a {kind.__name__}")
+        return value
+
+    def _corrupt(self, name: str, what: str) -> CorruptFileError:
+        return CorruptFileError(
+            f"{self.display(name)} is {what}: it is damaged or was not written by this pipeline; "
+            "remove it (its shard is then redone) or use output.overwrite=true"
+        )
 
     def write_jsonl(self, name: str, rows: Iterable[dict]) -> None:
         self.write_bytes(name, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
     def read_jsonl(self, name: str) -> list[dict]:
-        return [json.loads(line) for line in self.read_bytes(name).decode().splitlines() if line]
+        rows = []
+        try:
+            for line in self.read_bytes(name).decode().splitlines():
+                if line:
+                    rows.append(json.loads(line))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise self._corrupt(name, f"not valid JSON lines ({exc})") from exc
+        if not all(isinstance(r, dict) for r in rows):
+            raise self._corrupt(name, "JSON lines that are not all objects")
+        return rows
 
-    def list(self, sub: str = "") -> list[str]:
-        """Names (relative to the root) of the files directly under ``sub``."""
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create ``name`` with ``data`` unless it exists; False when it does. Atomic on a local
+        filesystem (``O_CREAT | O_EXCL``). Elsewhere (object stores, whose pyarrow clients have no
+        conditional put) it checks, writes, and reads back: two writers racing within one
+        round trip can both see their own write, the last one wins."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            try:
+                fd = os.open(self.path(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.exists(name):
+            return False
+        self.write_bytes(name, data)
+        return self.read_bytes(name) == data
+
+    def list(self, sub: str = "", dirs: bool = False) -> list[str]:
+        """Names (relative to the root) of the files (and with ``dirs`` the directories)
+        directly under ``sub``."""
         sel = pafs.FileSelector(self.path(sub), allow_not_found=True)
+        kinds = (pafs.FileType.File, pafs.FileType.Directory) if dirs else (pafs.FileType.File,)
         out = []
         for info in self.fs.get_file_info(sel):
-            if info.type == pafs.FileType.File:
+            if info.type in kinds:
                 out.append(posixpath.relpath(info.path, self.root))
         return sorted(out)
 
@@ -142,14 +200,36 @@ class OutputDir:
         """Committed Parquet files (temporary files start with a dot and are excluded)."""
         return [n for n in self.list() if n.endswith(".parquet") and not n.startswith(".")]
 
+    def markers_ids(self) -> list[str]:
+        """Ids of the shards that have a marker under _shards/."""
+        names = (posixpath.basename(n) for n in self.list(SHARDS))
+        return [n[: -len(".json")] for n in names if n.endswith(".json") and n[0] != "."]
+
     def markers(self) -> dict[str, dict]:
-        """shard id -> committed summary, from the _shards/ markers."""
-        out = {}
-        for name in self.list(SHARDS):
-            base = posixpath.basename(name)
-            if base.endswith(".json") and not base.startswith("."):
-                out[base[: -len(".json")]] = self.read_json(name)
-        return out
+        """shard id -> committed summary, from the _shards/ markers (a damaged marker raises
+        :class:`CorruptFileError` naming it)."""
+        return {sid: self.read_json(self.marker_name(sid)) for sid in self.markers_ids()}
 
     def read_manifest(self) -> dict | None:
-        return self.read_json(MANIFEST) if self.exists(MANIFEST) else None
+        """The manifest, None when there is none; :class:`CorruptFileError` when the file is not
+        a manifest of this pipeline."""
+        if not self.exists(MANIFEST):
+            return None
+        manifest = self.read_json(MANIFEST)
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(
+            manifest.get("shards"), dict
+        ):
+            raise self._corrupt(MANIFEST, f"not a {MANIFEST_FORMAT} manifest")
+        return manifest
+
+    def own_names(self, manifest: dict | None) -> set[str]:
+        """The files of this directory that this pipeline wrote and recorded: the manifest, the
+        rejects, every marker and rejects part under _shards/, the data files the markers and the
+        manifest name, and this pipeline's temporary files. Nothing else is ever deleted."""
+        names = {MANIFEST, REJECTS}
+        names.update(n for n in self.list(SHARDS) if n.endswith((".json", ".jsonl")))
+        shards = set((manifest or {}).get("shards", {}))
+        shards.update(self.markers_ids())
+        names.update(self.data_name(s) for s in shards)
+        names.update(n for n in self.list() + self.list(SHARDS) if is_temporary(n))
+        return {n for n in names if self.exists(n)}

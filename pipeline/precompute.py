@@ -11,9 +11,9 @@ or was only partly readable, or ``on_error=fail`` stopped the job; 2 the job cou
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -22,9 +22,20 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from . import __version__, stages
+from . import __version__, resume, stages
 from .config import config_hash, process_config, quote_url_overrides, register_configs, validate
-from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, SHARDS, OutputDir
+from .fs import is_remote
+from .lease import LeaseError, OutputLease
+from .manifest import (
+    COMMITTED,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    REJECTS,
+    SHARDS,
+    CorruptFileError,
+    OutputDir,
+    is_temporary,
+)
 from .noise import KeyedNoise
 from .pool import ActorPool, pool_size
 from .raysession import RayConnectError, ray_session
@@ -51,7 +62,21 @@ class JobError(RuntimeError):
 
 def sample_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     """The [C, ...] shape every record of this dataset has: from the config, or for arrays
-    without ``source.shape`` from the first valid sample of the first shards (deterministic)."""
+    without ``source.shape`` from the first valid sample of the first shards (deterministic).
+    With ``encoder=vae`` the latent shape of that input, from the model's config.json (no weights
+    are loaded); JobError when the input does not fit the model (channels, size)."""
+    from . import encoder
+
+    shape = _input_shape(cfg, urls)
+    if not encoder.enabled(cfg):
+        return shape
+    try:
+        return encoder.latent_shape(encoder.describe_encoder(cfg).config, shape)
+    except encoder.EncoderError as exc:
+        raise JobError(f"encoder.model={cfg.encoder.model}: {exc}") from None
+
+
+def _input_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     src = cfg.source
     if src.kind == "images":
         return [src.channels, src.resolution, src.resolution]
@@ -89,51 +114,69 @@ def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
         config_hash=chash,
         source=process_config(cfg)["source"],
         library_version=__version__,
+        encoder=_encoder_metadata(cfg, shape),
     )
 
 
+def _encoder_metadata(cfg: DictConfig, shape: list[int]) -> dict | None:
+    """The ``encoder`` entry of the metadata: the model's identity and the input shape the
+    actors decode to (``shape`` is the latent's)."""
+    from . import encoder
+
+    if not encoder.enabled(cfg):
+        return None
+    meta = process_config(cfg)["encoder"]
+    return {**meta, "input_shape": encoder.input_shape(meta, shape)}
+
+
+def _config_differences(old: dict, new: dict) -> list[str]:
+    """What differs between two process configs, one line per key; an encoder by its model,
+    revision and file hashes (the same files read from another folder are no difference)."""
+    from . import encoder
+
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if k == "encoder":
+            if encoder.hashed_identity(a or {}) != encoder.hashed_identity(b or {}):
+                lines.append(f"encoder: {encoder.summary(a)} -> {encoder.summary(b)}")
+        elif a != b:
+            lines.append(f"{k}: {a!r} -> {b!r}")
+    return lines
+
+
 def _prepare_output(out: OutputDir, cfg: DictConfig, chash: str) -> dict | None:
-    """Refuse to mix records of two configs unless output.overwrite=true (then clear the dir);
-    fail before Ray starts, naming the path, when output.dir cannot be written. Returns the
-    manifest of an earlier run of this config (None if there is none)."""
-    try:
-        old = _prepare_output_dir(out, cfg, chash)
-        out.makedirs(SHARDS)
-        probe = f"{SHARDS}/.write-probe.tmp-{uuid.uuid4().hex[:12]}"  # a temporary file's name
-        out.write_bytes(probe, b"")
-        out.remove(probe)
-    except OSError as exc:
-        raise JobError(f"output.dir={out.display()} is not writable: {exc}") from exc
-    return old
-
-
-def _prepare_output_dir(out: OutputDir, cfg: DictConfig, chash: str) -> dict | None:
+    """Check what ``output.dir`` holds (see :mod:`pipeline.resume`): refuse a foreign directory
+    or, unless output.overwrite=true, another config's records (overwrite deletes only what
+    this pipeline wrote); fail, naming the path, when it cannot be written. Call with the lease
+    held. Returns the manifest of an earlier run of this config (None if there is none)."""
     old = out.read_manifest()
+    resume.check_foreign(out, old)
     if old is not None and old.get("config_hash") != chash:
         if not cfg.output.overwrite:
             new = process_config(cfg)
-            diff = sorted(
-                f"{k}: {old['process_config'].get(k)!r} -> {new[k]!r}"
-                for k in new
-                if old.get("process_config", {}).get(k) != new[k]
-            )
+            diff = _config_differences(old.get("process_config", {}), new)
             raise JobError(
-                f"{out.display()} holds records of another config (hash {old.get('config_hash')} != "
-                f"{chash}; differences: {'; '.join(diff) or 'unknown'}). Use another output.dir, or "
+                f"{out.display()} holds records of another config (hash "
+                f"{old.get('config_hash')} != {chash}; differences: "
+                f"{'; '.join(diff) or 'unknown'}). Use another output.dir, or "
                 "output.overwrite=true to delete them"
             )
-        log.warning("output.overwrite=true: deleting the records in %s", out.display())
-        for name in out.data_files() + out.list(SHARDS) + [MANIFEST, REJECTS]:
-            out.remove(name)
+        removed = resume.clear(out, old)
+        log.warning("output.overwrite=true: deleted %d files of %s", len(removed), out.display())
         old = None
+    try:
+        resume.check_writable(out)
+    except OSError as exc:
+        raise JobError(f"output.dir={out.display()} is not writable: {exc}") from exc
     _remove_temporaries(out)
     return old
 
 
 def _remove_temporaries(out: OutputDir) -> None:
-    """Temporary files of interrupted writes (a killed run, actor or node)."""
+    """This pipeline's temporary files of interrupted writes (a killed run, actor or node)."""
     for name in out.list() + out.list(SHARDS):
-        if name.rsplit("/", 1)[-1].startswith(".") and ".tmp-" in name:
+        if is_temporary(name):
             out.remove(name)
 
 
@@ -155,6 +198,7 @@ class JobState:
 
     cfg: DictConfig
     out: OutputDir
+    lease: OutputLease
     metadata: dict
     shards: list[ShardTask]
     summaries: dict
@@ -226,6 +270,8 @@ class JobState:
         }
 
     def write_manifest(self, final: bool) -> dict:
+        """Write the manifest and renew the lease (LeaseError if another run took it)."""
+        self.lease.refresh()
         manifest = self.manifest(final)
         self.out.write_json(MANIFEST, manifest)
         return manifest
@@ -263,13 +309,33 @@ class JobState:
 def run(cfg: DictConfig) -> dict:
     """Run the job for a composed config; returns the manifest with an ``exit_code``."""
     validate(cfg)
+    if not is_remote(cfg.output.dir):  # actors on other nodes resolve it the same way
+        cfg.output.dir = os.path.abspath(cfg.output.dir)
     spec = cfg.source.urls
     urls = expand_urls(spec if isinstance(spec, str) else list(spec))
-    check_unique_ids(urls)
+    ids = check_unique_ids(urls)
     out = OutputDir(cfg.output.dir)
+    try:
+        out.makedirs()
+    except OSError as exc:
+        raise JobError(f"output.dir={out.display()} cannot be created: {exc}") from exc
+    lease = OutputLease(out, cfg.output.lease_timeout_s)
+    try:
+        lease.acquire()
+    except (LeaseError, OSError) as exc:
+        raise JobError(str(exc)) from exc
+    try:
+        return _run(cfg, out, lease, urls, ids)
+    except (LeaseError, resume.OutputRefused, CorruptFileError) as exc:
+        raise JobError(str(exc)) from exc
+    finally:
+        lease.release()
+
+
+def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: dict) -> dict:
     chash = config_hash(cfg)
     old = _prepare_output(out, cfg, chash)
-    summaries = {k: v for k, v in out.markers().items() if v.get("status") in COMMITTED}
+    summaries = resume.committed_shards(out, ids, chash)
     if old is not None and old.get("process", {}).get("shape"):
         shape = old["process"]["shape"]
     else:
@@ -277,6 +343,7 @@ def run(cfg: DictConfig) -> dict:
     job = JobState(
         cfg=cfg,
         out=out,
+        lease=lease,
         metadata=dataset_metadata(cfg, shape, chash),
         shards=[ShardTask(u, shard_id(u)) for u in urls],
         summaries=summaries,
@@ -295,7 +362,8 @@ def run(cfg: DictConfig) -> dict:
     manifest = job.write_manifest(final=True)
     job.write_rejects(manifest)
     t = manifest["totals"]
-    manifest["exit_code"] = 0 if t["partial"] == 0 and t["failed"] == 0 else 1
+    clean = t["partial"] == 0 and t["failed"] == 0 and t["records"] > 0
+    manifest["exit_code"] = 0 if clean else 1
     manifest["wall_seconds"] = time.time() - job.started
     return manifest
 
@@ -416,9 +484,12 @@ def format_summary(manifest: dict) -> str:
     lines = [
         f"shards: {t['shards']} ({t['ok']} ok, {t['partial']} partial, {t['failed']} failed)",
         f"samples: {t['samples']}  records: {t['records']}  rejected: {t['rejected']}",
-        f"bytes: {t['bytes'] / 1e6:.1f} MB  wall: {secs:.1f} s  throughput: {t['samples'] / max(secs, 1e-9):.1f} samples/s",
+        f"bytes: {t['bytes'] / 1e6:.1f} MB  wall: {secs:.1f} s  "
+        f"throughput: {t['samples'] / max(secs, 1e-9):.1f} samples/s",
         f"output: {manifest['config']['output']['dir']}",
     ]
+    if t["records"] == 0:
+        lines.append("  no records were written: every sample was rejected (see rejects.jsonl)")
     for sid, e in manifest["shards"].items():
         if e["status"] in ("partial", "failed"):
             lines.append(f"  {e['status']} shard {sid} ({e['url']}): {e.get('error')}")

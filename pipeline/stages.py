@@ -127,6 +127,8 @@ def compute_records(
     device: torch.device,
     dtype: str,
     store_x0: bool,
+    latent: str | None = None,
+    store_dist: bool = False,
 ) -> dict[str, np.ndarray | list]:
     """The record columns for a batch of samples (N samples -> N*K rows, sample-major).
 
@@ -134,6 +136,11 @@ def compute_records(
     device); x_t and the posterior mean are computed on ``device``. On CUDA the inputs go through
     pinned host memory with asynchronous copies, the results come back the same way, and the
     stream is synchronised once per batch, before the columns are handed to Arrow.
+
+    With an encoder (``latent``: sample | mean) the samples are :class:`pipeline.encoder.Latent`
+    (the scaled latent mean and std): ``x_0 = mean + std * n`` with ``n`` keyed per record like
+    eps but in its own domain (:meth:`KeyedNoise.latent_noise`, on the CPU), or ``x_0 = mean``;
+    ``store_dist`` adds the ``latent_mean`` and ``latent_std`` columns.
     """
     keys = [s.key for s in samples]
     indices = np.array([s.index for s in samples], dtype=np.int64)
@@ -144,6 +151,12 @@ def compute_records(
     eps = noise.noise(digests, x0.shape[1:])  # [N*K, C, ...] float32, always drawn on the CPU
     if K > 1:
         x0 = np.repeat(x0, K, axis=0)
+    if latent is not None:  # encoder.Latent samples: x0 holds the scaled mean, std beside it
+        z_mean, z_std = x0, np.stack([s.std for s in samples])
+        if K > 1:
+            z_std = np.repeat(z_std, K, axis=0)
+        if latent == "sample":  # one latent draw per record: z = mean + std * n
+            x0 = z_mean + z_std * noise.latent_noise(shard, keys, x0.shape[1:])
     out = DTYPES[dtype][0]
     torch_out = torch.float16 if out == np.float16 else torch.float32
     x0_h, eps_h = torch.from_numpy(x0), torch.from_numpy(eps)
@@ -168,7 +181,36 @@ def compute_records(
     }
     if store_x0:
         cols["x_0"] = x0_h.to(torch_out).numpy()
+    if store_dist:
+        cols["latent_mean"] = torch.from_numpy(z_mean).to(torch_out).numpy()
+        cols["latent_std"] = torch.from_numpy(z_std).to(torch_out).numpy()
     return cols
+
+
+def split_nonfinite(cols: dict, draws: int, dtype: str) -> tuple[dict, list[tuple[str, int, str]]]:
+    """Drop the samples any of whose records has a value that does not fit ``dtype`` (finite
+    inputs above 65504 overflow float16 to Inf): all K draws of such a sample go, so records
+    stay K per sample. Returns the kept columns and ``(key, index, reason)`` per dropped sample."""
+    n = len(cols["t"])
+    bad = np.zeros(n, dtype=bool)
+    for name in ("x_t", "epsilon", "posterior_mean", "x_0"):
+        if name in cols:
+            bad |= ~np.isfinite(cols[name].reshape(n, -1)).all(axis=1)
+    if not bad.any():
+        return cols, []
+    bad_sample = bad.reshape(-1, draws).any(axis=1)
+    keep = ~np.repeat(bad_sample, draws)
+    hint = " (use output.dtype=float32)" if dtype == "float16" else ""
+    reason = f"record values do not fit output.dtype={dtype}: overflow to Inf{hint}"
+    dropped = [
+        (cols["key"][i * draws], int(cols["index"][i * draws]), reason)
+        for i in np.flatnonzero(bad_sample)
+    ]
+    kept = {
+        k: [v for v, m in zip(vals, keep) if m] if isinstance(vals, list) else vals[keep]
+        for k, vals in cols.items()
+    }
+    return kept, dropped
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -191,12 +233,25 @@ class NoiseStage:
     """The forward process for batches of samples: :func:`compute_records` with this actor's
     schedule, keyed noise, device and output dtype."""
 
-    def __init__(self, *, schedule, noise, device: torch.device, dtype: str, store_x0: bool):
+    def __init__(
+        self,
+        *,
+        schedule,
+        noise,
+        device: torch.device,
+        dtype: str,
+        store_x0: bool,
+        latent: str | None = None,
+        store_dist: bool = False,
+    ):
         self.schedule, self.noise, self.device = schedule, noise, device
         self.dtype, self.store_x0 = dtype, store_x0
+        self.latent, self.store_dist = latent, store_dist  # an encoder's (see compute_records)
 
-    def process(self, shard: str, batch: Sequence[Sample]) -> dict:
-        return compute_records(
+    def process(self, shard: str, batch: Sequence[Sample], tally: Tally) -> dict:
+        """The batch's record columns; samples whose records overflow the output dtype are
+        rejects in ``tally`` instead."""
+        cols = compute_records(
             self.schedule,
             self.noise,
             shard,
@@ -204,7 +259,12 @@ class NoiseStage:
             device=self.device,
             dtype=self.dtype,
             store_x0=self.store_x0,
+            latent=self.latent,
+            store_dist=self.store_dist,
         )
+        cols, dropped = split_nonfinite(cols, self.noise.draws, self.dtype)
+        tally.rejects.extend(reject_row(shard, key, index, why) for key, index, why in dropped)
+        return cols
 
 
 class RowGroupWriter:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .fs import identity
 from .manifest import OutputDir
 from .records import noise_from_metadata, record_schema, schedule_from_metadata
 from .source import ShardReadError, shard_id
@@ -99,14 +100,24 @@ class ShardWorker:
                     "batch_size %d does not fit in the GPU's free memory: using %d",
                     cfg["batch_size"], self.batch_size,
                 )  # fmt: skip
+        self.encoder, read_shape = None, self.shape
+        enc = self.metadata.get("encoder")
+        if enc:  # a frozen VAE turns decoded samples into latents (pipeline/encoder.py)
+            from .encoder import EncodeStage
+
+            self.encoder = EncodeStage(enc, device=self.device, on_error=cfg["on_error"])
+            read_shape = enc["input_shape"]
+        self.store_dist = bool(enc and enc["store_dist"])
         self.out = OutputDir(cfg["output"]["dir"])
-        self.reader = ReadStage(cfg, self.shape, self.batch_size)
+        self.reader = ReadStage(cfg, read_shape, self.batch_size)
         self.noiser = NoiseStage(
             schedule=schedule,
             noise=noise,
             device=self.device,
             dtype=cfg["output"]["dtype"],
             store_x0=cfg["output"]["store_x0"],
+            latent=enc["latent"] if enc else None,
+            store_dist=self.store_dist,
         )
         log.info("worker pid %d on device %s (Ray GPU ids %s)", os.getpid(), self.device, gpu_ids)
 
@@ -123,15 +134,23 @@ class ShardWorker:
         """
         start = time.perf_counter()
         shard = shard_id(url)
+        source_identity = identity(url)  # before reading: a later change is seen on resume
         o = self.cfg["output"]
         meta = {**self.metadata, "source": {**self.metadata["source"], "url": url, "shard": shard}}
-        schema = record_schema(self.shape, o["dtype"], o["store_x0"], meta)
+        schema = record_schema(
+            self.shape, o["dtype"], o["store_x0"], meta, store_dist=self.store_dist
+        )
         tally = Tally(shard)
         sink = ParquetSink(self.out, shard, schema, o)
         try:
             with self.reader.read(url) as items:
                 for batch in batches(items, self.batch_size, tally):
-                    tally.records += sink.write(self.noiser.process(shard, batch))
+                    if self.encoder is not None:  # -> latents; non-finite ones are rejects
+                        batch, rejected = self.encoder.process(shard, batch)
+                        tally.rejects.extend(rejected)
+                        if not batch:
+                            continue
+                    tally.records += sink.write(self.noiser.process(shard, batch, tally))
             if tally.read_error is not None and tally.samples == 0:
                 raise ShardReadError(tally.read_error, url=url)
             sink.close()
@@ -152,6 +171,7 @@ class ShardWorker:
             "seconds": elapsed(start),
             "worker": self.info(),
             "config_hash": self.metadata["config_hash"],
+            "source_identity": source_identity,
             "library_version": __version__,
         }
         return commit(self.out, result) if tally.read_error is None else result

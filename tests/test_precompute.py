@@ -143,12 +143,13 @@ def test_resume_skips_committed_shards_and_equals_clean_run(tmp_path, make_cfg):
     # simulate a run killed while lat-01 was in flight: no marker, a temporary file left behind
     out.remove(out.marker_name("lat-01"))
     out.remove("lat-01.parquet")
-    out.write_bytes(".lat-01.parquet.tmp-deadbeef", b"partial garbage")
+    out.write_bytes(".lat-01.parquet.tmp-0123456789ab", b"partial garbage")  # as tmp_name
+    out.write_bytes(".notes.tmp-mine", b"a user's file")  # not the pipeline's: kept
     before = {n: os.stat(out.path(n)).st_mtime_ns for n in ("lat-00.parquet", "lat-02.parquet")}
     manifest = run(make_cfg(*args))
     assert manifest["exit_code"] == 0 and manifest["totals"]["ok"] == 3
     assert {n: os.stat(out.path(n)).st_mtime_ns for n in before} == before  # untouched
-    assert not any(".tmp-" in n for n in out.list())
+    assert [n for n in out.list() if ".tmp-" in n] == [".notes.tmp-mine"]
     resumed = _read_dir(tmp_path / "out")
     for name in clean:
         for col in clean[name]:

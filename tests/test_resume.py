@@ -1,0 +1,196 @@
+"""Output-directory safety and resume (pipeline/resume.py, pipeline/lease.py): the pipeline
+deletes only what it wrote, never writes among foreign files, lets one driver at a time write a
+directory, refuses markers of another config or input, and redoes committed shards whose input
+changed or whose file is gone. Also the exit codes of data that is lost silently otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from shards import npy_bytes, write_array_shard, write_tar
+
+from pipeline.lease import LEASE
+from pipeline.manifest import MANIFEST, OutputDir
+from pipeline.precompute import JobError, run
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def _job(tmp_path, *extra, n_shards=2, n=4):
+    for i in range(n_shards):
+        write_array_shard(tmp_path / f"lat-{i:02d}.tar", n, shape=(2, 4, 4), seed=i)
+    urls = f"{tmp_path}/lat-{{00..{n_shards - 1:02d}}}.tar"
+    return ["source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out", *extra]
+
+
+def test_overwrite_deletes_only_what_the_pipeline_wrote(tmp_path, make_cfg):
+    args = _job(tmp_path)
+    run(make_cfg(*args))
+    out = tmp_path / "out"
+    (out / "mine.parquet").write_bytes(b"a user's own file")
+    (out / ".notes.tmp-1").write_bytes(b"not a temporary of ours")
+    (out / "_shards" / "keep.txt").write_bytes(b"also mine")
+    m = run(make_cfg(*args, "seed=7", "output.overwrite=true"))
+    assert m["exit_code"] == 0
+    assert (out / "mine.parquet").read_bytes() == b"a user's own file"
+    assert (out / ".notes.tmp-1").exists() and (out / "_shards" / "keep.txt").exists()
+    assert json.loads((out / MANIFEST).read_text())["config"]["seed"] == 7
+
+
+def test_a_foreign_non_empty_directory_is_refused(tmp_path, make_cfg):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(JobError, match=r"not empty and holds no manifest.*holiday\.jpg"):
+        run(make_cfg(*_job(tmp_path)))
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]  # nothing written
+
+
+def test_a_live_lease_refuses_a_second_driver_and_a_dead_one_is_taken_over(tmp_path, make_cfg):
+    args = _job(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    live = {
+        "token": "x",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "heartbeat": time.time(),
+    }
+    (out / LEASE).write_text(json.dumps(live))
+    with pytest.raises(JobError, match="being written by another run"):
+        run(make_cfg(*args))
+    assert not (out / MANIFEST).exists()  # refused before looking at or writing anything
+    # the same driver killed (its pid is gone): the re-run takes the lease over and resumes
+    dead = {**live, "pid": 2**22 + 12345}
+    (out / LEASE).write_text(json.dumps(dead))
+    assert run(make_cfg(*args))["exit_code"] == 0
+    assert not (out / LEASE).exists()  # released at the end
+    # another host's lease: stale only after output.lease_timeout_s without a heartbeat
+    other = {**live, "host": "elsewhere", "heartbeat": time.time() - 30}
+    (out / LEASE).write_text(json.dumps(other))
+    with pytest.raises(JobError, match="another run"):
+        run(make_cfg(*args))
+    assert run(make_cfg(*args, "output.lease_timeout_s=10"))["exit_code"] == 0
+
+
+def test_a_marker_of_another_config_is_refused(tmp_path, make_cfg):
+    args = _job(tmp_path)
+    run(make_cfg(*args))
+    marker = tmp_path / "out" / "_shards" / "lat-00.json"
+    body = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**body, "config_hash": "0123456789abcdef"}))
+    with pytest.raises(JobError, match=r"lat-00\.json was committed by another config"):
+        run(make_cfg(*args))
+
+
+def test_same_shard_name_from_another_url_is_refused(tmp_path, make_cfg):
+    args = _job(tmp_path)
+    run(make_cfg(*args))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write_array_shard(other / "lat-00.tar", 4, shape=(2, 4, 4), seed=9)
+    urls = f"[{other}/lat-00.tar,{tmp_path}/lat-01.tar]"
+    with pytest.raises(JobError, match=r"shard lat-00 .* was made from .*mix two inputs"):
+        run(make_cfg("source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out"))
+
+
+def test_changed_input_is_redone_and_said(tmp_path, make_cfg, caplog):
+    args = _job(tmp_path)
+    run(make_cfg(*args))
+    write_array_shard(tmp_path / "lat-00.tar", 6, shape=(2, 4, 4), seed=5)  # new content
+    m = run(make_cfg(*args))
+    assert m["exit_code"] == 0 and m["shards"]["lat-00"]["records"] == 6
+    assert pq.read_metadata(tmp_path / "out" / "lat-00.parquet").num_rows == 6
+    assert "lat-00 is redone: its input" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_missing_or_damaged_committed_file_is_rebuilt(tmp_path, make_cfg, damage):
+    args = _job(tmp_path)
+    run(make_cfg(*args))
+    path = tmp_path / "out" / "lat-01.parquet"
+    good, table = path.read_bytes(), pq.read_table(path)
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(good[: len(good) // 2])
+    m = run(make_cfg(*args))
+    assert m["exit_code"] == 0 and pq.read_table(path).equals(table)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "pattern"),
+    [
+        (MANIFEST, b"garbage{", r"_manifest\.json is not valid JSON"),
+        (MANIFEST, b"[1, 2]", r"_manifest\.json is a JSON list"),
+        ("_shards/lat-00.json", b"\x00\x01", r"lat-00\.json is not valid JSON"),
+    ],
+)
+def test_damaged_pipeline_files_are_named(tmp_path, make_cfg, name, content, pattern):
+    args = _job(tmp_path)
+    run(make_cfg(*args))
+    (tmp_path / "out" / name).write_bytes(content)
+    with pytest.raises(JobError, match=pattern):
+        run(make_cfg(*args))
+
+
+def test_float16_overflow_is_a_reject_naming_float32(tmp_path, make_cfg):
+    big = np.full((2, 4, 4), 1e6, np.float32)  # finite, but above float16's 65504
+    members = [(f"k{i}.npy", npy_bytes(np.zeros((2, 4, 4), np.float32) + i)) for i in range(3)]
+    write_tar(tmp_path / "a.tar", [*members[:1], ("big.npy", npy_bytes(big)), *members[1:]])
+    args = ["source=arrays", f"source.urls={tmp_path}/a.tar", f"output.dir={tmp_path}/out"]
+    m = run(make_cfg(*args, "sampling.draws_per_sample=2"))
+    assert m["exit_code"] == 0
+    assert m["totals"] == {**m["totals"], "samples": 4, "records": 6, "rejected": 1}
+    rej = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rej] == ["big"] and "output.dtype=float32" in rej[0]["reason"]
+    table = pq.read_table(tmp_path / "out" / "a.parquet")
+    assert "big" not in table.column("key").to_pylist()
+    # float32 holds it
+    m = run(
+        make_cfg(
+            *args,
+            "sampling.draws_per_sample=2",
+            "output.dtype=float32",
+            f"output.dir={tmp_path}/out32",
+        )
+    )
+    assert m["totals"]["records"] == 8 and m["totals"]["rejected"] == 0
+
+
+def test_zero_records_written_is_exit_1(tmp_path, make_cfg):
+    members = [(f"k{i}.npy", npy_bytes(np.full((2, 2), np.nan, np.float32))) for i in range(3)]
+    write_tar(tmp_path / "a.tar", members)
+    args = ["source=arrays", "source.shape=[2,2]", f"source.urls={tmp_path}/a.tar"]
+    m = run(make_cfg(*args, f"output.dir={tmp_path}/o"))
+    assert m["totals"]["records"] == 0 and m["exit_code"] == 1
+
+
+def test_relative_output_dir_is_made_absolute_on_the_driver(tmp_path, make_cfg, monkeypatch):
+    write_array_shard(tmp_path / "a.tar", 2, shape=(2, 2))
+    monkeypatch.chdir(tmp_path)
+    m = run(make_cfg("source=arrays", f"source.urls={tmp_path}/a.tar", "output.dir=rel/out"))
+    assert m["exit_code"] == 0 and m["config"]["output"]["dir"] == str(tmp_path / "rel" / "out")
+
+
+def test_non_finite_config_values_are_config_errors(tmp_path, make_cfg):
+    for bad in ("source.scale=nan", "source.shift=inf"):
+        with pytest.raises(
+            ValueError, match=r"config key source\.(scale|shift): must be a finite number"
+        ):
+            run(make_cfg("source=arrays", "source.urls=x.tar", f"output.dir={tmp_path}/o", bad))
+
+
+def test_markers_carry_the_config_hash_and_the_input_identity(tmp_path, make_cfg):
+    args = _job(tmp_path, n_shards=1)
+    m = run(make_cfg(*args))
+    marker = OutputDir(str(tmp_path / "out")).read_json("_shards/lat-00.json")
+    assert marker["config_hash"] == m["config_hash"]
+    st = os.stat(tmp_path / "lat-00.tar")
+    assert marker["source_identity"] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
