@@ -56,7 +56,8 @@ def write_report(
     rep = OutputDir(report_dir) if report_dir else out
     prefix = "" if report_dir else "validation/"
     rep.makedirs(prefix.rstrip("/"))
-    report["plots"] = write_plots(rep, prefix, ds, schedule, report) if plots else []
+    drawn = write_plots(rep, prefix, ds=ds, schedule=schedule, report=report) if plots else []
+    report["plots"] = drawn
     report["report_dir"] = rep.display(prefix.rstrip("/")) if prefix else rep.display()
     rep.write_bytes(prefix + "report.json", to_json(report).encode())
     rep.write_bytes(prefix + "report.md", format_markdown(report).encode())
@@ -186,7 +187,9 @@ def _per_bin_table(rows: list[dict]) -> list[str]:
 # -- plots -----------------------------------------------------------------------------------
 
 
-def write_plots(rep: OutputDir, prefix: str, ds: DatasetStats, schedule, report: dict) -> list[str]:
+def write_plots(
+    rep: OutputDir, prefix: str, *, ds: DatasetStats, schedule, report: dict
+) -> list[str]:
     """Write the PNG plots to ``rep`` under ``prefix``; returns their file names: Var/E of x_t
     over t against the model, the schedule, eps against N(0, 1), a QQ plot of x_T and (images)
     one stored x_t per t-bin."""
