@@ -84,10 +84,37 @@ class RayConfig:
 
 
 @dataclass
+class EncoderConfig:
+    kind: str = MISSING
+
+
+@dataclass
+class NoEncoder(EncoderConfig):
+    kind: str = "none"
+
+
+@dataclass
+class VaeEncoder(EncoderConfig):
+    """``encoder=vae``: a frozen diffusers AutoencoderKL encodes samples (pipeline/encoder.py)."""
+
+    kind: str = "vae"
+    model: str = MISSING  # Hub id, local folder or URL in diffusers layout
+    revision: str | None = None
+    subfolder: str | None = None
+    latent: str = "sample"  # sample | mean
+    store_dist: bool = False
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    scaling_factor: float | None = None  # null: from the model's config.json
+    shift_factor: float | None = None
+    batch_size: int = 16
+
+
+@dataclass
 class PrecomputeConfig:
     source: SourceConfig = MISSING
     schedule: ScheduleConfig = MISSING
     ray: RayConfig = MISSING
+    encoder: EncoderConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
@@ -105,6 +132,8 @@ def register_configs() -> None:
     cs.store(group="source", name="base_arrays", node=ArraysSource)
     cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
     cs.store(group="ray", name="base_ray", node=RayConfig)
+    cs.store(group="encoder", name="base_none", node=NoEncoder)
+    cs.store(group="encoder", name="base_vae", node=VaeEncoder)
 
 
 def _need(ok: bool, key: str, message: str) -> None:
@@ -206,6 +235,41 @@ def validate(cfg: DictConfig) -> None:
         "ray.max_shard_retries",
         f"must be >= 0, got {r.max_shard_retries}",
     )
+    _validate_encoder(cfg)
+
+
+def _validate_encoder(cfg: DictConfig) -> None:
+    """The ``encoder`` group's values; what needs the model's config.json (channels, sizes)
+    is checked when the driver resolves the model (pipeline/encoder.py)."""
+    from .encoder import ENCODER_DTYPES, KINDS, LATENT_MODES
+
+    enc = cfg.get("encoder")
+    if enc is None or enc.kind == "none":
+        return
+    _need(enc.kind in KINDS, "encoder.kind", f"must be one of {KINDS}, got {enc.kind!r}")
+    _need(bool(enc.model), "encoder.model", "must be a Hub id, a local folder or a URL")
+    _need(
+        enc.latent in LATENT_MODES,
+        "encoder.latent",
+        f"must be one of {LATENT_MODES}, got {enc.latent!r}",
+    )
+    _need(
+        enc.dtype in ENCODER_DTYPES,
+        "encoder.dtype",
+        f"must be one of {ENCODER_DTYPES}, got {enc.dtype!r}",
+    )
+    _need(
+        enc.scaling_factor is None or enc.scaling_factor > 0,
+        "encoder.scaling_factor",
+        f"must be null (from the model's config) or > 0, got {enc.scaling_factor}",
+    )
+    _need(enc.batch_size >= 1, "encoder.batch_size", f"must be >= 1, got {enc.batch_size}")
+    if cfg.source.kind == "images":
+        _need(
+            cfg.source.normalize,
+            "source.normalize",
+            "must be true with encoder=vae: the VAE takes pixel values in [-1, 1]",
+        )
 
 
 # The keys that change the records. Everything else (ray.*, batch_size, read_ahead, progress,
@@ -220,12 +284,21 @@ def process_config(cfg: DictConfig) -> dict:
     out = {k: out[k] for k in PROCESS_CONFIG_KEYS}
     out["source"].pop("urls", None)
     out["output"] = {"dtype": cfg.output.dtype, "store_x0": cfg.output.store_x0}
+    from .encoder import describe_encoder, enabled
+
+    if enabled(cfg):  # the model's identity (file hashes), not just its name
+        out["encoder"] = describe_encoder(cfg).describe()
     return out
 
 
 def config_hash(cfg: DictConfig) -> str:
     """A short hash of :func:`process_config`: equal hashes mean interchangeable records."""
-    blob = json.dumps(process_config(cfg), sort_keys=True).encode()
+    pc = process_config(cfg)
+    if "encoder" in pc:  # what the model is, not where it was read from
+        from .encoder import hashed_identity
+
+        pc["encoder"] = hashed_identity(pc["encoder"])
+    blob = json.dumps(pc, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

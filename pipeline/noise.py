@@ -24,6 +24,10 @@ bit-identical on CPU-only and GPU nodes. The ``Philox`` bit stream is fixed, but
 compatibility policy), so ``eps`` is pinned by a regression test (tests/test_noise.py).
 Arithmetic derived from them (x_t, posterior) may differ in the last float32 bit between device
 types (fused multiply-add).
+
+With an encoder (``encoder=vae``, :mod:`pipeline.encoder`) each record also draws its latent
+``z = mean + std * n``: ``n`` is keyed on the same identity with another BLAKE2b personalisation
+(``ddpm-latent``), so it is independent of eps (:meth:`KeyedNoise.latent_noise`).
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ import numpy as np
 
 SAMPLERS = ("uniform", "stratified")
 _PERSON = b"ddpm-precompute"  # BLAKE2b personalisation: domain separation from other hashes
+_LATENT_PERSON = b"ddpm-latent"  # the latent draws of an encoder: independent of eps
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # floor(2**64 / phi), odd: a full-period step
 _TO_UNIT = 2.0**-53
 
 
-def _digest(*parts: object) -> bytes:
+def _digest(*parts: object, person: bytes = _PERSON) -> bytes:
     msg = "\x1f".join(str(p) for p in parts).encode("utf-8")
-    return hashlib.blake2b(msg, digest_size=32, person=_PERSON).digest()
+    return hashlib.blake2b(msg, digest_size=32, person=person).digest()
 
 
 def _unit_to_index(u: np.ndarray, n: int) -> np.ndarray:
@@ -80,6 +85,18 @@ class KeyedNoise:
                 out[row] = np.frombuffer(_digest(self.seed, shard, key, d), dtype=np.uint8)
                 row += 1
         return out
+
+    def latent_noise(self, shard: str, keys: Sequence[str], shape: Sequence[int]) -> np.ndarray:
+        """Standard normal float32 [N*K, *shape], sample-major: the draw ``n`` of an encoder's
+        latent ``z = mean + std * n`` per record. Keyed on ``(seed, shard, key, draw)`` like eps,
+        with another BLAKE2b personalisation (``ddpm-latent``), so the two streams are
+        independent; drawn on the CPU, so the same on every device and batch."""
+        d = np.empty((len(keys) * self.draws, 32), dtype=np.uint8)
+        for row, (key, draw) in enumerate((k, i) for k in keys for i in range(self.draws)):
+            d[row] = np.frombuffer(
+                _digest(self.seed, shard, key, draw, person=_LATENT_PERSON), dtype=np.uint8
+            )
+        return self.noise(d, shape)
 
     def timesteps(self, digests: np.ndarray, shard: str, indices: Sequence[int]) -> np.ndarray:
         """Timesteps int64 [N*K] in [0, T). ``indices``: the samples' ordinals in the shard, [N]."""

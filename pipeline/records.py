@@ -16,7 +16,13 @@ posterior_variance          float32                          variance of q(x_{t-
 posterior_log_variance      float32                          its clipped log (finite at t = 0)
 alpha_bar                   float32                          ab_t
 x_0                         tensor [C, H, W] (dtype)         the data, when output.store_x0=true
+latent_mean                 tensor [C, H, W] (dtype)         encoder.store_dist: (mean - shift) * s
+latent_std                  tensor [C, H, W] (dtype)         encoder.store_dist: std * scale
 ==========================  ===============================  =====================================
+
+With an encoder (``encoder=vae``) x_0 is a VAE latent (:mod:`pipeline.encoder`): [C, H, W] is the
+latent's shape, ``x_0 = latent_mean + latent_std * n`` (``latent=sample``) or ``latent_mean``
+(``latent=mean``), and the metadata's ``encoder`` entry identifies the model (file hashes).
 
 Tensor columns use Arrow's canonical ``arrow.fixed_shape_tensor`` extension type: row-major, no
 permutation, value type float16 or float32. The schema's key-value metadata holds, under
@@ -38,9 +44,14 @@ SCALAR_COLUMNS = ("posterior_variance", "posterior_log_variance", "alpha_bar")
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
-def tensor_columns(store_x0: bool) -> tuple[str, ...]:
-    """The tensor columns of a file: :data:`TENSOR_COLUMNS`, and ``x_0`` with ``store_x0``."""
-    return (*TENSOR_COLUMNS, "x_0") if store_x0 else TENSOR_COLUMNS
+DIST_COLUMNS = ("latent_mean", "latent_std")
+
+
+def tensor_columns(store_x0: bool, store_dist: bool = False) -> tuple[str, ...]:
+    """The tensor columns of a file: :data:`TENSOR_COLUMNS`, ``x_0`` with ``store_x0``, and
+    :data:`DIST_COLUMNS` with an encoder's ``store_dist``."""
+    cols = (*TENSOR_COLUMNS, "x_0") if store_x0 else TENSOR_COLUMNS
+    return (*cols, *DIST_COLUMNS) if store_dist else cols
 
 
 def check_dtype(dtype: str) -> str:
@@ -55,9 +66,14 @@ def tensor_type(shape: Sequence[int], dtype: str) -> pa.FixedShapeTensorType:
 
 
 def record_schema(
-    shape: Sequence[int], dtype: str, store_x0: bool, metadata: Mapping | None = None
+    shape: Sequence[int],
+    dtype: str,
+    store_x0: bool,
+    metadata: Mapping | None = None,
+    store_dist: bool = False,
 ) -> pa.Schema:
-    """The Arrow schema of one output file; ``metadata`` is stored as JSON under ``ddpm``."""
+    """The Arrow schema of one output file; ``metadata`` is stored as JSON under ``ddpm``;
+    ``store_dist`` adds an encoder's ``latent_mean`` and ``latent_std`` columns."""
     tt = tensor_type(shape, dtype)
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -69,6 +85,8 @@ def record_schema(
     ]
     if store_x0:
         fields.append(pa.field("x_0", tt, nullable=False))
+    if store_dist:
+        fields += [pa.field(name, tt, nullable=False) for name in DIST_COLUMNS]
     meta = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)} if metadata else None
     return pa.schema(fields, metadata=meta)
 
@@ -83,11 +101,12 @@ def make_metadata(
     config_hash: str,
     source: Mapping | None = None,
     library_version: str | None = None,
+    encoder: Mapping | None = None,
 ) -> dict:
     """The ``ddpm`` process description of a dataset (see the module docstring): what a reader
     needs to interpret and regenerate every record. ``schedule`` is a NoiseSchedule, ``noise`` a
     KeyedNoise; ``source`` describes the input (decoding, normalisation; the shard URL is added
-    per file)."""
+    per file); ``encoder`` identifies the VAE of latent records (see :mod:`pipeline.encoder`)."""
     meta = {
         "format": FORMAT,
         "schedule": schedule.describe(),
@@ -101,6 +120,8 @@ def make_metadata(
         meta["source"] = dict(source)
     if library_version is not None:
         meta["library_version"] = library_version
+    if encoder is not None:
+        meta["encoder"] = dict(encoder)
     return meta
 
 
@@ -173,7 +194,9 @@ def process_metadata(schema: pa.Schema) -> dict:
 
 
 # Keys of the process metadata that must agree across every file of one dataset.
-PROCESS_KEYS = ("format", "schedule", "noise", "dtype", "shape", "store_x0", "config_hash")
+PROCESS_KEYS = (
+    "format", "schedule", "noise", "dtype", "shape", "store_x0", "config_hash", "encoder"
+)  # fmt: skip
 
 
 def same_process(a: Mapping, b: Mapping) -> list[str]:
