@@ -539,7 +539,8 @@ class EncodeStage:
             bad = int((~finite).sum())
             for i, s in enumerate(chunk):
                 if finite[i]:
-                    out.append(Latent(s.key, s.index, mean[i], std[i]))
+                    keep = {"cond": s.cond} if hasattr(s, "cond") else {}  # conditioning
+                    out.append(Latent(s.key, s.index, mean[i], std[i], **keep))
                     continue
                 reason = self._reason(x[lo + i], bad, len(chunk))
                 if self.on_error == "fail":

@@ -389,3 +389,63 @@ def test_cuda_latents_equal_cpu_latents_to_rounding(vae_dir, make_cfg):
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(a.array, b.array, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a.std, b.std, rtol=1e-4, atol=1e-5)
+
+
+# -- validation: latent_scale ---------------------------------------------------------------------
+
+
+def _figures(stds, means=None):
+    """x0_figures-like figures: per channel, and the channels averaged (index C)."""
+    means = means or [0.0] * len(stds)
+    fig = {
+        c: {"records": 100, "mean": m, "var": s * s} for c, (s, m) in enumerate(zip(stds, means))
+    }
+    fig[len(stds)] = {"records": 100, "mean": 0.0, "var": float(np.mean(np.square(stds)))}
+    return fig
+
+
+@pytest.mark.parametrize(
+    "std, severity, words",
+    [
+        (1.0, "info", None),
+        (5.5, "warning", "look unscaled"),
+        (0.03, "warning", "scaled twice"),
+    ],
+)
+def test_latent_scale_warns_naming_the_fix(std, severity, words):
+    from pipeline.latents_check import latent_scale_from_figures
+
+    enc = {"scaling_factor": 1.0, "model": "m"}
+    process = {"shape": [4, 8, 8], "encoder": enc, "store_x0": True}
+    check = latent_scale_from_figures(_figures([std] * 4), process, "stored")
+    assert check.name == "latent_scale" and check.passed  # warnings only
+    assert check.severity == severity and check.statistic == pytest.approx(std)
+    assert [r["std"] for r in check.detail["per_channel"]] == pytest.approx([std] * 4)
+    if words:
+        assert words in check.summary and "encoder.scaling_factor" in check.summary
+    arrays = latent_scale_from_figures(
+        _figures([std] * 4), {"shape": [4, 8, 8], "source": {"kind": "arrays", "scale": 1.0}}, "s"
+    )
+    if words:
+        assert "source.scale" in arrays.summary
+
+
+def test_latent_scale_on_real_records_matches_the_stored_x0(arrays_job):
+    """The check on a scan of the encoder job's files: per-channel figures equal those of the
+    stored x_0 column (no Ray: the shard scans run here)."""
+    from pipeline.latents_check import latent_scale
+    from pipeline.scan import DatasetStats, ScanPlan, scan_shard, t_edges
+
+    m = arrays_job["manifest"]
+    out = OutputDir(str(arrays_job["tmp"] / "out"))
+    plan = ScanPlan(process=m["process"], edges=t_edges(1000, 10, 0.01), grid=False)
+    ds = DatasetStats(plan, m["shards"])
+    for shard in sorted(m["shards"]):
+        ds.add(scan_shard(out, shard, plan))
+    (check,) = latent_scale(ds)
+    x0 = np.concatenate([cols["x_0"] for cols in read_dir(arrays_job["tmp"] / "out").values()])
+    got = [r["std"] for r in check.detail["per_channel"]]
+    np.testing.assert_allclose(got, x0.std(axis=(0, 2, 3)), rtol=1e-4)
+    means = [r["mean"] for r in check.detail["per_channel"]]
+    np.testing.assert_allclose(means, x0.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    assert check.detail["x0"] == "stored" and check.passed
