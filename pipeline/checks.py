@@ -651,6 +651,7 @@ PROBLEMS = (
     "failed or pending shards",
     "missing files",
     "missing commit markers",
+    "damaged or mismatching commit markers",
     "unreadable files",
     "row count differs from manifest",
     "records != (samples - rejected) x draws",
@@ -660,7 +661,23 @@ PROBLEMS = (
     "keys without all draws",
     "files not in the manifest",
     "manifest totals differ from shards",
+    "no records",
 )
+
+
+def _marker_problem(out: OutputDir, shard: str, entry: dict, chash) -> str | None:
+    """What is wrong with a committed shard's marker (its commit point), or None."""
+    name = OutputDir.marker_name(shard)
+    try:
+        marker = out.read_json(name)
+    except (OSError, ValueError) as exc:  # CorruptFileError names the file
+        return str(exc)
+    for key, want in (("status", entry.get("status")), ("records", entry.get("records"))):
+        if marker.get(key) != want:
+            return f"{out.display(name)}: {key} {marker.get(key)!r}, manifest {want!r}"
+    if marker.get("config_hash", chash) != chash:
+        return f"{out.display(name)}: config hash {marker.get('config_hash')}, dataset {chash}"
+    return None
 
 
 def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list | None) -> Check:
@@ -682,8 +699,12 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
         if s is None:
             prob["missing files"].append(out.display(OutputDir.data_name(k)))
             continue
+        marker_bad = (
+            _marker_problem(out, k, e, manifest.get("config_hash")) if k in markers else None
+        )
         checks = (
             ("missing commit markers", k not in markers, k),
+            ("damaged or mismatching commit markers", marker_bad, marker_bad),
             ("unreadable files", s["error"], f"{s['file']}: {s['error']}"),
             (
                 "row count differs from manifest",
@@ -727,6 +748,8 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
     prob["files not in the manifest"] += [
         out.display(OutputDir.marker_name(m)) for m in sorted(markers - set(shards))
     ]
+    if sum(shards[k].get("records", 0) for k in committed) == 0:
+        prob["no records"].append(f"{out.display()}: no shard holds a record: nothing to train on")
     tot = manifest.get("totals") or {}
     for key in ("records", "samples", "rejected"):
         if key in tot and tot[key] != sum(shards[k].get(key, 0) for k in committed):

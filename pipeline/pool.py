@@ -34,6 +34,23 @@ def pool_size(ray_cfg, pending: int) -> int:
     return max(1, min(n, pending))
 
 
+def death_cause(exc: BaseException) -> str:
+    """Why an actor's task failed without raising: out of memory when Ray's memory monitor
+    killed it (OutOfMemoryError, or a death message that says so), else the error's type."""
+    text = str(exc)
+    if isinstance(exc, ray.exceptions.OutOfMemoryError) or "low on memory" in text:
+        return (
+            "actor died: out of memory (Ray's memory monitor killed it); reduce batch_size or "
+            "the sample size (source.resolution), or give each actor more memory"
+        )
+    if "SIGKILL" in text or "exit code 137" in text or "killed" in text.lower():
+        return (
+            f"actor died: {type(exc).__name__}, its process was killed (most often by the "
+            "kernel's OOM killer: check the node's memory, batch_size and source.resolution)"
+        )
+    return f"actor died: {type(exc).__name__}"
+
+
 class ActorPool:
     """Actors of ``actor_cls`` (a plain class) built with ``args``, each reserving ``num_cpus``
     and ``num_gpus``."""

@@ -19,7 +19,6 @@ What a shard scan measures: :class:`pipeline.scan.Stats`.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
@@ -29,7 +28,7 @@ from dataclasses import asdict
 from omegaconf import DictConfig, OmegaConf
 
 from . import checks, records
-from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, OutputDir
+from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, CorruptFileError, OutputDir
 from .report import REPORT_FORMAT, dataset_summary, format_console, write_report
 from .scan import DatasetStats, ScanPlan, ShardStats, scan_shard, t_edges
 from .validate_config import check_values, register_validate_configs
@@ -104,43 +103,41 @@ def _plan(cfg: DictConfig, process: dict, n_files: int) -> ScanPlan:
 
 
 def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
-    """Scan the shards as Ray tasks (at most max_in_flight at once), merging as they finish."""
+    """Scan the shards as Ray tasks on the Ray ``ray.address`` names (see
+    :mod:`pipeline.raysession`), merging as they finish; CannotValidate when Ray cannot start."""
+    from .raysession import RayConnectError, ray_session
+
+    try:
+        with ray_session(cfg.ray.address):
+            _scan_tasks(cfg, out, shards, ds)
+    except RayConnectError as exc:
+        raise CannotValidate(str(exc)) from None
+
+
+def _scan_tasks(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
+    """At most ``ray.max_in_flight`` shard scans at once; a task whose process died counts as
+    an unreadable file."""
     import ray
     from tqdm import tqdm
 
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(
-                address=cfg.ray.address, include_dashboard=False, logging_level=logging.WARNING
-            )
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise CannotValidate(
-                f"cannot start Ray (ray.address={cfg.ray.address}): {exc}"
-            ) from None
-    try:
-        task = ray.remote(scan_shard).options(num_cpus=cfg.ray.num_cpus_per_task)
-        window = cfg.ray.max_in_flight or max(
-            2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.num_cpus_per_task)
-        )
-        todo, running = list(reversed(shards)), {}
-        bar = tqdm(total=len(shards), unit="shard", desc="validate", disable=not cfg.progress)
-        with bar:
-            while todo or running:
-                while todo and len(running) < window:
-                    shard = todo.pop()
-                    running[task.remote(out, shard, ds.plan)] = shard
-                done, _ = ray.wait(list(running), num_returns=1)
-                shard = running.pop(done[0])
-                try:
-                    st = ray.get(done[0])
-                except ray.exceptions.RayError as exc:  # the task's process died (OOM, node)
-                    st = ShardStats(shard, out.display(OutputDir.data_name(shard)), error=str(exc))
-                ds.add(st)
-                bar.update(1)
-    finally:
-        if started:
-            ray.shutdown()
+    task = ray.remote(scan_shard).options(num_cpus=cfg.ray.num_cpus_per_task)
+    window = cfg.ray.max_in_flight or max(
+        2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.num_cpus_per_task)
+    )
+    todo, running = list(reversed(shards)), {}
+    with tqdm(total=len(shards), unit="shard", desc="validate", disable=not cfg.progress) as bar:
+        while todo or running:
+            while todo and len(running) < window:
+                shard = todo.pop()
+                running[task.remote(out, shard, ds.plan)] = shard
+            done, _ = ray.wait(list(running), num_returns=1)
+            shard = running.pop(done[0])
+            try:
+                st = ray.get(done[0])
+            except ray.exceptions.RayError as exc:  # the task's process died (OOM, node)
+                st = ShardStats(shard, out.display(OutputDir.data_name(shard)), error=str(exc))
+            ds.add(st)
+            bar.update(1)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -167,7 +164,10 @@ def run(cfg: DictConfig) -> dict:
         raise CannotValidate(f"{out.display(MANIFEST)}: bad process description ({what})") from None
     if to_scan:
         _scan_all(cfg, out, to_scan, ds)
-    rejects = out.read_jsonl(REJECTS) if out.exists(REJECTS) else None
+    try:
+        rejects = out.read_jsonl(REJECTS) if out.exists(REJECTS) else None
+    except CorruptFileError as exc:
+        raise CannotValidate(str(exc)) from None
     z, fc = float(cfg.z), bool(cfg.family_correction)
     results = [
         checks.completeness(ds, out, manifest, rejects),
@@ -192,14 +192,21 @@ def run(cfg: DictConfig) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_report(
-        report,
-        ds,
-        schedule,
-        out=out,
-        report_dir=cfg.output.report_dir,
-        plots=bool(cfg.plots),
-    )
+    try:
+        write_report(
+            report,
+            ds,
+            schedule,
+            out=out,
+            report_dir=cfg.output.report_dir,
+            plots=bool(cfg.plots),
+        )
+    except OSError as exc:
+        where = cfg.output.report_dir or out.display("validation")
+        raise CannotValidate(
+            f"cannot write the report to {where}: {exc}; set output.report_dir to a writable "
+            "directory"
+        ) from None
     return report
 
 

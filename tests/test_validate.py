@@ -10,13 +10,14 @@ without the exact keyed-noise regeneration (tested separately).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from shards import write_array_shard, write_image_shard
+from shards import npy_bytes, write_array_shard, write_image_shard, write_tar
 
 from pipeline import records, report, validate
 from pipeline.checks import Highlight, litem, verdict
@@ -370,6 +371,56 @@ def test_exit_code_2_when_it_cannot_run(tmp_path, capsys):
     assert validate.main([f"output.dir={tmp_path}", "z=-1"]) == 2
     assert "config key z" in capsys.readouterr().err
     assert validate.main([f"output.dir={tmp_path}", "no_such_key=1"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        (b"garbage{", r"_manifest\.json is not valid JSON"),
+        (b"[1]", r"_manifest\.json is a JSON list"),
+    ],
+)
+def test_a_damaged_manifest_is_exit_2_naming_it(base, tmp_path, capsys, content, pattern):
+    d = _copy(base["c"], tmp_path / "d")
+    (d / MANIFEST).write_bytes(content)
+    assert validate.main([f"output.dir={d}", "progress=false", "plots=false"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(pattern, err) and "Traceback" not in err
+
+
+def test_a_damaged_marker_fails_completeness_naming_it(base, tmp_path):
+    d = _copy(base["c"], tmp_path / "d")
+    (d / "_shards" / "sh-1.json").write_bytes(b"not json")
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1 and _failed(checks) == {"completeness"}
+    items = {i["quantity"]: i for i in checks["completeness"]["detail"]["items"]}
+    bad = items["damaged or mismatching commit markers"]
+    assert bad["value"] == 1 and "sh-1.json is not valid JSON" in bad["examples"][0]
+
+
+def test_an_unwritable_report_dir_is_exit_2_naming_the_key(base, tmp_path, capsys):
+    d = _copy(base["c"], tmp_path / "d")
+    shutil.rmtree(d / "validation", ignore_errors=True)
+    (d / "validation").write_bytes(b"a file where the report directory would go")
+    assert validate.main([f"output.dir={d}", "progress=false", "plots=false"]) == 2
+    assert "set output.report_dir" in capsys.readouterr().err
+    report_dir = tmp_path / "elsewhere"
+    args = [f"output.dir={d}", f"output.report_dir={report_dir}", "progress=false", "plots=false"]
+    assert validate.main(args) == 0 and (report_dir / "report.json").exists()
+
+
+def test_an_empty_dataset_fails(tmp_path):
+    members = [(f"k{i}.npy", npy_bytes(np.full((2, 2), np.nan, np.float32))) for i in range(3)]
+    write_tar(tmp_path / "a.tar", members)
+    cfg = compose(
+        ["progress=false", "source=arrays", "source.shape=[2,2]", f"source.urls={tmp_path}/a.tar",
+         f"output.dir={tmp_path}/o"]
+    )  # fmt: skip
+    assert precompute(cfg)["exit_code"] == 1
+    report, checks = _validate(tmp_path / "o")
+    assert report["exit_code"] == 1 and "completeness" in _failed(checks)
+    items = {i["quantity"]: i for i in checks["completeness"]["detail"]["items"]}
+    assert items["no records"]["value"] == 1
 
 
 # -- report rendering and verdicts (no dataset) ------------------------------------------------
