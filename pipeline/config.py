@@ -28,6 +28,9 @@ DEVICES = ("auto", "cuda", "cpu")
 class SourceConfig:
     kind: str = MISSING
     urls: Any = MISSING  # a brace-expandable string or a list of URLs
+    # member extensions carried into the records, one column each (pipeline/conditioning.py)
+    keep: list[str] = field(default_factory=lambda: ["cls", "txt", "json"])
+    require: list[str] = field(default_factory=list)  # a sample lacking one is rejected
 
 
 @dataclass
@@ -194,6 +197,10 @@ def validate(cfg: DictConfig) -> None:
         "'-' (standard input) cannot be a shard: Ray actors read the shards and have no stdin; "
         "give shard paths or URLs",
     )
+    from .conditioning import config_problems
+
+    for key, message in config_problems(src):
+        _need(False, key, message)
     if src.kind == "images":
         _need(src.resolution > 0, "source.resolution", f"must be > 0, got {src.resolution}")
         _need(

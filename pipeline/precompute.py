@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import __version__, resume, stages
+from .conditioning import Conditioning
 from .config import config_hash, process_config, quote_url_overrides, register_configs, validate
 from .fs import is_remote
 from .lease import LeaseError, OutputLease
@@ -115,6 +116,7 @@ def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
         source=process_config(cfg)["source"],
         library_version=__version__,
         encoder=_encoder_metadata(cfg, shape),
+        conditioning=Conditioning.from_source(cfg.source).describe(),
     )
 
 

@@ -18,7 +18,12 @@ alpha_bar                   float32                          ab_t
 x_0                         tensor [C, H, W] (dtype)         the data, when output.store_x0=true
 latent_mean                 tensor [C, H, W] (dtype)         encoder.store_dist: (mean - shift) * s
 latent_std                  tensor [C, H, W] (dtype)         encoder.store_dist: std * scale
+cls, txt, json, ...         int64 / string / binary, null    source.keep: the sample's members
 ==========================  ===============================  =====================================
+
+The conditioning columns (``source.keep``, :mod:`pipeline.conditioning`) are nullable (null: the
+member was absent) and repeat the sample's values on each of its K draws; the metadata's
+``conditioning`` entry lists them with their types.
 
 With an encoder (``encoder=vae``) x_0 is a VAE latent (:mod:`pipeline.encoder`): [C, H, W] is the
 latent's shape, ``x_0 = latent_mean + latent_std * n`` (``latent=sample``) or ``latent_mean``
@@ -73,7 +78,8 @@ def record_schema(
     store_dist: bool = False,
 ) -> pa.Schema:
     """The Arrow schema of one output file; ``metadata`` is stored as JSON under ``ddpm``;
-    ``store_dist`` adds an encoder's ``latent_mean`` and ``latent_std`` columns."""
+    ``store_dist`` adds an encoder's ``latent_mean`` and ``latent_std`` columns; the metadata's
+    ``conditioning`` entry adds one nullable column per kept member (:mod:`pipeline.conditioning`)."""
     tt = tensor_type(shape, dtype)
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -87,6 +93,10 @@ def record_schema(
         fields.append(pa.field("x_0", tt, nullable=False))
     if store_dist:
         fields += [pa.field(name, tt, nullable=False) for name in DIST_COLUMNS]
+    if metadata and metadata.get("conditioning"):
+        from .conditioning import Conditioning
+
+        fields += Conditioning.from_spec(metadata["conditioning"]).fields()
     meta = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)} if metadata else None
     return pa.schema(fields, metadata=meta)
 
@@ -102,11 +112,14 @@ def make_metadata(
     source: Mapping | None = None,
     library_version: str | None = None,
     encoder: Mapping | None = None,
+    conditioning: Mapping | None = None,
 ) -> dict:
     """The ``ddpm`` process description of a dataset (see the module docstring): what a reader
     needs to interpret and regenerate every record. ``schedule`` is a NoiseSchedule, ``noise`` a
     KeyedNoise; ``source`` describes the input (decoding, normalisation; the shard URL is added
-    per file); ``encoder`` identifies the VAE of latent records (see :mod:`pipeline.encoder`)."""
+    per file); ``encoder`` identifies the VAE of latent records (see :mod:`pipeline.encoder`);
+    ``conditioning`` lists the kept members and their columns' types
+    (:meth:`pipeline.conditioning.Conditioning.describe`)."""
     meta = {
         "format": FORMAT,
         "schedule": schedule.describe(),
@@ -122,6 +135,8 @@ def make_metadata(
         meta["library_version"] = library_version
     if encoder is not None:
         meta["encoder"] = dict(encoder)
+    if conditioning is not None:
+        meta["conditioning"] = dict(conditioning)
     return meta
 
 
@@ -195,7 +210,8 @@ def process_metadata(schema: pa.Schema) -> dict:
 
 # Keys of the process metadata that must agree across every file of one dataset.
 PROCESS_KEYS = (
-    "format", "schedule", "noise", "dtype", "shape", "store_x0", "config_hash", "encoder"
+    "format", "schedule", "noise", "dtype", "shape", "store_x0", "config_hash", "encoder",
+    "conditioning",
 )  # fmt: skip
 
 

@@ -32,7 +32,7 @@ import re
 import shlex
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import numpy as np
@@ -51,6 +51,9 @@ class Sample:
     key: str  # the WebDataset __key__
     index: int  # 0-based ordinal among all groups (samples and rejects) of the shard, tar order
     array: np.ndarray  # float32, C-contiguous, [C, H, W] for images, [C, ...] for arrays
+    # kept members, {column: value or None} (pipeline.conditioning); keyword-only, so that
+    # subclasses may add positional fields
+    cond: dict = field(default_factory=dict, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -348,7 +351,9 @@ def _groups(url: str) -> Iterator[tuple[str | None, dict[str, bytes], str | None
     yield from ((None, {}, stray) for stray in strays)
 
 
-def iter_shard(url: str, decoder, on_error: str = "skip") -> Iterator[Sample | Reject]:
+def iter_shard(
+    url: str, decoder, on_error: str = "skip", conditioning=None
+) -> Iterator[Sample | Reject]:
     """Yield a :class:`Sample` or :class:`Reject` per sample of the shard at ``url``, in tar order.
 
     ``decoder(members: dict[ext, bytes]) -> np.ndarray`` decodes one sample (``ext`` lowercased,
@@ -356,14 +361,16 @@ def iter_shard(url: str, decoder, on_error: str = "skip") -> Iterator[Sample | R
     if any, is called first. Every array is made float32 C-contiguous and checked for NaN/Inf.
     ``on_error``: ``"skip"`` yields Reject items, ``"fail"`` raises :class:`SampleError` at the
     first bad sample (other values: ValueError, raised here). Stream failures raise
-    :class:`ShardReadError` (see the module docstring).
+    :class:`ShardReadError` (see the module docstring). ``conditioning``: a
+    :class:`pipeline.conditioning.Conditioning` whose ``extract(members)`` fills
+    :attr:`Sample.cond`; its DecodeError is a bad sample like the decoder's.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    return _iter_shard(url, decoder, on_error == "fail")
+    return _iter_shard(url, decoder, on_error == "fail", conditioning)
 
 
-def _iter_shard(url: str, decoder, fail: bool) -> Iterator[Sample | Reject]:
+def _iter_shard(url: str, decoder, fail: bool, conditioning=None) -> Iterator[Sample | Reject]:
     if callable(getattr(decoder, "reset", None)):
         decoder.reset()
     index = 0
@@ -378,6 +385,7 @@ def _iter_shard(url: str, decoder, fail: bool) -> Iterator[Sample | Reject]:
                 names = ", ".join(repr(n) for n in pickled)
                 what = "member" if len(pickled) == 1 else "members"
                 raise DecodeError(f"refused to decode pickled {what} {names}: shards are untrusted")
+            cond = conditioning.extract(members) if conditioning else {}
             array = np.ascontiguousarray(decoder(members), dtype=np.float32)
             if array.ndim < 1:
                 raise DecodeError("decoder returned a 0-d array")
@@ -389,7 +397,7 @@ def _iter_shard(url: str, decoder, fail: bool) -> Iterator[Sample | Reject]:
                 raise SampleError(msg, url=url, key=key, index=position, reason=reason) from exc
             yield Reject(key, position, reason)
         else:
-            yield Sample(key, position, array)
+            yield Sample(key, position, array, cond=cond)
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .conditioning import Conditioning
 from .diffusion import q_posterior, q_sample
 from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
@@ -87,11 +88,17 @@ class ReadStage:
     def __init__(self, cfg: dict, shape: Sequence[int], batch_size: int):
         self.source, self.on_error = cfg["source"], cfg["on_error"]
         self.shape = shape
+        self.conditioning = Conditioning.from_source(self.source)  # kept members -> Sample.cond
         self.depth = read_ahead(cfg) * batch_size  # samples decoded ahead (0: inline)
 
     def read(self, url: str):
         """A context manager over the shard's :class:`Sample`/:class:`Reject` items."""
-        items = iter_shard(url, make_decoder(self.source, self.shape), on_error=self.on_error)
+        items = iter_shard(
+            url,
+            make_decoder(self.source, self.shape),
+            on_error=self.on_error,
+            conditioning=self.conditioning,
+        )
         if self.depth > 0:
             return ReadAhead(items, self.depth, name="shard-reader")
         return nullcontext(items)
@@ -129,6 +136,7 @@ def compute_records(
     store_x0: bool,
     latent: str | None = None,
     store_dist: bool = False,
+    cond_columns: Sequence[str] = (),
 ) -> dict[str, np.ndarray | list]:
     """The record columns for a batch of samples (N samples -> N*K rows, sample-major).
 
@@ -141,6 +149,9 @@ def compute_records(
     (the scaled latent mean and std): ``x_0 = mean + std * n`` with ``n`` keyed per record like
     eps but in its own domain (:meth:`KeyedNoise.latent_noise`, on the CPU), or ``x_0 = mean``;
     ``store_dist`` adds the ``latent_mean`` and ``latent_std`` columns.
+
+    ``cond_columns``: the conditioning columns (``source.keep``), each sample's ``cond`` value
+    repeated on its K rows; a sample without them (lost on the way) is a KeyError, never a null.
     """
     keys = [s.key for s in samples]
     indices = np.array([s.index for s in samples], dtype=np.int64)
@@ -184,6 +195,8 @@ def compute_records(
     if store_dist:
         cols["latent_mean"] = torch.from_numpy(z_mean).to(torch_out).numpy()
         cols["latent_std"] = torch.from_numpy(z_std).to(torch_out).numpy()
+    for name in cond_columns:
+        cols[name] = [s.cond[name] for s in samples for _ in range(K)]
     return cols
 
 
@@ -243,8 +256,10 @@ class NoiseStage:
         store_x0: bool,
         latent: str | None = None,
         store_dist: bool = False,
+        cond_columns: Sequence[str] = (),
     ):
         self.schedule, self.noise, self.device = schedule, noise, device
+        self.cond_columns = tuple(cond_columns)  # source.keep's columns
         self.dtype, self.store_x0 = dtype, store_x0
         self.latent, self.store_dist = latent, store_dist  # an encoder's (see compute_records)
 
@@ -261,6 +276,7 @@ class NoiseStage:
             store_x0=self.store_x0,
             latent=self.latent,
             store_dist=self.store_dist,
+            cond_columns=self.cond_columns,
         )
         cols, dropped = split_nonfinite(cols, self.noise.draws, self.dtype)
         tally.rejects.extend(reject_row(shard, key, index, why) for key, index, why in dropped)

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -118,6 +119,7 @@ class ShardWorker:
             store_x0=cfg["output"]["store_x0"],
             latent=enc["latent"] if enc else None,
             store_dist=self.store_dist,
+            cond_columns=self.reader.conditioning.columns,
         )
         log.info("worker pid %d on device %s (Ray GPU ids %s)", os.getpid(), self.device, gpu_ids)
 
@@ -146,7 +148,9 @@ class ShardWorker:
             with self.reader.read(url) as items:
                 for batch in batches(items, self.batch_size, tally):
                     if self.encoder is not None:  # -> latents; non-finite ones are rejects
+                        conds = {s.index: s.cond for s in batch}  # kept members (source.keep)
                         batch, rejected = self.encoder.process(shard, batch)
+                        batch = [replace(s, cond=conds[s.index]) for s in batch]
                         tally.rejects.extend(rejected)
                         if not batch:
                             continue

@@ -1,0 +1,207 @@
+"""Conditioning columns (source.keep): from tar members through precompute into the Parquet, the
+readers (pyarrow, polars, DuckDB), the loader and the validator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from shards import encode_image, random_image, write_tar
+
+from pipeline import records
+from pipeline.conditioning import Conditioning, column_name, config_problems
+from pipeline.config import validate
+from pipeline.manifest import OutputDir
+from pipeline.precompute import run
+from pipeline.source import DecodeError
+
+KEEP = ["cls", "txt", "json", "meta.json", "bin"]
+
+# key -> its members besides the image; values checked against these bytes
+SAMPLES = {
+    "full": {
+        "cls": b"3",
+        "txt": "a caf\u00e9 cat".encode(),
+        "json": b'{"a": 1, "b": [true, null]}',
+        "meta.json": b'{"m": "x"}',
+        "bin": b"\x00\xff\x80",
+    },
+    "bare": {},
+    "badint": {"cls": b"three", "txt": b"ok"},
+    "badutf": {"cls": b"1", "txt": b"\xff\xfe caption"},
+    "badjson": {"cls": b"2", "json": b"{not json"},
+    "clsonly": {"cls": b" 7\n"},
+    "nanjson": {"json": b"NaN"},
+    "big": {"cls": b"-9223372036854775808", "txt": b""},
+}
+GOOD = ("full", "bare", "clsonly", "big")
+
+
+def expected(key: str) -> dict:
+    m = SAMPLES[key]
+    return {
+        "cls": int(m["cls"]) if "cls" in m else None,
+        "txt": m["txt"].decode() if "txt" in m else None,
+        "json": m["json"].decode() if "json" in m else None,
+        "meta_json": m["meta.json"].decode() if "meta.json" in m else None,
+        "bin": m["bin"] if "bin" in m else None,
+    }
+
+
+def write_cond_shard(path, samples=SAMPLES, size=(12, 10), seed=0):
+    members = []
+    for i, (key, extra) in enumerate(samples.items()):
+        members.append((f"{key}.png", encode_image(random_image(size, "RGB", seed + i))))
+        members += [(f"{key}.{ext}", data) for ext, data in extra.items()]
+    return write_tar(path, members)
+
+
+def read_rejects(out) -> dict[str, str]:
+    lines = (out / "rejects.jsonl").read_text().splitlines()
+    return {r["key"]: r["reason"] for r in map(json.loads, lines)}
+
+
+# -- config and extraction (no Ray) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keep, key, words",
+    [
+        (["cls", "pkl"], "source.keep", "pickle"),
+        (["meta.pth"], "source.keep", "pickle"),
+        (["jpg"], "source.keep", "payload"),
+        (["t"], "source.keep", "column 't'"),
+        (["x_0"], "source.keep", "column 'x_0'"),
+        (["meta.json", "meta_json"], "source.keep", "both be column 'meta_json'"),
+        (["Cls"], "source.keep", "lowercase"),
+    ],
+)
+def test_config_refuses_bad_keep(make_cfg, keep, key, words):
+    cfg = make_cfg("source.urls=x.tar", "output.dir=o", f"source.keep=[{','.join(keep)}]")
+    with pytest.raises(ValueError, match=f"config key {key}: .*{words}"):
+        validate(cfg)
+
+
+def test_config_defaults_and_require(make_cfg):
+    cfg = make_cfg("source.urls=x.tar", "output.dir=o")
+    assert list(cfg.source.keep) == ["cls", "txt", "json"] and list(cfg.source.require) == []
+    validate(cfg)
+    bad = make_cfg("source.urls=x.tar", "output.dir=o", "source.require=[label]")
+    with pytest.raises(ValueError, match="config key source.require: 'label' is not in"):
+        validate(bad)
+
+
+def test_keep_and_require_change_the_config_hash(make_cfg):
+    from pipeline.config import config_hash
+
+    base = ("source.urls=x.tar", "output.dir=o")
+    hashes = {
+        config_hash(make_cfg(*base)),
+        config_hash(make_cfg(*base, "source.keep=[cls]")),
+        config_hash(make_cfg(*base, "source.require=[cls]")),
+    }
+    assert len(hashes) == 3
+
+
+def test_extract_types_nulls_and_reasons():
+    c = Conditioning(KEEP, ["cls"])
+    assert c.columns == ("cls", "txt", "json", "meta_json", "bin")
+    assert column_name("meta.json") == "meta_json"
+    assert [str(f.type) for f in c.fields()] == ["int64", "string", "string", "string", "binary"]
+    assert all(f.nullable for f in c.fields())
+    assert c.extract(SAMPLES["full"]) == expected("full")
+    assert c.extract({"cls": b"+5\r\n"}) == {**dict.fromkeys(c.columns), "cls": 5}
+    cases = {
+        "required member .cls missing": {},
+        "class label is not an integer": {"cls": b"3.0"},
+        "class label out of int64 range": {"cls": b"9223372036854775808"},
+        "not UTF-8 text": {"cls": b"1", "txt": b"\xc3"},
+        "invalid JSON": {"cls": b"1", "meta.json": b"[1,"},
+    }
+    for words, members in cases.items():
+        with pytest.raises(DecodeError, match=words):
+            c.extract(members)
+    assert config_problems({"keep": ["pickle"]})[0][0] == "source.keep"
+    spec = c.describe()
+    assert Conditioning.from_spec(spec).describe() == spec
+    assert not Conditioning.from_spec(None)
+
+
+# -- precompute -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory, ray_session):
+    """Two shards of SAMPLES (keys prefixed per shard), keep=KEEP, 2 draws, float32."""
+    root = tmp_path_factory.mktemp("cond")
+    for s in range(2):
+        write_cond_shard(root / f"c-{s}.tar", {f"{s}{k}": v for k, v in SAMPLES.items()}, seed=s)
+    from pipeline.config import compose
+
+    cfg = compose(
+        [
+            "progress=false", "source=images", f"source.urls={root}/c-{{0..1}}.tar",
+            "source.resolution=8", f"output.dir={root}/out", "output.dtype=float32",
+            f"source.keep=[{','.join(KEEP)}]", "sampling.draws_per_sample=2",
+            "schedule.num_timesteps=50", "batch_size=3", "output.rows_per_group=4",
+        ]
+    )  # fmt: skip
+    manifest = run(cfg)
+    return root, manifest
+
+
+def test_precompute_writes_kept_columns(cond_run):
+    root, manifest = cond_run
+    out = root / "out"
+    assert manifest["exit_code"] == 0
+    assert manifest["totals"]["records"] == 2 * 2 * len(GOOD)
+    names = OutputDir(str(out)).data_files()
+    assert len(names) == 2
+    for name in names:
+        table = pq.read_table(out / name)
+        schema = table.schema
+        for col, typ in zip(
+            ("cls", "txt", "json", "meta_json", "bin"),
+            ("int64", "string", "string", "string", "binary"),
+        ):
+            assert str(schema.field(col).type) == typ and schema.field(col).nullable
+        meta = records.process_metadata(schema)
+        assert meta["conditioning"]["keep"] == KEEP and meta["conditioning"]["require"] == []
+        assert [c["type"] for c in meta["conditioning"]["columns"]][-1] == "binary"
+        rows = table.drop_columns([c for c in schema.names if c in records.TENSOR_COLUMNS])
+        rows = rows.to_pylist()
+        shard = name[len("c-")][0]
+        assert sorted({r["key"] for r in rows}) == sorted(shard + k for k in GOOD)
+        for r in rows:  # every draw carries its sample's values
+            want = expected(r["key"][1:])
+            assert {c: r[c] for c in want} == want, r["key"]
+        assert sorted((r["key"], r["draw"]) for r in rows) == sorted(
+            (shard + k, d) for k in GOOD for d in range(2)
+        )
+    reasons = read_rejects(out)
+    assert set(reasons) == {f"{s}{k}" for s in "01" for k in SAMPLES if k not in GOOD}
+    assert "class label is not an integer in member '0badint.cls'" in reasons["0badint"]
+    assert "not UTF-8 text in member '1badutf.txt'" in reasons["1badutf"]
+    assert "invalid JSON in member '0badjson.json'" in reasons["0badjson"]
+    assert "invalid JSON" in reasons["0nanjson"]
+
+
+def test_require_rejects_samples_without_the_member(tmp_path, make_cfg):
+    write_cond_shard(tmp_path / "r-0.tar")
+    cfg = make_cfg(
+        "source=images", f"source.urls={tmp_path}/r-0.tar", "source.resolution=8",
+        f"output.dir={tmp_path}/out", "source.keep=[cls]", "source.require=[cls]",
+        "schedule.num_timesteps=20",
+    )  # fmt: skip
+    manifest = run(cfg)
+    reasons = read_rejects(tmp_path / "out")
+    # badutf/badjson/nanjson: their txt and json are not kept, so only cls matters
+    assert set(reasons) == {"bare", "badint", "nanjson"}
+    assert "required member .cls missing (source.require)" in reasons["bare"]
+    table = pq.read_table(tmp_path / "out" / OutputDir(str(tmp_path / "out")).data_files()[0])
+    assert "txt" not in table.column_names and table.column("cls").null_count == 0
+    got = dict(zip(table.column("key").to_pylist(), table.column("cls").to_pylist()))
+    assert got == {"full": 3, "badutf": 1, "badjson": 2, "clsonly": 7, "big": -(2**63)}
+    assert manifest["totals"]["rejected"] == 3
