@@ -93,7 +93,8 @@ class OutputLease:
             return f"its driver (pid {holder.get('pid')}) is no longer running"
         age = time.time() - float(holder.get("heartbeat", 0))
         if age > self.timeout_s:
-            return f"its last heartbeat is {age:.0f} s old (output.lease_timeout_s={self.timeout_s:g})"
+            limit = f"output.lease_timeout_s={self.timeout_s:g}"
+            return f"its last heartbeat is {age:.0f} s old ({limit})"
         return None
 
     def refresh(self) -> None:

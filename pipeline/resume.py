@@ -36,7 +36,8 @@ def check_foreign(out: OutputDir, manifest: dict | None) -> None:
     ours = out.own_names(None) | {LEASE, SHARDS}
     foreign = [n for n in out.list(dirs=True) if n not in ours]
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        shown = ", ".join(foreign[:5]) + more
         raise OutputRefused(
             f"output.dir={out.display()} is not empty and holds no manifest of this pipeline "
             f"(it holds {shown}); the pipeline writes only into a new or empty directory or one it "
@@ -105,5 +106,6 @@ def _stale(out: OutputDir, sid: str, marker: dict) -> str | None:
     except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid for a damaged footer
         return f"its file {out.display(name)} is unreadable ({exc})"
     if rows != marker.get("records"):
-        return f"its file {out.display(name)} has {rows} rows, its marker says {marker.get('records')}"
+        said = marker.get("records")
+        return f"its file {out.display(name)} has {rows} rows, its marker says {said}"
     return None

@@ -115,7 +115,8 @@ def _check_betas(b: np.ndarray, name: str) -> None:
     strictly decreasing, so that 1 - alpha_bar_t > 0 and every table is well defined."""
     if not np.all(np.isfinite(b)) or b.min() <= 0.0 or b.max() > 1.0:
         raise ValueError(
-            f"betas must lie in (0, 1]; schedule {name!r} gives min {b.min():.3g}, max {b.max():.3g}"
+            f"betas must lie in (0, 1]; schedule {name!r} gives min {b.min():.3g}, "
+            f"max {b.max():.3g}"
         )
     ab = np.concatenate([[1.0], np.cumprod(1.0 - b)])
     flat = np.diff(ab) >= 0

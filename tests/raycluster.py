@@ -450,7 +450,8 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
-    """Wait for a job started with :meth:`LocalCluster.popen_script`: (exit code, stdout, stderr)."""
+    """Wait for a job started with :meth:`LocalCluster.popen_script`; returns (exit code, stdout,
+    stderr)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,4 +1,5 @@
-"""ReadAhead: order, exceptions at their position, bounded depth, early close releases the source."""
+"""ReadAhead: order, exceptions at their position, bounded depth, early close releases the
+source."""
 
 from __future__ import annotations
 
