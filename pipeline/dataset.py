@@ -56,7 +56,12 @@ Yielded records
 A dict with the requested columns, in the order asked: tensor columns as torch tensors of their
 stored shape ``[C, H, W]`` (stored dtype, or ``dtype`` when given), ``t`` as an int64 0-d tensor,
 ``posterior_variance``/``posterior_log_variance``/``alpha_bar`` as float32 0-d tensors, ``key``
-as ``str``, ``index`` and ``draw`` as ``int``.
+as ``str``, ``index`` and ``draw`` as ``int``. Conditioning columns (``source.keep``, see
+:mod:`pipeline.conditioning`): an int64 column such as ``cls`` as an int64 0-d tensor, a null
+(absent member) as -1; string columns (``txt``, ``json``, ``meta_json``) as ``str`` and binary
+ones as ``bytes``, a null as None. ``default_collate`` makes a batch's labels an int64 [B] tensor
+and its strings a list of str; it cannot collate None, so a loader over captions that may be null
+needs ``collate_fn=pipeline.dataset.collate`` (strings and None kept as lists).
 """
 
 from __future__ import annotations
@@ -184,14 +189,33 @@ class RecordsDir:
 
 def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     """Columns of a records table as numpy: tensors [N, *shape] (zero-copy when possible),
-    scalars [N], ``key`` as an object array of str."""
+    scalars [N], ``key`` and string/binary conditioning columns as object arrays (None for a
+    null), integer conditioning columns as int64 with -1 for a null."""
     out = {}
     for name in table.column_names:
         col = table[name]
         if isinstance(col.type, pa.FixedShapeTensorType):
             out[name] = records.tensor_to_numpy(col)
+        elif pa.types.is_integer(col.type) and col.null_count:
+            out[name] = col.fill_null(-1).to_numpy()
         else:
             out[name] = col.to_numpy()
+    return out
+
+
+def collate(batch: Sequence[dict]) -> dict:
+    """A DataLoader ``collate_fn`` for records with conditioning columns that may be null:
+    columns holding str, bytes or None stay lists (None kept), the rest go through
+    ``default_collate`` (tensors stacked, ints to a tensor)."""
+    from torch.utils.data import default_collate
+
+    out = {}
+    for name in batch[0]:
+        values = [b[name] for b in batch]
+        if any(v is None or isinstance(v, (str, bytes)) for v in values):
+            out[name] = values
+        else:
+            out[name] = default_collate(values)
     return out
 
 
@@ -386,7 +410,7 @@ class PrecomputedDataset(IterableDataset):
     def _to_python(self, name: str, values: np.ndarray, n: int):
         """A per-row indexable view of one column block: torch tensor, or list of str/int."""
         values = values[:n]
-        if name == "key":
+        if values.dtype == object:  # key, string and binary columns (None: a null)
             return values.tolist()
         if name in _INT_COLUMNS:
             return values.astype(np.int64).tolist()

@@ -13,6 +13,9 @@ extension<arrow.fixed_shape_tensor[...]> does not have a datasets dtype equivale
   in the schema metadata (``huggingface``), next to the original ``ddpm`` metadata. Use it to
   ``load_dataset("parquet", data_files=...)`` or to upload to the Hub. Row groups are kept.
 
+Conditioning columns (``source.keep``: ``cls`` int64, ``txt``/``json`` string, others binary)
+become ``Value`` features of their type, nulls kept as None.
+
 Note: ``datasets``' numpy/torch formatting returns float16 ``ArrayND`` columns as float32.
 Tensor ranks 2 to 5 are supported (``[C, H, W]`` is rank 3).
 """
@@ -108,9 +111,14 @@ def _examples(paths: list[str], fs, columns: tuple[str, ...]) -> Iterator[dict]:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             for g in range(pf.metadata.num_row_groups):
-                block = table_to_numpy(pf.read_row_group(g, columns=list(columns)))
+                table = pf.read_row_group(g, columns=list(columns))
+                block = table_to_numpy(table)
                 n = len(block[columns[0]])
-                rows = [(c, block[c] if block[c].ndim > 1 else block[c].tolist()) for c in columns]
+                # tensors as numpy; scalars and conditioning columns as Python values, nulls None
+                rows = [
+                    (c, block[c] if block[c].ndim > 1 else table.column(c).to_pylist())
+                    for c in columns
+                ]
                 for i in range(n):
                     yield {c: v[i] for c, v in rows}
 
