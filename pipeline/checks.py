@@ -760,7 +760,13 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
         "shards": len(shards),
         "committed": len(committed),
         "not_committed": sorted(set(shards) - committed),
+        "nulls": kept_nulls(ds),  # per kept column (source.keep): records without the member
     }
+    if extra["nulls"]:
+        notes.append(
+            "records with a null kept column (member absent): "
+            + ", ".join(f"{c} {n}" for c, n in extra["nulls"].items())
+        )
     return verdict(  # counts against 0: no z threshold
         "completeness",
         [items],
@@ -770,4 +776,80 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
         statistic=sum(map(len, prob.values())),
         threshold=0,
         extra=extra,
+    )
+
+
+# -- conditioning (source.keep) --------------------------------------------------------------
+
+
+def _kept_columns(ds: DatasetStats) -> list[str]:
+    spec = ds.plan.process.get("conditioning") or {}
+    return [c["column"] for c in spec.get("columns", [])]
+
+
+def kept_nulls(ds: DatasetStats) -> dict[str, int]:
+    """Null records per kept column over the scanned shards (every kept column listed)."""
+    total = Counter({c: 0 for c in _kept_columns(ds)})
+    for summ in ds.shards.values():
+        total.update(summ.get("cond", {}).get("nulls", {}))
+    return dict(total)
+
+
+def label_histograms(ds: DatasetStats) -> dict[str, dict]:
+    """Samples per value of each int64 kept column (e.g. cls), summed over the shards."""
+    hist: dict[str, Counter] = {}
+    for summ in ds.shards.values():
+        for col, h in summ.get("cond", {}).get("hist", {}).items():
+            hist.setdefault(col, Counter()).update({int(k): v for k, v in h.items()})
+    return {c: dict(sorted(h.items())) for c, h in hist.items()}
+
+
+def conditioning(ds: DatasetStats) -> Check:
+    """Every draw of a sample carries the sample's kept values: per shard and kept column, the
+    records whose value differs from the first record of their key (0 expected; a label
+    shifted by a row shows up wherever two draws of one key meet it), and a kept column
+    missing from a file. Reports the label histograms (int64 columns) and null counts."""
+    cols = _kept_columns(ds)
+    items, notes = [], []
+    for shard, summ in sorted(ds.shards.items()):
+        cond = summ.get("cond")
+        if cond is None:
+            continue
+        for c in cols:
+            if c in cond.get("missing", []):
+                items.append(litem(shard, f"{c}: column missing", 1, 0))
+                continue
+            bad = cond.get("mismatch", {}).get(c, 0)
+            items.append(
+                litem(
+                    shard,
+                    f"{c}: records disagreeing with their key's first draw",
+                    bad,
+                    0,
+                    examples=cond.get("examples", {}).get(c, [])[:5],
+                )
+            )
+    if not cols:
+        notes.append("no kept columns (source.keep is empty): nothing to check")
+    elif ds.plan.process.get("noise", {}).get("draws_per_sample", 1) < 2:
+        notes.append(
+            "one draw per sample: no two records share a key, so a shifted label cannot show here"
+        )
+    hist = label_histograms(ds)
+    for c, h in hist.items():
+        notes.append(f"{c}: {len(h)} distinct labels over {sum(h.values())} samples")
+    return verdict(
+        "conditioning",
+        [items],
+        z=0.0,
+        correct=False,
+        notes=notes,
+        statistic=sum(i["value"] for i in items),
+        threshold=0,
+        extra={
+            "statistic_name": "records",
+            "columns": cols,
+            "nulls": kept_nulls(ds),
+            "histograms": {c: {str(k): v for k, v in h.items()} for c, h in hist.items()},
+        },
     )

@@ -191,8 +191,8 @@ def write_plots(
     rep: OutputDir, prefix: str, *, ds: DatasetStats, schedule, report: dict
 ) -> list[str]:
     """Write the PNG plots to ``rep`` under ``prefix``; returns their file names: Var/E of x_t
-    over t against the model, the schedule, eps against N(0, 1), a QQ plot of x_T and (images)
-    one stored x_t per t-bin."""
+    over t against the model, the schedule, eps against N(0, 1), a QQ plot of x_T, the label
+    histogram of each int64 kept column (``hist_cls.png``) and (images) one stored x_t per t-bin."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,6 +254,17 @@ def write_plots(
             xlabel="N(0, 1) quantile", ylabel="x_t quantile", title=f"QQ, t >= {ds.plan.edges[-2]}"
         )
         save(fig, "qq_x_T.png")
+    cond = next((c for c in report["checks"] if c["name"] == "conditioning"), None)
+    for col, hist in ((cond or {}).get("detail", {}).get("histograms") or {}).items():
+        if not hist:
+            continue
+        labels = sorted(int(k) for k in hist)
+        fig, ax = plt.subplots(figsize=(max(5, min(14, 0.3 * len(labels))), 3.5))
+        ax.bar([str(k) for k in labels], [hist[str(k)] for k in labels])
+        ax.set(xlabel=col, ylabel="samples", title=f"label histogram: {col}")
+        if len(labels) > 40:
+            ax.set_xticks([])
+        save(fig, f"hist_{col}.png")
     if report["summary"]["source_kind"] == "images" and ds.grid:
         _grid(plt, save, ds)
     return saved

@@ -180,6 +180,7 @@ class DatasetStats(Stats):
         s = st.stats
         self.source_kind = self.source_kind or st.meta.get("source", {}).get("kind")
         summ["ids"], summ["eps"] = st.ids, s.eps.total().summary()
+        summ["cond"] = st.cond
         summ["keyed_mismatches"] = s.counts["t_mismatch"] + s.counts["eps_mismatch"]
         entry = self.entries.get(st.shard, {})
         samples = max(1, int(entry.get("samples") or 0))
@@ -244,6 +245,67 @@ class ShardStats:
     stats: Stats | None = None
     hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
     ids: dict = field(default_factory=dict)
+    cond: dict = field(default_factory=dict)  # CondScan.summary(): kept columns' figures
+
+
+def _fingerprint(v):
+    if v is None or isinstance(v, int):
+        return v
+    data = v.encode("utf-8") if isinstance(v, str) else bytes(v)
+    return hashlib.blake2b(data, digest_size=12).digest()
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class CondScan:
+    """The conditioning columns (``source.keep``) of one shard: null counts, and whether every
+    draw of a sample (same key) carries the same value, against the first value seen per key
+    (keys are per shard, so this holds one value per sample and kept column); label histograms
+    of the int64 columns, one count per sample."""
+
+    def __init__(self, spec: dict | None):
+        cols = (spec or {}).get("columns", [])
+        self.columns = [c["column"] for c in cols]
+        self.ints = {c["column"] for c in cols if c["type"] == "int64"}
+        self.first: dict[str, dict] = {c: {} for c in self.columns}
+        self.nulls: Counter = Counter()
+        self.mismatch: Counter = Counter()
+        self.examples: dict[str, list] = {c: [] for c in self.columns}
+        self.hist: dict[str, Counter] = {c: Counter() for c in self.ints}
+        self.missing: list[str] = []
+
+    def batch(self, rb, keys: list) -> None:
+        for c in self.columns:
+            if c not in rb.schema.names:
+                if c not in self.missing:
+                    self.missing.append(c)
+                continue
+            first = self.first[c]
+            for k, v in zip(keys, rb.column(c).to_pylist()):
+                self.nulls[c] += v is None
+                f = _fingerprint(v)  # strings and bytes held as 12-byte hashes
+                if k not in first:
+                    first[k] = f
+                    if c in self.ints and v is not None:
+                        self.hist[c][v] += 1
+                elif first[k] != f:
+                    self.mismatch[c] += 1
+                    if len(self.examples[c]) < 5:
+                        was = first[k] if c in self.ints else "another value"
+                        self.examples[c].append(f"{c} of key {k!r}: {was!r} and {_short(v)}")
+
+    def summary(self) -> dict:
+        return {
+            "columns": self.columns,
+            "nulls": dict(self.nulls),
+            "mismatch": dict(self.mismatch),
+            "examples": self.examples,
+            "hist": {c: dict(h) for c, h in self.hist.items()},
+            "missing": self.missing,
+        }
 
 
 class _Scanner:
@@ -263,6 +325,7 @@ class _Scanner:
         self.draws_per_key: Counter = Counter()
         self.dups = self.bad_draw = 0
         self.hashes: list[bytes] = []
+        self.cond = CondScan(p.get("conditioning"))
         self.prev = None  # last centred eps row and its norm, for adjacent correlations
         rng = np.random.Generator(np.random.PCG64(seed_of(plan.seed, st.shard, "keyed")))
         quota = min(plan.consistency_quota, st.num_rows)
@@ -280,6 +343,7 @@ class _Scanner:
             cols["x_0"] = records.tensor_to_numpy(rb.column("x_0"))
         scal = {c: rb.column(c).to_numpy().astype(np.float64) for c in records.SCALAR_COLUMNS}
         self.identities(keys, draw, cols["epsilon"])
+        self.cond.batch(rb, keys)
         self.regenerate(keys, index, draw, t, cols["epsilon"], row0)
         ok = (t >= 0) & (t < self.T)
         self.s.counts["t_out_of_range"] += int(n - ok.sum())
@@ -466,6 +530,7 @@ class _Scanner:
             "keys": len(self.draws_per_key),
             "keys_without_K_draws": wrong,
         }
+        st.cond = self.cond.summary()
         return st
 
 

@@ -179,6 +179,7 @@ def run(cfg: DictConfig) -> dict:
         checks.variance_preservation(ds, z, fc),
         checks.convergence(ds, schedule, z, fc, max_shift=float(cfg.terminal_mean_shift)),
         checks.timestep_distribution(ds, noise.sampler, z, fc),
+        checks.conditioning(ds),
     ]
     passed = all(c.passed for c in results)
     report = {

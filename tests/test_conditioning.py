@@ -285,3 +285,47 @@ def test_hf_export_carries_value_features(cond_run, tmp_path):
     for r in ds:
         w = want[(r["key"], r["draw"])]
         assert r["cls"] == w["cls"] and r["txt"] == w["txt"]
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _validate(path):
+    from pipeline import validate
+
+    cfg = validate.load_config(
+        [f"output.dir={path}", "progress=false", "ray.address=local", "plots=true"]
+    )
+    report = validate.run(cfg)
+    return report, {c["name"]: c for c in report["checks"]}
+
+
+def test_validation_reports_nulls_histogram_and_catches_a_shifted_label(cond_run, tmp_path):
+    import shutil
+
+    root, _ = cond_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    report, checks = _validate(out)
+    c = checks["conditioning"]
+    assert c["passed"], c["summary"]
+    assert c["detail"]["histograms"]["cls"] == {"-9223372036854775808": 2, "3": 2, "7": 2}
+    # nulls: per shard, bare has all 5 null (2 draws), full none, clsonly 4, big json/meta/bin
+    assert checks["completeness"]["detail"]["nulls"] == {
+        "cls": 4, "txt": 8, "json": 12, "meta_json": 12, "bin": 12
+    }  # fmt: skip
+    assert "hist_cls.png" in report["plots"]
+    # plant: cls shifted down by one row within shard 0's file
+    name = OutputDir(str(out)).data_files()[0]
+    table = pq.read_table(out / name)
+    cls = table.column("cls").to_pylist()
+    shifted = cls[1:] + cls[:1]
+    i = table.schema.get_field_index("cls")
+    import pyarrow as pa
+
+    table = table.set_column(i, table.schema.field(i), pa.array(shifted, pa.int64()))
+    pq.write_table(table, out / name)
+    _, checks = _validate(out)
+    c = checks["conditioning"]
+    assert not c["passed"]
+    assert "records disagreeing with their key's first draw" in c["summary"]
