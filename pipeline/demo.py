@@ -3,7 +3,9 @@
 The photos are scikit-image's sample images (astronaut, coffee, chelsea, rocket, ...), which
 ship inside the package: no download. Each sample is a random crop (seeded) of one of them,
 encoded as JPEG, or PNG for the ones with an alpha channel, so the shards hold RGB, grayscale
-and RGBA images of different sizes, as a real dataset does.
+and RGBA images of different sizes, as a real dataset does. Each sample also carries a ``.cls``
+label (the photo's index in :data:`PHOTOS`: which photo the crop came from) and a ``.txt``
+caption (the photo's name), kept in the records as the ``cls`` and ``txt`` columns.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def write_photo_shards(
     for s in range(num_shards):
         with wds.TarWriter(str(out_dir / f"{prefix}-{s:0{width}d}.tar")) as sink:
             for i in range(per_shard):
-                photo = photos[rng.integers(len(photos))]
+                label = int(rng.integers(len(photos)))
+                photo = photos[label]
                 h, w = photo.shape[:2]
                 ch, cw = (int(rng.integers(min(min_crop, d), min(max_crop, d) + 1)) for d in (h, w))
                 y, x = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
@@ -63,7 +66,14 @@ def write_photo_shards(
                 else:
                     image.save(buf, format="JPEG", quality=90)
                     ext = "jpg"
-                sink.write({"__key__": f"{prefix}{s:0{width}d}_{i:06d}", ext: buf.getvalue()})
+                sink.write(
+                    {
+                        "__key__": f"{prefix}{s:0{width}d}_{i:06d}",
+                        ext: buf.getvalue(),
+                        "cls": str(label).encode(),  # which photo the crop came from
+                        "txt": PHOTOS[label].replace("_", " ").encode(),
+                    }
+                )
     return str(out_dir / f"{prefix}-{{{0:0{width}d}..{num_shards - 1:0{width}d}}}.tar")
 
 
