@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ DEVICES = ("auto", "cuda", "cpu")
 class SourceConfig:
     kind: str = MISSING
     urls: Any = MISSING  # a brace-expandable string or a list of URLs
+    max_member_bytes: int = 256 * 2**20  # a larger tar member is rejected unread (source.py)
+    shard_timeout_s: float | None = 3600.0  # reading + decoding one shard; null: no bound
     # member extensions carried into the records, one column each (pipeline/conditioning.py)
     keep: list[str] = field(default_factory=lambda: ["cls", "txt", "json"])
     require: list[str] = field(default_factory=list)  # a sample lacking one is rejected
@@ -73,6 +76,7 @@ class OutputConfig:
     compression: str = "zstd"
     tensor_compression: str = "none"
     overwrite: bool = False
+    lease_timeout_s: float = 120.0
 
 
 @dataclass
@@ -147,8 +151,25 @@ def _need(ok: bool, key: str, message: str) -> None:
 _CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 
 
+def _check_finite(node, prefix: str = "") -> None:
+    """NaN and infinity are never a valid config value: ValueError naming the key."""
+    items = node.items() if isinstance(node, DictConfig) else enumerate(node)
+    for key, value in items:
+        name = f"{prefix}{key}" if isinstance(node, DictConfig) else f"{prefix[:-1]}[{key}]"
+        if isinstance(value, float):
+            _need(math.isfinite(value), name, f"must be a finite number, got {value}")
+        elif OmegaConf.is_config(value):
+            _check_finite(value, f"{name}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values beyond their types; ValueError names the key and what is allowed."""
+    _check_finite(cfg)
+    _need(
+        cfg.output.lease_timeout_s > 0,
+        "output.lease_timeout_s",
+        f"must be > 0, got {cfg.output.lease_timeout_s}",
+    )
     _need(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     _need(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
     _need(
@@ -196,6 +217,16 @@ def validate(cfg: DictConfig) -> None:
         "source.urls",
         "'-' (standard input) cannot be a shard: Ray actors read the shards and have no stdin; "
         "give shard paths or URLs",
+    )
+    _need(
+        src.max_member_bytes > 0,
+        "source.max_member_bytes",
+        f"must be > 0, got {src.max_member_bytes}",
+    )
+    _need(
+        src.shard_timeout_s is None or src.shard_timeout_s > 0,
+        "source.shard_timeout_s",
+        f"must be null (no bound) or > 0, got {src.shard_timeout_s}",
     )
     from .conditioning import config_problems
 
