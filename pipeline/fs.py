@@ -70,3 +70,38 @@ def identity(url: str) -> dict | None:
         return None
     mtime = info.mtime_ns
     return {"size": info.size, "mtime_ns": mtime}
+
+
+def _listable(url: str) -> bool:
+    """Whether the directory of ``url`` can be listed (not a ``pipe:`` command or HTTP)."""
+    return not (url.startswith("pipe:") or url == "-" or scheme(url) in ("http", "https"))
+
+
+def identities(urls) -> dict[str, dict | None]:
+    """:func:`identity` of many URLs with one listing per directory instead of one stat per
+    URL (a URL its directory's listing does not show, or that cannot be listed (``pipe:``,
+    HTTP), is looked at alone)."""
+    found: dict[str, dict | None] = {}
+    by_dir: dict[str, list[str]] = {}
+    for url in urls:
+        head, sep, _ = url.rpartition("/")
+        if sep and head and _listable(url):
+            by_dir.setdefault(head, []).append(url)
+        else:
+            found[url] = identity(url)
+    for head, group in by_dir.items():
+        listed: dict[str, pafs.FileInfo] = {}
+        if len(group) > 1:  # one URL: a stat is cheaper than listing its directory
+            try:
+                fs, path = resolve(head)
+                sel = pafs.FileSelector(path, allow_not_found=True)
+                listed = {os.path.basename(i.path): i for i in fs.get_file_info(sel)}
+            except (OSError, ValueError):
+                listed = {}
+        for url in group:
+            info = listed.get(url.rpartition("/")[2])
+            if info is not None and info.type == pafs.FileType.File:
+                found[url] = {"size": info.size, "mtime_ns": info.mtime_ns}
+            else:
+                found[url] = identity(url)
+    return found

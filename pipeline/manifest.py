@@ -6,6 +6,7 @@
       <shard_id>.parquet            records of one input shard (committed by rename)
       _shards/<shard_id>.json       the shard's commit marker: its summary (written last)
       _shards/<shard_id>.rejects.jsonl   the shard's rejected samples
+      _shards/_index.seg-<n>.jsonl  during a run: markers committed since the last periodic write
       _manifest.json                resolved config + per-shard summaries + totals
       rejects.jsonl                 every rejected sample / failed shard, one JSON per line
       validation/                   report of pipeline.validate
@@ -16,6 +17,24 @@ goes to a temporary name first and is then moved into place. On an object store 
 ``gs://``) an object becomes visible only when its upload completes, so a killed writer leaves
 nothing behind, while a "move" is a copy (S3 CopyObject: 5 GB at most) plus a delete: there,
 files are written under their final name (:attr:`OutputDir.atomic_writes`).
+
+The manifest, and the marker index (what keeps the driver's cost per shard constant):
+
+* While a run goes on (``"complete": false``, ``"shards_scope": "uncommitted"``) the manifest,
+  rewritten every 10 s, holds the header, the totals and only the shards not committed yet
+  (pending, or failed attempts): its size does not grow with the committed shards, whose
+  summaries are their markers. Each periodic write also writes an index segment
+  ``_shards/_index.seg-<n>.jsonl`` (one JSON line ``{"id": ..., "marker": {...}}`` per marker
+  committed since the previous segment; the first segment of a run holds the markers it
+  resumed from).
+* When the run ends (``"complete": true``, ``"shards_scope": "all"``) the manifest holds every
+  shard of ``source.urls`` (committed ones: the marker's summary plus ``attempts``): it is the
+  compacted index, and the segments are deleted. Readers of a finished dataset (the validator,
+  tests) read ``manifest["shards"]`` as before.
+* :meth:`OutputDir.markers` (resume) lists ``_shards/`` once and reads the final manifest and the
+  segments; a marker is taken from them when its listed size equals the size of the indexed
+  summary re-encoded and it is older than the index file that holds it (a marker rewritten
+  since is newer). Only the other markers are read one by one.
 """
 
 from __future__ import annotations
@@ -24,6 +43,7 @@ import json
 import os
 import posixpath
 import re
+import time
 import uuid
 from collections.abc import Iterable
 
@@ -34,6 +54,8 @@ from .fs import resolve
 MANIFEST = "_manifest.json"
 REJECTS = "rejects.jsonl"
 SHARDS = "_shards"
+# The index segments of the markers (module doc): _shards/_index.seg-<n>.jsonl
+SEGMENT = re.compile(r"^_index\.seg-(?P<n>\d+)\.jsonl$")
 MANIFEST_FORMAT = "ddpm-manifest/1"
 # Statuses of a shard: committed ones are never redone on resume.
 COMMITTED = ("ok", "partial")
@@ -132,8 +154,13 @@ class OutputDir:
         with self.fs.open_input_stream(self.path(name)) as f:
             return f.read()
 
+    @staticmethod
+    def encode_json(obj) -> bytes:
+        """The bytes :meth:`write_json` writes for ``obj`` (a marker's size is their length)."""
+        return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
     def write_json(self, name: str, obj) -> None:
-        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        self.write_bytes(name, self.encode_json(obj))
 
     def read_json(self, name: str, kind: type = dict):
         """The JSON object (``kind``: dict or list) in ``name``; :class:`CorruptFileError` naming
@@ -205,10 +232,77 @@ class OutputDir:
         names = (posixpath.basename(n) for n in self.list(SHARDS))
         return [n[: -len(".json")] for n in names if n.endswith(".json") and n[0] != "."]
 
-    def markers(self) -> dict[str, dict]:
+    def list_info(self, sub: str = "") -> dict[str, pafs.FileInfo]:
+        """Name (relative to the root) -> FileInfo (size, mtime) of the files directly under
+        ``sub``: one listing request."""
+        sel = pafs.FileSelector(self.path(sub), allow_not_found=True)
+        return {
+            posixpath.relpath(info.path, self.root): info
+            for info in self.fs.get_file_info(sel)
+            if info.type == pafs.FileType.File
+        }
+
+    def markers(self, manifest: dict | None = None) -> dict[str, dict]:
         """shard id -> committed summary, from the _shards/ markers (a damaged marker raises
-        :class:`CorruptFileError` naming it)."""
-        return {sid: self.read_json(self.marker_name(sid)) for sid in self.markers_ids()}
+        :class:`CorruptFileError` naming it). One listing of _shards/; markers the index
+        (``manifest``, the final manifest, and the segments; module doc) holds unchanged are
+        not read. ``self.marker_reads`` counts the markers read one by one."""
+        listing = self.list_info(SHARDS)
+        index = self._marker_index(manifest, listing)
+        found, self.marker_reads = {}, 0
+        for name, info in sorted(listing.items()):
+            base = posixpath.basename(name)
+            if not base.endswith(".json") or base[0] == ".":
+                continue
+            sid = base[: -len(".json")]
+            body, index_mtime = index.get(sid, (None, None))
+            if (
+                body is not None
+                and index_mtime is not None
+                and info.mtime_ns is not None
+                and info.mtime_ns < index_mtime
+                and info.size == len(self.encode_json(body))
+            ):
+                found[sid] = body
+            else:
+                found[sid] = self.read_json(name)
+                self.marker_reads += 1
+        return found
+
+    def _marker_index(self, manifest: dict | None, listing: dict) -> dict[str, tuple]:
+        """shard id -> (indexed summary, mtime of the index file that holds it), the newest
+        index file winning: the committed entries of a complete manifest, then the segments."""
+        index: dict[str, tuple] = {}
+        sources = []
+        if manifest is not None and manifest.get("complete"):
+            mtime = self.fs.get_file_info(self.path(MANIFEST)).mtime_ns
+            entries = {}
+            for sid, e in manifest.get("shards", {}).items():
+                if isinstance(e, dict) and e.get("status") in COMMITTED:
+                    entries[sid] = {k: v for k, v in e.items() if k != "attempts"}
+            sources.append((mtime, entries))
+        for name, info in listing.items():
+            if SEGMENT.match(posixpath.basename(name)):
+                rows = self.read_jsonl(name)
+                entries = {r.get("id"): r.get("marker") for r in rows}
+                sources.append((info.mtime_ns, entries))
+        for mtime, entries in sorted(sources, key=lambda s: s[0] or 0):
+            for sid, body in entries.items():
+                if isinstance(sid, str) and isinstance(body, dict):
+                    index[sid] = (body, mtime)
+        return index
+
+    def write_segment(self, summaries: dict[str, dict]) -> str:
+        """Write an index segment of these markers' summaries (module doc); returns its name."""
+        name = f"{SHARDS}/_index.seg-{time.time_ns():020d}.jsonl"  # one driver: unique
+        self.write_jsonl(name, ({"id": k, "marker": v} for k, v in summaries.items()))
+        return name
+
+    def remove_segments(self) -> None:
+        """Delete the index segments (once the final manifest holds what they held)."""
+        for name in self.list(SHARDS):
+            if SEGMENT.match(posixpath.basename(name)):
+                self.remove(name)
 
     def read_manifest(self) -> dict | None:
         """The manifest, None when there is none; :class:`CorruptFileError` when the file is not

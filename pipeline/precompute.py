@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import hydra
@@ -209,6 +209,20 @@ class JobState:
 
     def __post_init__(self):
         self.pending = deque(s for s in self.shards if s.id not in self.summaries)
+        # the periodic manifest's cost is O(uncommitted), not O(shards) (manifest.py doc):
+        # running totals of the committed shards, the shards not committed yet, and the
+        # summaries not in an index segment yet (at first: those resumed from)
+        self.open = {s.id: s for s in self.pending}
+        self.done: Counter = Counter()
+        for s in self.shards:
+            if s.id in self.summaries:
+                self._count(self.summaries[s.id])
+        self.unindexed = dict(self.summaries)
+
+    def _count(self, summary: dict) -> None:
+        self.done[summary["status"]] += 1
+        for key in ("samples", "records", "rejected", "bytes"):
+            self.done[key] += summary.get(key, 0)
 
     @property
     def max_attempts(self) -> int:
@@ -219,6 +233,9 @@ class JobState:
 
     def committed(self, shard: ShardTask, summary: dict) -> None:
         self.summaries[shard.id] = summary
+        self.unindexed[shard.id] = summary
+        if self.open.pop(shard.id, None) is not None:
+            self._count(summary)
 
     def failed_attempt(self, shard: ShardTask, reason: str) -> None:
         """An attempt failed: retry the shard while attempts remain."""
@@ -239,24 +256,31 @@ class JobState:
         self.pending.clear()
 
     def manifest(self, final: bool) -> dict:
-        """The manifest (see manifest.py) as of now; ``final``: unfinished shards are failed."""
-        entries = {}
-        for s in self.shards:
-            if s.id in self.summaries:
-                entries[s.id] = {**self.summaries[s.id], "attempts": max(s.attempts, 1)}
-            else:
-                entries[s.id] = {
-                    "url": s.url,
-                    "status": "failed" if final else "pending",
-                    "attempts": s.attempts,
-                    "error": "; ".join(s.errors) or None,
-                }
-        values = entries.values()
-        totals = {"shards": len(self.shards)}
-        for status in ("ok", "partial", "failed", "pending"):
-            totals[status] = sum(e["status"] == status for e in values)
-        for key in ("samples", "records", "rejected", "bytes"):
-            totals[key] = sum(e.get(key, 0) for e in values)
+        """The manifest (see manifest.py) as of now. ``final``: every shard, unfinished ones
+        failed; else only the shards attempted and not committed yet, and the totals."""
+        if final:
+            entries = {}
+            for s in self.shards:
+                if s.id in self.summaries:
+                    entries[s.id] = {**self.summaries[s.id], "attempts": max(s.attempts, 1)}
+                else:
+                    entries[s.id] = self._open_entry(s, "failed")
+            values = entries.values()
+            totals = {"shards": len(self.shards)}
+            for status in ("ok", "partial", "failed", "pending"):
+                totals[status] = sum(e["status"] == status for e in values)
+            for key in ("samples", "records", "rejected", "bytes"):
+                totals[key] = sum(e.get(key, 0) for e in values)
+        else:
+            entries = {
+                s.id: self._open_entry(s, "pending")
+                for s in self.open.values()
+                if s.attempts or s.errors
+            }
+            totals = {"shards": len(self.shards), "ok": self.done["ok"]}
+            totals.update(partial=self.done["partial"], failed=0, pending=len(self.open))
+            for key in ("samples", "records", "rejected", "bytes"):
+                totals[key] = self.done[key]
         return {
             "format": MANIFEST_FORMAT,
             "library_version": __version__,
@@ -269,22 +293,40 @@ class JobState:
             "started": self.started,
             "updated": time.time(),
             "complete": final,
+            "shards_scope": "all" if final else "uncommitted",
+        }
+
+    @staticmethod
+    def _open_entry(s: ShardTask, status: str) -> dict:
+        return {
+            "url": s.url,
+            "status": status,
+            "attempts": s.attempts,
+            "error": "; ".join(s.errors) or None,
         }
 
     def write_manifest(self, final: bool) -> dict:
-        """Write the manifest and renew the lease (LeaseError if another run took it)."""
+        """Write the manifest and renew the lease (LeaseError if another run took it). A
+        periodic write first writes an index segment of the markers committed since the last
+        one; the final manifest is the compacted index, and the segments are then deleted."""
         self.lease.refresh()
+        if not final and self.unindexed:
+            self.out.write_segment(self.unindexed)
+            self.unindexed = {}
         manifest = self.manifest(final)
         self.out.write_json(MANIFEST, manifest)
+        if final:
+            self.out.remove_segments()
+            self.unindexed = {}
         return manifest
 
     def write_rejects(self, manifest: dict) -> None:
         """``rejects.jsonl``: the committed shards' rejects parts, and a row per failed shard."""
-        rows = []
+        rows, parts = [], self.out.list_info(SHARDS)  # one listing; empty parts are not read
         for s in self.shards:
-            entry = manifest["shards"][s.id]
-            if entry["status"] in COMMITTED and self.out.exists(self.out.rejects_name(s.id)):
-                rows.extend(self.out.read_jsonl(self.out.rejects_name(s.id)))
+            entry, part = manifest["shards"][s.id], self.out.rejects_name(s.id)
+            if entry["status"] in COMMITTED and part in parts and parts[part].size:
+                rows.extend(self.out.read_jsonl(part))
             elif entry["status"] == "failed":
                 reason = f"shard failed after {s.attempts} attempt(s): {entry['error']}"
                 rows.append({"shard": s.id, "key": None, "index": None, "reason": reason})
@@ -337,7 +379,7 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: dict) -> dict:
     chash = config_hash(cfg)
     old = _prepare_output(out, cfg, chash)
-    summaries = resume.committed_shards(out, ids, chash)
+    summaries = resume.committed_shards(out, ids, chash, old)
     if old is not None and old.get("process", {}).get("shape"):
         shape = old["process"]["shape"]
     else:

@@ -7,18 +7,24 @@
 * Resume: a committed shard (its marker) is kept only when its marker comes from this config,
   its input URL is the one ``source.urls`` names now (else refused: two inputs would mix under
   one shard id), its input is unchanged since (size and mtime or etag; else it is redone), and
-  its Parquet file exists with the marker's row count (else it is redone). Each redo is logged.
+  its Parquet file exists with the marker's size in bytes (else it is redone: a truncated or
+  replaced file differs). Each redo is logged.
+
+What resume costs does not grow with requests per committed shard: one listing of ``_shards/``
+plus the index (the final manifest and the segments, :meth:`OutputDir.markers`), one listing
+of the output directory for the committed files, and one listing per input directory for the
+inputs' size and mtime (:func:`pipeline.fs.identities`; ``pipe:`` and HTTP URLs are looked at
+one by one). Only markers newer than the index are read one by one.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 
-from .fs import identity
+from .fs import identities
 from .lease import LEASE
 from .manifest import COMMITTED, SHARDS, OutputDir
 
@@ -62,11 +68,14 @@ def check_writable(out: OutputDir) -> None:
     out.remove(probe)
 
 
-def committed_shards(out: OutputDir, urls: dict[str, str], chash: str) -> dict[str, dict]:
+def committed_shards(
+    out: OutputDir, urls: dict[str, str], chash: str, manifest: dict | None = None
+) -> dict[str, dict]:
     """shard id -> marker summary of the committed shards that stay committed (see the module
-    docstring); ``urls``: shard id -> the URL this run reads it from. Shards to redo have their
+    docstring); ``urls``: shard id -> the URL this run reads it from; ``manifest``: the
+    directory's manifest (the index of the markers when complete). Shards to redo have their
     marker, file and rejects part removed here."""
-    markers = {k: v for k, v in out.markers().items() if v.get("status") in COMMITTED}
+    markers = {k: v for k, v in out.markers(manifest).items() if v.get("status") in COMMITTED}
     for sid, marker in markers.items():
         if marker.get("config_hash", chash) != chash:
             raise OutputRefused(
@@ -81,9 +90,10 @@ def committed_shards(out: OutputDir, urls: dict[str, str], chash: str) -> dict[s
                 "Use another output.dir, or output.overwrite=true to delete the old records"
             )
     todo = [sid for sid in markers if sid in urls]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        problems = dict(zip(todo, pool.map(lambda s: _stale(out, s, markers[s]), todo)))
-    for sid, why in problems.items():
+    files = out.list_info() if todo else {}
+    inputs = identities(markers[sid]["url"] for sid in todo)
+    for sid in todo:
+        why = _stale(out, sid, markers[sid], files, inputs)
         if why is not None:
             log.warning("shard %s is redone: %s", sid, why)
             for name in (out.marker_name(sid), out.data_name(sid), out.rejects_name(sid)):
@@ -92,20 +102,27 @@ def committed_shards(out: OutputDir, urls: dict[str, str], chash: str) -> dict[s
     return markers
 
 
-def _stale(out: OutputDir, sid: str, marker: dict) -> str | None:
-    """Why a committed shard must be redone, or None when it stands."""
-    before, now = marker.get("source_identity"), identity(marker["url"])
+def _stale(out: OutputDir, sid: str, marker: dict, files: dict, inputs: dict) -> str | None:
+    """Why a committed shard must be redone, or None when it stands; ``files``: the listing of
+    the output directory, ``inputs``: URL -> identity now."""
+    before, now = marker.get("source_identity"), inputs.get(marker["url"])
     if before is not None and now is not None and before != now:
         return f"its input {marker['url']} changed since it was committed ({before} -> {now})"
     name = out.data_name(sid)
-    try:
+    info = files.get(name)
+    if info is None:
+        return f"its file {out.display(name)} is missing"
+    if marker.get("bytes") is not None:
+        if info.size != marker["bytes"]:
+            says = marker["bytes"]
+            return f"its file {out.display(name)} has {info.size} bytes, its marker says {says}"
+        return None
+    try:  # a marker without its file's size: the footer's row count
         with out.fs.open_input_file(out.path(name)) as f:
             rows = pq.read_metadata(f).num_rows
-    except FileNotFoundError:
-        return f"its file {out.display(name)} is missing"
     except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid for a damaged footer
         return f"its file {out.display(name)} is unreadable ({exc})"
     if rows != marker.get("records"):
-        said = marker.get("records")
-        return f"its file {out.display(name)} has {rows} rows, its marker says {said}"
+        says = marker.get("records")
+        return f"its file {out.display(name)} has {rows} rows, its marker says {says}"
     return None
