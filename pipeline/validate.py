@@ -30,12 +30,23 @@ from omegaconf import DictConfig, OmegaConf
 from . import checks, records
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, CorruptFileError, OutputDir
 from .report import REPORT_FORMAT, dataset_summary, format_console, write_report
-from .scan import DatasetStats, ScanPlan, ShardStats, scan_shard, t_edges
+from .scan import DatasetStats, ScanPlan, ShardStats, scan_shard_bucketed, t_edges
 from .validate_config import check_values, register_validate_configs
 
 
 class CannotValidate(RuntimeError):
     """The validator cannot run; the message names the path or config key (exit code 2)."""
+
+
+# The duplicate-noise check's buckets (hash prefixes), each checked by its own Ray task: enough
+# that one bucket's task holds about REDUCE_BYTES (50 bytes per record: scan.duplicates_in_bucket)
+MIN_NOISE_BUCKETS, MAX_NOISE_BUCKETS, REDUCE_BYTES = 1, 256, 1 << 30
+
+
+def noise_buckets(records: int) -> int:
+    """The number of hash-prefix buckets for ``records`` records: a power of two."""
+    need = math.ceil(50 * max(records, 1) / REDUCE_BYTES)
+    return max(MIN_NOISE_BUCKETS, min(MAX_NOISE_BUCKETS, 1 << max(0, need - 1).bit_length()))
 
 
 # -- orchestration ---------------------------------------------------------------------------
@@ -104,23 +115,30 @@ def _plan(cfg: DictConfig, process: dict, n_files: int) -> ScanPlan:
 
 def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
     """Scan the shards as Ray tasks on the Ray ``ray.address`` names (see
-    :mod:`pipeline.raysession`), merging as they finish; CannotValidate when Ray cannot start."""
+    :mod:`pipeline.raysession`), merging as they finish, then check the noise hashes for
+    duplicates bucket by bucket; CannotValidate when Ray cannot start."""
     from .raysession import RayConnectError, ray_session
 
     try:
         with ray_session(cfg.ray.address):
             _scan_tasks(cfg, out, shards, ds)
+            ds.reduce_duplicates(cfg.ray.num_cpus_per_task)
     except RayConnectError as exc:
         raise CannotValidate(str(exc)) from None
 
 
 def _scan_tasks(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
     """At most ``ray.max_in_flight`` shard scans at once; a task whose process died counts as
-    an unreadable file."""
+    an unreadable file. Each task returns its stats, and its noise hashes split by prefix into
+    :func:`noise_buckets` objects that stay in Ray's object store (the driver keeps references)."""
     import ray
     from tqdm import tqdm
 
-    task = ray.remote(scan_shard).options(num_cpus=cfg.ray.num_cpus_per_task)
+    records = sum(int(ds.entries.get(k, {}).get("records") or 0) for k in shards)
+    buckets = noise_buckets(records)
+    task = ray.remote(scan_shard_bucketed).options(
+        num_cpus=cfg.ray.num_cpus_per_task, num_returns=1 + buckets
+    )
     window = cfg.ray.max_in_flight or max(
         2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.num_cpus_per_task)
     )
@@ -129,14 +147,16 @@ def _scan_tasks(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetS
         while todo or running:
             while todo and len(running) < window:
                 shard = todo.pop()
-                running[task.remote(out, shard, ds.plan)] = shard
+                refs = task.remote(out, shard, ds.plan, buckets)
+                running[refs[0]] = (shard, refs[1:])
             done, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(done[0])
+            shard, bucket_refs = running.pop(done[0])
             try:
                 st = ray.get(done[0])
             except ray.exceptions.RayError as exc:  # the task's process died (OOM, node)
                 st = ShardStats(shard, out.display(OutputDir.data_name(shard)), error=str(exc))
-            ds.add(st)
+                bucket_refs = None
+            ds.add(st, bucket_refs=bucket_refs if st.error is None else None)
             bar.update(1)
 
 

@@ -25,6 +25,7 @@ from pipeline.config import compose
 from pipeline.diffusion import q_posterior, q_sample
 from pipeline.manifest import MANIFEST, OutputDir
 from pipeline.precompute import run as precompute
+from pipeline.scan import DatasetStats
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 CHECKS = (
@@ -455,3 +456,27 @@ def test_verdict_takes_keywords_and_keeps_highlights_in_order():
         verdict("x", [[item]], 5.0, True)  # z and correct are keyword-only
     with pytest.raises(ValueError, match="not_checked"):
         Highlight("important", "x", "text")
+
+
+def test_noise_copied_between_shards_is_found_across_hash_buckets(base, tmp_path, monkeypatch):
+    """The duplicate check partitioned by hash prefix (16 buckets, one Ray task each): the
+    driver holds no hash, and the verdict is the one of a single sort."""
+    _, donor = _read(base["a"] / "sh-0.parquet")
+
+    def copy_noise(cols, sched, shard):
+        _refresh(cols, sched, eps32=donor["epsilon"].astype(np.float32))
+
+    seen = []
+    reduce = DatasetStats.reduce_duplicates
+
+    def spy(ds, *a, **k):
+        seen.append((len(ds.bucket_refs), len(ds.bucket_refs[0]), len(ds.hashes)))
+        return reduce(ds, *a, **k)
+
+    monkeypatch.setattr(validate, "MIN_NOISE_BUCKETS", 16)
+    monkeypatch.setattr(DatasetStats, "reduce_duplicates", spy)
+    d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-3"], copy_noise)
+    report, checks = _validate(d)
+    dup = checks["noise_independence"]["detail"]["items"][0]
+    assert dup["value"] == 2 * 96 and ["sh-0", "sh-3"] in dup["examples"]
+    assert len(seen) == 1 and seen[0][1:] == (16, 0) and seen[0][0] >= 2
