@@ -321,6 +321,9 @@ def process_config(cfg: DictConfig) -> dict:
     out = OmegaConf.to_container(cfg, resolve=True)
     out = {k: out[k] for k in PROCESS_CONFIG_KEYS}
     out["source"].pop("urls", None)
+    # safety limits decide which samples are rejected, never a record's value (like on_error)
+    for key in ("max_member_bytes", "shard_timeout_s"):
+        out["source"].pop(key, None)
     out["output"] = {"dtype": cfg.output.dtype, "store_x0": cfg.output.store_x0}
     from .encoder import describe_encoder, enabled
 

@@ -38,21 +38,23 @@ from .manifest import (
     is_temporary,
 )
 from .noise import KeyedNoise
-from .pool import ActorPool, pool_size
+from .pool import ActorPool, death_cause, pool_size
 from .raysession import RayConnectError, ray_session
 from .records import make_metadata
 from .schedule import make_schedule
 from .source import (
+    ReadLimits,
     Sample,
     SampleError,
     ShardReadError,
+    ShardTimeoutError,
     check_unique_ids,
     expand_urls,
     iter_shard,
     shard_id,
 )
 from .stages import make_decoder
-from .worker import ShardWorker
+from .worker import ShardWorker, fit_batch_size, host_memory_share, working_set_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,9 @@ def _input_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
         return list(src.shape)
     for url in urls:
         try:
-            for item in iter_shard(url, make_decoder(OmegaConf.to_container(src)), on_error="skip"):
+            source = OmegaConf.to_container(src)
+            limits = ReadLimits.from_source(source)
+            for item in iter_shard(url, make_decoder(source), on_error="skip", limits=limits):
                 if isinstance(item, Sample):
                     log.info(
                         "array shape %s taken from %s key %s", list(item.array.shape), url, item.key
@@ -237,10 +241,11 @@ class JobState:
         if self.open.pop(shard.id, None) is not None:
             self._count(summary)
 
-    def failed_attempt(self, shard: ShardTask, reason: str) -> None:
-        """An attempt failed: retry the shard while attempts remain."""
+    def failed_attempt(self, shard: ShardTask, reason: str, retry: bool = True) -> None:
+        """An attempt failed: retry the shard while attempts remain (unless ``retry`` is false:
+        a retry would fail the same way)."""
         shard.errors.append(f"attempt {shard.attempts}: {reason}")
-        if not self.last_attempt(shard):
+        if retry and not self.last_attempt(shard):
             log.warning(
                 "shard %s: %s; retrying (%d/%d)",
                 shard.url, reason, shard.attempts, self.max_attempts,
@@ -384,6 +389,11 @@ def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: d
         shape = old["process"]["shape"]
     else:
         shape = sample_shape(cfg, urls)
+    try:  # a sample that cannot fit in an actor's memory would only kill actor after actor
+        per_sample = working_set_per_sample(shape, cfg.sampling.draws_per_sample)
+        fit_batch_size(1, per_sample, host_memory_share(cfg.ray.cpus_per_actor), where="host")
+    except MemoryError as exc:
+        raise JobError(f"sample shape {list(shape)}: {exc}") from exc
     job = JobState(
         cfg=cfg,
         out=out,
@@ -501,17 +511,18 @@ def _outcome(job: JobState, pool: ActorPool, actor, shard: ShardTask, ref) -> di
         cause = exc.cause if hasattr(exc, "cause") else exc
         if isinstance(cause, SampleError):
             raise cause from None  # on_error=fail: stop at the first bad sample
-        job.failed_attempt(shard, f"{type(cause).__name__}: {cause}")
+        retry = not isinstance(cause, ShardTimeoutError)  # a retry would run out of time again
+        job.failed_attempt(shard, f"{type(cause).__name__}: {cause}", retry=retry)
         return None
     except ray.exceptions.RayError as exc:  # the actor's process or node died
-        why = f"actor died: {type(exc).__name__}"
+        why = death_cause(exc)
         pool.lost(actor, f"{why} while processing {shard.id}")
         job.failed_attempt(shard, why)
         return None
     pool.release(actor)
     if "tmp" not in result:
         return result
-    if not job.last_attempt(shard):
+    if result["retryable"] and not job.last_attempt(shard):
         stages.discard(job.out, result)
         job.failed_attempt(shard, f"ShardReadError: {result['error']}")
         return None

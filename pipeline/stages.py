@@ -36,7 +36,16 @@ from .noise import KeyedNoise
 from .prefetch import ReadAhead
 from .records import DTYPES, build_table, writer_options
 from .schedule import NoiseSchedule
-from .source import ArrayDecoder, ImageDecoder, Reject, Sample, ShardReadError, iter_shard
+from .source import (
+    ArrayDecoder,
+    ImageDecoder,
+    ReadLimits,
+    Reject,
+    Sample,
+    ShardReadError,
+    ShardTimeoutError,
+    iter_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +89,7 @@ class Tally:
     records: int = 0
     rejects: list = field(default_factory=list)
     read_error: str | None = None  # the stream broke after ``samples`` groups
+    retryable: bool = True  # False when the read ran out of time: a retry would too
 
 
 class ReadStage:
@@ -89,6 +99,7 @@ class ReadStage:
         self.source, self.on_error = cfg["source"], cfg["on_error"]
         self.shape = shape
         self.conditioning = Conditioning.from_source(self.source)  # kept members -> Sample.cond
+        self.limits = ReadLimits.from_source(self.source)  # member size, name length, time
         self.depth = read_ahead(cfg) * batch_size  # samples decoded ahead (0: inline)
 
     def read(self, url: str):
@@ -97,6 +108,7 @@ class ReadStage:
             url,
             make_decoder(self.source, self.shape),
             on_error=self.on_error,
+            limits=self.limits,
             conditioning=self.conditioning,
         )
         if self.depth > 0:
@@ -121,6 +133,7 @@ def batches(items: Iterator, size: int, tally: Tally) -> Iterator[list[Sample]]:
                 batch = []
     except ShardReadError as exc:
         tally.read_error = str(exc)
+        tally.retryable = not isinstance(exc, ShardTimeoutError)
     if batch:
         yield batch
 
@@ -359,7 +372,7 @@ def commit(out: OutputDir, result: dict) -> dict:
     rejects = list(result["rejects"])
     if result["error"] is not None:
         rejects.append(reject_row(shard, None, None, f"shard read error: {result['error']}"))
-    summary = {k: v for k, v in result.items() if k not in ("tmp", "rejects", "shard")}
+    summary = {k: v for k, v in result.items() if k not in ("tmp", "rejects", "shard", "retryable")}
     try:
         out.write_jsonl(out.rejects_name(shard), rejects)
         out.commit(result["tmp"], name)

@@ -27,7 +27,7 @@ from . import __version__
 from .fs import identity
 from .manifest import OutputDir
 from .records import noise_from_metadata, record_schema, schedule_from_metadata
-from .source import ShardReadError, shard_id
+from .source import ShardReadError, ShardTimeoutError, shard_id
 from .stages import NoiseStage, ParquetSink, ReadStage, Tally, batches, commit, elapsed
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,40 @@ def resolve_device(requested: str, gpu_ids: Sequence, cuda_available: bool) -> t
 DEVICE_BYTES_PER_ELEMENT = 8 * 4
 
 
-def fit_batch_size(requested: int, bytes_per_sample: int, free_bytes: int, fraction=0.5) -> int:
-    """The batch size to use on a GPU: ``requested``, capped so that the batch's working set
-    (``bytes_per_sample`` each) fits in ``fraction`` of the device's free memory."""
+def fit_batch_size(
+    requested: int, bytes_per_sample: int, free_bytes: int, fraction=0.5, where="GPU"
+) -> int:
+    """The batch size to use: ``requested``, capped so that the batch's working set
+    (``bytes_per_sample`` each) fits in ``fraction`` of ``free_bytes`` of ``where``'s memory
+    (the GPU's free memory, or the host's share of an actor). MemoryError when one sample does
+    not fit, naming the keys that set its size."""
     fits = int(free_bytes * fraction) // max(1, bytes_per_sample)
     if fits < 1:
-        raise RuntimeError(
-            f"one sample needs ~{bytes_per_sample / 2**20:.1f} MiB of GPU memory but only "
-            f"{free_bytes / 2**20:.1f} MiB are free; free the GPU or use ray.device=cpu"
+        fix = (
+            "free the GPU or use ray.device=cpu"
+            if where == "GPU"
+            else (
+                "use a smaller source.resolution (or arrays), fewer sampling.draws_per_sample, or "
+                "more memory per actor (ray.cpus_per_actor, on nodes with more RAM)"
+            )
+        )
+        raise MemoryError(
+            f"one sample needs ~{bytes_per_sample / 2**20:.1f} MiB of {where} memory while "
+            f"{fraction:.0%} of {free_bytes / 2**20:.1f} MiB is available to it: {fix}"
         )
     return min(requested, fits)
+
+
+def host_memory_share(cpus_per_actor: float) -> int:
+    """This node's physical memory in bytes, times the share of its CPUs one actor reserves
+    (the default pool runs one actor per CPU)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * min(1.0, cpus_per_actor / max(1, os.cpu_count() or 1)))
+
+
+def working_set_per_sample(shape, draws: int) -> int:
+    """Bytes one sample's K records take while a batch is computed (an overestimate)."""
+    return draws * int(np.prod(shape)) * DEVICE_BYTES_PER_ELEMENT
 
 
 class ShardWorker:
@@ -91,22 +115,28 @@ class ShardWorker:
         torch.set_num_threads(max(1, int(cfg["ray"]["cpus_per_actor"])))
         gpu_ids = _assigned_gpus()
         self.device = resolve_device(cfg["ray"]["device"], gpu_ids, torch.cuda.is_available())
-        self.batch_size = cfg["batch_size"]
+        per_sample = working_set_per_sample(self.shape, noise.draws)
         if self.device.type == "cuda":
-            per_sample = noise.draws * int(np.prod(self.shape)) * DEVICE_BYTES_PER_ELEMENT
-            free, _ = torch.cuda.mem_get_info(self.device)
-            self.batch_size = fit_batch_size(self.batch_size, per_sample, free)
-            if self.batch_size < cfg["batch_size"]:
-                log.warning(
-                    "batch_size %d does not fit in the GPU's free memory: using %d",
-                    cfg["batch_size"], self.batch_size,
-                )  # fmt: skip
+            free, where = torch.cuda.mem_get_info(self.device)[0], "GPU"
+        else:
+            free, where = host_memory_share(cfg["ray"]["cpus_per_actor"]), "host"
+        self.batch_size = fit_batch_size(cfg["batch_size"], per_sample, free, where=where)
+        if self.batch_size < cfg["batch_size"]:
+            log.warning(
+                "batch_size %d does not fit in the %s memory available: using %d",
+                cfg["batch_size"], where, self.batch_size,
+            )  # fmt: skip
         self.encoder, read_shape = None, self.shape
         enc = self.metadata.get("encoder")
         if enc:  # a frozen VAE turns decoded samples into latents (pipeline/encoder.py)
             from .encoder import EncodeStage
 
-            self.encoder = EncodeStage(enc, device=self.device, on_error=cfg["on_error"])
+            self.encoder = EncodeStage(
+                enc,
+                device=self.device,
+                on_error=cfg["on_error"],
+                gpu_share=cfg["ray"]["gpus_per_actor"],
+            )
             read_shape = enc["input_shape"]
         self.store_dist = bool(enc and enc["store_dist"])
         self.out = OutputDir(cfg["output"]["dir"])
@@ -156,7 +186,8 @@ class ShardWorker:
                             continue
                     tally.records += sink.write(self.noiser.process(shard, batch, tally))
             if tally.read_error is not None and tally.samples == 0:
-                raise ShardReadError(tally.read_error, url=url)
+                error = ShardReadError if tally.retryable else ShardTimeoutError
+                raise error(tally.read_error, url=url)
             sink.close()
         except BaseException:
             sink.abort()
@@ -172,6 +203,7 @@ class ShardWorker:
             "rejected": sum(r["key"] is not None for r in tally.rejects),
             "rejects": tally.rejects,
             "error": tally.read_error,
+            "retryable": tally.retryable,
             "seconds": elapsed(start),
             "worker": self.info(),
             "config_hash": self.metadata["config_hash"],

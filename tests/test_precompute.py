@@ -338,3 +338,13 @@ def test_quote_url_overrides():
     ]
     assert quote_url_overrides(["source.urls='x'"]) == ["source.urls='x'"]
     assert quote_url_overrides(["source.urls=[a,b]"]) == ["source.urls=[a,b]"]
+
+
+def test_a_shard_that_runs_out_of_time_fails_without_retries(tmp_path, make_cfg):
+    urls = _arrays(tmp_path, n_shards=1, n=4)
+    args = ["source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out"]
+    slow = ["source.shard_timeout_s=1e-9", "source.shape=[2,4,4]", "ray.max_shard_retries=2"]
+    m = run(make_cfg(*args, *slow))
+    entry = m["shards"]["lat-00"]
+    assert m["exit_code"] == 1 and entry["status"] == "failed"
+    assert entry["attempts"] == 1 and "source.shard_timeout_s" in entry["error"]

@@ -98,8 +98,23 @@ def test_fit_batch_size_caps_to_free_device_memory():
     assert fit_batch_size(64, per_sample, free_bytes=8 * 2**30) == 64  # fits: unchanged
     # half of 10 MiB free holds 13 such samples
     assert fit_batch_size(64, per_sample, free_bytes=10 * 2**20) == 13
-    with pytest.raises(RuntimeError, match=r"free the GPU or use ray.device=cpu"):
+    with pytest.raises(MemoryError, match=r"free the GPU or use ray.device=cpu"):
         fit_batch_size(64, per_sample, free_bytes=2**19)
+    with pytest.raises(MemoryError, match=r"of host memory.*smaller source.resolution"):
+        fit_batch_size(64, per_sample, free_bytes=2**19, where="host")
+
+
+def test_a_sample_too_large_for_an_actor_is_a_config_error(tmp_path, make_cfg):
+    """source.resolution=20000 used to kill actor after actor ("ActorDiedError" x3)."""
+    from shards import write_image_shard
+
+    from pipeline.precompute import JobError, run
+
+    write_image_shard(tmp_path / "a.tar", 1)
+    cfg = make_cfg(f"source.urls={tmp_path}/a.tar", f"output.dir={tmp_path}/o")
+    cfg.source.resolution = 20000
+    with pytest.raises(JobError, match=r"sample shape \[3, 20000, 20000\].*source.resolution"):
+        run(cfg)
 
 
 def test_read_ahead_auto_needs_a_second_cpu():
