@@ -181,8 +181,8 @@ def build_table(schema: pa.Schema, columns: Mapping[str, np.ndarray | Sequence])
         v = columns[f.name]
         if isinstance(f.type, pa.FixedShapeTensorType):
             arrays.append(tensor_array(v, f.type))
-        else:
-            arrays.append(pa.array(v, type=f.type))
+        else:  # a nullable column may come as floats with NaN for null (pandas' convention)
+            arrays.append(pa.array(v, type=f.type, from_pandas=f.nullable))
     return pa.Table.from_arrays(arrays, schema=schema)
 
 

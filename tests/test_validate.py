@@ -31,6 +31,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 CHECKS = (
     "completeness", "record_consistency", "keyed_noise", "epsilon_moments", "epsilon_normality",
     "noise_independence", "variance_preservation", "convergence", "timestep_distribution",
+    "conditioning",
 )  # fmt: skip
 
 
