@@ -502,9 +502,10 @@ class EncodeStage:
 
     ``meta`` is the metadata's ``encoder`` entry (the identity the driver hashed, with the
     ``input_shape``); ``on_error`` is the job's: ``fail`` raises SampleError at a non-finite
-    latent, ``skip`` rejects the sample."""
+    latent, ``skip`` rejects the sample. ``gpu_share``: ``ray.gpus_per_actor``; actors sharing a
+    GPU (0.25: four) each plan their batch in that share of half its free memory."""
 
-    def __init__(self, meta: Mapping, *, device, on_error: str = "skip"):
+    def __init__(self, meta: Mapping, *, device, on_error: str = "skip", gpu_share: float = 1.0):
         import torch
 
         self.meta, self.device, self.on_error = meta, device, on_error
@@ -519,7 +520,8 @@ class EncodeStage:
             itemsize = torch.finfo(getattr(torch, self.dtype)).bits // 8
             per = encode_bytes_per_sample(self.vae.config, meta["input_shape"], itemsize)
             free, _ = torch.cuda.mem_get_info(device)
-            self.batch_size = fit_batch_size(self.batch_size, per, free)
+            share = min(1.0, gpu_share) if gpu_share > 0 else 1.0
+            self.batch_size = fit_batch_size(self.batch_size, per, free, fraction=0.5 * share)
             if self.batch_size < meta["batch_size"]:
                 log.warning(
                     "encoder.batch_size %d does not fit in the GPU's free memory: using %d (the "

@@ -318,11 +318,10 @@ def test_records_do_not_depend_on_actors_batch_size_or_gpu_pinning(arrays_job, m
     assert all(len(g) == 1 for g in workers.values())
     assert len(set(workers.values())) == len(workers), "two actors shared a GPU"
     assert {e["worker"]["device"] for e in m["shards"].values()} == {"cpu"}
-    a, b = read_dir(tmp / "out"), read_dir(tmp / "out2")
-    assert a.keys() == b.keys()
-    for name in a:
-        for col in a[name]:
-            assert np.array_equal(a[name][col], b[name][col]), (name, col)
+    names = sorted(p.name for p in (tmp / "out").glob("*.parquet"))
+    assert names == sorted(p.name for p in (tmp / "out2").glob("*.parquet")) and len(names) == 3
+    for name in names:  # every column, nulls included (conditioning columns)
+        assert pq.read_table(tmp / "out" / name).equals(pq.read_table(tmp / "out2" / name)), name
 
 
 def test_another_vae_into_the_same_dir_is_refused_naming_both(
@@ -449,3 +448,40 @@ def test_latent_scale_on_real_records_matches_the_stored_x0(arrays_job):
     means = [r["mean"] for r in check.detail["per_channel"]]
     np.testing.assert_allclose(means, x0.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-6)
     assert check.detail["x0"] == "stored" and check.passed
+
+
+# -- start-up cost and the benchmark scenario -----------------------------------------------------
+
+
+def test_default_path_does_not_import_diffusers(tmp_path, vae_dir):
+    """diffusers is imported only where a VAE is loaded (an actor's setup), not by the driver:
+    neither for encoder=none nor to hash an encoder=vae model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import pipeline.precompute, pipeline.worker, pipeline.stages\n"
+        "from pipeline.config import compose, config_hash\n"
+        "config_hash(compose(['source.urls=x.tar', 'output.dir=o']))\n"
+        f"config_hash(compose(['encoder=vae', 'encoder.model={vae_dir}', 'source.urls=x.tar',"
+        " 'output.dir=o']))\n"
+        "assert 'diffusers' not in sys.modules, 'diffusers imported'\n"
+        "assert 'safetensors' not in sys.modules, 'safetensors imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_benchmark_has_an_encoder_scenario(tmp_path):
+    from jobs.bench import encoder as bench_encoder
+    from jobs.bench import run as bench
+
+    (sc,) = [
+        s for s in bench.plan(quick=True, repeats_headline=1, repeats=1) if s.group == "encoder"
+    ]
+    assert sc.systems == ("project",) and sc.name.startswith("vae-photos64")
+    sc.overrides = tuple(bench_encoder.overrides(tmp_path))
+    cmd = bench.command("project", sc, ["/d/shard-0000.tar"], tmp_path / "o")
+    assert "encoder=vae" in cmd and f"encoder.model={tmp_path}/models/tiny" in cmd
+    assert (tmp_path / "models" / "tiny" / "config.json").exists()

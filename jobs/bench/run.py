@@ -23,7 +23,9 @@ Scenarios (``--quick`` shrinks them): ``headline`` 16 x 1000 photo crops at 64 p
 [4, 32, 32]; ``shards``: 1, 2 and 4 shards of 1000 photos (with the headline's 16: scaling in
 shard count); ``samples``: 2 shards of 250 and 10,000 photos (with 2 x 1000: scaling in shard
 size, and per-actor memory at 1k vs 10k samples per shard); ``long``: 64 x 1000 photos, project
-and floor only (how far the project's fixed start-up cost amortises). Repeats are interleaved
+and floor only (how far the project's fixed start-up cost amortises); ``encoder``: 2 x 1000
+photos at 64 px through a tiny random VAE (``encoder=vae``, :mod:`jobs.bench.encoder`, which
+also splits decode vs encode), project only. Repeats are interleaved
 (project, floor, peer, project, ...). Every run gets a fresh output directory and its row count
 is checked. Before each run the harness waits (up to ``--quiet-wait`` s) for the machine to be
 idle, and it reports the CPU that other processes used during each run.
@@ -50,6 +52,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import encoder as bench_encoder
 from . import measure as bench_measure
 from . import profile as bench_profile
 from . import report as bench_report
@@ -73,10 +76,12 @@ class Scenario:
     resolution: int  # images: output side; arrays: unused
     repeats: int = 1
     systems: tuple[str, ...] = SYSTEMS  # which systems run it
+    overrides: tuple[str, ...] = ()  # more precompute overrides (the encoder scenario's)
 
     @property
     def name(self) -> str:
         what = f"photos{self.resolution}" if self.data["kind"] == "photos" else "arrays"
+        what = f"vae-{what}" if self.group == "encoder" else what
         return f"{what} {self.shards}x{self.per_shard}"
 
     @property
@@ -101,7 +106,9 @@ def plan(quick: bool, repeats_headline: int, repeats: int) -> list[Scenario]:
     # a 4x longer job than the headline: how far the project's fixed start-up cost amortises
     # (the peer would take ~5 min per run here and is left out)
     long = Scenario("long", PHOTOS64, 4 if quick else 64, n, 64, systems=("project", "floor"))
-    return scenarios + [long]
+    # encoder=vae with a tiny random VAE (its path is set in main, under --workdir)
+    encoder = Scenario("encoder", PHOTOS64, 2, n, 64, systems=("project",))
+    return scenarios + [long, encoder]
 
 
 def command(system: str, sc: Scenario, paths: list[str], out: Path) -> list[str]:
@@ -113,7 +120,7 @@ def command(system: str, sc: Scenario, paths: list[str], out: Path) -> list[str]
         else:
             cmd += [f"source.resolution={sc.resolution}"]
         return cmd + [f"source.urls={bench_measure.brace_url(paths)}", f"output.dir={out}",
-                      "progress=false"]  # fmt: skip
+                      "progress=false", *sc.overrides]  # fmt: skip
     # floor and peer: modules of this package, run from the repository root (see run_one)
     module = f"jobs.bench.{system}"
     return [py, "-m", module, "--out", str(out), "--resolution", str(sc.resolution or 64), *paths]
@@ -192,6 +199,8 @@ def main(argv=None) -> int:
     }
     runs: list[dict] = []
     for sc in scenarios:
+        if sc.group == "encoder":
+            sc.overrides = tuple(bench_encoder.overrides(work))
         paths = bench_measure.dataset(
             work / "data", sc.data["kind"], sc.shards, sc.per_shard,
             **{k: v for k, v in sc.data.items() if k != "kind"},
