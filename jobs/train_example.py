@@ -4,6 +4,7 @@
 
     python jobs/train_example.py --data OUT_DIR --steps 300 --out train-out
     python jobs/train_example.py --data /tmp/synth --make-synthetic 4096 --out train-out
+    python jobs/train_example.py --data demo/records --cond cls --out train-cond
 
 Reads ``x_t``, ``t``, ``epsilon`` and the posterior columns with
 :class:`pipeline.dataset.PrecomputedDataset` and a DataLoader, trains a few conv layers with a
@@ -25,8 +26,22 @@ are left out. The KL of the true noise is reported as a check of the stored post
 up to the storage dtype's rounding.
 
 Writes ``loss.png`` (loss curve against the zero predictor) and ``metrics.json`` to ``--out``.
-Evaluation uses the training records: this shows the data path, it does not measure
-generalisation.
+Evaluation uses the training records (unless ``--holdout``): this shows the data path, it does not
+measure generalisation.
+
+Class-conditional (``--cond cls``): the int64 conditioning column ``cls`` (``source.keep``, see
+:mod:`pipeline.conditioning`) selects a row of a class embedding (``num_classes + 1`` rows, the
+last being the null label) added to the timestep embedding. During training each label is
+replaced by the null label with probability ``--p-uncond`` (classifier-free guidance's joint
+training); records whose label is null (read as -1) train as the null label. ``--num-classes``
+defaults to the largest label + 1, read from the ``cls`` column with pyarrow before training.
+A fraction ``--holdout`` of the samples (default 0.1 with ``--cond``; chosen by a hash of the key,
+so both draws of a sample fall on the same side) is kept out of training, and at the end the same
+model is evaluated on those records twice, with the same x_t, t and eps: given the true label and
+given the null label. The gap between the two MSEs is what the label tells the denoiser; it is
+small on images: a K-class label carries at most ln K nats about x_0, so (I-MMSE) it lowers the
+eps MSE per dimension, averaged over uniform t, by at most about
+``2 ln K / (D min |d ln SNR / d(t/T)|)`` for D = C*H*W dimensions.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import json
 import math
 import os
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,9 +59,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline.dataset import PrecomputedDataset
+from pipeline.dataset import PrecomputedDataset, RecordsDir
 
 COLUMNS = ["x_t", "t", "epsilon", "posterior_mean", "posterior_variance"]
 
@@ -75,13 +91,17 @@ class Block(nn.Module):
 
 
 class TinyDenoiser(nn.Module):
-    """A small two-level conv net predicting eps from (x_t, t).
+    """A small two-level conv net predicting eps from (x_t, t), or from (x_t, t, y) with
+    ``num_classes``: a class embedding of ``num_classes + 1`` rows (row ``num_classes`` is the null
+    label) added to the timestep embedding.
 
     Images of 32 pixels or more are first folded into 2x2 patches (PixelUnshuffle), so the
     convolutions run at half resolution: 64x64x3 records train at a few steps per second on CPU.
     """
 
-    def __init__(self, shape, num_timesteps: int, width: int = 32, emb: int = 64):
+    def __init__(
+        self, shape, num_timesteps: int, width: int = 32, emb: int = 64, num_classes: int = 0
+    ):
         super().__init__()
         channels, height, width_px = shape
         self.patch = 2 if min(height, width_px) >= 32 and height % 2 == 0 == width_px % 2 else 1
@@ -94,9 +114,35 @@ class TinyDenoiser(nn.Module):
         self.lift = nn.Conv2d(2 * width, width, 1)
         self.up = Block(width, width, emb)
         self.out = nn.Conv2d(width, cin, 3, padding=1)
+        # Made last, so the other layers start as the unconditional model's with the same seed.
+        self.num_classes = int(num_classes)
+        self.label = nn.Embedding(self.num_classes + 1, emb) if self.num_classes else None
+        if self.label is not None:
+            nn.init.zeros_(self.label.weight)  # starts as the unconditional model
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
+        """Embedding rows of labels ``y`` [n]: a negative label (a null, read as -1) or no ``y``
+        at all is the null label; ValueError for a label >= num_classes."""
+        if y is None:
+            return torch.full((n,), self.null_label, dtype=torch.int64)
+        y = y.to(torch.int64)
+        if (y >= self.num_classes).any():
+            raise ValueError(
+                f"class label {int(y.max())} >= num_classes = {self.num_classes} "
+                "(--num-classes is too small for these records)"
+            )
+        return torch.where(y < 0, self.null_label, y)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         e = self.emb(timestep_embedding(t, self.emb_dim, self.num_timesteps))
+        if self.label is not None:
+            e = e + self.label(self.labels(y, len(x)))
         if self.patch > 1:
             x = F.pixel_unshuffle(x, self.patch)
         h1 = self.inp(x, e)
@@ -137,21 +183,108 @@ class PosteriorKL:
 # -- training -----------------------------------------------------------------------------------
 
 
-def _loader(ds, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True)
+def _loader(ds, batch_size: int, workers: int, drop_last: bool = True) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=drop_last)
 
 
-def evaluate(model, ds, kl_term: PosteriorKL, batch_size: int, batches: int) -> dict:
-    """MSE, zero-predictor MSE and the L_{t-1} KL (model, zero predictor, true eps)."""
+def is_held_out(key: str, fraction: float) -> bool:
+    """Whether the sample ``key`` is in the held-out ``fraction`` (a stable hash of the key, so
+    every draw of a sample and every run agree)."""
+    return zlib.crc32(key.encode("utf-8")) % 100_000 < fraction * 100_000
+
+
+class KeySplit(IterableDataset):
+    """The records of ``ds`` (which must read ``key``) on one side of the held-out split."""
+
+    def __init__(self, ds: PrecomputedDataset, fraction: float, held_out: bool):
+        super().__init__()
+        self.ds, self.fraction, self.held_out = ds, fraction, held_out
+
+    def __iter__(self):
+        for record in self.ds:
+            if is_held_out(record["key"], self.fraction) == self.held_out:
+                yield record
+
+
+def scan_records(rdir: RecordsDir, label: str | None, holdout: float) -> dict:
+    """Counts read with pyarrow before training (the ``key`` and ``label`` columns only):
+    ``held_out`` records and, with ``label``, ``null_labels`` (null or -1), the largest label
+    ``max_label`` (None when every label is null) and ``class_counts`` {label: records}.
+    ValueError for a label below -1."""
+    columns = ([label] if label else []) + (["key"] if holdout else [])
+    out = {"records": rdir.num_records, "held_out": 0}
+    values = []
+    for unit in rdir.units() if columns else ():
+        table = rdir.read(unit, columns)
+        if holdout:
+            keys = table["key"].to_pylist()
+            out["held_out"] += sum(is_held_out(k, holdout) for k in keys)
+        if label:
+            values.append(table[label].fill_null(-1).to_numpy())
+    if label:
+        y = np.concatenate(values) if values else np.zeros(0, np.int64)
+        if (y < -1).any():
+            raise ValueError(
+                f"column {label!r} holds negative labels (smallest {int(y.min())}): class "
+                "labels must be 0..num_classes-1 (a null or -1 trains as the null label)"
+            )
+        classes, counts = np.unique(y[y >= 0], return_counts=True)
+        out["null_labels"] = int((y < 0).sum())
+        out["max_label"] = int(classes[-1]) if len(classes) else None
+        out["class_counts"] = {int(c): int(n) for c, n in zip(classes, counts)}
+    return out
+
+
+def check_label_column(rdir: RecordsDir, column: str) -> None:
+    """ValueError unless ``column`` is an int64 conditioning column of the records (listed in
+    the metadata's ``conditioning`` entry, :mod:`pipeline.conditioning`)."""
+    from pipeline.conditioning import spec_of
+
+    kept = {k.column: k for k in spec_of(rdir.metadata).kept}
+    ints = [c for c, k in kept.items() if k.type == "int64"]
+    hint = f"int64 conditioning columns of these records: {', '.join(ints) or 'none'}"
+    if column not in kept:
+        raise ValueError(
+            f"--cond {column}: the records in {rdir.uri} have no conditioning column {column!r} "
+            f"(kept: {', '.join(kept) or 'none'}; see source.keep); {hint}"
+        )
+    if kept[column].type != "int64":
+        raise ValueError(
+            f"--cond {column}: {column!r} is a {kept[column].type} column; this example "
+            f"conditions on integer class labels; {hint}"
+        )
+
+
+def evaluate(
+    model,
+    ds,
+    kl_term: PosteriorKL,
+    batch_size: int,
+    batches: int,
+    label: str | None = None,
+) -> dict:
+    """MSE, zero-predictor MSE and the L_{t-1} KL (model, zero predictor, true eps).
+
+    With ``label`` (a class-conditional model) ``mse`` and ``kl`` are the model's given the
+    records' labels and ``mse_null`` its MSE on the same records (same x_t, t, eps) given the null
+    label; ``mse_gap`` = mse_null - mse, ``mse_gap_se`` its standard error over records."""
     sums = {"mse": 0.0, "zero_mse": 0.0, "kl": 0.0, "kl_zero": 0.0, "kl_true_eps": 0.0}
+    gaps = []
     n = kl_n = 0
     model.eval()
     with torch.no_grad():
-        for i, batch in enumerate(_loader(ds, batch_size, 0)):
+        for i, batch in enumerate(_loader(ds, batch_size, 0, drop_last=False)):
             if i >= batches:
                 break
-            eps_hat = model(batch["x_t"], batch["t"])
             eps = batch["epsilon"]
+            if label is None:
+                eps_hat = model(batch["x_t"], batch["t"])
+            else:
+                eps_hat = model(batch["x_t"], batch["t"], batch[label])
+                null_hat = model(batch["x_t"], batch["t"], None)
+                per_cond = (eps_hat - eps).pow(2).flatten(1).mean(1)
+                per_null = (null_hat - eps).pow(2).flatten(1).mean(1)
+                gaps.append((per_null - per_cond).double())
             sums["mse"] += F.mse_loss(eps_hat, eps).item() * len(eps)
             sums["zero_mse"] += eps.pow(2).mean().item() * len(eps)
             n += len(eps)
@@ -167,7 +300,23 @@ def evaluate(model, ds, kl_term: PosteriorKL, batch_size: int, batches: int) -> 
     out = {k: v / max(n, 1) for k, v in sums.items() if k in ("mse", "zero_mse")}
     out.update({k: v / max(kl_n, 1) for k, v in sums.items() if k.startswith("kl")})
     out["records"], out["kl_records"] = n, kl_n
+    if label is not None:
+        gap = torch.cat(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
+        out["mse_gap"] = gap.mean().item() if len(gap) else 0.0
+        out["mse_null"] = out["mse"] + out["mse_gap"]
+        out["mse_gap_se"] = (gap.std() / math.sqrt(len(gap))).item() if len(gap) > 1 else 0.0
     return out
+
+
+def _curve_point(model, batch: dict, label: str) -> tuple[float, float]:
+    """(MSE given the labels, MSE given the null label) of one fixed batch."""
+    model.eval()
+    with torch.no_grad():
+        x, t, eps = batch["x_t"], batch["t"], batch["epsilon"]
+        cond = F.mse_loss(model(x, t, batch[label]), eps).item()
+        null = F.mse_loss(model(x, t, None), eps).item()
+    model.train()
+    return cond, null
 
 
 @contextmanager
@@ -196,37 +345,98 @@ def train(
     log_every: int = 50,
     quiet: bool = False,
     threads: int | None = None,
+    cond: str | None = None,
+    num_classes: int | None = None,
+    p_uncond: float = 0.1,
+    holdout: float | None = None,
 ) -> dict:
     """Train TinyDenoiser for ``steps`` steps on the records in ``data``; returns the metrics
     (``losses`` per step, ``zero_losses`` = E[eps^2] of each batch, ``final_loss`` and
     ``final_zero_loss`` over the last 10% of steps, and ``eval`` from :func:`evaluate`).
 
     ``threads``: torch intra-op threads while training (restored afterwards); None leaves them.
+    ``cond``: an int64 conditioning column (``cls``) to train a class-conditional model on, with
+    ``num_classes`` (default: largest label + 1) and label dropout ``p_uncond``; adds ``cond``
+    (the label statistics) and ``curve`` (MSE given the label and given the null label of one
+    fixed evaluation batch, every few steps) to the metrics. ``holdout``: fraction of samples
+    left out of training and evaluated on (default 0.1 with ``cond``, else 0: evaluation on the
+    training records).
     """
+    if holdout is None:
+        holdout = 0.1 if cond else 0.0
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     with _torch_threads(threads):
         torch.manual_seed(seed)
+        columns = list(COLUMNS)
+        scan = None
+        if cond or holdout:
+            rdir = RecordsDir(data)
+            if cond:
+                check_label_column(rdir, cond)
+                columns.append(cond)
+            scan = scan_records(rdir, cond, holdout)
+            if holdout:
+                columns.append("key")
         ds = PrecomputedDataset(
-            data, columns=COLUMNS, dtype=torch.float32, seed=seed, shuffle_buffer=shuffle_buffer
+            data, columns=columns, dtype=torch.float32, seed=seed, shuffle_buffer=shuffle_buffer
         )
         schedule = ds.schedule()
         shape = ds.metadata["shape"]
-        if ds.num_records < batch_size:
+        train_records = ds.num_records - (scan["held_out"] if scan else 0)
+        if train_records < batch_size:
             raise ValueError(
-                f"{data} holds {ds.num_records} records, fewer than one batch ({batch_size})"
+                f"{data} holds {train_records} training records, fewer than one batch "
+                f"({batch_size})" + (f" ({scan['held_out']} held out)" if holdout else "")
             )
-        model = TinyDenoiser(shape, schedule.num_timesteps, width=width)
+        if holdout and scan["held_out"] == 0:
+            raise ValueError(
+                f"no sample of {data} falls in the held-out fraction {holdout}: raise --holdout"
+            )
+        if cond:
+            if scan["max_label"] is None and num_classes is None:
+                raise ValueError(f"every {cond!r} label of {data} is null: nothing to condition on")
+            inferred = 0 if scan["max_label"] is None else scan["max_label"] + 1
+            if num_classes is None:
+                num_classes = inferred
+            elif num_classes < inferred:
+                raise ValueError(
+                    f"num_classes = {num_classes} but {cond!r} holds label {inferred - 1}"
+                )
+        train_ds = KeySplit(ds, holdout, held_out=False) if holdout else ds
+        eval_ds = KeySplit(ds, holdout, held_out=True) if holdout else ds
+        model = TinyDenoiser(
+            shape, schedule.num_timesteps, width=width, num_classes=num_classes or 0
+        )
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=steps, pct_start=0.1
         )
         kl_term = PosteriorKL(schedule)
         losses, zero_losses = [], []
+        curve = None
+        if cond:
+            # One fixed evaluation batch, scored given the labels and the null label as we go.
+            curve_batch = next(iter(_loader(eval_ds, batch_size, 0, drop_last=False)))
+            curve = {"steps": [], "mse": [], "mse_null": [], "records": len(curve_batch["t"])}
+            curve_every = max(1, steps // 25)
+            drop = torch.Generator().manual_seed(seed)
         start, epoch = time.perf_counter(), 0
         while len(losses) < steps:
             ds.set_epoch(epoch)
-            for batch in _loader(ds, batch_size, workers):
+            for batch in _loader(train_ds, batch_size, workers):
                 eps = batch["epsilon"]
-                loss = F.mse_loss(model(batch["x_t"], batch["t"]), eps)
+                if cond:
+                    y = batch[cond]
+                    dropped = torch.rand(len(y), generator=drop) < p_uncond
+                    y = torch.where(dropped, -1, y)  # -1: the null label
+                    loss = F.mse_loss(model(batch["x_t"], batch["t"], y), eps)
+                else:
+                    loss = F.mse_loss(model(batch["x_t"], batch["t"]), eps)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -234,10 +444,23 @@ def train(
                 losses.append(loss.item())
                 zero_losses.append(eps.pow(2).mean().item())
                 step = len(losses)
-                if not quiet and (step % log_every == 0 or step == 1):
-                    print(
-                        f"step {step:5d}  loss {losses[-1]:.4f}  zero-predictor {zero_losses[-1]:.4f}"
+                logged = not quiet and (step % log_every == 0 or step == 1)
+                if cond and (logged or step % curve_every == 0 or step == steps):
+                    point = _curve_point(model, curve_batch, cond)
+                    curve["steps"].append(step)
+                    curve["mse"].append(point[0])
+                    curve["mse_null"].append(point[1])
+                if logged:
+                    line = (
+                        f"step {step:5d}  loss {losses[-1]:.4f}"
+                        f"  zero-predictor {zero_losses[-1]:.4f}"
                     )
+                    if cond:
+                        line += (
+                            f"  eval batch: given label {curve['mse'][-1]:.4f}"
+                            f"  null label {curve['mse_null'][-1]:.4f}"
+                        )
+                    print(line)
                 if step >= steps:
                     break
             epoch += 1
@@ -253,10 +476,22 @@ def train(
             "num_timesteps": schedule.num_timesteps,
             "final_loss": float(np.mean(losses[-tail:])),
             "final_zero_loss": float(np.mean(zero_losses[-tail:])),
-            "eval": evaluate(model, ds, kl_term, batch_size, eval_batches),
+            "eval": evaluate(model, eval_ds, kl_term, batch_size, eval_batches, cond),
             "losses": losses,
             "zero_losses": zero_losses,
         }
+        if holdout:
+            metrics["holdout"] = holdout
+            metrics["held_out_records"] = scan["held_out"]
+        if cond:
+            metrics["cond"] = {
+                "column": cond,
+                "num_classes": num_classes,
+                "p_uncond": p_uncond,
+                "null_labels": scan["null_labels"],
+                "class_counts": scan["class_counts"],
+            }
+            metrics["curve"] = curve
         if out is not None:
             save(metrics, Path(out))
         return metrics
@@ -276,7 +511,17 @@ def save(metrics: dict, out: Path) -> None:
     ax.plot(losses, alpha=0.35, label="MSE(eps_hat, eps) per step")
     ax.plot(np.arange(k - 1, len(losses)), smooth, label=f"moving mean ({k} steps)")
     ax.axhline(np.mean(metrics["zero_losses"]), color="k", ls="--", label="predict zeros: E[eps^2]")
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title="epsilon-prediction loss")
+    curve = metrics.get("curve")
+    if curve:
+        where = "held-out" if metrics.get("holdout") else "training"
+        ax.plot(curve["steps"], curve["mse_null"], "s-", ms=4, lw=2.5, alpha=0.6,
+                label=f"{where} batch, null label")  # fmt: skip
+        ax.plot(curve["steps"], curve["mse"], "o-", ms=2, lw=1, label=f"{where} batch, true label")
+    title = "epsilon-prediction loss"
+    if metrics.get("cond"):
+        c = metrics["cond"]
+        title += f", conditioned on {c['column']} ({c['num_classes']} classes)"
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
@@ -288,21 +533,39 @@ def save(metrics: dict, out: Path) -> None:
 def report(m: dict) -> str:
     e = m["eval"]
     ln2 = math.log(2.0)
-    return "\n".join(
-        [
-            f"{m['records']} records {m['shape']}, {m['schedule']} T={m['num_timesteps']}: "
-            f"{m['steps']} steps in {m['seconds']:.1f} s ({m['epochs']} epochs)",
-            f"train loss (last 10%):  {m['final_loss']:.4f}   zero predictor: {m['final_zero_loss']:.4f}",
-            f"eval MSE:               {e['mse']:.4f}   zero predictor: {e['zero_mse']:.4f}"
-            f"   ({e['records']} records)",
-            f"L_(t-1) KL, nats/dim:   {e['kl']:.4g} ({e['kl'] / ln2:.4g} bits/dim)"
-            f"   zero predictor: {e['kl_zero']:.4g}   true eps: {e['kl_true_eps']:.2g}"
-            f"   ({e['kl_records']} records with t > 0)",
+    where = f"held out: {m['holdout']:.0%} of samples" if m.get("holdout") else "training records"
+    lines = [
+        f"{m['records']} records {m['shape']}, {m['schedule']} T={m['num_timesteps']}: "
+        f"{m['steps']} steps in {m['seconds']:.1f} s ({m['epochs']} epochs)",
+        f"train loss (last 10%):  {m['final_loss']:.4f}"
+        f"   zero predictor: {m['final_zero_loss']:.4f}",
+        f"eval MSE:               {e['mse']:.4f}   zero predictor: {e['zero_mse']:.4f}"
+        f"   ({e['records']} records, {where})",
+        f"L_(t-1) KL, nats/dim:   {e['kl']:.4g} ({e['kl'] / ln2:.4g} bits/dim)"
+        f"   zero predictor: {e['kl_zero']:.4g}   true eps: {e['kl_true_eps']:.2g}"
+        f"   ({e['kl_records']} records with t > 0)",
+    ]
+    if m.get("cond"):
+        c = m["cond"]
+        lines += [
+            f"conditioned on {c['column']!r}: {c['num_classes']} classes + the null label, "
+            f"p_uncond {c['p_uncond']:g}, {c['null_labels']} records with a null label",
+            f"eval MSE given label:   {e['mse']:.4f}   given the null label: {e['mse_null']:.4f}"
+            f"   (same {e['records']} records, x_t, t, eps; null - label = "
+            f"{e['mse_gap']:.4f} +- {e['mse_gap_se']:.4f} s.e.)",
         ]
-    )
+    return "\n".join(lines)
 
 
 # -- synthetic records (for trying this without a precompute run) -------------------------------
+
+
+def palette(classes: int, channels: int) -> np.ndarray:
+    """``classes`` distinct fixed colours [classes, channels] in [-1, 1]: channel ``c`` of colour
+    ``k`` is level ``k * (2c + 1) mod classes`` of ``classes`` evenly spaced levels."""
+    k, c = np.arange(classes)[:, None], np.arange(channels)[None]
+    levels = (k * (2 * c + 1)) % classes
+    return (-1.0 + 2.0 * levels / max(classes - 1, 1)).astype(np.float64)
 
 
 def make_synthetic_records(
@@ -315,12 +578,22 @@ def make_synthetic_records(
     files: int = 4,
     rows_per_group: int = 256,
     seed: int = 0,
+    classes: int = 0,
+    informative: bool = True,
+    null_labels: float = 0.0,
 ) -> None:
     """Write records of coloured blobs with the pipeline's own noise, forward process and
-    posterior, in the record format (one file per synthetic shard, no manifest)."""
+    posterior, in the record format (one file per synthetic shard, no manifest).
+
+    ``classes`` > 0: each blob takes one of ``classes`` fixed colours (:func:`palette`) and the
+    records carry a ``cls`` conditioning column (int64, ``source.keep=[cls]`` in the metadata), the
+    colour's index; ``informative=False`` draws the labels independently of the colours (a
+    control: the label then tells nothing); a fraction ``null_labels`` of the records has a null
+    label (an absent ``.cls`` member)."""
     import pyarrow.parquet as pq
 
     from pipeline import records
+    from pipeline.conditioning import Conditioning
     from pipeline.diffusion import q_posterior, q_sample
     from pipeline.manifest import OutputDir
     from pipeline.noise import KeyedNoise
@@ -334,7 +607,9 @@ def make_synthetic_records(
         dtype=dtype,
         shape=shape,
         store_x0=False,
-        config_hash=f"synthetic-{seed}-{schedule}-{num_timesteps}",
+        config_hash=f"synthetic-{seed}-{schedule}-{num_timesteps}"
+        + (f"-cls{classes}{'' if informative else 'r'}" if classes else ""),
+        conditioning=Conditioning(["cls"]).describe() if classes else None,
     )
     target = OutputDir(str(out))
     target.makedirs()
@@ -346,8 +621,19 @@ def make_synthetic_records(
         centre = rng.uniform(-0.6, 0.6, (n, 2, 1, 1))
         radius = rng.uniform(0.2, 0.5, (n, 1, 1))
         blob = np.exp(-((yy - centre[:, 0]) ** 2 + (xx - centre[:, 1]) ** 2) / radius**2)
-        colour = rng.uniform(-1, 1, (n, c, 1, 1))
-        x0 = np.clip(-0.5 + blob[:, None] * (colour + 0.5), -1, 1).astype(np.float32)
+        extra = {}
+        if classes:
+            colour_class = rng.integers(classes, size=n)
+            colour = palette(classes, c)[colour_class][:, :, None, None]
+            label = colour_class if informative else rng.integers(classes, size=n)
+            null = rng.random(n) < null_labels
+            extra["cls"] = [None if z else int(v) for v, z in zip(label, null)]
+        else:
+            colour = rng.uniform(-1, 1, (n, c, 1, 1))
+        if classes:
+            x0 = (colour * (0.5 + 0.5 * blob[:, None])).astype(np.float32)
+        else:
+            x0 = np.clip(-0.5 + blob[:, None] * (colour + 0.5), -1, 1).astype(np.float32)
         keys = [f"{i:08d}" for i in rows]
         t, eps = noise.draw(shard, keys, np.arange(n), shape)
         x0_t, t_t = torch.from_numpy(x0), torch.from_numpy(t)
@@ -368,6 +654,7 @@ def make_synthetic_records(
                 "posterior_variance": var.reshape(-1).numpy(),
                 "posterior_log_variance": log_var.reshape(-1).numpy(),
                 "alpha_bar": sched.alphas_cumprod[t].astype(np.float32),
+                **extra,
             },
         )
         name = OutputDir.data_name(shard)
@@ -399,16 +686,53 @@ def main(argv: list[str] | None = None) -> int:
         "threads slow small convolutions down many times)",
     )
     p.add_argument(
+        "--cond",
+        metavar="COLUMN",
+        help="train a class-conditional model on this int64 conditioning column (e.g. cls)",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        help="with --cond: number of classes (default: the largest label in the records + 1)",
+    )
+    p.add_argument(
+        "--p-uncond",
+        type=float,
+        help="with --cond: probability of replacing a label by the null label while training "
+        "(classifier-free guidance; default 0.1)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        help="fraction of samples (by key) left out of training and evaluated on "
+        "(default: 0.1 with --cond, else 0: evaluate on training records)",
+    )
+    p.add_argument(
         "--make-synthetic",
         type=int,
         metavar="N",
-        help="first write N synthetic records (blobs, 3x32x32, linear T=1000) into --data",
+        help="first write N synthetic records (blobs, 3x32x32, linear T=1000) into --data; "
+        "with --cond cls their colour is one of --synthetic-classes and their cls label",
+    )
+    p.add_argument(
+        "--synthetic-classes",
+        type=int,
+        metavar="K",
+        help="with --make-synthetic: K blob colours labelled in a cls column "
+        "(default: 4 with --cond, else 0: random colours and no label)",
     )
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be >= 1")
+    if args.num_classes is not None and args.num_classes < 1:
+        p.error("--num-classes must be >= 1")
+    if (args.num_classes is not None or args.p_uncond is not None) and not args.cond:
+        p.error("--num-classes and --p-uncond apply to a conditional model: add --cond COLUMN")
     if args.make_synthetic:
-        make_synthetic_records(args.data, args.make_synthetic, seed=args.seed)
+        classes = args.synthetic_classes
+        if classes is None:
+            classes = 4 if args.cond else 0
+        make_synthetic_records(args.data, args.make_synthetic, seed=args.seed, classes=classes)
     try:
         m = train(
             args.data,
@@ -420,6 +744,10 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             seed=args.seed,
             threads=args.threads or max(1, (os.cpu_count() or 1) - args.workers),
+            cond=args.cond,
+            num_classes=args.num_classes,
+            p_uncond=0.1 if args.p_uncond is None else args.p_uncond,
+            holdout=args.holdout,
         )
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         p.error(str(exc))

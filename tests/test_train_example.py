@@ -94,3 +94,113 @@ def test_cli(te, tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         te.main(["--data", str(tmp_path / "missing"), "--steps", "3"])
     assert "does not exist" in capsys.readouterr().err
+
+
+# -- class-conditional training (--cond cls) ----------------------------------------------------
+
+
+def _labelled(te, root, informative=True, n=1024, null_labels=0.1):
+    """n records of 1x4x4 blobs in 8 fixed intensities with a cls column (10% null)."""
+    te.make_synthetic_records(root, n, shape=(1, 4, 4), num_timesteps=100, dtype="float32",
+                              files=2, rows_per_group=64, classes=8, informative=informative,
+                              null_labels=null_labels)  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def labelled(te, tmp_path_factory):
+    return _labelled(te, tmp_path_factory.mktemp("labelled") / "records")
+
+
+def test_synthetic_labels_are_record_columns(te, labelled):
+    import pyarrow as pa
+
+    from pipeline.conditioning import Conditioning, spec_of
+    from pipeline.dataset import RecordsDir
+
+    rdir = RecordsDir(labelled)
+    assert rdir.schema.field("cls").type == pa.int64() and rdir.schema.field("cls").nullable
+    assert rdir.metadata["conditioning"] == Conditioning(["cls"]).describe()
+    assert spec_of(rdir.metadata).columns == ("cls",)
+    ds = PrecomputedDataset(labelled, columns=["x_t", "epsilon", "alpha_bar", "cls", "key"],
+                            shuffle=False)  # fmt: skip
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=1024)))
+    y = batch["cls"]
+    assert y.dtype == torch.int64 and set(y.tolist()) == set(range(-1, 8))
+    assert 0.05 < (y == -1).float().mean() < 0.15  # null labels read as -1
+    # The label is the blob's intensity: x_0 = palette[cls] * (0.5 + 0.5 blob), blob in [0, 1].
+    ab = batch["alpha_bar"].view(-1, 1, 1, 1)
+    x0 = (batch["x_t"] - (1 - ab).sqrt() * batch["epsilon"]) / ab.sqrt()
+    ok = (ab.view(-1) > 0.5) & (y >= 0)
+    colour = torch.from_numpy(te.palette(8, 1)).float()[y[ok]].view(-1, 1, 1, 1)
+    ratio = (x0[ok] / colour).flatten(1)
+    assert ok.sum() > 100 and ratio.min() > 0.5 - 1e-3 and ratio.max() < 1 + 1e-3
+    scan = te.scan_records(rdir, "cls", 0.1)
+    assert scan["max_label"] == 7 and scan["null_labels"] == int((y == -1).sum())
+    assert sum(scan["class_counts"].values()) + scan["null_labels"] == 1024
+    # The held-out split is by key: disjoint, complete, and the size the scan counted.
+    held = [te.is_held_out(k, 0.1) for k in batch["key"]]
+    assert sum(held) == scan["held_out"] and 50 < sum(held) < 160
+    split = {h: {r["key"] for r in te.KeySplit(ds, 0.1, held_out=h)} for h in (True, False)}
+    assert len(split[True]) == sum(held) and not split[True] & split[False]
+    assert split[True] | split[False] == set(batch["key"])
+
+
+def test_class_embedding_and_null_label(te):
+    model = te.TinyDenoiser((1, 4, 4), 100, width=8, num_classes=3)
+    assert model.label.num_embeddings == 4 and model.null_label == 3
+    assert model.labels(torch.tensor([-1, 0, 2]), 3).tolist() == [3, 0, 2]
+    assert model.labels(None, 2).tolist() == [3, 3]
+    with pytest.raises(ValueError, match="num_classes"):
+        model.labels(torch.tensor([3]), 1)
+    x, t = torch.randn(3, 1, 4, 4), torch.tensor([1, 50, 99])
+    # Zero-initialised: the untrained conditional model is the unconditional one.
+    torch.testing.assert_close(model(x, t, torch.tensor([0, 1, 2])), model(x, t))
+    with torch.no_grad():
+        model.label.weight.normal_()
+    assert not torch.allclose(model(x, t, torch.tensor([0, 1, 2])), model(x, t))
+    torch.testing.assert_close(model(x, t, torch.tensor([-1, -1, -1])), model(x, t))
+
+
+@pytest.mark.slow
+def test_conditional_training_uses_an_informative_label(te, labelled, tmp_path):
+    """60 steps: given the true label the held-out MSE is below the null label's (same records,
+    t and eps); with labels drawn independently of the blobs (the control) the gap vanishes."""
+    kw = dict(steps=60, batch_size=64, lr=1e-2, width=16, workers=0, quiet=True, threads=1,
+              cond="cls")  # fmt: skip
+    m = te.train(labelled, out=tmp_path / "run", **kw)
+    e, c = m["eval"], m["cond"]
+    assert c["num_classes"] == 8 and c["p_uncond"] == 0.1 and c["null_labels"] > 50
+    assert m["holdout"] == 0.1 and e["records"] == m["held_out_records"] > 50
+    assert e["mse"] < e["zero_mse"]
+    assert e["mse"] < e["mse_null"], (e["mse"], e["mse_null"])
+    assert e["mse_gap"] > 2 * e["mse_gap_se"], e  # not a fluke of the held-out records
+    assert len(m["curve"]["steps"]) == len(m["curve"]["mse_null"]) > 10
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["eval"]["mse_null"] == e["mse_null"]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert "given the null label" in te.report(m)
+
+    control = _labelled(te, tmp_path / "control", informative=False)
+    mc = te.train(control, **kw)
+    assert abs(mc["eval"]["mse_gap"]) < 0.5 * e["mse_gap"], (mc["eval"], e)
+
+
+def test_cli_cond(te, tiny, labelled, tmp_path, capsys):
+    data = tmp_path / "synth"
+    code = te.main(["--data", str(data), "--make-synthetic", "128", "--cond", "cls",
+                    "--steps", "3", "--out", str(tmp_path / "cli"), "--workers", "0",
+                    "--batch-size", "16", "--width", "8", "--threads", "1"])  # fmt: skip
+    assert code in (0, 1)
+    out = capsys.readouterr().out
+    assert "4 classes + the null label" in out and "given the null label" in out
+    saved = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert saved["cond"]["num_classes"] == 4 and "mse_null" in saved["eval"]
+    for argv, message in (
+        (["--data", str(tiny), "--cond", "cls"], "no conditioning column 'cls'"),
+        (["--data", str(labelled), "--cond", "cls", "--num-classes", "5"], "holds label 7"),
+        (["--data", str(labelled), "--p-uncond", "0.2"], "add --cond"),
+    ):
+        with pytest.raises(SystemExit):
+            te.main([*argv, "--steps", "1", "--out", str(tmp_path / "err")])
+        assert message in capsys.readouterr().err
