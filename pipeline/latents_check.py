@@ -9,9 +9,10 @@ deviation of x_0 -- stored (``output.store_x0``) or reconstructed from x_t and e
 alpha_bar is large (:func:`pipeline.checks.x0_figures`) -- and warns, naming the fix, when the
 std (channels averaged) is outside [1/3, 3], or a channel's outside [0.1, 10].
 
-It applies to latent records: ``encoder=vae`` (the metadata's ``encoder`` entry) and
-``source=arrays`` (precomputed latents, scaled by ``source.scale``); for images without an
-encoder (pixels in [-1, 1], std ~0.5) it returns nothing. Its items are warnings: a dataset whose
+It applies to latent records: ``encoder=vae`` (the metadata's ``encoder`` entry), and with
+``include_arrays`` to ``source=arrays`` (precomputed latents, scaled by ``source.scale``; not
+turned on in the validator yet); for images without an encoder (pixels in [-1, 1], std ~0.5) it
+returns nothing. Its items are warnings: a dataset whose
 latents are deliberately not at unit scale still passes.
 """
 
@@ -30,9 +31,10 @@ _FACTORS = (
 )
 
 
-def applies(process: Mapping) -> bool:
-    """Latent records: an encoder's, or arrays (precomputed latents)."""
-    return bool(process.get("encoder")) or process.get("source", {}).get("kind") == "arrays"
+def applies(process: Mapping, include_arrays: bool = False) -> bool:
+    """Latent records: an encoder's, or with ``include_arrays`` arrays (precomputed latents)."""
+    arrays = include_arrays and process.get("source", {}).get("kind") == "arrays"
+    return bool(process.get("encoder")) or arrays
 
 
 def remedy(std: float, process: Mapping) -> str:
@@ -116,11 +118,12 @@ def latent_scale_from_figures(figures: Mapping, process: Mapping, source: str) -
     )
 
 
-def latent_scale(ds) -> list[Check]:
+def latent_scale(ds, include_arrays: bool = False) -> list[Check]:
     """``[check]`` for latent records (see :func:`applies`), ``[]`` otherwise. ``ds``: the
-    merged :class:`pipeline.scan.DatasetStats` of a scan."""
+    merged :class:`pipeline.scan.DatasetStats` of a scan. The validator runs it for encoder
+    datasets; ``include_arrays`` extends it to ``source=arrays`` datasets."""
     process = ds.plan.process
-    if not applies(process):
+    if not applies(process, include_arrays):
         return []
     if process.get("store_x0"):
         source = "stored"

@@ -27,7 +27,7 @@ from dataclasses import asdict
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import checks, records
+from . import checks, latents_check, records
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, CorruptFileError, OutputDir
 from .report import REPORT_FORMAT, dataset_summary, format_console, write_report
 from .scan import DatasetStats, ScanPlan, ShardStats, scan_shard_bucketed, t_edges
@@ -200,6 +200,7 @@ def run(cfg: DictConfig) -> dict:
         checks.convergence(ds, schedule, z, fc, max_shift=float(cfg.terminal_mean_shift)),
         checks.timestep_distribution(ds, noise.sampler, z, fc),
         checks.conditioning(ds),
+        *latents_check.latent_scale(ds),  # latent records (encoder=vae) only
     ]
     passed = all(c.passed for c in results)
     report = {

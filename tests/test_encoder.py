@@ -427,6 +427,11 @@ def test_latent_scale_warns_naming_the_fix(std, severity, words):
     )
     if words:
         assert "source.scale" in arrays.summary
+    from pipeline.latents_check import applies
+
+    assert applies(process) and not applies({"source": {"kind": "images"}}, include_arrays=True)
+    assert not applies({"source": {"kind": "arrays"}})  # the validator's default
+    assert applies({"source": {"kind": "arrays"}}, include_arrays=True)
 
 
 def test_latent_scale_on_real_records_matches_the_stored_x0(arrays_job):
@@ -485,3 +490,17 @@ def test_benchmark_has_an_encoder_scenario(tmp_path):
     cmd = bench.command("project", sc, ["/d/shard-0000.tar"], tmp_path / "o")
     assert "encoder=vae" in cmd and f"encoder.model={tmp_path}/models/tiny" in cmd
     assert (tmp_path / "models" / "tiny" / "config.json").exists()
+
+
+def test_validator_reports_latent_scale_for_latent_records(arrays_job):
+    """pipeline.validate on the encoder job: every check runs on latent records and the report
+    has latent_scale with the per-channel figures (the NaN sample is a counted reject)."""
+    from pipeline import validate
+
+    cfg = validate.load_config([f"output.dir={arrays_job['tmp'] / 'out'}", "progress=false",
+                                "plots=false"])  # fmt: skip
+    report = validate.run(cfg)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert "latent_scale" in checks and len(checks["latent_scale"]["detail"]["per_channel"]) == 4
+    failed = {n: c["summary"] for n, c in checks.items() if not c["passed"]}
+    assert not failed, failed
