@@ -8,6 +8,10 @@
         ds.set_epoch(epoch)          # before the loader's iterator is created
         for batch in loader: ...
 
+    # faster: the dataset yields ready batches (same records, same order, same batches)
+    ds = PrecomputedDataset("s3://bucket/out", columns=["x_t", "t", "epsilon"], batch_size=64)
+    loader = DataLoader(ds, batch_size=None, num_workers=4)
+
 What one epoch yields
 ---------------------
 The work units are the (file, row group) pairs of the directory's committed ``*.parquet`` files
@@ -43,13 +47,30 @@ reshuffle. With ``persistent_workers=True`` the DataLoader's workers keep the co
 they were started with, so ``set_epoch`` does not reach them: leave persistent workers off, or
 build a new loader per epoch. ``shuffle=False``: units in file order, rows in file order.
 
+Batches
+-------
+``batch_size=B`` makes the dataset yield collated batches of ``B`` records instead of records:
+use it with ``DataLoader(ds, batch_size=None, num_workers=...)`` (the DataLoader then neither
+fetches record by record nor collates). The records and their order are the same as in record
+mode, and so are the batches: a batch is what ``DataLoader(ds, batch_size=B,
+collate_fn=pipeline.dataset.collate)`` makes of the same records (tensor columns ``[B, C, H,
+W]``, ``t``, ``index``, ``draw`` and integer labels int64 ``[B]``, float scalars float32 ``[B]``,
+``key`` and string/binary columns lists, None kept). As in record mode, each reader (rank and
+DataLoader worker) batches its own records, so its last batch may be short; ``drop_last=True``
+leaves those out. Tensor columns are gathered straight into the batch's tensor (in shared memory
+in a DataLoader worker, as ``default_collate`` does): one copy per record less than records +
+``default_collate``, and no per-record Python work, which is the fast way to train (see
+``docs/benchmark.md``, "Training loader").
+
 Memory
 ------
 Only the requested columns are read (Parquet column projection), one row group at a time. A
-reader holds one row group, the shuffle buffer and the block being yielded (transiently twice
-the buffer while merging): about ``(2 * shuffle_buffer + 2 * rows_per_group) * record_bytes``.
-Tensor columns are converted to numpy once per block; yielded tensors are views into that block
-(``default_collate`` copies them into the batch; ``.clone()`` a record you keep).
+reader holds one row group (Arrow's memory, released once copied), the shuffle buffer's storage
+(``shuffle_buffer`` + the largest row group, allocated once; records stay in their slot until
+they leave) and the block or batch being yielded: about ``(shuffle_buffer + 3 *
+rows_per_group) * record_bytes`` (with ``batch_size``, plus a batch). Yielded record tensors
+are views into the block copied out for them (``default_collate`` copies them into the batch;
+``.clone()`` a record you keep); batch tensors are their own.
 
 Yielded records
 ---------------
@@ -66,8 +87,10 @@ needs ``collate_fn=pipeline.dataset.collate`` (strings and None kept as lists).
 
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -219,20 +242,108 @@ def collate(batch: Sequence[dict]) -> dict:
     return out
 
 
-def _take(pool: dict | None, block: dict, idx: np.ndarray) -> dict:
-    """Rows ``idx`` of the concatenation pool ++ block, without materialising it."""
-    n_pool = 0 if pool is None else len(next(iter(pool.values())))
-    if n_pool == 0:
-        return {k: v[idx] for k, v in block.items()}
-    from_pool = idx < n_pool
-    ip, ib = idx[from_pool], idx[~from_pool] - n_pool
-    out = {}
-    for k, v in block.items():
-        res = np.empty((len(idx), *v.shape[1:]), dtype=v.dtype)
-        res[from_pool] = pool[k][ip]
-        res[~from_pool] = v[ib]
-        out[k] = res
-    return out
+def _rows(values: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows of a column block: a view for a slice, a gathered copy for an index array."""
+    return values[rows] if isinstance(rows, slice) else np.take(values, rows, axis=0)
+
+
+def _tensor(values: np.ndarray) -> torch.Tensor:
+    """A torch view of ``values``, which may be read-only Arrow memory: only to read from (cast
+    or copy), never handed out."""
+    if values.flags.writeable:
+        return torch.from_numpy(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(values)
+
+
+def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; ``shared``: in shared memory, as ``default_collate`` allocates a
+    batch in a DataLoader worker, so that sending it to the main process does not copy it."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
+@functools.cache
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+class _Batcher:
+    """Fills collated batches of ``size`` records from (column block, rows) pieces.
+
+    Tensor columns are gathered straight into the batch's tensor (cast to ``dtype``); the other
+    columns are kept as pieces and collated when the batch is full, as :func:`collate` collates
+    records: int columns (``t``, ``index``, ``draw``, labels) as int64 tensors, float scalars as
+    float32 tensors, str/bytes/None columns as lists."""
+
+    def __init__(self, columns: Sequence[str], size: int, dtype, shared: bool):
+        self.columns, self.size, self.dtype, self.shared = list(columns), size, dtype, shared
+        self.fill = 0
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.pieces: dict[str, list] = {}
+
+    def add(self, block: dict, rows: slice | np.ndarray) -> Iterator[dict]:
+        """Append ``rows`` of ``block`` (a slice with a stop, or an index array); yields every
+        batch that becomes full."""
+        if isinstance(rows, slice):
+            start, n = rows.start or 0, rows.stop - (rows.start or 0)
+        else:
+            start, n = 0, len(rows)
+        pos = 0
+        while pos < n:
+            k = min(self.size - self.fill, n - pos)
+            if isinstance(rows, slice):
+                part = slice(start + pos, start + pos + k)
+            else:
+                part = rows[pos : pos + k]
+            self._write(block, part, k)
+            pos += k
+            if self.fill == self.size:
+                yield self.finish()
+
+    def _write(self, block: dict, part: slice | np.ndarray, k: int) -> None:
+        lo, hi = self.fill, self.fill + k
+        for name in self.columns:
+            values = block[name]
+            if values.ndim == 1:
+                self.pieces.setdefault(name, []).append(_rows(values, part))
+                continue
+            out = self.tensors.get(name)  # a tensor column: straight into the batch's tensor
+            if out is None:
+                dtype = self.dtype or _torch_dtype(values.dtype)
+                shape = (self.size, *values.shape[1:])
+                out = self.tensors[name] = _empty(shape, dtype, self.shared)
+            if out.dtype != _torch_dtype(values.dtype):
+                out[lo:hi].copy_(_tensor(_rows(values, part)))  # gather, then cast (torch's)
+            elif isinstance(part, slice):
+                out.numpy()[lo:hi] = values[part]
+            else:
+                np.take(values, part, axis=0, out=out.numpy()[lo:hi])
+        self.fill = hi
+
+    def finish(self) -> dict | None:
+        """The batch filled so far (a short one at the end), or None when there is none."""
+        n, self.fill = self.fill, 0
+        if n == 0:
+            return None
+        tensors, self.tensors = self.tensors, {}
+        pieces, self.pieces = self.pieces, {}
+        batch = {}
+        for name in self.columns:
+            if name in tensors:
+                batch[name] = tensors[name][:n]
+                continue
+            values = np.concatenate(pieces[name])
+            if values.dtype == object:  # key, string and binary columns (None: a null)
+                batch[name] = values.tolist()
+            elif values.dtype.kind in "iu":
+                batch[name] = torch.from_numpy(values.astype(np.int64))
+            else:
+                batch[name] = torch.from_numpy(values)
+        return batch
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
@@ -259,7 +370,10 @@ class PrecomputedDataset(IterableDataset):
     dir: output directory (path or URI); columns: names to read (default: all); shuffle, seed,
     shuffle_buffer: see *Shuffling*; rank, world_size: override torch.distributed; dtype: cast
     tensor columns to this floating torch dtype; filesystem: pyarrow or fsspec filesystem for
-    ``dir``; drop_uneven: equal record counts per rank and worker (for DDP), dropping a few.
+    ``dir``; drop_uneven: equal record counts per rank and worker (for DDP), dropping a few;
+    batch_size: yield collated batches of this many records instead of records (see *Batches*;
+    use ``DataLoader(ds, batch_size=None)``); drop_last: with ``batch_size``, leave out each
+    reader's short last batch.
     """
 
     def __init__(
@@ -274,6 +388,8 @@ class PrecomputedDataset(IterableDataset):
         dtype: torch.dtype | str | None = None,
         filesystem=None,
         drop_uneven: bool = False,
+        batch_size: int | None = None,
+        drop_last: bool = False,
     ):
         super().__init__()
         self.records = RecordsDir(dir, filesystem)
@@ -298,6 +414,12 @@ class PrecomputedDataset(IterableDataset):
         self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 0)
         self.dtype = _resolve_dtype(dtype)
         self.drop_uneven = bool(drop_uneven)
+        self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
+        if drop_last and self.batch_size is None:
+            raise ValueError(
+                "drop_last applies to batch_size=...; in record mode pass it to the DataLoader"
+            )
+        self.drop_last = bool(drop_last)
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither (torch.distributed)")
         if world_size is not None:
@@ -375,50 +497,92 @@ class PrecomputedDataset(IterableDataset):
         plan = self.plan(world_size, num_workers)
         limit = self._limit(plan, worker)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
-        blocks = self._blocks(plan[rank][worker], rng, use_threads=info is None)
+        pieces = self._pieces(plan[rank][worker], rng, use_threads=info is None)
+        batcher = None
+        if self.batch_size:
+            batcher = _Batcher(self.columns, self.batch_size, self.dtype, shared=info is not None)
         count = 0
-        for block in blocks:
-            n = len(block[self.columns[0]])
-            if limit is not None:
-                n = min(n, limit - count)
-            seqs = [(name, self._to_python(name, block[name], n)) for name in self.columns]
-            for i in range(n):
-                yield {name: seq[i] for name, seq in seqs}
-            count += n
+        for block, rows in pieces:
+            if limit is not None and count + _len(rows) > limit:
+                rows = _head(rows, limit - count)
+            if batcher is None:
+                yield from self._records(block, rows)
+            else:
+                yield from batcher.add(block, rows)
+            count += _len(rows)
             if limit is not None and count >= limit:
-                return
+                break
+        if batcher is not None and not self.drop_last:
+            last = batcher.finish()
+            if last is not None:
+                yield last
 
-    def _blocks(self, units: Sequence[Unit], rng: np.random.Generator, use_threads: bool):
-        """Numpy column blocks of the units, in order or through the shuffle buffer."""
-        pool = None
+    def _pieces(self, units: Sequence[Unit], rng: np.random.Generator, use_threads: bool):
+        """The epoch's records as (column block, rows) pieces, in order: ``rows`` is a slice of
+        an Arrow block (no shuffle) or an index array into the shuffle buffer's storage. A piece
+        is valid until the next one is asked for (the storage is then overwritten).
+
+        The shuffle buffer: each row group read is merged with the buffer, a random part of the
+        union (``rng.permutation``) is emitted, the rest kept. The records stay where they were
+        written: a row group is copied once into free slots of a storage of ``shuffle_buffer`` +
+        the largest row group, and the buffer is a list of slots in its (random) order, so a
+        record is copied twice (into the storage, out of it into the block or batch yielded)."""
+        if not self.shuffle:
+            for unit in units:
+                block = table_to_numpy(self.records.read(unit, self.columns, use_threads))
+                yield block, slice(0, len(block[self.columns[0]]))
+            return
+        largest = max((u.num_rows for u in units), default=0)
+        cap = self.shuffle_buffer + largest
+        storage = None
+        free = np.arange(cap)  # free slots of the storage
+        kept = free[:0]  # the buffer: its records' slots, in buffer order
         for unit in units:
             block = table_to_numpy(self.records.read(unit, self.columns, use_threads))
-            if not self.shuffle:
-                yield block
-                continue
-            n_pool = 0 if pool is None else len(pool[self.columns[0]])
-            total = n_pool + unit.num_rows
-            order = rng.permutation(total)
-            emit = max(total - self.shuffle_buffer, 0)
-            if emit:
-                yield _take(pool, block, order[:emit])
-            pool = _take(pool, block, order[emit:])
+            n = len(block[self.columns[0]])
+            if storage is None:
+                storage = {k: np.empty((cap, *v.shape[1:]), v.dtype) for k, v in block.items()}
+            new, free = free[:n], free[n:]
+            for k, v in block.items():
+                storage[k][new] = v
             del block
-        if pool is not None and len(pool[self.columns[0]]):
-            yield pool  # already in random order
+            union = np.concatenate([kept, new])
+            order = rng.permutation(len(union))
+            emit = max(len(union) - self.shuffle_buffer, 0)
+            out, kept = union[order[:emit]], union[order[emit:]]
+            if emit:
+                yield storage, out
+            free = np.concatenate([free, out])
+        for i in range(0, len(kept), max(largest, 1)):  # the rest, already in random order
+            yield storage, kept[i : i + max(largest, 1)]
 
-    def _to_python(self, name: str, values: np.ndarray, n: int):
-        """A per-row indexable view of one column block: torch tensor, or list of str/int."""
-        values = values[:n]
-        if values.dtype == object:  # key, string and binary columns (None: a null)
-            return values.tolist()
-        if name in _INT_COLUMNS:
-            return values.astype(np.int64).tolist()
-        if not values.flags.writeable:  # zero-copy Arrow memory: torch wants writable arrays
-            values = values.copy()
-        if name == "t":
-            return torch.from_numpy(values.astype(np.int64, copy=False))
-        tensor = torch.from_numpy(values)
-        if values.ndim > 1 and self.dtype is not None:
-            tensor = tensor.to(self.dtype)
-        return tensor
+    def _records(self, block: dict, rows: slice | np.ndarray) -> Iterator[dict]:
+        """One dict per row: the rows are copied out of the block once (views for every
+        record: ``unbind`` of one tensor per column), a tensor column cast on the way."""
+        seqs = []
+        for name in self.columns:
+            values = block[name]
+            if values.dtype == object:  # key, string and binary columns (None: a null)
+                seqs.append(values[rows].tolist())
+            elif name in _INT_COLUMNS:
+                seqs.append(values[rows].tolist())
+            elif name == "t":
+                seqs.append(torch.from_numpy(values[rows].astype(np.int64)).unbind(0))
+            elif values.ndim > 1 and self.dtype not in (None, _torch_dtype(values.dtype)):
+                seqs.append(_tensor(_rows(values, rows)).to(self.dtype).unbind(0))
+            else:
+                values = values[rows]
+                if isinstance(rows, slice):  # Arrow's read-only memory: torch wants a copy
+                    values = values.copy()
+                seqs.append(torch.from_numpy(values).unbind(0))
+        names = self.columns
+        for row in zip(*seqs):
+            yield dict(zip(names, row))
+
+
+def _len(rows: slice | np.ndarray) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+
+
+def _head(rows: slice | np.ndarray, n: int) -> slice | np.ndarray:
+    return slice(rows.start, rows.start + n) if isinstance(rows, slice) else rows[:n]

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from pipeline import records
-from pipeline.dataset import PrecomputedDataset, RecordsDir
+from pipeline.conditioning import Conditioning
+from pipeline.dataset import PrecomputedDataset, RecordsDir, collate
 from pipeline.schedule import make_schedule
 
 
@@ -422,3 +423,155 @@ def test_records_dir_units(recdir):
     rd = RecordsDir(recdir[0])
     assert [u.num_rows for u in rd.units()] == [8, 8, 8, 8, 5, 8, 8, 8, 8, 8, 8, 2, 8, 5]
     assert sum(Counter(u.file for u in rd.units()).values()) == 14
+
+
+# -- batches (batch_size=...) -------------------------------------------------------------------
+
+
+def batches_of(root, workers, batch_size, collate_fn=None, **kw):
+    """Batch mode (``batch_size=B``, DataLoader batch_size=None) or, with ``collate_fn``,
+    record mode through ``DataLoader(batch_size=B, collate_fn=...)``, for epoch 2."""
+    if collate_fn is None:
+        ds = PrecomputedDataset(root, batch_size=batch_size, **kw)
+        loader = DataLoader(ds, batch_size=None, num_workers=workers)
+    else:
+        ds = PrecomputedDataset(root, **kw)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=collate_fn)
+    ds.set_epoch(2)
+    return list(loader)
+
+
+def assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert list(g) == list(w)
+        for name in w:
+            if isinstance(w[name], torch.Tensor):
+                assert g[name].dtype == w[name].dtype and torch.equal(g[name], w[name]), name
+            else:
+                assert g[name] == w[name], name
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"shuffle": False},
+        {"seed": 3},
+        {"seed": 1, "shuffle_buffer": 0},
+        {"seed": 2, "shuffle_buffer": 200, "dtype": torch.float32},
+        {"shuffle": False, "dtype": "float64", "columns": ["epsilon", "x_0", "key", "draw"]},
+    ],
+)
+def test_batches_equal_collated_records(tmp_path, workers, kw):
+    """Same records, same order, same batches as record mode + collate, every column."""
+    root = tmp_path / "r"
+    write_dir(root, {"a": 37, "b": 50, "c": 13}, store_x0=True)
+    got = batches_of(root, workers, 7, **kw)
+    want = batches_of(root, workers, 7, collate_fn=collate, **kw)
+    assert_same_batches(got, want)
+    assert sum(len(b["key"]) for b in got) == 100
+    if "dtype" in kw:
+        tensor = "epsilon" if "columns" in kw else "x_t"
+        assert got[0][tensor].dtype == getattr(torch, str(kw["dtype"]).replace("torch.", ""))
+    one = got[0]
+    if "t" in one:
+        assert one["t"].dtype == torch.int64 and one["alpha_bar"].dtype == torch.float32
+        assert one["index"].dtype == torch.int64 and one["x_t"].shape == (7, 3, 4, 4)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batches_exactly_once_two_ranks_two_workers(recdir, shuffle):
+    root, keys = recdir
+    seen = []
+    for rank in range(2):
+        ds = PrecomputedDataset(
+            root, columns=["key", "t", "x_t"], shuffle=shuffle, rank=rank, world_size=2,
+            batch_size=4, shuffle_buffer=16,
+        )  # fmt: skip
+        ds.set_epoch(3)
+        sizes = {}
+        for batch in DataLoader(ds, batch_size=None, num_workers=2):
+            assert isinstance(batch["key"], list) and batch["t"].dtype == torch.int64
+            assert batch["x_t"].shape == (len(batch["key"]), 3, 4, 4)
+            # x_t[i] is filled with the record's row number in its file
+            rows = [int(k.split("-")[1]) for k in batch["key"]]
+            assert batch["x_t"][:, 0, 0, 0].tolist() == rows
+            seen += batch["key"]
+            sizes.setdefault(len(batch["key"]) < 4, []).append(len(batch["key"]))
+        assert len(sizes.get(True, [])) <= 2  # a short batch only at each worker's end
+    assert len(seen) == len(keys) and sorted(seen) == sorted(keys)
+
+
+def test_batches_seeded_and_reshuffled_per_epoch(recdir):
+    root, keys = recdir
+
+    def order(seed, epoch):
+        ds = PrecomputedDataset(root, columns=["key"], seed=seed, batch_size=8, shuffle_buffer=16)
+        ds.set_epoch(epoch)
+        return [k for b in ds for k in b["key"]]
+
+    e0 = order(0, 0)
+    assert sorted(e0) == sorted(keys) and e0 != keys
+    assert order(0, 0) == e0 and order(0, 1) != e0 and order(1, 0) != e0
+    # the same records in the same order as record mode
+    rec = PrecomputedDataset(root, columns=["key"], seed=0, shuffle_buffer=16)
+    assert keys_of(rec) == e0
+
+
+def test_batches_drop_uneven_and_drop_last(recdir):
+    root, keys = recdir
+    counts, seen = {}, []
+    for rank in range(2):
+        ds = PrecomputedDataset(
+            root, columns=["key"], rank=rank, world_size=2, drop_uneven=True, seed=1, batch_size=3
+        )
+        ds.set_epoch(2)
+        batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+        counts[rank] = (len(batches), sum(len(b["key"]) for b in batches))
+        seen += [k for b in batches for k in b["key"]]
+    assert counts[0] == counts[1] and len(set(seen)) == len(seen)
+
+    ds = PrecomputedDataset(root, columns=["key", "x_t"], batch_size=16, drop_last=True)
+    full = list(DataLoader(ds, batch_size=None, num_workers=2))
+    assert full and all(b["x_t"].shape[0] == 16 == len(b["key"]) for b in full)
+    got = [k for b in full for k in b["key"]]
+    assert len(set(got)) == len(got) > len(keys) - 2 * 16
+    with pytest.raises(ValueError, match="drop_last"):
+        PrecomputedDataset(root, drop_last=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        PrecomputedDataset(root, batch_size=0)
+
+
+def test_batches_conditioning_columns(tmp_path):
+    """cls: a null is -1 (int64); txt: a null is None, kept in the batch's list."""
+    root = tmp_path / "cond"
+    root.mkdir()
+    n, shape = 30, (3, 4, 4)
+    meta = process_meta(shape)
+    meta["conditioning"] = Conditioning(["cls", "txt"]).describe()
+    schema = records.record_schema(shape, "float16", False, meta)
+    assert {"cls", "txt"} <= set(schema.names)
+    i = np.arange(n)
+    tens = np.zeros((n, *shape), np.float32)
+    cols = {"key": [f"k{k:03d}" for k in i], "index": i, "draw": np.zeros(n, np.int32),
+            "t": i.astype(np.int32), "x_t": tens, "epsilon": tens, "posterior_mean": tens,
+            "posterior_variance": np.ones(n, np.float32),
+            "posterior_log_variance": np.zeros(n, np.float32), "alpha_bar": np.ones(n, np.float32),
+            "cls": [None if k % 4 == 0 else int(k) for k in i],
+            "txt": [None if k % 5 == 0 else f"caption {k}" for k in i]}  # fmt: skip
+    pq.write_table(records.build_table(schema, cols), root / "a.parquet", row_group_size=8)
+    columns = ["key", "cls", "txt", "t"]
+    for kw in ({"shuffle": False}, {"seed": 4, "shuffle_buffer": 10}):
+        for workers in (0, 2):
+            got = batches_of(root, workers, 6, columns=columns, **kw)
+            want = batches_of(root, workers, 6, collate_fn=collate, columns=columns, **kw)
+            assert_same_batches(got, want)
+            rows = {
+                k: (c, s) for b in got for k, c, s in zip(b["key"], b["cls"].tolist(), b["txt"])
+            }
+            assert len(rows) == n and all(b["cls"].dtype == torch.int64 for b in got)
+            for k in i:
+                cls, txt = rows[f"k{k:03d}"]
+                assert cls == (-1 if k % 4 == 0 else k)
+                assert txt == (None if k % 5 == 0 else f"caption {k}")
