@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .source import PICKLE_EXTS, ArrayDecoder, DecodeError, ImageDecoder
+from .decoders import ArrayDecoder, DecodeError, ImageDecoder
+from .source import PICKLE_EXTS
 
 DEFAULT_KEEP = ("cls", "txt", "json")
 # kind (the extension's last component, else "binary") -> Arrow type name

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from . import __version__, resume, stages
 from .conditioning import Conditioning
 from .config import config_hash, process_config, quote_url_overrides, register_configs, validate
+from .decoders import make_decoder
 from .fs import is_remote
 from .lease import LeaseError, OutputLease
 from .manifest import (
@@ -42,18 +43,8 @@ from .pool import ActorPool, death_cause, pool_size
 from .raysession import RayConnectError, ray_session
 from .records import make_metadata
 from .schedule import make_schedule
-from .source import (
-    ReadLimits,
-    Sample,
-    SampleError,
-    ShardReadError,
-    ShardTimeoutError,
-    check_unique_ids,
-    expand_urls,
-    iter_shard,
-    shard_id,
-)
-from .stages import make_decoder
+from .source import Sample, SampleError, check_unique_ids, expand_urls, iter_shard, shard_id
+from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
 from .worker import ShardWorker, fit_batch_size, host_memory_share, working_set_per_sample
 
 log = logging.getLogger(__name__)

@@ -30,41 +30,17 @@ import pyarrow.parquet as pq
 import torch
 
 from .conditioning import Conditioning
+from .decoders import make_decoder
 from .diffusion import q_posterior, q_sample
 from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
 from .prefetch import ReadAhead
 from .records import DTYPES, build_table, writer_options
 from .schedule import NoiseSchedule
-from .source import (
-    ArrayDecoder,
-    ImageDecoder,
-    ReadLimits,
-    Reject,
-    Sample,
-    ShardReadError,
-    ShardTimeoutError,
-    iter_shard,
-)
+from .source import Reject, Sample, iter_shard
+from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
 
 log = logging.getLogger(__name__)
-
-
-def make_decoder(source: dict, shape: Sequence[int] | None = None):
-    """A fresh decoder for one shard, from the ``source`` config group."""
-    if source["kind"] == "images":
-        return ImageDecoder(
-            resolution=source["resolution"],
-            channels=source["channels"],
-            normalize=source["normalize"],
-            alpha=source["alpha"],
-        )
-    shape = shape if shape is not None else source.get("shape")
-    return ArrayDecoder(
-        shape=tuple(shape) if shape is not None else None,
-        scale=source["scale"],
-        shift=source["shift"],
-    )
 
 
 def read_ahead(cfg: dict) -> int:

@@ -27,8 +27,9 @@ from . import __version__
 from .fs import identity
 from .manifest import OutputDir
 from .records import noise_from_metadata, record_schema, schedule_from_metadata
-from .source import ShardReadError, ShardTimeoutError, shard_id
+from .source import shard_id
 from .stages import NoiseStage, ParquetSink, ReadStage, Tally, batches, commit, elapsed
+from .tarstream import ShardReadError, ShardTimeoutError
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from shards import encode_image, random_image, write_tar
 from pipeline import records
 from pipeline.conditioning import Conditioning, column_name, config_problems
 from pipeline.config import validate
+from pipeline.decoders import DecodeError
 from pipeline.manifest import OutputDir
 from pipeline.precompute import run
-from pipeline.source import DecodeError
 
 KEEP = ["cls", "txt", "json", "meta.json", "bin"]
 

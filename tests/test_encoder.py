@@ -22,11 +22,12 @@ from shards import npy_bytes, write_image_shard, write_tar
 
 from pipeline import encoder, records
 from pipeline.config import config_hash, process_config
+from pipeline.decoders import ImageDecoder
 from pipeline.encoder import EncoderError, EncodeStage, describe_encoder, latent_shape
 from pipeline.manifest import OutputDir
 from pipeline.noise import KeyedNoise
 from pipeline.precompute import JobError, dataset_metadata, run, sample_shape
-from pipeline.source import ImageDecoder, Sample, iter_shard
+from pipeline.source import Sample, iter_shard
 
 diffusers = pytest.importorskip("diffusers")
 

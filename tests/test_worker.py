@@ -11,8 +11,8 @@ import torch
 
 from pipeline.noise import KeyedNoise
 from pipeline.schedule import make_schedule
-from pipeline.source import ArrayDecoder, ImageDecoder, Sample
-from pipeline.stages import RowGroupWriter, compute_records, make_decoder, read_ahead
+from pipeline.source import Sample
+from pipeline.stages import RowGroupWriter, compute_records, read_ahead
 from pipeline.worker import DEVICE_BYTES_PER_ELEMENT, fit_batch_size, resolve_device
 
 
@@ -46,17 +46,6 @@ def test_cuda_records_equal_cpu_records_up_to_float32_rounding():
     np.testing.assert_array_equal(cpu["epsilon"], gpu["epsilon"])
     np.testing.assert_array_equal(cpu["t"], gpu["t"])
     np.testing.assert_allclose(cpu["x_t"], gpu["x_t"], rtol=1e-6, atol=1e-6)
-
-
-def test_make_decoder_follows_the_source_group():
-    img = make_decoder(
-        {"kind": "images", "resolution": 8, "channels": 1, "normalize": False, "alpha": "drop"}
-    )
-    assert isinstance(img, ImageDecoder)
-    arr = make_decoder(
-        {"kind": "arrays", "shape": None, "scale": 2.0, "shift": 0.5}, shape=[4, 2, 2]
-    )
-    assert isinstance(arr, ArrayDecoder)
 
 
 def test_compute_records_layout_and_half_precision():

@@ -6,7 +6,7 @@ With one torch thread (one CPU per actor, the ``local`` default), on the benchma
 shards (:func:`jobs.bench.measure.dataset`), at 64 px and 256 px:
 
 * **in-process split** (no Ray): per image, the decode (tar read, JPEG/PNG decode, resize:
-  :func:`pipeline.source.iter_shard` with :class:`~pipeline.source.ImageDecoder`), the VAE
+  :func:`pipeline.source.iter_shard` with :class:`~pipeline.decoders.ImageDecoder`), the VAE
   encode (:class:`pipeline.encoder.EncodeStage`), the noise stage (keyed draws, x_t, posterior:
   :func:`pipeline.stages.compute_records`, ``latent=sample``) and the Parquet encode of the
   records; best of ``--repeats``;
@@ -100,11 +100,12 @@ def split(url: str, vae: Path, resolution: int, repeats: int, batch: int = 64) -
     import torch
 
     from pipeline.config import compose
+    from pipeline.decoders import ImageDecoder
     from pipeline.encoder import EncodeStage, describe_encoder, latent_shape
     from pipeline.noise import KeyedNoise
     from pipeline.records import build_table, record_schema, writer_options
     from pipeline.schedule import make_schedule
-    from pipeline.source import ImageDecoder, Sample, iter_shard
+    from pipeline.source import Sample, iter_shard
     from pipeline.stages import compute_records
 
     torch.set_num_threads(1)

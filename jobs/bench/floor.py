@@ -52,7 +52,7 @@ SCALARS = ("posterior_variance", "posterior_log_variance", "alpha_bar")
 
 # ---------------------------------------------------------------------------------- decoding
 def decode_image(data: bytes, r: int) -> np.ndarray:
-    """JPEG/PNG bytes -> float32 [3, r, r] in [-1, 1], as pipeline.source.ImageDecoder does for
+    """JPEG/PNG bytes -> float32 [3, r, r] in [-1, 1], as pipeline.decoders.ImageDecoder does for
     RGB, L and RGBA photos without EXIF (alpha composited over white)."""
     im = Image.open(io.BytesIO(data))
     side = min(im.size)

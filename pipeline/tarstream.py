@@ -1,0 +1,548 @@
+"""Reading one shard's tar stream, which is untrusted: its members in tar order, each with its
+data or the reason it is refused, at a bounded cost.
+
+:func:`iter_members` opens the shard with ``webdataset.gopen`` (local paths, ``file://``,
+``pipe:cmd`` and the schemes of ``webdataset.gopen_schemes``, e.g. ``gs://`` via gsutil; other
+schemes such as ``s3://`` go to ``fsspec``), inflates gzip, bzip2 and
+xz/lzma shards by their magic bytes, and reads the tar in one pass with ``tarfile``.
+:func:`pipeline.source.iter_shard` groups the members into samples.
+
+What one shard may cost is bounded (:class:`ReadLimits`): a member above ``max_member_bytes``
+(as its header declares it, so a sparse or gzip-bombed member is never read into memory) or with
+a name above ``max_name_bytes`` is refused; compressed shards are inflated in bounded steps; tar
+headers are parsed in linear time and bounded memory (:class:`_StrictTarInfo`); reading and
+decoding a shard may take at most ``shard_timeout_s`` (:class:`Budget`). Hard links, symbolic
+links, devices and FIFOs are refused (never followed); directories and ``__*__`` names are
+skipped. Member names are decoded as UTF-8, bytes that are not UTF-8 escaped into surrogates
+(:func:`printable` and :func:`show_name` write them as ``\\xNN``).
+
+A broken stream (cannot open; truncated or corrupt tar, gzip, bz2 or xz; I/O error; ``pipe:``
+command exiting non-zero; ``shard_timeout_s`` exceeded, then the subclass
+:class:`ShardTimeoutError`) raises :class:`ShardReadError`. Tar iteration is strict where
+``tarfile`` (and so WebDataset's ``tar_file_iterator``) silently stops: a stream cut at a member
+boundary or in a header, or a corrupt header, is an error; only the end-of-archive zero block
+ends a shard. So a 0-byte file raises ShardReadError, while a tar without members yields nothing.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import re
+import tarfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+from urllib.parse import urlparse
+
+import webdataset
+
+# Defaults of ReadLimits and of the config keys source.max_member_bytes, source.shard_timeout_s.
+# 256 MiB: far above any realistic sample member (a 100-megapixel camera JPEG is ~50 MB, a float32
+# latent 16x128x128 is 1 MiB, a 4x1024x1024 one 16 MiB), low enough that a worker holding one
+# member plus its decoded copies stays within a few GiB.
+MAX_MEMBER_BYTES = 256 * 2**20
+# 1024 bytes: 4x a path component's limit on Linux (NAME_MAX 255); WebDataset keys are sample ids,
+# far shorter. base_plus_ext's regex is quadratic in the slashes of a name: ~10 ms at 1024 bytes,
+# seconds at 40k, ~40 min at 10^6.
+MAX_NAME_BYTES = 1024
+# 1 hour: a shard of ~10k samples reads and decodes in minutes on one core.
+SHARD_TIMEOUT_S = 3600.0
+# Not configurable: tar metadata that no real sample tar comes near.
+MAX_HEADER_BYTES = 2**20  # a pax extended header or GNU long name/link (real ones: a path, xattrs)
+MAX_SPARSE_SEGMENTS = 2**16  # data segments in one sparse member's map
+_CHUNK = 2**20  # members are read, skipped and inflated in steps of this many bytes
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What reading one shard may cost (see the module docstring).
+
+    ``max_member_bytes``: a larger tar member (by its header's size; for a sparse member its full
+    size with the holes) is not read: its sample is rejected. ``max_name_bytes``: a longer member
+    name (UTF-8 bytes) is not split into key and extension: the member is a Reject of its own.
+    ``shard_timeout_s``: seconds the source may spend reading and decoding one shard (time spent
+    by the consumer between items is not counted), checked between members, between read steps
+    of a member and before each sample is decoded; then :class:`ShardReadError`. ``None``: no
+    bound. Not bounded by it: one blocking read of the underlying stream (a stalled pipe or
+    network read) and one decode call (each is bounded in work by the other limits and by
+    ``PIL.Image.MAX_IMAGE_PIXELS``).
+    """
+
+    max_member_bytes: int = MAX_MEMBER_BYTES
+    max_name_bytes: int = MAX_NAME_BYTES
+    shard_timeout_s: float | None = SHARD_TIMEOUT_S
+
+    def __post_init__(self):
+        for name in ("max_member_bytes", "max_name_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        timeout = self.shard_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
+            raise ValueError(f"shard_timeout_s must be > 0 or None, got {timeout!r}")
+
+    @classmethod
+    def from_source(cls, source: Mapping) -> ReadLimits:
+        """The limits of a ``source`` config group (keys absent from it keep their defaults)."""
+        return cls(**{f.name: source[f.name] for f in fields(cls) if f.name in source})
+
+
+class ShardReadError(IOError):
+    """The shard could not be opened or its stream broke; attributes ``url`` and ``member`` (the
+    tar member being read at the fault, if any)."""
+
+    def __init__(self, message: str, *, url=None, member=None):
+        super().__init__(message)
+        self.url, self.member = url, member
+
+
+class ShardTimeoutError(ShardReadError):
+    """Reading and decoding the shard took more than ``ReadLimits.shard_timeout_s`` (a
+    ShardReadError like any stream fault; retrying it is likely to time out again)."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile's header parsing, made strict and bounded for untrusted streams.
+
+    Strict: tarfile ends an archive silently at an empty, truncated or invalid header after the
+    first member (a shard cut at a member boundary, a corrupt header): raise instead. Only a zero
+    block (the end-of-archive marker) ends it. Bounded: a GNU long name/link or pax extended
+    header above :data:`MAX_HEADER_BYTES` is skipped unread, and a malformed pax header ignored
+    (its member gets a ``problem``); pax records are parsed in linear time (CPython < 3.11.10
+    backtracks quadratically and keeps a copy per bogus record, CVE-2024-6232); a sparse map
+    above :data:`MAX_SPARSE_SEGMENTS` entries is a corrupt header (ShardReadError).
+    ``problem``: why the member must be rejected, found while parsing its headers.
+    """
+
+    problem: str | None = None
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as exc:  # tarfile turns this one into ReadError
+            raise tarfile.SubsequentHeaderError(f"bad tar header: {exc}") from None
+
+    def _next_header(self, tar) -> _StrictTarInfo:
+        try:
+            following = self.fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            raise tarfile.SubsequentHeaderError(str(exc)) from None
+        following.offset = self.offset
+        return following
+
+    def _skip_oversized(self, tar, what: str) -> tuple[_StrictTarInfo, bytes]:
+        """Skip this header's data but its first MAX_HEADER_BYTES; the next member, flagged."""
+        head = _read_exact(tar.fileobj, MAX_HEADER_BYTES)
+        _discard(tar.fileobj, self._block(self.size) - MAX_HEADER_BYTES)
+        following = self._next_header(tar)
+        following.problem = (
+            f"{what} of {self.size} bytes (more than {MAX_HEADER_BYTES}) precedes the member"
+        )
+        return following, head
+
+    def _proc_gnulong(self, tar):
+        if self.size <= MAX_HEADER_BYTES:
+            return super()._proc_gnulong(tar)
+        link = self.type == tarfile.GNUTYPE_LONGLINK
+        following, head = self._skip_oversized(tar, f"GNU long {'link ' if link else ''}name")
+        value = tarfile.nts(head, tar.encoding, tar.errors)  # cut: the member is rejected
+        if link:
+            following.linkname = value
+        else:
+            following.name = value
+        return following
+
+    def _proc_pax(self, tar):
+        if self.size > MAX_HEADER_BYTES:
+            return self._skip_oversized(tar, "pax extended header")[0]
+        buf = _read_exact(tar.fileobj, self._block(self.size))[: self.size]
+        try:
+            records = _pax_records(buf)
+        except tarfile.HeaderError as exc:  # its extent is known: the stream is still in step
+            following = self._next_header(tar)
+            following.problem = f"a bad pax extended header ({exc}) precedes the member"
+            return following
+        global_ = self.type == tarfile.XGLTYPE
+        pax_headers = tar.pax_headers if global_ else tar.pax_headers.copy()
+        for keyword, value in records:
+            if keyword == b"hdrcharset":
+                pax_headers["hdrcharset"] = value.decode("utf-8", "replace")
+        encoding = tar.encoding if pax_headers.get("hdrcharset") == "BINARY" else "utf-8"
+        offsets, sizes = [], []  # GNU sparse 0.0 repeats these two keywords
+        for raw_keyword, raw_value in records:
+            keyword = self._decode_pax_field(raw_keyword, "utf-8", "utf-8", tar.errors)
+            if keyword in tarfile.PAX_NAME_FIELDS:
+                value = self._decode_pax_field(raw_value, encoding, tar.encoding, tar.errors)
+            else:
+                value = self._decode_pax_field(raw_value, "utf-8", "utf-8", tar.errors)
+            pax_headers[keyword] = value
+            if keyword in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
+                (offsets if keyword == "GNU.sparse.offset" else sizes).append(_pax_int(value))
+        following = self._next_header(tar)
+        sparse_version = (pax_headers.get("GNU.sparse.major"), pax_headers.get("GNU.sparse.minor"))
+        if "GNU.sparse.map" in pax_headers:  # GNU sparse 0.1
+            numbers = [_pax_int(x) for x in pax_headers["GNU.sparse.map"].split(",")]
+            following.sparse = list(zip(numbers[::2], numbers[1::2]))
+        elif "GNU.sparse.size" in pax_headers:  # GNU sparse 0.0
+            following.sparse = list(zip(offsets, sizes))
+        elif sparse_version == ("1", "0"):
+            self._proc_gnusparse_10(following, pax_headers, tar)
+        if not global_:
+            following._apply_pax_info(pax_headers, tar.encoding, tar.errors)
+            if "size" in pax_headers:  # the next header is after the size the pax header says
+                offset = following.offset_data
+                if following.isreg() or following.type not in tarfile.SUPPORTED_TYPES:
+                    offset += following._block(following.size)
+                tar.offset = offset
+        return following
+
+    def _proc_gnusparse_10(self, following, pax_headers, tar):
+        """GNU sparse 1.0: the map is text at the start of the member's data."""
+        numbers, buf, count = [], b"", None
+        while count is None or len(numbers) < 2 * count:
+            while b"\n" not in buf:
+                if len(buf) > 64:
+                    raise tarfile.SubsequentHeaderError("bad GNU sparse map: a number too long")
+                block = tar.fileobj.read(tarfile.BLOCKSIZE)
+                if not block:
+                    raise tarfile.ReadError("unexpected end of data in a GNU sparse map")
+                buf += block
+            line, buf = buf.split(b"\n", 1)
+            if count is None:
+                count = _pax_int(line)
+                _check_sparse_count(count)
+            else:
+                numbers.append(_pax_int(line))
+        following.offset_data = tar.fileobj.tell()
+        following.sparse = list(zip(numbers[::2], numbers[1::2]))
+
+    def _proc_sparse(self, tar):
+        """Old GNU sparse: the map is in the header and in extension blocks of 21 entries."""
+        structs, extended, size = self._sparse_structs
+        del self._sparse_structs
+        while extended:
+            _check_sparse_count(len(structs) + 21)
+            buf = _read_exact(tar.fileobj, tarfile.BLOCKSIZE)
+            for pos in range(0, 21 * 24, 24):
+                try:
+                    offset = tarfile.nti(buf[pos : pos + 12])
+                    numbytes = tarfile.nti(buf[pos + 12 : pos + 24])
+                except ValueError:
+                    break
+                if offset and numbytes:
+                    structs.append((offset, numbytes))
+            extended = bool(buf[504])
+        self.sparse = structs
+        self.offset_data = tar.fileobj.tell()
+        tar.offset = self.offset_data + self._block(self.size)
+        self.size = size
+        return self
+
+
+def _check_sparse_count(count: int) -> None:
+    if not 0 <= count <= MAX_SPARSE_SEGMENTS:
+        msg = f"GNU sparse map of {count} entries (at most {MAX_SPARSE_SEGMENTS} are read)"
+        raise tarfile.SubsequentHeaderError(msg)
+
+
+def _pax_int(text) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise tarfile.SubsequentHeaderError(f"bad number in a pax or sparse header: {text!r:.40}")
+    return value
+
+
+def _pax_records(buf: bytes) -> list[tuple[bytes, bytes]]:
+    """(keyword, value) of the ``"<length> <keyword>=<value>\\n"`` records of a pax header, in
+    order, in linear time; parsing stops where no length prefix follows (the NUL padding)."""
+    records, pos = [], 0
+    while True:
+        match = _PAX_LENGTH.match(buf, pos)
+        if match is None:
+            return records
+        end = pos + int(match.group(1))
+        keyword, equals, value = buf[match.end() : end - 1].partition(b"=")
+        if end > len(buf) or end - pos < 5 or not keyword or not equals or buf[end - 1] != 0x0A:
+            raise tarfile.InvalidHeaderError(f"bad record at byte {pos}")
+        records.append((keyword, value))
+        pos = end
+
+
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+
+
+def _read_exact(fileobj, size: int, budget: Budget | None = None) -> bytes:
+    """``size`` bytes of ``fileobj``, read in steps of at most :data:`_CHUNK` (the deadline is
+    checked between steps); ReadError if the stream ends first."""
+    if size <= _CHUNK:
+        data = fileobj.read(size) if size > 0 else b""
+        if len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        return data
+    parts, left = [], size
+    while left > 0:
+        part = fileobj.read(min(left, _CHUNK))
+        if not part:
+            raise tarfile.ReadError("unexpected end of data")
+        parts.append(part)
+        left -= len(part)
+        if budget is not None:
+            budget.check()
+    return b"".join(parts)
+
+
+def _discard(fileobj, size: int, budget: Budget | None = None) -> None:
+    """Read and drop ``size`` bytes in bounded steps; stop quietly where the stream ends (tarfile
+    reports it when it looks for the next header)."""
+    while size > 0:
+        part = fileobj.read(min(size, _CHUNK))
+        if not part:
+            return
+        size -= len(part)
+        if budget is not None:
+            budget.check()
+
+
+class BudgetExceeded(Exception):
+    """Raised by :meth:`Budget.check`; the reader turns it into a :class:`ShardTimeoutError`."""
+
+
+class Budget:
+    """Time the source spends on one shard (``limit`` seconds, None: no bound): running, not
+    suspended at a ``yield`` (the caller calls :meth:`pause` before it yields, :meth:`resume`
+    after)."""
+
+    def __init__(self, limit: float | None):
+        self.limit, self.spent, self.since = limit, 0.0, time.monotonic()
+
+    def pause(self) -> None:
+        self.spent += time.monotonic() - self.since
+
+    def resume(self) -> None:
+        self.since = time.monotonic()
+
+    def check(self) -> None:
+        if self.limit is not None and self.spent + time.monotonic() - self.since > self.limit:
+            raise BudgetExceeded(
+                f"reading and decoding took more than source.shard_timeout_s={self.limit:g} s; "
+                "raise it (or null: no limit) if the shard is legitimately slow, e.g. a slow pipe"
+            )
+
+
+def _open(url: str):
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in webdataset.gopen_schemes or len(scheme) == 1:
+        return webdataset.gopen(url, "rb")  # len 1: a Windows drive letter
+    import fsspec  # s3://, gcs://, az://, ... (needs the matching fsspec backend installed)
+
+    return fsspec.open(url, "rb").open()
+
+
+class _Sniffed:
+    """A read-only stream whose first bytes were read ahead to detect its compression."""
+
+    mode = "rb"
+
+    def __init__(self, raw):
+        self.raw, self.head = raw, b""
+        while len(self.head) < 10:
+            part = raw.read(10 - len(self.head))
+            if not part:
+                break
+            self.head += part
+
+    def read(self, size=-1):
+        if not self.head:
+            return self.raw.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.raw.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data
+
+
+def _inflated(raw):
+    """``raw`` decompressed as tarfile's ``"r|*"`` would (gzip, bzip2, xz/lzma by their magic
+    bytes), but in bounded steps: tarfile's stream inflates each 10 KiB read whole and copies the
+    rest at every read, so a bzip2 bomb of a few hundred bytes takes minutes and GiBs."""
+    stream = _Sniffed(raw)
+    head = stream.head
+    if head.startswith(b"\x1f\x8b\x08"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if head[:3] == b"BZh" and head[4:10] == b"1AY&SY":
+        return bz2.BZ2File(stream)
+    if head.startswith((b"\x5d\x00\x00\x80", b"\xfd7zXZ")):
+        return lzma.LZMAFile(stream)
+    return stream
+
+
+class Member(NamedTuple):
+    name: str
+    data: bytes | None  # None when the member is refused
+    problem: str | None  # why the member is refused (its sample is rejected)
+    stray: bool  # the name cannot be split into key and extension: a Reject of its own
+
+
+_SPECIAL = {
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+}
+
+
+def _refusal(info: tarfile.TarInfo, limits: ReadLimits, stored: int) -> str | None:
+    """Why the (named, non-directory) member ``info`` is not read, or None. ``stored``: the bytes
+    it occupies in the stream (for a sparse member, its data segments)."""
+    name = show_name(info.name)
+    if info.problem is not None:
+        return f"member {name}: {info.problem}; the tar is corrupt or hostile"
+    if info.islnk():
+        return (
+            f"hard link member {name} (to {show_name(info.linkname)}) is not supported: "
+            "re-create the tar with --hard-dereference so that every member holds its data"
+        )
+    if info.issym():
+        return (
+            f"symbolic link member {name} (to {show_name(info.linkname)}) is not followed: "
+            "re-create the tar with --dereference (-h) so that every member holds its data"
+        )
+    if not info.isreg():
+        kind = _SPECIAL.get(info.type, f"type {info.type!r}")
+        return f"{kind} member {name} is not a regular file: only regular files hold sample data"
+    if info.size < 0:
+        return f"member {name} has a negative size: the tar is corrupt"
+    if info.size > limits.max_member_bytes:
+        return (
+            f"member {name} is {info.size} bytes, more than source.max_member_bytes="
+            f"{limits.max_member_bytes}: not read (raise source.max_member_bytes if such "
+            "members are expected)"
+        )
+    if info.issparse():
+        return _sparse_refusal(info, name, stored)
+    return None
+
+
+def _sparse_segments(info: tarfile.TarInfo) -> list[tuple[int, int]]:
+    return [(offset, size) for offset, size in info.sparse if size > 0]
+
+
+def _sparse_refusal(info: tarfile.TarInfo, name: str, stored: int) -> str | None:
+    segments, end = _sparse_segments(info), 0
+    if len(segments) > MAX_SPARSE_SEGMENTS:
+        n, most = len(segments), MAX_SPARSE_SEGMENTS
+        return f"sparse member {name} has {n} data segments (at most {most}): not read"
+    for offset, size in segments:
+        if offset < end or offset + size > info.size:
+            return f"sparse member {name} has an inconsistent sparse map: the tar is corrupt"
+        end = offset + size
+    if sum(size for _, size in segments) > stored:
+        return f"sparse member {name} maps more data than it stores: the tar is corrupt"
+    return None
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, budget: Budget) -> bytes:
+    """The data of a regular or sparse member (at most ``info.size`` bytes are ever held)."""
+    fileobj = tar.fileobj
+    if fileobj.tell() != info.offset_data:
+        fileobj.seek(info.offset_data)  # forward only: tarfile raises StreamError otherwise
+    if not info.issparse():
+        return _read_exact(fileobj, info.size, budget)
+    out = bytearray(info.size)  # the holes are zeros; the data segments follow one another
+    for offset, size in _sparse_segments(info):
+        out[offset : offset + size] = _read_exact(fileobj, size, budget)
+    return bytes(out)
+
+
+def iter_members(url: str, limits: ReadLimits, budget: Budget) -> Iterator[Member]:
+    """The shard's members that may hold sample data, in tar order: directories and ``__*__``
+    names (WebDataset's metadata) are skipped. A refused member's data is skipped in bounded
+    steps, never held. Any stream failure raises ShardReadError, whose ``member`` is the member
+    being read (if any); so does exceeding ``limits.shard_timeout_s``."""
+    try:
+        raw = _open(url)
+    except Exception as exc:
+        raise ShardReadError(f"cannot open shard {url}: {exc!r}", url=url) from exc
+    reading = None
+    try:
+        stream = _inflated(raw)
+        # "r|": one pass over a non-seekable stream; names as bytes escaped into surrogates
+        with tarfile.open(
+            fileobj=stream,
+            mode="r|",
+            tarinfo=_StrictTarInfo,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tar:
+            for info in tar:
+                tar.members = []  # do not keep every header in memory
+                budget.check()
+                name = info.name
+                if info.isdir():
+                    continue
+                name_bytes = len(name.encode("utf-8", "surrogateescape"))
+                if name_bytes > limits.max_name_bytes:
+                    reason = (
+                        f"tar member name of {name_bytes} bytes is longer than "
+                        f"{limits.max_name_bytes} bytes (max_name_bytes): {show_name(name)}; "
+                        "not split into key and extension"
+                    )
+                    if info.problem is not None:
+                        reason += f" ({info.problem})"
+                    reading = name
+                    _discard(tar.fileobj, tar.offset - 1 - tar.fileobj.tell(), budget)
+                    reading = None
+                    yield Member(name, None, reason, True)
+                    continue
+                if re.match(r"__[^/]*__($|/)", name):
+                    continue
+                problem = _refusal(info, limits, tar.offset - info.offset_data)
+                reading = name
+                if problem is None:
+                    data = _read_member(tar, info, budget)
+                else:
+                    data = None
+                    _discard(tar.fileobj, tar.offset - 1 - tar.fileobj.tell(), budget)
+                reading = None
+                yield Member(name, data, problem, False)
+        raw, closing = None, raw
+        closing.close()  # a pipe: reports its command's exit status here
+    except BudgetExceeded as exc:
+        where = f"in member {show_name(reading)}" if reading else "between members"
+        msg = f"shard {url} timed out {where}: {exc}"
+        raise ShardTimeoutError(msg, url=url, member=reading) from None
+    except Exception as exc:
+        where = f"in member {show_name(reading)}" if reading else "between members"
+        msg = f"shard {url} broke {where}: {type(exc).__name__}: {exc}"
+        raise ShardReadError(msg, url=url, member=reading) from exc
+    finally:
+        if raw is not None:  # stopped early or failed: close quietly
+            try:
+                raw.close()
+            except Exception:
+                pass
+
+
+def show_name(name: str, limit: int = 200) -> str:
+    """A member name to print: repr, bytes that are not UTF-8 as ``\\xNN``, cut at ``limit``."""
+    text = printable(name)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(name.encode('utf-8', 'surrogateescape'))} bytes)"
+
+
+def printable(name: str) -> str:
+    """``name`` as valid UTF-8 text: bytes that were not UTF-8 (surrogate escapes) as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
