@@ -21,7 +21,6 @@ from .noise import SAMPLERS
 from .records import DTYPES
 from .schedule import SCHEDULES
 
-ON_ERROR = ("skip", "fail")
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -162,8 +161,19 @@ def _check_finite(node, prefix: str = "") -> None:
             _check_finite(value, f"{name}.")
 
 
+def _or(values) -> str:
+    """``(1, 3, 4)`` -> ``"1, 3 or 4"``."""
+    *most, last = [str(v) for v in values]
+    return f"{', '.join(most)} or {last}" if most else last
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values beyond their types; ValueError names the key and what is allowed."""
+    # the allowed values live with the code that uses them (imported here: they load Pillow
+    # and webdataset, which composing a config does not need)
+    from .decoders import ALPHA_MODES, CHANNELS
+    from .source import ON_ERROR
+
     _check_finite(cfg)
     _need(
         cfg.output.lease_timeout_s > 0,
@@ -235,12 +245,14 @@ def validate(cfg: DictConfig) -> None:
     if src.kind == "images":
         _need(src.resolution > 0, "source.resolution", f"must be > 0, got {src.resolution}")
         _need(
-            src.channels in (1, 3, 4), "source.channels", f"must be 1, 3 or 4, got {src.channels}"
+            src.channels in CHANNELS,
+            "source.channels",
+            f"must be {_or(CHANNELS)}, got {src.channels}",
         )
         _need(
-            src.alpha in ("composite", "drop"),
+            src.alpha in ALPHA_MODES,
             "source.alpha",
-            f"must be composite or drop, got {src.alpha!r}",
+            f"must be {_or(ALPHA_MODES)}, got {src.alpha!r}",
         )
     else:
         _need(

@@ -1,7 +1,9 @@
 """Decoders: one sample's members (``{extension: bytes}``) -> a float32 array, or a
 :class:`DecodeError` saying why the sample is bad.
 
-* :class:`ImageDecoder`: JPEG, PNG or WebP -> ``[channels, resolution, resolution]``.
+* :class:`ImageDecoder`: JPEG, PNG or WebP -> ``[channels, resolution, resolution]``. Its
+  allowed ``channels`` and ``alpha`` are :data:`CHANNELS` and :data:`ALPHA_MODES`, the one
+  definition of what ``source.channels`` and ``source.alpha`` may be (:mod:`pipeline.config`).
 * :class:`ArrayDecoder`: ``.npy`` -> ``[C, ...]`` (``(raw - shift) * scale``, e.g. VAE latents).
 * :func:`make_decoder`: the decoder a ``source`` config group describes.
 
@@ -24,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # the only parsers Pillow may use (JPEG covers MPO)
+CHANNELS = (1, 3, 4)  # ImageDecoder's output channels: L, RGB, RGBA
+ALPHA_MODES = ("composite", "drop")  # what ImageDecoder does with transparency (channels < 4)
 
 
 class DecodeError(ValueError):
@@ -133,10 +137,10 @@ class ImageDecoder:
     ):
         if int(resolution) != resolution or resolution < 1:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
-        if channels not in (1, 3, 4):
-            raise ValueError(f"channels must be one of (1, 3, 4), got {channels!r}")
-        if alpha not in ("composite", "drop"):
-            raise ValueError(f"alpha must be one of ('composite', 'drop'), got {alpha!r}")
+        if channels not in CHANNELS:
+            raise ValueError(f"channels must be one of {CHANNELS}, got {channels!r}")
+        if alpha not in ALPHA_MODES:
+            raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
         self.resolution, self.channels = int(resolution), channels
         self.normalize, self.alpha = normalize, alpha
 

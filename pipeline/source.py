@@ -50,7 +50,7 @@ from .tarstream import (
     show_name,
 )
 
-ON_ERROR = ("skip", "fail")
+ON_ERROR = ("skip", "fail")  # iter_shard's on_error, and so the config key on_error
 PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
 
 
