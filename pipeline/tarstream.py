@@ -3,7 +3,7 @@ data or the reason it is refused, at a bounded cost.
 
 :func:`iter_members` opens the shard with ``webdataset.gopen`` (local paths, ``file://``,
 ``pipe:cmd`` and the schemes of ``webdataset.gopen_schemes``, e.g. ``gs://`` via gsutil; other
-schemes such as ``s3://`` go to ``fsspec``), inflates gzip, bzip2 and
+schemes such as ``s3://`` through :func:`pipeline.fs.open_input`), inflates gzip, bzip2 and
 xz/lzma shards by their magic bytes, and reads the tar in one pass with ``tarfile``.
 :func:`pipeline.source.iter_shard` groups the members into samples.
 
@@ -38,6 +38,8 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 import webdataset
+
+from .fs import open_input
 
 # Defaults of ReadLimits and of the config keys source.max_member_bytes, source.shard_timeout_s.
 # 256 MiB: far above any realistic sample member (a 100-megapixel camera JPEG is ~50 MB, a float32
@@ -342,9 +344,7 @@ def _open(url: str):
     scheme = urlparse(url).scheme
     if scheme in ("", "file") or scheme in webdataset.gopen_schemes or len(scheme) == 1:
         return webdataset.gopen(url, "rb")  # len 1: a Windows drive letter
-    import fsspec  # s3://, gcs://, az://, ... (needs the matching fsspec backend installed)
-
-    return fsspec.open(url, "rb").open()
+    return open_input(url)  # s3://, az://, memory://, ... (pipeline.fs resolves the scheme)
 
 
 class _Sniffed:

@@ -1,8 +1,9 @@
 """Shards read from and records written to object storage: ``s3://`` URLs against a local
 S3-compatible server (moto's server mode, started here on a free loopback port), selected the
-standard way (``AWS_ENDPOINT_URL``, honoured by pyarrow for the records and by s3fs for the
-shards). The job runs on the loopback cluster through jobs/submit.sh with a runtime environment
-carrying the endpoint, its driver is SIGKILLed in the middle and the same command resumes."""
+standard way (``AWS_ENDPOINT_URL``, honoured by pyarrow for the records and for the shards,
+which pipeline.tarstream opens with pipeline.fs.open_input). The job runs on the loopback cluster
+through jobs/submit.sh with a runtime environment carrying the endpoint, its driver is SIGKILLed
+in the middle and the same command resumes."""
 
 from __future__ import annotations
 

@@ -25,7 +25,9 @@ from shards import (
     write_tar,
 )
 
+from pipeline import tarstream
 from pipeline.decoders import ArrayDecoder, ImageDecoder
+from pipeline.fs import open_input
 from pipeline.source import Reject, Sample, iter_shard
 from pipeline.tarstream import ReadLimits, ShardReadError, ShardTimeoutError
 
@@ -160,6 +162,32 @@ def test_pipe_and_file_urls(tmp_path):
         assert [x.key for x in iter_shard(url, ArrayDecoder())] == keys
     with pytest.raises(ShardReadError, match="pipe:"):
         list(iter_shard(f"pipe:cat {shlex.quote(str(tmp_path / 'missing.tar'))}", ArrayDecoder()))
+
+
+def test_fsspec_urls_are_read_through_pipeline_fs(tmp_path, monkeypatch):
+    """A scheme webdataset.gopen does not know (here fsspec's memory://; s3:// in
+    tests/test_remote_storage.py) is opened by pipeline.fs.open_input: the stored bytes, so a
+    .tar.gz is inflated here, in bounded steps, and not by the filesystem."""
+    fsspec = pytest.importorskip("fsspec")
+    members = [(f"{k}.npy", npy_bytes(v)) for k, v in array_samples(3).items()]
+    memory = fsspec.filesystem("memory")
+    root = f"memory://{tmp_path.name}"
+    opened = []
+    monkeypatch.setattr(tarstream, "open_input", lambda url: opened.append(url) or open_input(url))
+    try:
+        for name, compress in (("a.tar", ""), ("b.tar.gz", "gz")):
+            with memory.open(f"{root}/{name}", "wb") as f:
+                f.write(write_tar(tmp_path / name, members, compress).read_bytes())
+            assert [x.key for x in iter_shard(f"{root}/{name}", ArrayDecoder())] == list(
+                array_samples(3)
+            )
+        with open_input(f"{root}/b.tar.gz") as stream:  # pyarrow's default would inflate it
+            assert stream.read(2) == b"\x1f\x8b"
+        with pytest.raises(ShardReadError, match="cannot open shard memory://"):
+            list(iter_shard(f"{root}/missing.tar", ArrayDecoder()))
+        assert opened == [f"{root}/a.tar", f"{root}/b.tar.gz", f"{root}/missing.tar"]
+    finally:
+        memory.rm(f"/{tmp_path.name}", recursive=True)
 
 
 def test_failing_pipe_after_valid_tar_is_an_error(tmp_path):
