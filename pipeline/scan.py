@@ -6,10 +6,21 @@ noise hashes, and the record-consistency counts (each stored x_t and posterior v
 from x_0, eps and the float64 schedule tables, within the rounding of the stored dtype). On the
 driver :class:`DatasetStats` merges the shards' statistics as their scans finish;
 :mod:`pipeline.checks` turns the merged statistics into verdicts.
+
+Cost (docs/benchmark.md, "Validation cost"): the scan reads only the columns it checks, casts
+each tensor to float64 once per cache-sized chunk of records (:data:`CHUNK_ELEMENTS`) and
+computes everything of that chunk (consistency, row moments, cross-products, adjacent
+correlations, per-position sums) before the next; each (record, channel) row's moments go to
+their (t-bin, channel) cell as one part (:meth:`pipeline.stats.GroupedMoments.add_parts`), not
+value by value with an index. The time per part is in ``ShardStats.cost``. Precision: all
+arithmetic stays float64. float32 was measured and not kept: on chunks in cache it is no faster
+(the float16 cast and the reads dominate), and the consistency tolerance is a few float32
+roundoffs of the operands, so the check's own arithmetic must be far more precise than float32.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -32,6 +43,7 @@ from .stats import (
 )
 
 U32 = 2.0**-24  # float32 unit roundoff: relative error bound of one float32 operation
+CHUNK_ELEMENTS = 1 << 17  # values per tensor in one chunk of the scan (1 MiB as float64)
 
 REC = ("xt_mean", "xt_ms", "xt_eps", "ab", "sqrt_ab", "sqrt_1mab")  # per-record features
 X0REC = ("x0_mean", "x0_ms")
@@ -180,6 +192,8 @@ class DatasetStats(Stats):
         self.ordinals = 0
         self.duplicates: tuple[int, list] | None = None  # set by reduce_duplicates
         self.source_kind = None
+        self.cost: Counter = Counter()  # seconds per scan part, summed over the shards
+        self.wall: dict[str, float] = {}  # the driver's phases (pipeline.validate.run)
 
     def add(self, st: ShardStats, bucket_refs: list | None = None) -> None:
         """Fold in one shard's :class:`ShardStats` (what :func:`scan_shard` returned);
@@ -188,6 +202,8 @@ class DatasetStats(Stats):
         summ = {"file": st.file, "rows": st.num_rows, "error": st.error, "seconds": st.seconds}
         summ["meta_problems"] = st.meta_problems
         self.shards[st.shard] = summ
+        self.cost.update(st.cost)
+        self.cost["task_total"] += st.seconds
         if st.error is not None:
             return
         s = st.stats
@@ -214,6 +230,19 @@ class DatasetStats(Stats):
         else:
             self.hashes.append(st.hashes)
             self.hash_shard.append(np.full(len(st.hashes), summ["ordinal"], dtype=np.uint32))
+
+    def cost_seconds(self, checks: dict | None = None) -> dict:
+        """What validation cost, for the report's ``summary.cost_seconds``: ``wall``, the
+        driver's phases (open and plan, Ray start, the shard tasks, the duplicate reduce, Ray
+        shutdown, the checks); ``scan``, seconds per part of the shard scans summed over the
+        shards (CPU-bound, so on n cores about n times the scan's wall time; ``task_total`` is
+        their sum with the file open); ``checks``, seconds per check on the driver (the
+        duplicate-noise reduce is in ``wall``; the report and plots are written after)."""
+        return {
+            "wall": {k: round(v, 3) for k, v in self.wall.items()},
+            "scan": {k: round(v, 3) for k, v in sorted(self.cost.items(), key=lambda i: -i[1])},
+            "checks": dict(checks or {}),
+        }
 
     def reduce_duplicates(self, num_cpus: float = 1) -> None:
         """Check the bucketed hashes of the shards added with ``bucket_refs`` for duplicates:
@@ -296,9 +325,59 @@ def _merge_duplicates(results: list[tuple[int, list]], names: dict[int, str]) ->
 # -- the scan of one shard ------------------------------------------------------------------
 
 
+def _half_ulp(v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return 0.5 * np.abs(np.spacing(np.abs(v))).astype(np.float64)
+
+
+@functools.cache
+def _half_ulp16() -> np.ndarray:
+    """:func:`half_ulp` of every float16 bit pattern (65536 float64, 512 KiB)."""
+    return _half_ulp(np.arange(1 << 16, dtype=np.uint16).view(np.float16))
+
+
 def half_ulp(v: np.ndarray) -> np.ndarray:
-    """Half the spacing of the stored values (their dtype) at v: the round-to-nearest bound."""
-    return 0.5 * np.abs(np.spacing(np.abs(v))).astype(np.float64)
+    """Half the spacing of the stored values (their dtype) at v: the round-to-nearest bound.
+    float16: one look-up per value in a table built by the same formula (np.spacing is ~10x
+    slower on float16), so the values are the same."""
+    if v.dtype == np.float16:
+        return _half_ulp16()[v.view(np.uint16)]
+    return _half_ulp(v)
+
+
+def _finite_rows(v: np.ndarray) -> np.ndarray:
+    """[n, ...] -> [n] bool: every value of the row finite. float16: from the exponent bits
+    (all ones = inf or NaN), 5x faster than np.isfinite on float16."""
+    n = len(v)
+    if v.dtype == np.float16:
+        bits = np.bitwise_and(v.reshape(n, -1).view(np.uint16), 0x7C00)
+        return bits.max(axis=1, initial=0) < 0x7C00
+    return np.isfinite(v.reshape(n, -1)).all(axis=1)
+
+
+def _op_tol(v: np.ndarray, f: np.ndarray, k: float) -> np.ndarray:
+    """Half an ulp of the stored operand v plus k float32 roundoffs of its value f (float64)."""
+    h = half_ulp(v).reshape(f.shape)
+    h += (k * U32) * np.abs(f)
+    return h
+
+
+def _col(sl: slice, v: np.ndarray) -> np.ndarray:
+    """Per-record coefficients of a chunk, broadcastable against its [r, C, P] values."""
+    return v[sl][:, None, None]
+
+
+class Cost:
+    """Seconds per part of a scan: ``lap(part)`` adds the time since the previous lap."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+        self.t = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] += now - self.t
+        self.t = now
 
 
 @dataclass
@@ -317,6 +396,7 @@ class ShardStats:
     hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
     ids: dict = field(default_factory=dict)
     cond: dict = field(default_factory=dict)  # CondScan.summary(): kept columns' figures
+    cost: dict = field(default_factory=dict)  # seconds per part of the scan (Cost)
 
 
 def _fingerprint(v):
@@ -397,13 +477,16 @@ class _Scanner:
         self.dups = self.bad_draw = 0
         self.hashes: list[bytes] = []
         self.cond = CondScan(p.get("conditioning"))
-        self.prev = None  # last centred eps row and its norm, for adjacent correlations
+        self.prev = None  # last record's eps deviations, channel offsets, squared norm
+        self._first_prev_norm2 = np.nan
+        self.cost = Cost()
         rng = np.random.Generator(np.random.PCG64(seed_of(plan.seed, st.shard, "keyed")))
         quota = min(plan.consistency_quota, st.num_rows)
         self.keyed_rows = set(rng.choice(st.num_rows, size=quota, replace=False).tolist())
 
     # -- per batch -------------------------------------------------------------------------
     def batch(self, rb, row0: int) -> None:
+        cost = self.cost
         n = rb.num_rows
         keys = rb.column("key").to_pylist()
         index = rb.column("index").to_numpy()
@@ -413,14 +496,20 @@ class _Scanner:
         if self.store_x0:
             cols["x_0"] = records.tensor_to_numpy(rb.column("x_0"))
         scal = {c: rb.column(c).to_numpy().astype(np.float64) for c in records.SCALAR_COLUMNS}
+        cost.lap("read")
         self.identities(keys, draw, cols["epsilon"])
+        cost.lap("identities_and_hashes")
         self.cond.batch(rb, keys)
+        cost.lap("conditioning")
         self.regenerate(keys, index, draw, t, cols["epsilon"], row0)
+        cost.lap("keyed_regeneration")
         ok = (t >= 0) & (t < self.T)
         self.s.counts["t_out_of_range"] += int(n - ok.sum())
         finite = np.ones(n, dtype=bool)
-        for v in (*cols.values(), *scal.values()):
-            finite &= np.isfinite(v.reshape(n, -1)).all(axis=1)
+        for v in cols.values():
+            finite &= _finite_rows(v)
+        for v in scal.values():
+            finite &= np.isfinite(v)
         self.s.counts["nonfinite"] += int((ok & ~finite).sum())
         ok &= finite
         if not ok.all():
@@ -428,10 +517,14 @@ class _Scanner:
             draw, t = draw[ok], t[ok]
             cols = {c: v[ok] for c, v in cols.items()}
             scal = {c: v[ok] for c, v in scal.items()}
+        cost.lap("finite")
         if len(t):
-            np.add.at(self.s.t_hist, t, 1)
-            self.consistency(keys, draw, t, cols, scal)
-            self.moments(t, cols)
+            self.s.t_hist += np.bincount(t, minlength=self.T)
+            self.scalar_consistency(keys, draw, t, scal)
+            cost.lap("consistency")
+            self.tensors(keys, draw, t, cols)
+            self.reservoirs(t, cols)
+            cost.lap("reservoirs")
 
     def identities(self, keys, draw, eps) -> None:
         for k, d in zip(keys, draw.tolist()):
@@ -473,14 +566,9 @@ class _Scanner:
             c["max_ratio"] = float(ratio[w])
             c["worst"] = {"key": keys[w], "draw": int(draw[w]), "t": int(t[w])}
 
-    def consistency(self, keys, draw, t, cols, scal) -> None:
-        """Every record's arithmetic against the schedule, to the stored dtypes' precision.
-
-        Scalar columns (float32): |stored - table[t]| <= 1 float32 ulp of the table value (its
-        rounding is half an ulp; one more allows one float32 operation). Tensor identities: the
-        error bound is the sum of half an ulp of every stored operand times its coefficient's
-        magnitude, plus 4 float32 roundoffs of the magnitudes involved (float32 arithmetic).
-        """
+    def scalar_consistency(self, keys, draw, t, scal) -> None:
+        """Scalar columns (float32): |stored - table[t]| <= 1 float32 ulp of the table value
+        (its rounding is half an ulp; one more allows one float32 operation)."""
         s = self.sched
         for name, table in (
             ("alpha_bar", s.alphas_cumprod),
@@ -490,106 +578,187 @@ class _Scanner:
             exp = table[t]
             tol = np.abs(np.spacing(np.abs(exp).astype(np.float32))).astype(np.float64)
             self._tally(name, np.abs(scal[name] - exp) / tol, keys, draw, t)
-        B, shp = len(t), (len(t), self.C, self.P)
-        f = {c: v.reshape(shp).astype(np.float64) for c, v in cols.items()}
-        h = {c: half_ulp(v).reshape(shp) for c, v in cols.items()}
-        a = s.sqrt_alphas_cumprod[t][:, None, None]
-        sg = s.sqrt_one_minus_alphas_cumprod[t][:, None, None]
-        c1 = s.posterior_mean_coef1[t][:, None, None]
-        c2 = s.posterior_mean_coef2[t][:, None, None]
-        xt, ep, pm = f["x_t"], f["epsilon"], f["posterior_mean"]
 
-        def worst(err, tol):
-            return (np.abs(err) / tol).reshape(len(err), -1).max(axis=1)
+    def tensors(self, keys, draw, t, cols) -> None:
+        """The tensor identities and the moments of one batch, in one pass over its records in
+        chunks of about :data:`CHUNK_ELEMENTS` values per tensor (cast to float64 once, every
+        statistic computed while the chunk is in cache). Everything is float64, as before;
+        only the bookkeeping changed: the moments of each (record, channel) row of P pixels are
+        computed around the row's mean and combined into their (t-bin, channel) cell exactly
+        (:meth:`GroupedMoments.add_parts`), instead of an index array per element.
 
-        if self.store_x0:
-            x0 = f["x_0"]
-            tol = h["x_t"] + a * h["x_0"] + sg * h["epsilon"]
-            tol += 4 * U32 * (a * np.abs(x0) + sg * np.abs(ep))
-            self._tally("x_t", worst(xt - (a * x0 + sg * ep), tol), keys, draw, t)
-            tol = h["posterior_mean"] + c1 * h["x_0"] + c2 * h["x_t"]
-            tol += 4 * U32 * (c1 * np.abs(x0) + c2 * np.abs(xt) + np.abs(pm))
-            self._tally("posterior_mean", worst(pm - (c1 * x0 + c2 * xt), tol), keys, draw, t)
-            return
-        ok = s.alphas_cumprod[t] >= self.plan.recon_min_alpha_bar
-        self.s.counts["unchecked_pm"] += int(B - ok.sum())
-        if not ok.any():
-            return
-        a, sg, c1, c2 = a[ok], sg[ok], c1[ok], c2[ok]
-        xt, ep, pm = xt[ok], ep[ok], pm[ok]
-        g, q = c1 / a + c2, c1 * sg / a  # pm = g x_t - q eps with x_0 reconstructed
-        tol = h["posterior_mean"][ok] + g * h["x_t"][ok] + q * h["epsilon"][ok]
-        tol += (
-            4 * U32 * (c1 / a * (np.abs(xt) + 2 * sg * np.abs(ep)) + c2 * np.abs(xt) + np.abs(pm))
-        )
-        sel = np.flatnonzero(ok)
-        self._tally(
-            "posterior_mean",
-            worst(pm - (g * xt - q * ep), tol),
-            [keys[i] for i in sel],
-            draw[ok],
-            t[ok],
-        )
-
-    def moments(self, t, cols) -> None:
-        st, plan, s = self.s, self.plan, self.sched
+        Consistency, every record's arithmetic against the schedule, to the stored dtypes'
+        precision: the error bound is the sum of half an ulp of every stored operand times its
+        coefficient's magnitude, plus 4 float32 roundoffs of the magnitudes involved (float32
+        arithmetic). The bound is gathered per operand (half ulp + k float32 roundoffs of its
+        magnitude, then times its coefficient): the same sum, reassociated.
+        """
+        cost, sc, plan = self.cost, self.sched, self.plan
         B, C, P = len(t), self.C, self.P
-        xt = cols["x_t"].reshape(B, C, P).astype(np.float64)
-        ep = cols["epsilon"].reshape(B, C, P).astype(np.float64)
-        ab, a, sg = (
-            s.alphas_cumprod[t],
-            s.sqrt_alphas_cumprod[t],
-            s.sqrt_one_minus_alphas_cumprod[t],
-        )
-        bn, ch = self.tbin[t], np.arange(C)
-        st.eps.update(ep, (bn[:, None, None], ch[None, :, None]))
-        st.xt.update(xt, (bn[:, None, None], ch[None, :, None]))
+        R = max(1, CHUNK_ELEMENTS // (C * P))
+        ab, a = sc.alphas_cumprod[t], sc.sqrt_alphas_cumprod[t]
+        sg, bn = sc.sqrt_one_minus_alphas_cumprod[t], self.tbin[t]
+        c1, c2 = sc.posterior_mean_coef1[t], sc.posterior_mean_coef2[t]
+        av = np.ones(B, dtype=bool) if self.store_x0 else ab >= plan.recon_min_alpha_bar
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g, q = c1 / a + c2, c1 * sg / a  # pm = g x_t - q eps with x_0 reconstructed
+        ratio_xt, ratio_pm = np.zeros(B), np.zeros(B)
+        mom = {v: np.zeros((4, B, C)) for v in ("epsilon", "x_t", "x_0")}  # mean, M2, M3, M4
+        xe = np.zeros((B, C))  # sum of (x_t - mean)(eps - mean) per row
+        cr = np.zeros((B, C, 3, 3))  # (eps, x_0, x_t) cross-products per row (rows av)
+        norm2, dots = np.zeros(B), np.full(B, np.nan)
+        pos = np.zeros((C, P))
+        cost.lap("moments")
+        for i in range(0, B, R):
+            sl = slice(i, min(B, i + R))
+            r = sl.stop - i
+            f = {c: v[sl].reshape(r, C, P).astype(np.float64) for c, v in cols.items()}
+            cost.lap("cast")
+            xt, ep, pm = f["x_t"], f["epsilon"], f["posterior_mean"]
+            k = av[sl]
+            col = functools.partial(_col, sl)
+            if self.store_x0:
+                x0 = f["x_0"]
+                t0 = _op_tol(cols["x_0"][sl], x0, 4)
+                te = _op_tol(cols["epsilon"][sl], ep, 4)
+                tol = half_ulp(cols["x_t"][sl]).reshape(xt.shape) + col(a) * t0 + col(sg) * te
+                err = xt - (col(a) * x0 + col(sg) * ep)
+                ratio_xt[sl] = (np.abs(err) / tol).reshape(r, -1).max(axis=1)
+                tx = _op_tol(cols["x_t"][sl], xt, 4)
+                tol = _op_tol(cols["posterior_mean"][sl], pm, 4) + col(c1) * t0 + col(c2) * tx
+                err = pm - (col(c1) * x0 + col(c2) * xt)
+                ratio_pm[sl] = (np.abs(err) / tol).reshape(r, -1).max(axis=1)
+            elif k.any():
+                kx, ke, kp = (
+                    (v, cols[c][sl]) if k.all() else (v[k], cols[c][sl][k])
+                    for c, v in (("x_t", xt), ("epsilon", ep), ("posterior_mean", pm))
+                )
+                gk, qk = g[sl][k][:, None, None], q[sl][k][:, None, None]
+                tol = _op_tol(kp[1], kp[0], 4) + gk * _op_tol(kx[1], kx[0], 4)
+                tol += qk * _op_tol(ke[1], ke[0], 8)
+                err = kp[0] - (gk * kx[0] - qk * ke[0])
+                ratio_pm[i + np.flatnonzero(k)] = (np.abs(err) / tol).reshape(len(tol), -1).max(1)
+            cost.lap("consistency")
+            e_ep = self._row_moments(ep, mom["epsilon"][:, sl])
+            e_xt = self._row_moments(xt, mom["x_t"][:, sl])
+            xe[sl] = np.einsum("rcp,rcp->rc", e_xt, e_ep)
+            if k.any():
+                if not self.store_x0:
+                    x0 = (xt[k] - col(sg)[k] * ep[k]) / col(a)[k]
+                rows = i + np.flatnonzero(k)
+                m0 = np.empty((4, len(rows), C))
+                e_x0 = self._row_moments(x0, m0)
+                mom["x_0"][:, rows] = m0
+                e_epk, e_xtk = (e_ep, e_xt) if k.all() else (e_ep[k], e_xt[k])
+                cr[rows, :, 0, 0] = mom["epsilon"][1, rows]
+                cr[rows, :, 1, 1] = m0[1]
+                cr[rows, :, 2, 2] = mom["x_t"][1, rows]
+                cr[rows, :, 0, 2] = cr[rows, :, 2, 0] = xe[rows]
+                for u, w, eu, ew in ((0, 1, e_epk, e_x0), (1, 2, e_x0, e_xtk)):
+                    cr[rows, :, u, w] = cr[rows, :, w, u] = np.einsum("rcp,rcp->rc", eu, ew)
+            pos += ep.sum(axis=0)
+            cost.lap("moments")
+            # consecutive records' eps: centred per record, as deviations per channel + offsets
+            mu = mom["epsilon"][0, sl]
+            dm = mu - mu.mean(axis=1, keepdims=True)
+            norm2[sl] = (mom["epsilon"][1, sl] + P * dm * dm).sum(axis=1)
+            if r > 1:
+                d = np.einsum("rcp,rcp->r", e_ep[1:], e_ep[:-1])
+                dots[i + 1 : sl.stop] = d + P * (dm[1:] * dm[:-1]).sum(axis=1)
+            if self.prev is not None:
+                pe, pdm, pn = self.prev
+                dots[i] = np.einsum("cp,cp->", e_ep[0], pe) + P * (dm[0] * pdm).sum()
+                if i == 0:
+                    self._first_prev_norm2 = pn
+            self.prev = (e_ep[-1].copy(), dm[-1].copy(), norm2[sl.stop - 1])
+            cost.lap("adjacent_correlation")
+        self._fold(keys, draw, t, bn, ab, a, sg, av, ratio_xt, ratio_pm, mom, xe, cr, pos)
+        cost.lap("moments")
+        self._adjacent(norm2, dots)
+        cost.lap("adjacent_correlation")
+
+    @staticmethod
+    def _row_moments(x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """x [r, C, P] float64 -> out[0..3] = mean, M2, M3, M4 of each row [r, C] (centred at
+        the row's mean: two passes over cached data); returns the deviations [r, C, P]."""
+        mu = x.mean(axis=2)
+        e = x - mu[:, :, None]
+        e2 = e * e
+        out[0], out[1] = mu, e2.sum(axis=2)
+        out[2] = np.einsum("rcp,rcp->rc", e2, e)
+        out[3] = np.einsum("rcp,rcp->rc", e2, e2)
+        return e
+
+    def _fold(self, keys, draw, t, bn, ab, a, sg, av, ratio_xt, ratio_pm, mom, xe, cr, pos):
+        """Tally the batch's consistency ratios and add its row moments to the cells."""
+        st, B, C, P = self.s, len(t), self.C, self.P
+        if self.store_x0:
+            self._tally("x_t", ratio_xt, keys, draw, t)
+            self._tally("posterior_mean", ratio_pm, keys, draw, t)
+        else:
+            self.s.counts["unchecked_pm"] += int(B - av.sum())
+            if av.any():
+                sel = np.flatnonzero(av)
+                self._tally("posterior_mean", ratio_pm[av], [keys[i] for i in sel], draw[av], t[av])
+        self.cost.lap("consistency")
+        ch = np.arange(C)
+        cells = (bn[:, None] * C + ch[None, :]).reshape(-1)
+        st.eps.add_parts(P, *mom["epsilon"].reshape(4, -1), cells)
+        st.xt.add_parts(P, *mom["x_t"].reshape(4, -1), cells)
 
         def with_all(v):  # [B, C] -> [B, C + 1], the last column averaging the channels
             return np.concatenate([v, v.mean(axis=1, keepdims=True)], axis=1)
 
-        cells = (np.repeat(bn, C + 1), np.tile(np.arange(C + 1), B))
+        mx, me = mom["x_t"][0], mom["epsilon"][0]
+        rcells = (np.repeat(bn, C + 1), np.tile(np.arange(C + 1), B))
         per_t = [np.broadcast_to(v[:, None], (B, C + 1)) for v in (ab, a, sg)]
-        feats = [with_all(xt.mean(2)), with_all((xt * xt).mean(2)), with_all((xt * ep).mean(2))]
-        st.rec.update(np.stack(feats + per_t, axis=-1).reshape(-1, len(REC)), cells)
-        if self.store_x0:
-            av = np.ones(B, dtype=bool)
-            x0 = cols["x_0"].reshape(B, C, P).astype(np.float64)
-        else:
-            av = ab >= plan.recon_min_alpha_bar
-            x0 = (xt[av] - sg[av, None, None] * ep[av]) / a[av, None, None]
+        feats = [with_all(mx), with_all(mom["x_t"][1] / P + mx * mx), with_all(xe / P + mx * me)]
+        st.rec.update(np.stack(feats + per_t, axis=-1).reshape(-1, len(REC)), rcells)
         if av.any():
             bav, nav = bn[av], int(av.sum())
-            st.x0.update(x0, (bav[:, None, None], ch[None, :, None]))
-            f0 = np.stack([with_all(x0.mean(2)), with_all((x0 * x0).mean(2))], axis=-1)
+            m0 = mom["x_0"][:, av]
+            st.x0.add_parts(P, *m0.reshape(4, -1), cells.reshape(B, C)[av].reshape(-1))
+            f0 = np.stack([with_all(m0[0]), with_all(m0[1] / P + m0[0] * m0[0])], axis=-1)
             st.x0rec.update(
                 f0.reshape(-1, 2), (np.repeat(bav, C + 1), np.tile(np.arange(C + 1), nav))
             )
-            rows = np.stack([ep[av], x0, xt[av]], axis=-1).reshape(-1, 3)
-            idx = np.broadcast_to(bav[:, None, None], (nav, C, P)).reshape(-1)
-            chx = np.broadcast_to(ch[None, :, None], (nav, C, P)).reshape(-1)
-            st.cross.update(rows, (idx, chx))
-        st.pos_sum += ep.sum(axis=0).reshape(-1)
+            means = np.stack([me[av], m0[0], mx[av]], axis=-1).reshape(-1, 3)
+            st.cross.add_parts(P, means, cr[av], cells.reshape(B, C)[av].reshape(-1))
+        st.pos_sum += pos.reshape(-1)
         st.pos_n += B
-        flat = ep.reshape(B, -1)
-        fc = flat - flat.mean(axis=1, keepdims=True)
-        norm = np.sqrt((fc * fc).sum(axis=1))
-        if self.prev is not None:
-            fc, norm = np.concatenate([self.prev[0], fc]), np.concatenate([self.prev[1], norm])
-        if len(fc) > 1:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r = (fc[:-1] * fc[1:]).sum(axis=1) / (norm[:-1] * norm[1:])
-            z = np.nan_to_num(r) * math.sqrt(fc.shape[1] - 1)
-            st.adj["n"] += len(z)
-            st.adj["sum_z"] += float(z.sum())
-            st.adj["max_abs_z"] = max(st.adj["max_abs_z"], float(np.abs(z).max()))
-        self.prev = (fc[-1:], norm[-1:])
+
+    def _adjacent(self, norm2, dots) -> None:
+        """Correlations of consecutive records' eps from their centred norms and dot products
+        (``dots[i]``: record i with the one before it, NaN for the first record of the scan)."""
+        st = self.s
+        prev_n2 = np.concatenate([[getattr(self, "_first_prev_norm2", np.nan)], norm2[:-1]])
+        self._first_prev_norm2 = np.nan
+        has = ~np.isnan(dots)
+        if not has.any():
+            return
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = dots[has] / (np.sqrt(prev_n2[has]) * np.sqrt(norm2[has]))
+        z = np.nan_to_num(r) * math.sqrt(self.C * self.P - 1)
+        st.adj["n"] += len(z)
+        st.adj["sum_z"] += float(z.sum())
+        st.adj["max_abs_z"] = max(st.adj["max_abs_z"], float(np.abs(z).max()))
+
+    def reservoirs(self, t, cols) -> None:
+        """The seeded samples, fed batch by batch exactly as before (same streams)."""
+        st, plan = self.s, self.plan
+        bn = self.tbin[t]
         st.eps_res.update(cols["epsilon"].reshape(-1))
         top = bn == plan.bins - 1
         if top.any():
             st.xT_res.update(cols["x_t"][top].reshape(-1))
         for b in np.unique(bn) if st.grid else ():
             st.grid[int(b)].update(cols["x_t"][bn == b])
+
+    def columns(self) -> list[str]:
+        """The columns the scan reads (projection: e.g. an encoder's latent_mean/latent_std
+        are not read)."""
+        cols = ["key", "index", "draw", "t", *records.TENSOR_COLUMNS, *records.SCALAR_COLUMNS]
+        return cols + (["x_0"] if self.store_x0 else []) + self.cond.columns
 
     def finish(self) -> ShardStats:
         st = self.st
@@ -624,13 +793,16 @@ def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
                     f"process metadata differs from the manifest in {st.meta_problems}: not scanned"
                 )
             scanner = _Scanner(st, plan)
-            cols = list(pf.schema_arrow.names)
+            have = set(pf.schema_arrow.names)
+            cols = [c for c in scanner.columns() if c in have]  # a missing one: KeyError below
             rows = max(1, plan.batch_elements // max(1, scanner.C * scanner.P))
             row0 = 0
-            for rb in pf.iter_batches(batch_size=rows, columns=cols):
+            scanner.cost.lap("open")
+            for rb in pf.iter_batches(batch_size=rows, columns=cols, use_threads=False):
                 scanner.batch(rb, row0)
                 row0 += rb.num_rows
             scanner.finish()
+            st.cost = dict(scanner.cost.seconds)
     except Exception as exc:  # reported, not raised: one bad shard must not stop the others
         st.error = f"{type(exc).__name__}: {exc}"
     st.seconds = time.perf_counter() - t0

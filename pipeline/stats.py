@@ -113,6 +113,36 @@ class GroupedMoments:
         self._a = _merge_arrays(self._a, batch)
         return self
 
+    def add_parts(self, n, mean, m2, m3, m4, groups: np.ndarray) -> GroupedMoments:
+        """Add sub-streams given by their moments (in place; returns self): part i has count
+        ``n[i]`` (or one count for all), mean and central sums M2, M3, M4, and goes to the flat
+        cell ``groups[i]``. The parts of a cell are combined exactly (their sums shifted from
+        each part's mean to the cell's mean d_i = mean_i - mean:
+        M2 = sum(M2_i + n_i d_i^2), M3 = sum(M3_i + 3 d_i M2_i + n_i d_i^3),
+        M4 = sum(M4_i + 4 d_i M3_i + 6 d_i^2 M2_i + n_i d_i^4)), then merged like :meth:`update`.
+        This is how the validator's scan feeds one (record, channel) row of pixels at a time
+        (row moments from one cached pass) instead of an index per element."""
+        groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+        if groups.size == 0:
+            return self
+        size = len(self._a["n"])
+        n = np.broadcast_to(np.asarray(n, dtype=np.float64), groups.shape)
+        mean, m2, m3, m4 = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (mean, m2, m3, m4))
+        cn = np.bincount(groups, n, size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cmean = np.where(cn > 0, np.bincount(groups, n * mean, size) / cn, 0.0)
+        d = mean - cmean[groups]
+        d2 = d * d
+        batch = {
+            "n": cn,
+            "mean": cmean,
+            "m2": np.bincount(groups, m2 + n * d2, size),
+            "m3": np.bincount(groups, m3 + d * (3.0 * m2 + n * d2), size),
+            "m4": np.bincount(groups, m4 + d * (4.0 * m3 + d * (6.0 * m2 + n * d2)), size),
+        }
+        self._a = _merge_arrays(self._a, batch)
+        return self
+
     def merge(self, other: GroupedMoments) -> GroupedMoments:
         """Add another accumulator of the same grid (in place; returns self)."""
         if other.shape != self.shape:
@@ -258,6 +288,29 @@ class GroupedCoMoments:
         self._merge(n, mean, c)
         return self
 
+    def add_parts(self, n, mean: np.ndarray, c: np.ndarray, groups: np.ndarray):
+        """Add sub-streams given by their count ``n[i]`` (or one for all), mean [m, d] and
+        centred cross-products [m, d, d], part i to the flat cell ``groups[i]``: per cell
+        C = sum(C_i + n_i d_i d_i^T) with d_i = mean_i - the cell's mean (exact), then merged.
+        Returns self."""
+        groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+        if groups.size == 0:
+            return self
+        size, dim = len(self.n), self.dim
+        n = np.broadcast_to(np.asarray(n, dtype=np.float64), groups.shape)
+        mean = np.asarray(mean, dtype=np.float64).reshape(-1, dim)
+        c = np.asarray(c, dtype=np.float64).reshape(-1, dim, dim)
+        cn = np.bincount(groups, n, size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sums = np.stack([np.bincount(groups, n * mean[:, j], size) for j in range(dim)], 1)
+            cmean = np.where(cn[:, None] > 0, sums / cn[:, None], 0.0)
+        d = mean - cmean[groups]
+        parts = c + n[:, None, None] * d[:, :, None] * d[:, None, :]
+        cc = np.zeros((size, dim, dim), dtype=np.float64)
+        np.add.at(cc, groups, parts)
+        self._merge(cn, cmean, cc)
+        return self
+
     def merge(self, other: GroupedCoMoments) -> GroupedCoMoments:
         if other.shape != self.shape or other.dim != self.dim:
             raise ValueError("cannot merge co-moments of a different grid or dimension")
@@ -348,6 +401,9 @@ class Reservoir:
                 keys, values = keys[sel], values[sel]
         elif len(self.keys) < self.k:
             keys = self._rng.random(m)
+            if m > self.k:  # only the k smallest new keys can stay: select before copying
+                part = np.argpartition(keys, self.k - 1)[: self.k]
+                keys, values = keys[part], values[part]
         else:
             tau = float(self.keys[-1])
             c = int(self._rng.binomial(m, tau))

@@ -119,12 +119,21 @@ def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetSta
     duplicates bucket by bucket; CannotValidate when Ray cannot start."""
     from .raysession import RayConnectError, ray_session
 
+    wall = ds.wall
+    t0 = time.perf_counter()
     try:
         with ray_session(cfg.ray.address):
+            t1 = time.perf_counter()
+            wall["ray_start"] = t1 - t0
             _scan_tasks(cfg, out, shards, ds)
+            t2 = time.perf_counter()
+            wall["scan_tasks"] = t2 - t1
             ds.reduce_duplicates(cfg.ray.num_cpus_per_task)
+            t0 = time.perf_counter()
+            wall["duplicate_reduce"] = t0 - t2
     except RayConnectError as exc:
         raise CannotValidate(str(exc)) from None
+    wall["ray_shutdown"] = time.perf_counter() - t0
 
 
 def _scan_tasks(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
@@ -189,19 +198,27 @@ def run(cfg: DictConfig) -> dict:
     except CorruptFileError as exc:
         raise CannotValidate(str(exc)) from None
     z, fc = float(cfg.z), bool(cfg.family_correction)
-    results = [
-        checks.completeness(ds, out, manifest, rejects),
-        checks.record_consistency(ds, z, fc),
-        checks.keyed_noise(ds, z, fc),
-        checks.epsilon_moments(ds, z, fc),
-        checks.epsilon_normality(ds, z, fc),
-        checks.noise_independence(ds, z, fc),
-        checks.variance_preservation(ds, z, fc),
-        checks.convergence(ds, schedule, z, fc, max_shift=float(cfg.terminal_mean_shift)),
-        checks.timestep_distribution(ds, noise.sampler, z, fc),
-        checks.conditioning(ds),
-        *latents_check.latent_scale(ds),  # latent records (encoder=vae) only
-    ]
+    t1 = time.perf_counter()
+    ds.wall["open_and_plan"] = t1 - t0 - sum(ds.wall.values())
+    results, check_s = [], {}
+    for check, args in (
+        (checks.completeness, (ds, out, manifest, rejects)),
+        (checks.record_consistency, (ds, z, fc)),
+        (checks.keyed_noise, (ds, z, fc)),
+        (checks.epsilon_moments, (ds, z, fc)),
+        (checks.epsilon_normality, (ds, z, fc)),
+        (checks.noise_independence, (ds, z, fc)),
+        (checks.variance_preservation, (ds, z, fc)),
+        (checks.convergence, (ds, schedule, z, fc, float(cfg.terminal_mean_shift))),
+        (checks.timestep_distribution, (ds, noise.sampler, z, fc)),
+        (checks.conditioning, (ds,)),
+    ):
+        results.append(check(*args))
+        check_s[results[-1].name] = round(time.perf_counter() - t1, 4)
+        t1 = time.perf_counter()
+    results += latents_check.latent_scale(ds)  # latent records (encoder=vae) only
+    check_s["latent_scale"] = round(time.perf_counter() - t1, 4)
+    ds.wall["checks"] = sum(check_s.values())
     passed = all(c.passed for c in results)
     report = {
         "format": REPORT_FORMAT,
@@ -210,7 +227,10 @@ def run(cfg: DictConfig) -> dict:
         "exit_code": 0 if passed else 1,
         "checks": [asdict(c) for c in results],
         "terminal": schedule.terminal(),
-        "summary": dataset_summary(manifest, ds, noise),
+        "summary": {
+            **dataset_summary(manifest, ds, noise),
+            "cost_seconds": ds.cost_seconds(check_s),
+        },
         "config": OmegaConf.to_container(cfg, resolve=True),
         "seconds": round(time.perf_counter() - t0, 3),
     }

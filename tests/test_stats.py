@@ -235,3 +235,34 @@ def test_summary_properties_follow_updates_and_merges():
     assert pickle.loads(pickle.dumps(g))._summary is None  # the cache is not shipped
     m = Moments().update(np.array([1.0, 3.0]))
     assert (m.n, m.mean) == (2, 2.0) and isinstance(m.mean, float)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    arrays(np.float64, st.tuples(st.integers(1, 12), st.integers(1, 9)), elements=finite),
+    st.randoms(use_true_random=False),
+)
+def test_add_parts_of_rows_equals_update_of_their_values(x, rnd):
+    """The scan feeds (record, channel) rows as parts (their row moments): the same cells as
+    feeding every value with its cell index."""
+    cells = np.array([rnd.randrange(4) for _ in range(len(x))])
+    ref = GroupedMoments(4).update(x, (cells[:, None],))
+    mu = x.mean(axis=1)
+    e = x - mu[:, None]
+    got = GroupedMoments(4)
+    half = len(x) // 2  # two batches: merged like update's
+    for sl in (slice(0, half), slice(half, None)):
+        got.add_parts(x.shape[1], mu[sl], *((e[sl] ** k).sum(axis=1) for k in (2, 3, 4)), cells[sl])
+    scale = max(1.0, float(np.abs(x).max()))
+    for k in ("n", "mean", "m2", "m3", "m4"):
+        tol = 1e-9 * scale ** {"n": 0, "mean": 1, "m2": 2, "m3": 3, "m4": 4}[k] * x.size
+        np.testing.assert_allclose(got._a[k], ref._a[k], rtol=1e-9, atol=tol, err_msg=k)
+    rows = np.stack([x, x * 0.5 + 1.0, -x], axis=-1)  # [m, P, 3]
+    cref = GroupedCoMoments(4, 3).update(rows.reshape(-1, 3), (np.repeat(cells, x.shape[1]),))
+    rmean = rows.mean(axis=1)
+    dev = rows - rmean[:, None, :]
+    c = np.einsum("mpi,mpj->mij", dev, dev)
+    cgot = GroupedCoMoments(4, 3).add_parts(x.shape[1], rmean, c, cells)
+    np.testing.assert_allclose(cgot.n, cref.n)
+    np.testing.assert_allclose(cgot.mean_, cref.mean_, rtol=1e-9, atol=1e-9 * scale)
+    np.testing.assert_allclose(cgot.c, cref.c, rtol=1e-9, atol=1e-9 * scale**2 * x.size)
