@@ -114,6 +114,19 @@ def batches(items: Iterator, size: int, tally: Tally) -> Iterator[list[Sample]]:
         yield batch
 
 
+@dataclass(frozen=True)
+class RecordOptions:
+    """What a record holds besides the forward process: the tensors' ``dtype``, ``store_x0``,
+    an encoder's ``latent`` mode (sample | mean; None without an encoder) and ``store_dist``,
+    and the conditioning columns (``source.keep``)."""
+
+    dtype: str
+    store_x0: bool = False
+    latent: str | None = None
+    store_dist: bool = False
+    cond_columns: tuple[str, ...] = ()
+
+
 def compute_records(
     schedule: NoiseSchedule,
     noise: KeyedNoise,
@@ -121,11 +134,7 @@ def compute_records(
     samples: Sequence[Sample],
     *,
     device: torch.device,
-    dtype: str,
-    store_x0: bool,
-    latent: str | None = None,
-    store_dist: bool = False,
-    cond_columns: Sequence[str] = (),
+    options: RecordOptions,
 ) -> dict[str, np.ndarray | list]:
     """The record columns for a batch of samples (N samples -> N*K rows, sample-major).
 
@@ -134,14 +143,15 @@ def compute_records(
     pinned host memory with asynchronous copies, the results come back the same way, and the
     stream is synchronised once per batch, before the columns are handed to Arrow.
 
-    With an encoder (``latent``: sample | mean) the samples are :class:`pipeline.encoder.Latent`
+    With an encoder (``options.latent``: sample | mean) the samples are :class:`pipeline.encoder.Latent`
     (the scaled latent mean and std): ``x_0 = mean + std * n`` with ``n`` keyed per record like
     eps but in its own domain (:meth:`KeyedNoise.latent_noise`, on the CPU), or ``x_0 = mean``;
-    ``store_dist`` adds the ``latent_mean`` and ``latent_std`` columns.
+    ``options.store_dist`` adds the ``latent_mean`` and ``latent_std`` columns.
 
-    ``cond_columns``: the conditioning columns (``source.keep``), each sample's ``cond`` value
+    ``options.cond_columns``: the conditioning columns (``source.keep``), each sample's ``cond`` value
     repeated on its K rows; a sample without them (lost on the way) is a KeyError, never a null.
     """
+    latent, dtype = options.latent, options.dtype
     keys = [s.key for s in samples]
     indices = np.array([s.index for s in samples], dtype=np.int64)
     x0 = np.stack([s.array for s in samples])  # [N, C, ...] float32
@@ -179,12 +189,12 @@ def compute_records(
         "posterior_log_variance": schedule.posterior_log_variance_clipped[t].astype(np.float32),
         "alpha_bar": schedule.alphas_cumprod[t].astype(np.float32),
     }
-    if store_x0:
+    if options.store_x0:
         cols["x_0"] = x0_h.to(torch_out).numpy()
-    if store_dist:
+    if options.store_dist:
         cols["latent_mean"] = torch.from_numpy(z_mean).to(torch_out).numpy()
         cols["latent_std"] = torch.from_numpy(z_std).to(torch_out).numpy()
-    for name in cond_columns:
+    for name in options.cond_columns:
         cols[name] = [s.cond[name] for s in samples for _ in range(K)]
     return cols
 
@@ -233,41 +243,18 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
 
 class NoiseStage:
     """The forward process for batches of samples: :func:`compute_records` with this actor's
-    schedule, keyed noise, device and output dtype."""
+    schedule, keyed noise, device and record options."""
 
-    def __init__(
-        self,
-        *,
-        schedule,
-        noise,
-        device: torch.device,
-        dtype: str,
-        store_x0: bool,
-        latent: str | None = None,
-        store_dist: bool = False,
-        cond_columns: Sequence[str] = (),
-    ):
-        self.schedule, self.noise, self.device = schedule, noise, device
-        self.cond_columns = tuple(cond_columns)  # source.keep's columns
-        self.dtype, self.store_x0 = dtype, store_x0
-        self.latent, self.store_dist = latent, store_dist  # an encoder's (see compute_records)
+    def __init__(self, *, schedule, noise, device: torch.device, options: RecordOptions):
+        self.schedule, self.noise, self.device, self.options = schedule, noise, device, options
 
     def process(self, shard: str, batch: Sequence[Sample], tally: Tally) -> dict:
         """The batch's record columns; samples whose records overflow the output dtype are
         rejects in ``tally`` instead."""
         cols = compute_records(
-            self.schedule,
-            self.noise,
-            shard,
-            batch,
-            device=self.device,
-            dtype=self.dtype,
-            store_x0=self.store_x0,
-            latent=self.latent,
-            store_dist=self.store_dist,
-            cond_columns=self.cond_columns,
+            self.schedule, self.noise, shard, batch, device=self.device, options=self.options
         )
-        cols, dropped = split_nonfinite(cols, self.noise.draws, self.dtype)
+        cols, dropped = split_nonfinite(cols, self.noise.draws, self.options.dtype)
         tally.rejects.extend(reject_row(shard, key, index, why) for key, index, why in dropped)
         return cols
 

@@ -28,7 +28,16 @@ from .fs import identity
 from .manifest import OutputDir
 from .records import noise_from_metadata, record_schema, schedule_from_metadata
 from .source import shard_id
-from .stages import NoiseStage, ParquetSink, ReadStage, Tally, batches, commit, elapsed
+from .stages import (
+    NoiseStage,
+    ParquetSink,
+    ReadStage,
+    RecordOptions,
+    Tally,
+    batches,
+    commit,
+    elapsed,
+)
 from .tarstream import ShardReadError, ShardTimeoutError
 
 log = logging.getLogger(__name__)
@@ -142,15 +151,15 @@ class ShardWorker:
         self.store_dist = bool(enc and enc["store_dist"])
         self.out = OutputDir(cfg["output"]["dir"])
         self.reader = ReadStage(cfg, read_shape, self.batch_size)
-        self.noiser = NoiseStage(
-            schedule=schedule,
-            noise=noise,
-            device=self.device,
+        options = RecordOptions(
             dtype=cfg["output"]["dtype"],
             store_x0=cfg["output"]["store_x0"],
             latent=enc["latent"] if enc else None,
             store_dist=self.store_dist,
-            cond_columns=self.reader.conditioning.columns,
+            cond_columns=tuple(self.reader.conditioning.columns),
+        )
+        self.noiser = NoiseStage(
+            schedule=schedule, noise=noise, device=self.device, options=options
         )
         log.info("worker pid %d on device %s (Ray GPU ids %s)", os.getpid(), self.device, gpu_ids)
 

@@ -12,7 +12,7 @@ import torch
 from pipeline.noise import KeyedNoise
 from pipeline.schedule import make_schedule
 from pipeline.source import Sample
-from pipeline.stages import RowGroupWriter, compute_records, read_ahead
+from pipeline.stages import RecordOptions, RowGroupWriter, compute_records, read_ahead
 from pipeline.worker import DEVICE_BYTES_PER_ELEMENT, fit_batch_size, resolve_device
 
 
@@ -38,10 +38,20 @@ def test_cuda_records_equal_cpu_records_up_to_float32_rounding():
         for i in range(5)
     ]
     cpu = compute_records(
-        sched, noise, "s", samples, device=torch.device("cpu"), dtype="float32", store_x0=True
+        sched,
+        noise,
+        "s",
+        samples,
+        device=torch.device("cpu"),
+        options=RecordOptions("float32", store_x0=True),
     )
     gpu = compute_records(
-        sched, noise, "s", samples, device=torch.device("cuda", 0), dtype="float32", store_x0=True
+        sched,
+        noise,
+        "s",
+        samples,
+        device=torch.device("cuda", 0),
+        options=RecordOptions("float32", store_x0=True),
     )
     np.testing.assert_array_equal(cpu["epsilon"], gpu["epsilon"])
     np.testing.assert_array_equal(cpu["t"], gpu["t"])
@@ -55,10 +65,20 @@ def test_compute_records_layout_and_half_precision():
         Sample(f"k{i}", 10 + i, rng.standard_normal((2, 4, 4)).astype(np.float32)) for i in range(4)
     ]
     c32 = compute_records(
-        sched, noise, "sh", samples, device=torch.device("cpu"), dtype="float32", store_x0=True
+        sched,
+        noise,
+        "sh",
+        samples,
+        device=torch.device("cpu"),
+        options=RecordOptions("float32", store_x0=True),
     )
     c16 = compute_records(
-        sched, noise, "sh", samples, device=torch.device("cpu"), dtype="float16", store_x0=True
+        sched,
+        noise,
+        "sh",
+        samples,
+        device=torch.device("cpu"),
+        options=RecordOptions("float16", store_x0=True),
     )
     assert c32["key"] == [f"k{i}" for i in range(4) for _ in range(3)]
     assert list(c32["index"]) == [10, 10, 10, 11, 11, 11, 12, 12, 12, 13, 13, 13]

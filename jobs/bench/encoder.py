@@ -106,7 +106,7 @@ def split(url: str, vae: Path, resolution: int, repeats: int, batch: int = 64) -
     from pipeline.records import build_table, record_schema, writer_options
     from pipeline.schedule import make_schedule
     from pipeline.source import Sample, iter_shard
-    from pipeline.stages import compute_records
+    from pipeline.stages import RecordOptions, compute_records
 
     torch.set_num_threads(1)
     cfg = compose(["encoder=vae", f"encoder.model={vae}", f"source.urls={url}", "output.dir=x",
@@ -141,9 +141,7 @@ def split(url: str, vae: Path, resolution: int, repeats: int, batch: int = 64) -
                 "s",
                 latents[i : i + batch],
                 device=torch.device("cpu"),
-                dtype="float16",
-                store_x0=False,
-                latent="sample",
+                options=RecordOptions("float16", latent="sample"),
             )  # fmt: skip
             for i in range(0, n, batch)
         ]
