@@ -41,7 +41,8 @@ def write_photo_shards(
     max_crop: int = 320,
     prefix: str = "photos",
 ) -> str:
-    """Write ``num_shards`` tar shards of ``per_shard`` random photo crops; returns the brace URL."""
+    """Write ``num_shards`` tar shards of ``per_shard`` random photo crops; returns the brace
+    URL."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     photos = load_photos()

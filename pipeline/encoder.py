@@ -132,8 +132,8 @@ def locate(model: str, revision: str | None = None, subfolder: str | None = None
         root, commit = _hub_snapshot(model, revision, sub)
         return ModelFolder("hub", str(Path(root) / sub) if sub else str(root), commit)
     raise EncoderError(
-        f"encoder.model={model}: no such folder, and not a Hugging Face Hub id (owner/name); give a "
-        "folder in diffusers layout (config.json + diffusion_pytorch_model.safetensors)"
+        f"encoder.model={model}: no such folder, and not a Hugging Face Hub id (owner/name); "
+        "give a folder in diffusers layout (config.json + diffusion_pytorch_model.safetensors)"
     )
 
 
@@ -197,8 +197,8 @@ def weight_files(names: Sequence[str], read_index, where: str) -> list[str]:
     if pickled:
         raise EncoderError(
             f"{posixpath.join(where, pickled[0])}: pickled weights are refused (unpickling can run "
-            "arbitrary code); only safetensors are loaded. Convert them once, in an environment you "
-            "trust: AutoencoderKL.from_pretrained(folder, use_safetensors=False)"
+            "arbitrary code); only safetensors are loaded. Convert them once, in an environment "
+            "you trust: AutoencoderKL.from_pretrained(folder, use_safetensors=False)"
             ".save_pretrained(folder) writes diffusion_pytorch_model.safetensors"
         )
     other = sorted(n for n in names if n.endswith(".safetensors"))

@@ -79,7 +79,8 @@ def record_schema(
 ) -> pa.Schema:
     """The Arrow schema of one output file; ``metadata`` is stored as JSON under ``ddpm``;
     ``store_dist`` adds an encoder's ``latent_mean`` and ``latent_std`` columns; the metadata's
-    ``conditioning`` entry adds one nullable column per kept member (:mod:`pipeline.conditioning`)."""
+    ``conditioning`` entry adds one nullable column per kept member
+    (:mod:`pipeline.conditioning`)."""
     tt = tensor_type(shape, dtype)
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -216,7 +217,8 @@ PROCESS_KEYS = (
 
 
 def same_process(a: Mapping, b: Mapping) -> list[str]:
-    """The process keys on which two metadata dicts differ (empty when they describe one process)."""
+    """The process keys on which two metadata dicts differ (empty when they describe one
+    process)."""
     return [k for k in PROCESS_KEYS if a.get(k) != b.get(k)]
 
 

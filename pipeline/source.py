@@ -72,7 +72,8 @@ class Reject:
 
 
 class SampleError(ValueError):
-    """A bad sample under ``on_error="fail"``; attributes ``url``, ``key``, ``index``, ``reason``."""
+    """A bad sample under ``on_error="fail"``; attributes ``url``, ``key``, ``index`` and
+    ``reason``."""
 
     def __init__(self, message: str, *, url=None, key=None, index=None, reason=None):
         super().__init__(message)  # args == (message,): picklable, so it crosses Ray actors

@@ -1,10 +1,11 @@
 """The stages a shard goes through inside a worker: read -> batch -> (encode) -> noise -> write
 -> commit.
 
-Like NeMo Curator's stages, each is built once per actor (its ``__init__`` is the ``setup``: tables,
-decoders' settings, device) and then called per shard or per batch. :class:`pipeline.worker.ShardWorker`
-chains them; an encoder (a frozen VAE on the GPU) slots in between batching and noising as one more
-stage with the same ``process(shard, batch) -> batch`` shape.
+Like NeMo Curator's stages, each is built once per actor (its ``__init__`` is the ``setup``:
+tables, decoders' settings, device) and then called per shard or per batch.
+:class:`pipeline.worker.ShardWorker` chains them; an encoder (a frozen VAE on the GPU) slots
+in between batching and noising as one more stage with the same ``process(shard, batch) ->
+batch`` shape.
 
 * :class:`ReadStage`: a shard's samples in tar order (:func:`pipeline.source.iter_shard`), decoded
   ahead by a reader thread when ``read_ahead`` allows (:mod:`pipeline.prefetch`).
@@ -143,13 +144,15 @@ def compute_records(
     pinned host memory with asynchronous copies, the results come back the same way, and the
     stream is synchronised once per batch, before the columns are handed to Arrow.
 
-    With an encoder (``options.latent``: sample | mean) the samples are :class:`pipeline.encoder.Latent`
-    (the scaled latent mean and std): ``x_0 = mean + std * n`` with ``n`` keyed per record like
-    eps but in its own domain (:meth:`KeyedNoise.latent_noise`, on the CPU), or ``x_0 = mean``;
+    With an encoder (``options.latent``: sample | mean) the samples are
+    :class:`pipeline.encoder.Latent` (the scaled latent mean and std): ``x_0 = mean + std * n``
+    with ``n`` keyed per record like eps but in its own domain (:meth:`KeyedNoise.latent_noise`,
+    on the CPU), or ``x_0 = mean``;
     ``options.store_dist`` adds the ``latent_mean`` and ``latent_std`` columns.
 
-    ``options.cond_columns``: the conditioning columns (``source.keep``), each sample's ``cond`` value
-    repeated on its K rows; a sample without them (lost on the way) is a KeyError, never a null.
+    ``options.cond_columns``: the conditioning columns (``source.keep``), each sample's ``cond``
+    value repeated on its K rows; a sample without them (lost on the way) is a KeyError, never a
+    null.
     """
     latent, dtype = options.latent, options.dtype
     keys = [s.key for s in samples]
@@ -260,7 +263,8 @@ class NoiseStage:
 
 
 class RowGroupWriter:
-    """Writes tables to a ParquetWriter in row groups of exactly ``rows`` rows (last may be short)."""
+    """Writes tables to a ParquetWriter in row groups of exactly ``rows`` rows (the last may be
+    short)."""
 
     def __init__(self, writer: pq.ParquetWriter, rows: int):
         self.writer, self.rows, self.pending = writer, rows, []

@@ -56,8 +56,9 @@ def resolve_device(requested: str, gpu_ids: Sequence, cuda_available: bool) -> t
     if requested == "cuda":
         why = "Ray assigned this actor no GPU" if not gpu_ids else "torch sees no CUDA device"
         raise RuntimeError(
-            f"ray.device=cuda but {why} (assigned GPU ids: {list(gpu_ids)}); set ray.gpus_per_actor=1 "
-            "on a node with GPUs and a CUDA build of torch, or use ray.device=auto|cpu"
+            f"ray.device=cuda but {why} (assigned GPU ids: {list(gpu_ids)}); set "
+            "ray.gpus_per_actor=1 on a node with GPUs and a CUDA build of torch, or use "
+            "ray.device=auto|cpu"
         )
     return torch.device("cpu")
 

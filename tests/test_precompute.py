@@ -51,7 +51,8 @@ def test_record_values_schema_and_metadata(tmp_path, make_cfg):
     urls = _arrays(tmp_path, n_shards=2, n=12)
     cfg = make_cfg(
         "source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out",
-        "output.dtype=float32", "output.store_x0=true", "schedule=cosine", "schedule.num_timesteps=50", "seed=7",
+        "output.dtype=float32", "output.store_x0=true", "schedule=cosine",
+        "schedule.num_timesteps=50", "seed=7",
         "sampling.draws_per_sample=2", "batch_size=5", "output.rows_per_group=8",
     )  # fmt: skip
     manifest = run(cfg)

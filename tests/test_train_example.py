@@ -87,7 +87,8 @@ def test_training_beats_the_zero_predictor(te, tiny, tmp_path):
 
 def test_cli(te, tiny, tmp_path, capsys):
     code = te.main(["--data", str(tiny), "--steps", "3", "--out", str(tmp_path / "cli"),
-                    "--workers", "0", "--batch-size", "16", "--width", "8", "--threads", "1"])  # fmt: skip
+                    "--workers", "0", "--batch-size", "16", "--width", "8",
+                    "--threads", "1"])  # fmt: skip
     assert code in (0, 1)  # 3 steps need not beat the zero predictor yet
     out = capsys.readouterr().out
     assert "zero predictor" in out and (tmp_path / "cli" / "loss.png").exists()

@@ -55,7 +55,8 @@ TINY = dict(
     sample_size=16,
     layers_per_block=1,
 )
-TINY_F8 = {**TINY, "block_out_channels": (8, 16, 16, 16), "down_block_types": ("DownEncoderBlock2D",) * 4,
+TINY_F8 = {**TINY, "block_out_channels": (8, 16, 16, 16),
+           "down_block_types": ("DownEncoderBlock2D",) * 4,
            "up_block_types": ("UpDecoderBlock2D",) * 4}  # fmt: skip
 MODELS = {"tiny": TINY, "tiny-f8": TINY_F8}
 SD = dict(
