@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
-from scipy import stats as sps
 
 from . import records
 from .manifest import OutputDir
@@ -218,6 +217,8 @@ class DatasetStats(Stats):
         if nb >= 2:
             summ["t_chi2"] = chi2_binned(s.t_hist, nb)[:3]
         if len(s.eps_res) >= 20:
+            from scipy import stats as sps  # driver only: scan tasks never import scipy
+
             ks = sps.kstest(s.eps_res.sample().astype(np.float64), "norm")
             summ["ks"] = (float(ks.statistic), float(ks.pvalue), len(s.eps_res))
         n = float(s.cross.n.sum())

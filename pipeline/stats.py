@@ -28,7 +28,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats as sps
 
 _STATS = ("n", "mean", "m2", "m3", "m4")
 
@@ -436,6 +435,8 @@ def chi2_binned(hist: np.ndarray, nbins: int) -> tuple[float, float, int, np.nda
     edges = np.floor(np.linspace(0, T, nbins + 1)).astype(np.int64)
     obs = np.add.reduceat(hist, edges[:-1]).astype(np.float64)
     exp = n * np.diff(edges) / T
+    from scipy import stats as sps  # on the driver; a scan task's import stays light
+
     res = sps.chisquare(obs, exp)
     return float(res.statistic), float(res.pvalue), nbins - 1, obs
 
@@ -446,4 +447,6 @@ def shared_chi2(pos_sum, pos_n) -> tuple[float, float, int]:
     if pos_n < 2:
         return math.nan, math.nan, 0
     stat = float((pos_sum * pos_sum).sum() / pos_n)
+    from scipy import stats as sps
+
     return stat, float(sps.chi2.sf(stat, len(pos_sum))), len(pos_sum)
