@@ -5,6 +5,7 @@
     python -m jobs.bench            # the full run (~30-40 min on 2 cores): docs/benchmark.{md,png}
                                     # and jobs/bench/results/benchmark.json
     python -m jobs.bench --quick    # a smoke run on a few hundred samples: bench-out/quick-report/
+    python -m jobs.bench.loader     # the training loader against plain pyarrow (loader.py)
 
 (from the repository root, where ``jobs`` is importable; ``make bench`` runs the first).
 
