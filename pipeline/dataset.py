@@ -260,10 +260,11 @@ def _tensor(values: np.ndarray) -> torch.Tensor:
 def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
     """An uninitialised tensor; ``shared``: in shared memory, as ``default_collate`` allocates a
     batch in a DataLoader worker, so that sending it to the main process does not copy it."""
-    if not shared:
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what default_collate uses
+    if not shared or new_shared is None:
         return torch.empty(shape, dtype=dtype)
     nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+    return torch.empty(0, dtype=dtype).set_(new_shared(nbytes), 0, shape)
 
 
 @functools.cache
