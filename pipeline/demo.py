@@ -40,9 +40,12 @@ def write_photo_shards(
     min_crop: int = 96,
     max_crop: int = 320,
     prefix: str = "photos",
+    labels: bool = True,
 ) -> str:
     """Write ``num_shards`` tar shards of ``per_shard`` random photo crops; returns the brace
-    URL."""
+    URL. With ``labels`` each crop also has ``.cls`` (which photo it came from) and ``.txt``
+    (the photo's name); the benchmark's shards hold the image alone, as its floor and peer
+    read them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     photos = load_photos()
@@ -67,14 +70,11 @@ def write_photo_shards(
                 else:
                     image.save(buf, format="JPEG", quality=90)
                     ext = "jpg"
-                sink.write(
-                    {
-                        "__key__": f"{prefix}{s:0{width}d}_{i:06d}",
-                        ext: buf.getvalue(),
-                        "cls": str(label).encode(),  # which photo the crop came from
-                        "txt": PHOTOS[label].replace("_", " ").encode(),
-                    }
-                )
+                sample = {"__key__": f"{prefix}{s:0{width}d}_{i:06d}", ext: buf.getvalue()}
+                if labels:
+                    sample["cls"] = str(label).encode()  # which photo the crop came from
+                    sample["txt"] = PHOTOS[label].replace("_", " ").encode()
+                sink.write(sample)
     return str(out_dir / f"{prefix}-{{{0:0{width}d}..{num_shards - 1:0{width}d}}}.tar")
 
 

@@ -358,7 +358,9 @@ def run(cfg: DictConfig) -> dict:
     try:
         out.makedirs()
     except OSError as exc:
-        raise JobError(f"output.dir={out.display()} cannot be created: {exc}") from exc
+        raise JobError(
+            f"output.dir={out.display()} is not writable (cannot create it): {exc}"
+        ) from exc
     lease = OutputLease(out, cfg.output.lease_timeout_s)
     try:
         lease.acquire()

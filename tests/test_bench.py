@@ -51,7 +51,7 @@ def photo_shard(tmp_path_factory) -> str:
     """16 photo crops (seed 4: RGB and grayscale JPEGs, 3 RGBA PNGs), some large enough for
     JPEG draft decoding and a reducing gap at 32 px."""
     d = tmp_path_factory.mktemp("photos")
-    write_photo_shards(d, 1, 16, seed=4, min_crop=40, max_crop=160, prefix="ph")
+    write_photo_shards(d, 1, 16, seed=4, min_crop=40, max_crop=160, prefix="ph", labels=False)
     path = str(next(d.glob("*.tar")))
     with tarfile.open(path) as tar:
         assert any(m.name.endswith(".png") for m in tar)  # the alpha path is exercised

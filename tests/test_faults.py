@@ -168,7 +168,8 @@ def test_failed_write_is_retried_named_and_leaves_no_partial_file(data, tmp_path
     """One shard's file cannot be written (a directory is in its way): its attempts fail with an
     error naming the file, it is recorded as failed, the others commit, no temporary file stays."""
     out = tmp_path / "out"
-    (out / "lat-01.parquet").mkdir(parents=True)
+    run(compose([*ARGS, f"source.urls={data['root']}/lat-00.tar", f"output.dir={out}"]))
+    (out / "lat-01.parquet").mkdir()  # the pipeline writes only into a directory of its own
     urls = f"source.urls={data['root']}/lat-{{00..{N - 1:02d}}}.tar"
     m = run(compose([*ARGS, urls, f"output.dir={out}", "ray.max_shard_retries=1"]))
     assert m["exit_code"] == 1

@@ -183,7 +183,9 @@ def _photo_shard(job: tuple) -> str:
 
     tmp = Path(path).parent / f".tmp-{shard}"
     # one shard per call, seeded per shard, so the first n shards of any set are the same
-    write_photo_shards(tmp, 1, per_shard, seed * 100_003 + shard, min_crop, max_crop, f"p{shard}x")
+    write_photo_shards(
+        tmp, 1, per_shard, seed * 100_003 + shard, min_crop, max_crop, f"p{shard}x", labels=False
+    )
     next(tmp.glob("*.tar")).rename(path)
     tmp.rmdir()
     return path
