@@ -244,7 +244,7 @@ def collate(batch: Sequence[dict]) -> dict:
 
 def _rows(values: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
     """Rows of a column block: a view for a slice, a gathered copy for an index array."""
-    return values[rows] if isinstance(rows, slice) else np.take(values, rows, axis=0)
+    return values[rows] if isinstance(rows, slice) else np.take(values, rows, axis=0, mode="clip")
 
 
 def _tensor(values: np.ndarray) -> torch.Tensor:
@@ -322,7 +322,8 @@ class _Batcher:
             elif isinstance(part, slice):
                 out.numpy()[lo:hi] = values[part]
             else:
-                np.take(values, part, axis=0, out=out.numpy()[lo:hi])
+                # mode="clip": the indices are valid, and numpy buffers ``out`` with "raise"
+                np.take(values, part, axis=0, out=out.numpy()[lo:hi], mode="clip")
         self.fill = hi
 
     def finish(self) -> dict | None:
@@ -511,6 +512,7 @@ class PrecomputedDataset(IterableDataset):
             else:
                 yield from batcher.add(block, rows)
             count += _len(rows)
+            del block, rows  # before the next piece: no block outlives its turn
             if limit is not None and count >= limit:
                 break
         if batcher is not None and not self.drop_last:
@@ -528,18 +530,18 @@ class PrecomputedDataset(IterableDataset):
         written: a row group is copied once into free slots of a storage of ``shuffle_buffer`` +
         the largest row group, and the buffer is a list of slots in its (random) order, so a
         record is copied twice (into the storage, out of it into the block or batch yielded)."""
+        blocks = (table_to_numpy(self.records.read(u, self.columns, use_threads)) for u in units)
         if not self.shuffle:
-            for unit in units:
-                block = table_to_numpy(self.records.read(unit, self.columns, use_threads))
+            for block in blocks:
                 yield block, slice(0, len(block[self.columns[0]]))
+                del block  # before the next row group is read
             return
         largest = max((u.num_rows for u in units), default=0)
         cap = self.shuffle_buffer + largest
         storage = None
         free = np.arange(cap)  # free slots of the storage
         kept = free[:0]  # the buffer: its records' slots, in buffer order
-        for unit in units:
-            block = table_to_numpy(self.records.read(unit, self.columns, use_threads))
+        for block in blocks:
             n = len(block[self.columns[0]])
             if storage is None:
                 storage = {k: np.empty((cap, *v.shape[1:]), v.dtype) for k, v in block.items()}
