@@ -65,10 +65,11 @@ in a DataLoader worker, as ``default_collate`` does): one copy per record less t
 Memory
 ------
 Only the requested columns are read (Parquet column projection), one row group at a time. A
-reader holds one row group (Arrow's memory, released once copied), the shuffle buffer's storage
-(``shuffle_buffer`` + the largest row group, allocated once; records stay in their slot until
-they leave) and the block or batch being yielded: about ``(shuffle_buffer + 3 *
-rows_per_group) * record_bytes`` (with ``batch_size``, plus a batch). Yielded record tensors
+reader holds one row group (Arrow's memory, released once copied) and the next one, read ahead
+in a background thread, the shuffle buffer's storage (``shuffle_buffer`` + the largest row
+group, allocated once; records stay in their slot until they leave) and the block or batch
+being yielded: about ``(shuffle_buffer + 4 * rows_per_group) * record_bytes`` (with
+``batch_size``, plus a batch). Yielded record tensors
 are views into the block copied out for them (``default_collate`` copies them into the batch;
 ``.clone()`` a record you keep); batch tensors are their own.
 
@@ -530,11 +531,11 @@ class PrecomputedDataset(IterableDataset):
         written: a row group is copied once into free slots of a storage of ``shuffle_buffer`` +
         the largest row group, and the buffer is a list of slots in its (random) order, so a
         record is copied twice (into the storage, out of it into the block or batch yielded)."""
-        blocks = (table_to_numpy(self.records.read(u, self.columns, use_threads)) for u in units)
+        blocks = self._read_ahead(units, use_threads)
         if not self.shuffle:
             for block in blocks:
                 yield block, slice(0, len(block[self.columns[0]]))
-                del block  # before the next row group is read
+                del block  # before the next read ahead is started
             return
         largest = max((u.num_rows for u in units), default=0)
         cap = self.shuffle_buffer + largest
@@ -558,6 +559,25 @@ class PrecomputedDataset(IterableDataset):
             free = np.concatenate([free, out])
         for i in range(0, len(kept), max(largest, 1)):  # the rest, already in random order
             yield storage, kept[i : i + max(largest, 1)]
+
+    def _read_ahead(self, units: Sequence[Unit], use_threads: bool) -> Iterator[dict]:
+        """Numpy column blocks of the units, in order; the next unit is read in a background
+        thread while the current one is copied and yielded (pyarrow's read releases the GIL), so
+        that reading and the rest overlap when a core is free."""
+        if not units:
+            return
+
+        def read(unit: Unit) -> dict:
+            return table_to_numpy(self.records.read(unit, self.columns, use_threads))
+
+        with ThreadPoolExecutor(1, thread_name_prefix="records-read-ahead") as pool:
+            ahead = pool.submit(read, units[0])
+            for unit in units[1:]:
+                block = ahead.result()
+                ahead = pool.submit(read, unit)
+                yield block
+                del block
+            yield ahead.result()
 
     def _records(self, block: dict, rows: slice | np.ndarray) -> Iterator[dict]:
         """One dict per row: the rows are copied out of the block once (views for every

@@ -575,3 +575,38 @@ def test_batches_conditioning_columns(tmp_path):
                 cls, txt = rows[f"k{k:03d}"]
                 assert cls == (-1 if k % 4 == 0 else k)
                 assert txt == (None if k % 5 == 0 else f"caption {k}")
+
+
+def test_read_ahead_errors_in_order_and_no_thread_left(recdir):
+    """The next row group is read in a background thread: a read error surfaces after the
+    records before it, and a reader left early leaves no thread behind."""
+    import gc
+    import threading
+
+    root, keys = recdir
+    ds = PrecomputedDataset(root, columns=["key"], shuffle=False)
+    read = ds.records.read
+    calls = []
+
+    def failing(unit, *a, **k):
+        calls.append(unit)
+        if len(calls) == 3:
+            raise OSError("disk on fire")
+        return read(unit, *a, **k)
+
+    ds.records.read = failing
+    got = []
+    with pytest.raises(OSError, match="disk on fire"):
+        for r in ds:
+            got.append(r["key"])
+    assert got == keys[:16]  # the two row groups read before the failing one
+
+    ds.records.read = read
+    for batch_size in (None, 4):
+        ds.batch_size = batch_size
+        it = iter(ds)
+        next(it)
+        del it
+        gc.collect()
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("records-read-ahead")]
+        assert alive == []
