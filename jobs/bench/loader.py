@@ -19,6 +19,9 @@ directory's footers are not timed, the DataLoader's workers starting (every epoc
   ``records.tensor_to_numpy`` of the tensor columns (``t`` to numpy): plain pyarrow, the floor
   of any reader of these files. With 2 workers, two forked processes each read every other row
   group (the data stays in them: a floor for the reading, not for handing batches over).
+* ``floor+DataLoader`` (2 workers only): the same reads in DataLoader workers, each row group
+  handed to the main process as it is (``batch_size=None``): what the DataLoader's hand-over
+  (a copy into shared memory per batch) adds to the floor.
 * ``record``: ``PrecomputedDataset(dir, columns=...)`` yielding records through
   ``DataLoader(ds, batch_size=64, num_workers=W)`` (``default_collate`` stacks the batch);
 * ``batch``: ``PrecomputedDataset(dir, columns=..., batch_size=64)`` yielding ready batches
@@ -116,12 +119,17 @@ def _floor_part(path_units: list[tuple[str, int]]) -> int:
     return rows
 
 
-def run_floor(d: Path, workers: int) -> int:
+def _units(d: Path) -> list[tuple[str, int]]:
     import pyarrow.parquet as pq
 
     units = []
     for path in sorted(str(p) for p in d.glob("*.parquet")):
         units += [(path, g) for g in range(pq.ParquetFile(path).num_row_groups)]
+    return units
+
+
+def run_floor(d: Path, workers: int) -> int:
+    units = _units(d)
     if workers == 0:
         return _floor_part(units)
     import multiprocessing as mp
@@ -130,11 +138,42 @@ def run_floor(d: Path, workers: int) -> int:
         return sum(pool.map(_floor_part, [units[w::workers] for w in range(workers)]))
 
 
+def _row_groups_dataset(units: list[tuple[str, int]]):
+    """The floor through a DataLoader: every row group read as plainly as the floor, handed over
+    as one dict of tensors (the Arrow memory itself; a worker's DataLoader copies it into shared
+    memory to send it), row groups dealt to workers in turn."""
+    import warnings
+
+    import pyarrow.parquet as pq
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    from pipeline.records import tensor_to_numpy
+
+    class RowGroups(IterableDataset):
+        def __iter__(self):
+            info = get_worker_info()
+            w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+            files = {}
+            for path, g in units[w::n]:
+                pf = files.get(path) or files.setdefault(path, pq.ParquetFile(path))
+                table = pf.read_row_group(g, columns=COLUMNS)
+                arrays = {c: tensor_to_numpy(table[c]) for c in COLUMNS[:2]}
+                arrays["t"] = table["t"].to_numpy()
+                with warnings.catch_warnings():  # read-only Arrow memory, only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    yield {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    return RowGroups()
+
+
 def make_loader(d: Path, mode: str, shuffle: bool, workers: int):
     from torch.utils.data import DataLoader
 
     from pipeline.dataset import PrecomputedDataset
 
+    if mode == "floor-dl":
+        return DataLoader(_row_groups_dataset(_units(d)), batch_size=None, num_workers=workers)
     if mode == "batch":
         ds = PrecomputedDataset(d, columns=COLUMNS, shuffle=shuffle, batch_size=BATCH)
         return DataLoader(ds, batch_size=None, num_workers=workers)
@@ -190,6 +229,9 @@ def cases(before: str | None, modes: list[str]) -> list[dict]:
     out = []
     for workers in (0, 2):
         out.append({"system": "floor", "mode": "floor", "shuffle": False, "workers": workers})
+        if workers:  # what handing row groups over from DataLoader workers costs
+            out.append({"system": "floor+DataLoader", "mode": "floor-dl", "shuffle": False,
+                        "workers": workers})  # fmt: skip
         for shuffle in (True, False):
             if before:
                 out.append({"system": "before", "mode": "record", "shuffle": shuffle,
@@ -238,7 +280,7 @@ def table(results: list[dict], num_records: int) -> str:
     for runs in by.values():
         r0, rates = runs[0], [x["rows"] / x["wall_s"] for x in runs]
         f = floor[r0["workers"]]
-        shuffle = "-" if r0["system"] == "floor" else ("on" if r0["shuffle"] else "off")
+        shuffle = "-" if r0["system"].startswith("floor") else ("on" if r0["shuffle"] else "off")
         lines.append(
             f"| {r0['system']} | {shuffle} | {r0['workers']} | {rate(runs):,.0f} "
             f"({min(rates):,.0f}-{max(rates):,.0f}) | {rate(runs) * record_bytes() / 1e6:,.0f} | "
