@@ -65,13 +65,13 @@ in a DataLoader worker, as ``default_collate`` does): one copy per record less t
 Memory
 ------
 Only the requested columns are read (Parquet column projection), one row group at a time. A
-reader holds one row group (Arrow's memory, released once copied) and the next one, read ahead
-in a background thread, the shuffle buffer's storage (``shuffle_buffer`` + the largest row
-group, allocated once; records stay in their slot until they leave) and the block or batch
-being yielded: about ``(shuffle_buffer + 4 * rows_per_group) * record_bytes`` (with
-``batch_size``, plus a batch). Yielded record tensors
-are views into the block copied out for them (``default_collate`` copies them into the batch;
-``.clone()`` a record you keep); batch tensors are their own.
+reader holds one row group (Arrow's memory, released once copied), the next one (read ahead in
+a background thread), the shuffle buffer's storage (``shuffle_buffer`` + the largest row group,
+allocated once; records stay in their slot until they leave) and the block or batch being
+yielded: about ``(shuffle_buffer + 4 * rows_per_group) * record_bytes`` (with ``batch_size``,
+plus a batch). Yielded record tensors are views into the block copied out for them
+(``default_collate`` copies them into the batch; ``.clone()`` a record you keep); batch tensors
+are their own.
 
 Yielded records
 ---------------
