@@ -251,7 +251,7 @@ def noise_independence(ds: DatasetStats, z: float, correct: bool) -> Check:
     * corr(eps, x_0) overall, per t-bin, per shard (x_0 stored or reconstructed), SE 1/sqrt(n).
     """
     p, notes = ds.plan, []
-    dups, examples = ds.duplicate_noise()
+    dups, examples = ds.duplicates
     fams = [
         [litem("overall", "records whose eps bytes repeat another's", dups, 0, examples=examples)]
     ]

@@ -38,6 +38,7 @@ def dataset_summary(manifest: dict, ds: DatasetStats, noise) -> dict:
         **{k: p[k] for k in ("dtype", "shape", "store_x0")},
         "source_kind": ds.source_kind or p.get("source", {}).get("kind"),
         "t_bins": list(ds.plan.edges),
+        "executor": ds.executor,
     }
 
 

@@ -167,37 +167,27 @@ class Stats:
 
 
 class DatasetStats(Stats):
-    """The merged statistics plus small per-shard summaries and every record's noise hash.
+    """The merged statistics plus small per-shard summaries and the duplicate-noise verdict.
 
-    Shards are folded in as they arrive, so the driver holds O(reservoirs + positions) whatever
-    the number of shards, plus the noise hashes: 16 bytes per record when a shard's
-    :class:`ShardStats` carries them (``add(st)``, in-process), or, from Ray tasks of
-    :func:`scan_shard_bucketed`, only references to them, bucketed by hash prefix and kept in
-    Ray's object store (``add(st, bucket_refs)``); :meth:`reduce_duplicates` then checks each
-    bucket in its own task (:func:`duplicates_in_bucket`) and the driver merges counts and
-    examples. Caveat: Ray stores a task's return values under 100 KiB (its
-    ``max_direct_call_object_size``) in the caller's own memory, so buckets of small shards
-    still sit on the driver (12 bytes per record, without the sort's 50); only the sort is
-    partitioned. Spill files per bucket under the validation dir would remove that (not done).
+    Shards are folded in as they arrive (:meth:`add`), so the driver holds O(reservoirs +
+    positions) whatever the number of shards. The noise hashes are not held here: the executor
+    (:mod:`pipeline.executor`) keeps them bucketed by prefix outside the driver's memory and sets
+    :attr:`duplicates` from their check (:mod:`pipeline.noisehash`).
     """
 
     def __init__(self, plan: ScanPlan, manifest_shards: dict):
         super().__init__(plan, plan.seed, "dataset")
         self.plan, self.entries, self.T = plan, manifest_shards, plan.T
         self.shards: dict[str, dict] = {}
-        self.hashes: list[np.ndarray] = []
-        self.hash_shard: list[np.ndarray] = []
-        self.bucket_refs: list[list] = []  # per ordinal: the shard's hash buckets in Ray
-        self.ordinals = 0
-        self.duplicates: tuple[int, list] | None = None  # set by reduce_duplicates
+        self.duplicates: tuple[int, list] = (0, [])  # set by the executor
+        self.executor: str | None = None  # set by the executor: "ray" or "local"
         self.source_kind = None
         self.cost: Counter = Counter()  # seconds per scan part, summed over the shards
         self.wall: dict[str, float] = {}  # the driver's phases (pipeline.validate.run)
 
-    def add(self, st: ShardStats, bucket_refs: list | None = None) -> None:
+    def add(self, st: ShardStats, ordinal: int) -> None:
         """Fold in one shard's :class:`ShardStats` (what :func:`scan_shard` returned);
-        ``bucket_refs``: Ray references to its noise hashes bucketed by prefix (then
-        ``st.hashes`` is None; see :func:`scan_shard_bucketed`)."""
+        ``ordinal`` names the shard in the noise hashes' owners (its place in the scan)."""
         summ = {"file": st.file, "rows": st.num_rows, "error": st.error, "seconds": st.seconds}
         summ["meta_problems"] = st.meta_problems
         self.shards[st.shard] = summ
@@ -225,12 +215,7 @@ class DatasetStats(Stats):
         summ["corr_eps_x0"] = (n, correlation(n, s.cross.c.sum(axis=0)))
         summ["shared_chi2"] = shared_chi2(s.pos_sum, s.pos_n)
         self.merge(s, st.shard)
-        summ["ordinal"], self.ordinals = self.ordinals, self.ordinals + 1
-        if bucket_refs is not None:
-            self.bucket_refs.append(list(bucket_refs))
-        else:
-            self.hashes.append(st.hashes)
-            self.hash_shard.append(np.full(len(st.hashes), summ["ordinal"], dtype=np.uint32))
+        summ["ordinal"] = ordinal
 
     def cost_seconds(self, checks: dict | None = None) -> dict:
         """What validation cost, for the report's ``summary.cost_seconds``: ``wall``, the
@@ -245,82 +230,9 @@ class DatasetStats(Stats):
             "checks": dict(checks or {}),
         }
 
-    def reduce_duplicates(self, num_cpus: float = 1) -> None:
-        """Check the bucketed hashes of the shards added with ``bucket_refs`` for duplicates:
-        one Ray task per bucket (run inside the Ray session that holds them)."""
-        import ray
-
-        if not self.bucket_refs:
-            return
-        task = ray.remote(duplicates_in_bucket).options(num_cpus=num_cpus)
-        owners = [s["ordinal"] for s in self.shards.values() if "ordinal" in s]
-        results = ray.get(
-            [
-                task.remote(owners, *(refs[b] for refs in self.bucket_refs))
-                for b in range(len(self.bucket_refs[0]))
-            ]
-        )
-        self.duplicates = _merge_duplicates(results, self._names())
-
-    def _names(self) -> dict[int, str]:
+    def names(self) -> dict[int, str]:
+        """Shard ordinal -> shard id, of the shards scanned without error."""
         return {s["ordinal"]: k for k, s in self.shards.items() if "ordinal" in s}
-
-    def duplicate_noise(self) -> tuple[int, list]:
-        """Records whose eps bytes equal another record's, and up to 5 (shard, shard) examples."""
-        if self.duplicates is not None:
-            return self.duplicates
-        if not self.hashes:
-            return 0, []
-        owners = [int(o[0]) for o in self.hash_shard if len(o)]
-        parts = [h for h in self.hashes if len(h)]
-        return _merge_duplicates([duplicates_in_bucket(owners, *parts)], self._names())
-
-
-# -- the duplicate-noise check, partitioned by hash prefix ----------------------------------
-
-EXAMPLE_PAIRS = 50  # (shard, shard) pairs kept, in hash order, before the 5 examples
-
-
-def split_hashes(hashes: np.ndarray, buckets: int) -> list[np.ndarray]:
-    """[records, 12] hashes -> ``buckets`` arrays, by the first byte's range (bucket b holds
-    first bytes in [256 b / B, 256 (b + 1) / B)), each in its records' order: the buckets in
-    order, each sorted, are the whole set sorted."""
-    h = np.ascontiguousarray(hashes, dtype=np.uint8).reshape(-1, 12)
-    which = (h[:, 0].astype(np.int64) * buckets) >> 8
-    order = np.argsort(which, kind="stable")
-    cuts = np.cumsum(np.bincount(which, minlength=buckets))[:-1]
-    return [np.ascontiguousarray(p) for p in np.split(h[order], cuts)]
-
-
-def duplicates_in_bucket(owners: list[int], *parts: np.ndarray) -> tuple[int, list]:
-    """One bucket: ``parts[i]`` the hashes of shard ordinal ``owners[i]`` (in the order the
-    shards were added). Returns the records whose hash repeats another's and the first
-    :data:`EXAMPLE_PAIRS` (ordinal, ordinal) pairs of equal neighbours in hash order. Peak
-    memory about 50 bytes per record of the bucket."""
-    sizes = [len(p) for p in parts]
-    if not sum(sizes):
-        return 0, []
-    h = np.concatenate([np.asarray(p, dtype=np.uint8).reshape(-1, 12) for p in parts])
-    owner = np.repeat(np.asarray(owners, dtype=np.uint32), sizes)
-    hv = np.ascontiguousarray(h).view("V12").reshape(-1)
-    del h
-    order = np.argsort(hv, kind="stable")
-    hs = hv[order]
-    same = hs[1:] == hs[:-1]
-    dup = np.zeros(len(hs), dtype=bool)
-    dup[1:] |= same
-    dup[:-1] |= same
-    first = np.flatnonzero(same)[:EXAMPLE_PAIRS]
-    pairs = [(int(owner[order[i]]), int(owner[order[i + 1]])) for i in first]
-    return int(dup.sum()), pairs
-
-
-def _merge_duplicates(results: list[tuple[int, list]], names: dict[int, str]) -> tuple[int, list]:
-    """The buckets' (count, pairs) in bucket order -> the count and up to 5 sorted examples:
-    the same as one sort of every hash (the first pairs in hash order)."""
-    pairs = [p for _, ps in results for p in ps][:EXAMPLE_PAIRS]
-    ex = sorted({(names[a], names[b]) for a, b in pairs})
-    return sum(n for n, _ in results), [list(e) for e in ex[:5]]
 
 
 # -- the scan of one shard ------------------------------------------------------------------
@@ -395,6 +307,7 @@ class ShardStats:
     seconds: float = 0.0
     stats: Stats | None = None
     hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
+    bucket_sizes: list | None = None  # hashes per bucket, once split (pipeline.executor)
     ids: dict = field(default_factory=dict)
     cond: dict = field(default_factory=dict)  # CondScan.summary(): kept columns' figures
     cost: dict = field(default_factory=dict)  # seconds per part of the scan (Cost)
@@ -808,13 +721,3 @@ def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
         st.error = f"{type(exc).__name__}: {exc}"
     st.seconds = time.perf_counter() - t0
     return st
-
-
-def scan_shard_bucketed(out: OutputDir, shard: str, plan: ScanPlan, buckets: int) -> tuple:
-    """:func:`scan_shard` for a Ray task with ``num_returns=1 + buckets``: the ShardStats
-    without its hashes, then its hashes split into ``buckets`` by prefix
-    (:func:`split_hashes`), each its own object for the bucket's reduce task."""
-    st = scan_shard(out, shard, plan)
-    hashes = st.hashes if st.hashes is not None else np.zeros((0, 12), dtype=np.uint8)
-    st.hashes = None
-    return (st, *split_hashes(hashes, buckets))

@@ -1,8 +1,9 @@
 """Validate a precomputed DDPM dataset: ``python -m pipeline.validate output.dir=/data/noised``.
 
-This module is the orchestration: config, dataset, Ray tasks, checks, report. One pass over the
+This module is the orchestration: config, dataset, scans, checks, report. One pass over the
 records, bounded memory whatever the dataset size: every committed shard is read one Parquet
-batch at a time by a Ray task (:func:`pipeline.scan.scan_shard`), and the per-shard statistics
+batch at a time by a Ray task or a local process (:func:`pipeline.scan.scan_shard`; which one:
+:mod:`pipeline.executor`), and the per-shard statistics
 (mergeable moments, co-moments, reservoirs, hashes; see :mod:`pipeline.stats`) are merged on the
 driver as tasks finish (:class:`pipeline.scan.DatasetStats`). Everything about the process comes
 from the dataset itself: the manifest's ``process`` block and every file's ``ddpm`` metadata.
@@ -30,23 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from . import checks, latents_check, records
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, CorruptFileError, OutputDir
 from .report import REPORT_FORMAT, dataset_summary, format_console, write_report
-from .scan import DatasetStats, ScanPlan, ShardStats, scan_shard_bucketed, t_edges
+from .scan import DatasetStats, ScanPlan, t_edges
 from .validate_config import check_values, register_validate_configs
 
 
 class CannotValidate(RuntimeError):
     """The validator cannot run; the message names the path or config key (exit code 2)."""
-
-
-# The duplicate-noise check's buckets (hash prefixes), each checked by its own Ray task: enough
-# that one bucket's task holds about REDUCE_BYTES (50 bytes per record: scan.duplicates_in_bucket)
-MIN_NOISE_BUCKETS, MAX_NOISE_BUCKETS, REDUCE_BYTES = 1, 256, 1 << 30
-
-
-def noise_buckets(records: int) -> int:
-    """The number of hash-prefix buckets for ``records`` records: a power of two."""
-    need = math.ceil(50 * max(records, 1) / REDUCE_BYTES)
-    return max(MIN_NOISE_BUCKETS, min(MAX_NOISE_BUCKETS, 1 << max(0, need - 1).bit_length()))
 
 
 # -- orchestration ---------------------------------------------------------------------------
@@ -114,59 +104,15 @@ def _plan(cfg: DictConfig, process: dict, n_files: int) -> ScanPlan:
 
 
 def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
-    """Scan the shards as Ray tasks on the Ray ``ray.address`` names (see
-    :mod:`pipeline.raysession`), merging as they finish, then check the noise hashes for
-    duplicates bucket by bucket; CannotValidate when Ray cannot start."""
-    from .raysession import RayConnectError, ray_session
+    """Scan the shards with the executor the config names (:mod:`pipeline.executor`: Ray tasks
+    or a local process pool); CannotValidate when Ray cannot start."""
+    from .executor import scan_all
+    from .raysession import RayConnectError
 
-    wall = ds.wall
-    t0 = time.perf_counter()
     try:
-        with ray_session(cfg.ray.address):
-            t1 = time.perf_counter()
-            wall["ray_start"] = t1 - t0
-            _scan_tasks(cfg, out, shards, ds)
-            t2 = time.perf_counter()
-            wall["scan_tasks"] = t2 - t1
-            ds.reduce_duplicates(cfg.ray.num_cpus_per_task)
-            t0 = time.perf_counter()
-            wall["duplicate_reduce"] = t0 - t2
+        scan_all(cfg, out, shards, ds)
     except RayConnectError as exc:
         raise CannotValidate(str(exc)) from None
-    wall["ray_shutdown"] = time.perf_counter() - t0
-
-
-def _scan_tasks(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
-    """At most ``ray.max_in_flight`` shard scans at once; a task whose process died counts as
-    an unreadable file. Each task returns its stats, and its noise hashes split by prefix into
-    :func:`noise_buckets` objects that stay in Ray's object store (the driver keeps references)."""
-    import ray
-    from tqdm import tqdm
-
-    records = sum(int(ds.entries.get(k, {}).get("records") or 0) for k in shards)
-    buckets = noise_buckets(records)
-    task = ray.remote(scan_shard_bucketed).options(
-        num_cpus=cfg.ray.num_cpus_per_task, num_returns=1 + buckets
-    )
-    window = cfg.ray.max_in_flight or max(
-        2, int(2 * ray.cluster_resources().get("CPU", 1) / cfg.ray.num_cpus_per_task)
-    )
-    todo, running = list(reversed(shards)), {}
-    with tqdm(total=len(shards), unit="shard", desc="validate", disable=not cfg.progress) as bar:
-        while todo or running:
-            while todo and len(running) < window:
-                shard = todo.pop()
-                refs = task.remote(out, shard, ds.plan, buckets)
-                running[refs[0]] = (shard, refs[1:])
-            done, _ = ray.wait(list(running), num_returns=1)
-            shard, bucket_refs = running.pop(done[0])
-            try:
-                st = ray.get(done[0])
-            except ray.exceptions.RayError as exc:  # the task's process died (OOM, node)
-                st = ShardStats(shard, out.display(OutputDir.data_name(shard)), error=str(exc))
-                bucket_refs = None
-            ds.add(st, bucket_refs=bucket_refs if st.error is None else None)
-            bar.update(1)
 
 
 def run(cfg: DictConfig) -> dict:

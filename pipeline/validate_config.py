@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 SCHEMA_NAME = "validate_schema"  # in the ConfigStore next to the precompute's "base_config"
+EXECUTORS = ("auto", "ray", "local")  # where the scans run: pipeline.executor
 
 
 @dataclass
@@ -46,6 +47,8 @@ class ValidateConfig:
     seed: int = 0
     plots: bool = True
     progress: bool = True
+    executor: str = "auto"
+    workers: int | None = None
     ray: ValidateRayConfig = field(default_factory=ValidateRayConfig)
 
 
@@ -92,6 +95,16 @@ def check_values(cfg: DictConfig) -> None:
         f"must be in [0, 1), got {cfg.terminal_window}",
     )
     _need(cfg.batch_elements >= 1, "batch_elements", f"must be >= 1, got {cfg.batch_elements}")
+    _need(
+        cfg.executor in EXECUTORS,
+        "executor",
+        f"must be one of {', '.join(EXECUTORS)}, got {cfg.executor!r}",
+    )
+    _need(
+        cfg.workers is None or cfg.workers >= 1,
+        "workers",
+        f"must be >= 1 or null (the CPUs this process may use), got {cfg.workers}",
+    )
     _need(
         cfg.ray.num_cpus_per_task > 0,
         "ray.num_cpus_per_task",

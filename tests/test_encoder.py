@@ -445,8 +445,8 @@ def test_latent_scale_on_real_records_matches_the_stored_x0(arrays_job):
     out = OutputDir(str(arrays_job["tmp"] / "out"))
     plan = ScanPlan(process=m["process"], edges=t_edges(1000, 10, 0.01), grid=False)
     ds = DatasetStats(plan, m["shards"])
-    for shard in sorted(m["shards"]):
-        ds.add(scan_shard(out, shard, plan))
+    for ordinal, shard in enumerate(sorted(m["shards"])):
+        ds.add(scan_shard(out, shard, plan), ordinal)
     (check,) = latent_scale(ds)
     x0 = np.concatenate([cols["x_0"] for cols in read_dir(arrays_job["tmp"] / "out").values()])
     got = [r["std"] for r in check.detail["per_channel"]]

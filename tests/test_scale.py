@@ -8,13 +8,11 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 
 from pipeline import fs, resume
 from pipeline.manifest import MANIFEST, SEGMENT, OutputDir
 from pipeline.precompute import JobState, ShardTask
-from pipeline.scan import _merge_duplicates, duplicates_in_bucket, split_hashes
 
 CHASH = "feedfacecafebeef"
 
@@ -181,39 +179,3 @@ def test_identities_list_each_directory_once_and_stat_what_cannot_be_listed(tmp_
     assert got["pipe:cat x.tar"] is None and got[str(tmp_path / "gone.tar")] is None
     assert calls.n["input_stat"] == 2  # the pipe: URL and the file the listing did not show
     assert json.dumps(got)  # plain values, as the markers record them
-
-
-def _one_sort(hashes: list, names: list) -> tuple[int, list]:
-    """The duplicate check as one sort of every hash (the driver-side check before buckets)."""
-    h = np.concatenate(hashes)
-    owner = np.concatenate([np.full(len(x), i) for i, x in enumerate(hashes)])
-    hv = np.ascontiguousarray(h).view("V12").reshape(-1)
-    order = np.argsort(hv, kind="stable")
-    hs = hv[order]
-    same = hs[1:] == hs[:-1]
-    dup = np.zeros(len(hs), dtype=bool)
-    dup[1:] |= same
-    dup[:-1] |= same
-    first = np.flatnonzero(same)[:50]
-    ex = sorted({(names[owner[order[i]]], names[owner[order[i + 1]]]) for i in first})
-    return int(dup.sum()), [list(e) for e in ex[:5]]
-
-
-@pytest.mark.parametrize("buckets", [1, 2, 3, 16, 256])
-def test_bucketed_duplicate_check_equals_one_sort(buckets):
-    rng = np.random.default_rng(0)
-    shards = [rng.integers(0, 256, (400 + 50 * i, 12), dtype=np.uint8) for i in range(6)]
-    shards[4][:30] = shards[1][100:130]  # a copied block
-    shards[5][7] = shards[5][9]  # a repeat inside a shard
-    shards[2][:80] = shards[0][:80]
-    shards[3][:60] = shards[0][:60]  # three shards share records
-    names = [f"sh-{i}" for i in range(len(shards))]
-    split = [split_hashes(h, buckets) for h in shards]
-    assert all(sum(map(len, p)) == len(h) for p, h in zip(split, shards))
-    results = [
-        duplicates_in_bucket(list(range(len(shards))), *(p[b] for p in split))
-        for b in range(buckets)
-    ]
-    got = _merge_duplicates(results, dict(enumerate(names)))
-    assert got == _one_sort(shards, names)
-    assert got[0] == 2 * 30 + 2 + 3 * 60 + 2 * 20
