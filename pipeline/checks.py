@@ -665,13 +665,13 @@ PROBLEMS = (
 )
 
 
-def _marker_problem(out: OutputDir, shard: str, entry: dict, chash) -> str | None:
-    """What is wrong with a committed shard's marker (its commit point), or None."""
+def _marker_problem(out: OutputDir, shard: str, entry: dict, scanned: dict, chash) -> str | None:
+    """What is wrong with a committed shard's marker (its commit point), or None; the marker
+    was read by the shard's scan (``scanned``: its summary in DatasetStats.shards)."""
     name = OutputDir.marker_name(shard)
-    try:
-        marker = out.read_json(name)
-    except (OSError, ValueError) as exc:  # CorruptFileError names the file
-        return str(exc)
+    marker, error = scanned.get("marker"), scanned.get("marker_error")
+    if marker is None:
+        return error or f"{out.display(name)}: listed, but gone when its shard was scanned"
     for key, want in (("status", entry.get("status")), ("records", entry.get("records"))):
         if marker.get(key) != want:
             return f"{out.display(name)}: {key} {marker.get(key)!r}, manifest {want!r}"
@@ -700,7 +700,7 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
             prob["missing files"].append(out.display(OutputDir.data_name(k)))
             continue
         marker_bad = (
-            _marker_problem(out, k, e, manifest.get("config_hash")) if k in markers else None
+            _marker_problem(out, k, e, s, manifest.get("config_hash")) if k in markers else None
         )
         checks = (
             ("missing commit markers", k not in markers, k),

@@ -190,6 +190,7 @@ class DatasetStats(Stats):
         ``ordinal`` names the shard in the noise hashes' owners (its place in the scan)."""
         summ = {"file": st.file, "rows": st.num_rows, "error": st.error, "seconds": st.seconds}
         summ["meta_problems"] = st.meta_problems
+        summ["marker"], summ["marker_error"] = st.marker, st.marker_error
         self.shards[st.shard] = summ
         self.cost.update(st.cost)
         self.cost["task_total"] += st.seconds
@@ -308,6 +309,8 @@ class ShardStats:
     stats: Stats | None = None
     hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
     bucket_sizes: list | None = None  # hashes per bucket, once split (pipeline.executor)
+    marker: dict | None = None  # its commit marker (_shards/<shard>.json), None when absent
+    marker_error: str | None = None  # why the marker could not be read
     ids: dict = field(default_factory=dict)
     cond: dict = field(default_factory=dict)  # CondScan.summary(): kept columns' figures
     cost: dict = field(default_factory=dict)  # seconds per part of the scan (Cost)
@@ -688,12 +691,24 @@ class _Scanner:
         return st
 
 
+def _read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
+    """The shard's commit marker, read here rather than on the driver (one read per shard, in
+    parallel): (marker, None), (None, why it cannot be read), or (None, None) when absent."""
+    try:
+        return out.read_json(OutputDir.marker_name(shard)), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as exc:  # CorruptFileError names the file
+        return None, str(exc)
+
+
 def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
     """Read one committed shard batch by batch and return its statistics. Never raises for a
     bad file: the error is returned in ``ShardStats.error`` (reported by ``completeness``)."""
     t0 = time.perf_counter()
     name = OutputDir.data_name(shard)
     st = ShardStats(shard=shard, file=out.display(name))
+    st.marker, st.marker_error = _read_marker(out, shard)
     try:
         with out.fs.open_input_file(out.path(name)) as fh:
             pf = pq.ParquetFile(fh)

@@ -105,3 +105,19 @@ def test_a_scan_process_that_always_dies_fails_only_its_shard(dataset, monkeypat
 def test_bad_executor_settings_name_their_key(dataset, bad):
     with pytest.raises(validate.CannotValidate, match=bad.split("=")[0]):
         _run(dataset, bad)
+
+
+def test_the_driver_reads_no_marker_the_scans_do(dataset, monkeypatch):
+    """Markers are read by each shard's scan, in parallel, not one by one on the driver (on an
+    object store, 100,000 shards would be 100,000 requests in a row)."""
+    from pipeline.manifest import OutputDir
+
+    read, names = OutputDir.read_json, []
+
+    def spy(self, name, *a, **k):
+        names.append(name)
+        return read(self, name, *a, **k)
+
+    monkeypatch.setattr(OutputDir, "read_json", spy)
+    report = _run(dataset, "executor=local")
+    assert report["passed"] and not [n for n in names if n.startswith("_shards/")]
