@@ -5,20 +5,19 @@ Two records with the same hash drew the same noise: a keying bug. Finding them n
 hashes of the dataset compared, 16 bytes per record with the shard that owns it (16 GB at 1e9
 records), so the hashes are split by their first byte into ``B`` buckets (:func:`noise_buckets`,
 a power of two): equal hashes fall in the same bucket, each bucket is checked alone
-(:func:`duplicates`, ~50 bytes per record of the bucket), and the buckets' results merge into the
+(:func:`duplicates`, ~56 bytes per record of the bucket), and the buckets' results merge into the
 result of one sort of every hash (:func:`merge_duplicates`).
 
-Where the buckets live while the shards are scanned, per executor (:mod:`pipeline.executor`):
+Where the buckets live: :class:`SpillBuckets`, one append-only file per bucket in a private
+temporary directory of the validator's machine, removed at the end. Each scan returns its
+shard's hashes to the driver (12 bytes per record, one object per shard), which appends them to
+the files and lets them go: the driver holds one shard's hashes at a time, the disk 16 bytes per
+record. Each bucket is then checked by a process of that machine (a pool process, or a Ray task
+pinned to the driver's node: :mod:`pipeline.executor`) reading its file.
 
-* :class:`SpillBuckets` (local process pool): the driver appends each shard's parts to one file
-  per bucket in a private temporary directory, removed at the end; each bucket is then checked
-  by a pool process reading its file. Driver memory: one shard's hashes at a time.
-* :class:`RayBuckets` (Ray tasks): each part stays in Ray. Ray keeps a task's return values
-  under 100 KiB in the caller's own memory, so the driver gathers a bucket's small parts into
-  one :func:`concat` task once they reach :data:`GATHER_BYTES`; that task's result, larger than
-  the limit, lives in Ray's object store (spilled to disk by Ray when full). Driver memory: at
-  most ``B x GATHER_BYTES`` of parts not yet gathered. Each bucket is then checked by its own
-  Ray task.
+Why not keep the buckets in Ray's object store: one object per shard and bucket costs the driver,
+their owner, a few KiB of Ray bookkeeping each while it holds the reference (measured: 290 MiB for
+1,000 shards x 64 buckets, ``python -m jobs.bench.noisehash``), more than the hashes themselves.
 """
 
 from __future__ import annotations
@@ -35,15 +34,15 @@ import numpy as np
 HASH = np.dtype([("h", "V12"), ("owner", "<u4")])
 HASH_BYTES = 12
 MIN_BUCKETS, MAX_BUCKETS = 1, 256
-BUCKET_BYTES = 1 << 30  # target peak memory of one bucket's check (50 bytes per record)
-GATHER_BYTES = 256 << 10  # RayBuckets: small parts of a bucket gathered into one object
+BUCKET_BYTES = 1 << 30  # target peak memory of one bucket's check
+CHECK_BYTES_PER_RECORD = 56  # one bucket's check, measured (python -m jobs.bench.noisehash)
 EXAMPLE_PAIRS = 50  # (shard, shard) pairs kept, in hash order, before the 5 examples
 
 
 def noise_buckets(records: int) -> int:
     """The number of hash-prefix buckets for ``records`` records: a power of two in
     [MIN_BUCKETS, MAX_BUCKETS], enough that one bucket's check holds ~BUCKET_BYTES."""
-    need = math.ceil(50 * max(records, 1) / BUCKET_BYTES)
+    need = math.ceil(CHECK_BYTES_PER_RECORD * max(records, 1) / BUCKET_BYTES)
     return max(MIN_BUCKETS, min(MAX_BUCKETS, 1 << max(0, need - 1).bit_length()))
 
 
@@ -61,16 +60,11 @@ def split_hashes(hashes: np.ndarray, owner: int, buckets: int) -> list[np.ndarra
     return [np.ascontiguousarray(p) for p in np.split(rec[order], cuts)]
 
 
-def concat(*parts: np.ndarray) -> np.ndarray:
-    """Parts of one bucket -> one array of :data:`HASH` (a Ray task in :class:`RayBuckets`)."""
-    return np.concatenate([np.asarray(p, dtype=HASH) for p in parts]) if parts else _empty()
-
-
 def duplicates(*parts: np.ndarray) -> tuple[int, list]:
     """One bucket's check: ``parts`` arrays of :data:`HASH`. Returns the number of records whose
     hash repeats another's and the first :data:`EXAMPLE_PAIRS` (owner, owner) pairs of equal
-    neighbours in hash order. Peak memory about 50 bytes per record of the bucket."""
-    rec = concat(*parts)
+    neighbours in hash order. Peak memory about CHECK_BYTES_PER_RECORD per record."""
+    rec = np.concatenate([np.asarray(p, dtype=HASH) for p in parts]) if parts else _empty()
     if not len(rec):
         return 0, []
     order = np.argsort(rec["h"], kind="stable")
@@ -86,7 +80,7 @@ def duplicates(*parts: np.ndarray) -> tuple[int, list]:
 
 
 def duplicates_in_file(path: str) -> tuple[int, list]:
-    """:func:`duplicates` of one :class:`SpillBuckets` file (a pool task)."""
+    """:func:`duplicates` of one :class:`SpillBuckets` file (a pool process or a Ray task)."""
     return duplicates(np.fromfile(path, dtype=HASH)) if os.path.exists(path) else (0, [])
 
 
@@ -112,17 +106,22 @@ class SpillBuckets:
         self.paths = [os.path.join(self.dir, f"bucket-{b:03d}.bin") for b in range(buckets)]
         self.records = 0
 
-    def add(self, parts: Sequence[np.ndarray]) -> None:
-        """Append one shard's parts (from :func:`split_hashes`) to their buckets' files."""
-        for path, part in zip(self.paths, parts, strict=True):
+    def add(self, hashes: np.ndarray, owner: int) -> None:
+        """Append the [records, 12] hashes of shard ordinal ``owner`` to their buckets' files."""
+        for path, part in zip(self.paths, split_hashes(hashes, owner, self.buckets), strict=True):
             if len(part):
                 with open(path, "ab") as f:
                     f.write(np.ascontiguousarray(part, dtype=HASH).tobytes())
                 self.records += len(part)
 
+    def bucket_records(self, b: int) -> int:
+        """The records in bucket ``b`` so far."""
+        path = self.paths[b]
+        return os.path.getsize(path) // HASH.itemsize if os.path.exists(path) else 0
+
     def reduce(self, map_: Callable = map) -> list[tuple[int, list]]:
         """Each bucket's :func:`duplicates`, in bucket order; ``map_`` runs
-        :func:`duplicates_in_file` over the files (a process pool's ``map``)."""
+        :func:`duplicates_in_file` over the files (e.g. a process pool's ``map``)."""
         return list(map_(duplicates_in_file, self.paths))
 
     def __enter__(self) -> SpillBuckets:
@@ -130,40 +129,3 @@ class SpillBuckets:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class RayBuckets:
-    """Buckets as objects in Ray (Ray executor): per bucket the references of gathered parts
-    (in the object store) and of small parts not gathered yet (on the driver, at most
-    :data:`GATHER_BYTES` each bucket). Run inside the Ray session that holds them."""
-
-    def __init__(self, buckets: int, num_cpus: float = 1.0, gather_bytes: int = GATHER_BYTES):
-        import ray
-
-        self.buckets, self.gather_bytes = buckets, gather_bytes
-        self._concat = ray.remote(concat).options(num_cpus=num_cpus)
-        self._check = ray.remote(duplicates).options(num_cpus=num_cpus)
-        self.gathered: list[list] = [[] for _ in range(buckets)]
-        self.pending: list[list] = [[] for _ in range(buckets)]
-        self.pending_bytes = [0] * buckets
-        self.records = 0
-
-    def add(self, refs: Sequence, sizes: Sequence[int]) -> None:
-        """One shard's part references and their record counts, bucket by bucket."""
-        for b, (ref, n) in enumerate(zip(refs, sizes, strict=True)):
-            if not n:
-                continue
-            self.records += n
-            self.pending[b].append(ref)
-            self.pending_bytes[b] += n * HASH.itemsize
-            if self.pending_bytes[b] >= self.gather_bytes:
-                self.gathered[b].append(self._concat.remote(*self.pending[b]))
-                self.pending[b], self.pending_bytes[b] = [], 0
-
-    def reduce(self) -> list[tuple[int, list]]:
-        """Each bucket's :func:`duplicates`, one Ray task per bucket, in bucket order."""
-        import ray
-
-        return ray.get(
-            [self._check.remote(*g, *p) for g, p in zip(self.gathered, self.pending, strict=True)]
-        )

@@ -308,7 +308,6 @@ class ShardStats:
     seconds: float = 0.0
     stats: Stats | None = None
     hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
-    bucket_sizes: list | None = None  # hashes per bucket, once split (pipeline.executor)
     marker: dict | None = None  # its commit marker (_shards/<shard>.json), None when absent
     marker_error: str | None = None  # why the marker could not be read
     ids: dict = field(default_factory=dict)

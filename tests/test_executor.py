@@ -20,21 +20,21 @@ from pipeline.scan import scan_shard
 DIE_ON = "sh-1"  # the shard whose scan process dies in the tests below
 
 
-def dying_scan(out, shard, plan, ordinal, buckets):
+def dying_scan(out, shard, plan):
     """executor.scan_task, except that the scan of DIE_ON kills its process."""
     if shard == DIE_ON:
         os._exit(9)
-    return executor.split_scan(scan_shard(out, shard, plan), ordinal, buckets)
+    return scan_shard(out, shard, plan)
 
 
-def dying_once_scan(out, shard, plan, ordinal, buckets):
+def dying_once_scan(out, shard, plan):
     """executor.scan_task, except that the first scan of DIE_ON kills its process (the pool's
     processes share no memory with the test: a file beside the dataset says it died)."""
     marker = os.path.join(os.path.dirname(out.root), "died-once")
     if shard == DIE_ON and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(9)
-    return executor.split_scan(scan_shard(out, shard, plan), ordinal, buckets)
+    return scan_shard(out, shard, plan)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 from pipeline import noisehash
 from pipeline.noisehash import (
     HASH,
-    RayBuckets,
     SpillBuckets,
     duplicates,
     merge_duplicates,
@@ -75,26 +74,14 @@ def test_spill_buckets_give_the_same_verdict_and_remove_their_directory(tmp_path
     shards, names = _shards()
     with SpillBuckets(16, dir=str(tmp_path)) as spill:
         for i, h in enumerate(shards):
-            spill.add(split_hashes(h, i, 16))
+            spill.add(h, i)
         assert spill.records == sum(map(len, shards))
         on_disk = sum(os.path.getsize(p) for p in spill.paths if os.path.exists(p))
         assert on_disk == HASH.itemsize * spill.records  # 16 bytes per record, nothing else
+        assert sum(spill.bucket_records(b) for b in range(16)) == spill.records
         got = merge_duplicates(spill.reduce(), dict(enumerate(names)))
     assert got == _one_sort(shards, names)
     assert os.listdir(tmp_path) == []  # its own directory, removed; nothing else touched
-
-
-def test_ray_buckets_gather_small_parts_and_give_the_same_verdict(ray_session):
-    """Small parts (inlined by Ray into the driver) are gathered into objects of the object
-    store once a bucket's pending parts reach gather_bytes."""
-    shards, names = _shards()
-    held = RayBuckets(4, gather_bytes=2048)
-    for i, h in enumerate(shards):
-        parts = split_hashes(h, i, 4)
-        held.add([ray_session.put(p) for p in parts], [len(p) for p in parts])
-    assert all(held.gathered) and max(held.pending_bytes) < 2048
-    got = merge_duplicates(held.reduce(), dict(enumerate(names)))
-    assert got == _one_sort(shards, names)
 
 
 def test_bucket_count_is_a_power_of_two_that_bounds_a_bucket(monkeypatch):

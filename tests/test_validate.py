@@ -24,7 +24,7 @@ from pipeline.checks import Highlight, litem, verdict
 from pipeline.config import compose
 from pipeline.diffusion import q_posterior, q_sample
 from pipeline.manifest import MANIFEST, OutputDir
-from pipeline.noisehash import RayBuckets, SpillBuckets
+from pipeline.noisehash import SpillBuckets
 from pipeline.precompute import run as precompute
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -463,23 +463,22 @@ def test_verdict_takes_keywords_and_keeps_highlights_in_order():
 def test_noise_copied_between_shards_is_found_across_hash_buckets(
     base, tmp_path, monkeypatch, executor
 ):
-    """The duplicate check partitioned by hash prefix (16 buckets, each checked alone): in Ray
-    objects or in spill files, the driver holds no hash, and the verdict is that of one sort."""
+    """The duplicate check partitioned by hash prefix (16 buckets of spill files, each checked
+    alone by a pool process or a Ray task): the verdict is that of one sort."""
     _, donor = _read(base["a"] / "sh-0.parquet")
 
     def copy_noise(cols, sched, shard):
         _refresh(cols, sched, eps32=donor["epsilon"].astype(np.float32))
 
     seen = []
-    held = RayBuckets if executor == "ray" else SpillBuckets
-    reduce = held.reduce
+    leave = SpillBuckets.__exit__
 
-    def spy(self, *a, **k):
-        seen.append((self.buckets, self.records))
-        return reduce(self, *a, **k)
+    def spy(self, *exc):
+        seen.append((self.buckets, sum(map(self.bucket_records, range(self.buckets)))))
+        return leave(self, *exc)
 
     monkeypatch.setattr(noisehash, "MIN_BUCKETS", 16)
-    monkeypatch.setattr(held, "reduce", spy)
+    monkeypatch.setattr(SpillBuckets, "__exit__", spy)
     d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-3"], copy_noise)
     report, checks = _validate(d, f"executor={executor}")
     assert report["summary"]["executor"] == executor
