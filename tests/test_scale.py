@@ -179,3 +179,20 @@ def test_identities_list_each_directory_once_and_stat_what_cannot_be_listed(tmp_
     assert got["pipe:cat x.tar"] is None and got[str(tmp_path / "gone.tar")] is None
     assert calls.n["input_stat"] == 2  # the pipe: URL and the file the listing did not show
     assert json.dumps(got)  # plain values, as the markers record them
+
+
+def test_the_manifest_is_json_with_a_shard_per_line():
+    """The manifest's encoding: valid JSON equal to the object, keys sorted, two levels
+    indented and each shard entry on its own line (greppable; json's C encoder writes it)."""
+    entry = {"status": "ok", "records": 2, "source_identity": {"size": 1, "mtime": 2.5}}
+    m = {"format": 2, "shards": {"b": entry, "a": {**entry, "records": 4}}, "x": [], "y": {}}
+    text = OutputDir.encode_json(m).decode()
+    assert json.loads(text) == m and text.endswith("}\n")
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[1] == '  "format": 2,'
+    shard_lines = [ln for ln in lines if ln.startswith('    "')]
+    assert [json.loads("{" + ln.rstrip(",") + "}") for ln in shard_lines] == [
+        {"a": {**entry, "records": 4}},
+        {"b": entry},
+    ]
+    assert OutputDir.encode_json({}) == b"{}\n"
