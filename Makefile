@@ -29,8 +29,15 @@ test: lint
 demo: setup
 	$(PY) -m pipeline.demo --dir $(DEMO_DIR)
 
+# The whole benchmark (~1 h on 2 cores): the precompute against the floor and the peer, then
+# validation against the precompute, the training loader, the driver at 100k shards and the
+# duplicate-noise check's memory. Raw results in jobs/bench/results/; docs/benchmark.md.
 bench: setup
 	$(PY) -m jobs.bench
+	$(PY) -m jobs.bench.validation --shards 16 --out jobs/bench/results/validation.json
+	$(PY) -m jobs.bench.loader --json jobs/bench/results/loader.json
+	$(PY) -m jobs.bench.scale
+	$(PY) -m jobs.bench.noisehash
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
