@@ -21,7 +21,8 @@ broken stream raises :class:`~pipeline.tarstream.ShardReadError` (or its subclas
 group being read at the fault is yielded too, unless the fault struck inside one of its members.
 
 Also here: the shard list and names: :func:`expand_urls`, :func:`shard_id`,
-:func:`check_unique_ids`.
+:func:`check_unique_ids`. The driver uses only these, and ``webdataset`` (whose ``__init__``
+imports torch) is imported by the functions that read a shard, so the driver loads neither.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+import braceexpand
 import numpy as np
-from webdataset.shardlists import expand_urls as _wds_expand_urls
-from webdataset.tariterators import base_plus_ext
 
 from .decoders import DecodeError, check_finite
 from .tarstream import (
@@ -82,6 +82,8 @@ class SampleError(ValueError):
 
 def _split(name: str, limits: ReadLimits) -> tuple[str | None, str | None]:
     """base_plus_ext of a name within ``limits.max_name_bytes`` (else (None, None))."""
+    from webdataset.tariterators import base_plus_ext
+
     if len(name.encode("utf-8", "surrogateescape")) > limits.max_name_bytes:
         return None, None
     return base_plus_ext(name)
@@ -97,6 +99,8 @@ def _groups(
     interrupts. Keys that are not valid UTF-8 are yielded printable (``\\xNN``) with a problem.
     At a stream fault the pending group is yielded unless the fault struck one of its members
     (then it is dropped and named in the ShardReadError)."""
+    from webdataset.tariterators import base_plus_ext
+
     seen: set[str] = set()
     key, members, problem, strays = None, {}, None, []
 
@@ -222,20 +226,39 @@ def _decode(url, decoder, fail, key, index, members, problem, conditioning=None)
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:
-    """Shard URLs of ``spec`` as WebDataset expands them: split on ``::``, substitute ``${VAR}``
-    from ``WDS_VAR`` environment variables, brace-expand (``a-{000..009}.tar``, ``{a,b}``). A
-    list is expanded element by element. Other text (``pipe:`` commands, ``s3://``) is untouched.
-    Raises ValueError if nothing remains."""
+    """Shard URLs of ``spec`` as WebDataset expands them (``webdataset.shardlists.expand_urls``,
+    without importing webdataset): split on ``::``, substitute ``${VAR}`` from ``WDS_VAR``
+    environment variables, brace-expand (``a-{000..009}.tar``, ``{a,b}``). A list is expanded
+    element by element. Other text (``pipe:`` commands, ``s3://``) is untouched. Raises
+    ValueError if nothing remains or a ``WDS_`` variable is missing."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for s in specs:
-        try:
-            urls.extend(u for u in _wds_expand_urls(s) if u.strip())
-        except AssertionError as exc:  # webdataset asserts on a missing WDS_ variable
-            raise ValueError(f"cannot expand {s!r}: {exc}") from exc
+        for part in s.split("::"):
+            try:
+                part = _substitute_wds_vars(part)
+            except KeyError as exc:
+                raise ValueError(
+                    f"cannot expand {s!r}: missing environment variable {exc.args[0]} "
+                    f"(${{{exc.args[0][4:]}}} is read from {exc.args[0]})"
+                ) from None
+            urls.extend(u for u in braceexpand.braceexpand(part) if u.strip())
     if not urls:
         raise ValueError(f"no shard URLs in {spec!r}")
     return urls
+
+
+_WDS_VAR = re.compile(r"\$\{(\w+)\}")
+
+
+def _substitute_wds_vars(url: str) -> str:
+    """WebDataset's ``envsubst``: ``${VAR}`` -> ``$WDS_VAR``, repeated (at most 10 times) while
+    a value brings new ``${...}``; KeyError names a missing variable."""
+    for _ in range(10):
+        last, url = url, _WDS_VAR.sub(lambda m: os.environ["WDS_" + m.group(1)], url)
+        if url == last:
+            break
+    return url
 
 
 _TAR_SUFFIX = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2?|txz)$", re.IGNORECASE)

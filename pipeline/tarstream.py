@@ -37,8 +37,6 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple
 from urllib.parse import urlparse
 
-import webdataset
-
 from .fs import open_input
 
 # Defaults of ReadLimits and of the config keys source.max_member_bytes, source.shard_timeout_s.
@@ -341,6 +339,8 @@ class Budget:
 
 
 def _open(url: str):
+    import webdataset  # here, not with the module: its __init__ imports torch (the driver's cost)
+
     scheme = urlparse(url).scheme
     if scheme in ("", "file") or scheme in webdataset.gopen_schemes or len(scheme) == 1:
         return webdataset.gopen(url, "rb")  # len 1: a Windows drive letter

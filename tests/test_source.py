@@ -296,6 +296,50 @@ def test_expand_urls():
         expand_urls([])
 
 
+SPECS = [
+    "s3://b/train-{000..002}.tar",  # a range with zero padding
+    "a-{8..11}.tar",  # a range across widths, no padding
+    "a-{0008..0011}.tar",
+    "x-{a,b}-{1..2}.tgz",  # a list, nested with a range
+    "a-{0..1}.tar::b-{x,y}.tar::c.tar",  # :: lists
+    "a-{0..4..2}.tar",  # a step
+    "a-{c..a}.tar",  # a letter range, descending
+    "a-{1..0}{x,y}.tar",
+    "a-\\{0..1\\}.tar",  # escaped braces stay
+    "{}.tar",
+    "a.tar::",  # an empty part
+    "pipe:curl -s http://h/a-{01..02}.tar",
+    "/data/${SPLIT}/a-{0..1}.tar",  # ${VAR} from WDS_VAR
+    "/data/${NEST}/a.tar",  # a value naming another variable
+]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_expand_urls_is_webdatasets_expansion(spec, monkeypatch):
+    """expand_urls reimplements webdataset.shardlists.expand_urls (importing webdataset imports
+    torch): the same URLs for every spec (only blank ones are dropped)."""
+    from webdataset.shardlists import expand_urls as wds_expand_urls
+
+    monkeypatch.setenv("WDS_SPLIT", "train")
+    monkeypatch.setenv("WDS_NEST", "${SPLIT}-{0..1}")
+    expected = [u for u in wds_expand_urls(spec) if u.strip()]
+    assert expected and expand_urls(spec) == expected
+    assert expand_urls([spec, spec]) == expected * 2
+
+
+def test_expand_urls_refuses_what_webdataset_refuses(monkeypatch):
+    from webdataset.shardlists import expand_urls as wds_expand_urls
+
+    with pytest.raises(ValueError, match="Unbalanced braces") as ours:
+        expand_urls("a-{0..1.tar")
+    with pytest.raises(ValueError) as theirs:
+        wds_expand_urls("a-{0..1.tar")
+    assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+    monkeypatch.delenv("WDS_NOPE", raising=False)
+    with pytest.raises(ValueError, match=r"missing environment variable WDS_NOPE \(\$\{NOPE\}"):
+        expand_urls("/d/${NOPE}/a.tar")
+
+
 @pytest.mark.parametrize(
     "url,expected",
     [
