@@ -484,7 +484,7 @@ class Latent(Sample):
 
 # Device bytes per input pixel and first-block channel while a sample is encoded (activations of
 # a resnet block and GroupNorm temporaries, in the encoder dtype): an overestimate, like the noise
-# stage's DEVICE_BYTES_PER_ELEMENT.
+# stage's DEVICE_BYTES_PER_ELEMENT (pipeline.memory).
 ENCODE_ACTIVATIONS = 8
 
 
@@ -515,7 +515,7 @@ class EncodeStage:
         self.vae = load_vae(fetch_model(meta), self.dtype, device)
         self.batch_size = int(meta["batch_size"])
         if device.type == "cuda":
-            from .worker import fit_batch_size
+            from .memory import fit_batch_size
 
             itemsize = torch.finfo(getattr(torch, self.dtype)).bits // 8
             per = encode_bytes_per_sample(self.vae.config, meta["input_shape"], itemsize)

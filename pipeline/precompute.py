@@ -38,6 +38,7 @@ from .manifest import (
     OutputDir,
     is_temporary,
 )
+from .memory import fit_batch_size, host_memory_share, working_set_per_sample
 from .noise import KeyedNoise
 from .pool import ActorPool, death_cause, pool_size
 from .raysession import RayConnectError, ray_session
@@ -45,7 +46,7 @@ from .records import make_metadata
 from .schedule import make_schedule
 from .source import Sample, SampleError, check_unique_ids, expand_urls, iter_shard, shard_id
 from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
-from .worker import ShardWorker, fit_batch_size, host_memory_share, working_set_per_sample
+from .worker import ShardWorker  # torch-free to import: its actors load torch
 
 log = logging.getLogger(__name__)
 

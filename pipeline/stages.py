@@ -15,6 +15,9 @@ batch`` shape.
   the device (:func:`compute_records`).
 * :class:`ParquetSink`: row groups of exactly ``rows_per_group`` rows into a temporary file.
 * :func:`commit`: rejects part -> rename -> marker (the commit point, see :mod:`pipeline.manifest`).
+
+torch (and :mod:`pipeline.diffusion`) is imported by the functions that compute, not with the
+module: the driver calls :func:`commit` and :func:`discard` and never loads torch.
 """
 
 from __future__ import annotations
@@ -24,15 +27,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from .conditioning import Conditioning
 from .decoders import make_decoder
-from .diffusion import q_posterior, q_sample
 from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
 from .prefetch import ReadAhead
@@ -40,6 +42,9 @@ from .records import DTYPES, build_table, writer_options
 from .schedule import NoiseSchedule
 from .source import Reject, Sample, iter_shard
 from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +159,10 @@ def compute_records(
     value repeated on its K rows; a sample without them (lost on the way) is a KeyError, never a
     null.
     """
+    import torch
+
+    from .diffusion import q_posterior, q_sample
+
     latent, dtype = options.latent, options.dtype
     keys = [s.key for s in samples]
     indices = np.array([s.index for s in samples], dtype=np.int64)
@@ -240,6 +249,8 @@ def _to_host(x: torch.Tensor) -> torch.Tensor:
     the stream before reading it."""
     if x.device.type != "cuda":
         return x
+    import torch
+
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     return host.copy_(x, non_blocking=True)
 

@@ -10,6 +10,9 @@ small summary.
 
 A shard whose stream breaks after some samples is written but not committed: the driver decides
 (retry it, or commit it as ``partial`` on its last attempt, see :mod:`pipeline.precompute`).
+
+torch is imported where it is used (:meth:`ShardWorker.setup`, :func:`resolve_device`), not with
+the module: the driver imports :class:`ShardWorker` to start the actors and never loads torch.
 """
 
 from __future__ import annotations
@@ -19,13 +22,12 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .fs import identity
 from .manifest import OutputDir
+from .memory import fit_batch_size, host_memory_share, working_set_per_sample
 from .records import noise_from_metadata, record_schema, schedule_from_metadata
 from .source import shard_id
 from .stages import (
@@ -40,6 +42,9 @@ from .stages import (
 )
 from .tarstream import ShardReadError, ShardTimeoutError
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +54,8 @@ def resolve_device(requested: str, gpu_ids: Sequence, cuda_available: bool) -> t
     Ray sets CUDA_VISIBLE_DEVICES to the assigned ids, so the first assigned GPU is ``cuda:0``
     inside the actor. ``requested`` is ``ray.device``: auto | cuda | cpu.
     """
+    import torch
+
     if requested == "cpu":
         return torch.device("cpu")
     if gpu_ids and cuda_available:
@@ -61,47 +68,6 @@ def resolve_device(requested: str, gpu_ids: Sequence, cuda_available: bool) -> t
             "ray.device=auto|cpu"
         )
     return torch.device("cpu")
-
-
-# Device bytes per sample element and draw while a batch is computed: float32 x_0, eps, x_t and
-# the posterior's temporaries, plus the output casts (a deliberate overestimate).
-DEVICE_BYTES_PER_ELEMENT = 8 * 4
-
-
-def fit_batch_size(
-    requested: int, bytes_per_sample: int, free_bytes: int, fraction=0.5, where="GPU"
-) -> int:
-    """The batch size to use: ``requested``, capped so that the batch's working set
-    (``bytes_per_sample`` each) fits in ``fraction`` of ``free_bytes`` of ``where``'s memory
-    (the GPU's free memory, or the host's share of an actor). MemoryError when one sample does
-    not fit, naming the keys that set its size."""
-    fits = int(free_bytes * fraction) // max(1, bytes_per_sample)
-    if fits < 1:
-        fix = (
-            "free the GPU or use ray.device=cpu"
-            if where == "GPU"
-            else (
-                "use a smaller source.resolution (or arrays), fewer sampling.draws_per_sample, or "
-                "more memory per actor (ray.cpus_per_actor, on nodes with more RAM)"
-            )
-        )
-        raise MemoryError(
-            f"one sample needs ~{bytes_per_sample / 2**20:.1f} MiB of {where} memory while "
-            f"{fraction:.0%} of {free_bytes / 2**20:.1f} MiB is available to it: {fix}"
-        )
-    return min(requested, fits)
-
-
-def host_memory_share(cpus_per_actor: float) -> int:
-    """This node's physical memory in bytes, times the share of its CPUs one actor reserves
-    (the default pool runs one actor per CPU)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * min(1.0, cpus_per_actor / max(1, os.cpu_count() or 1)))
-
-
-def working_set_per_sample(shape, draws: int) -> int:
-    """Bytes one sample's K records take while a batch is computed (an overestimate)."""
-    return draws * int(np.prod(shape)) * DEVICE_BYTES_PER_ELEMENT
 
 
 class ShardWorker:
@@ -117,6 +83,8 @@ class ShardWorker:
         self.setup()
 
     def setup(self) -> None:
+        import torch
+
         cfg = self.cfg
         # Rebuilt from the driver's process description (checks the betas hash on this node).
         schedule = schedule_from_metadata(self.metadata)

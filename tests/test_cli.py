@@ -123,3 +123,52 @@ def test_a_job_and_its_validation_write_nothing_to_the_working_directory(tmp_pat
     assert res.returncode in (0, 1), res.stdout[-3000:] + res.stderr[-3000:]
     assert (out / "validation" / "report.json").exists()
     assert list(cwd.iterdir()) == []
+
+
+_DRIVER_WITHOUT_TORCH = """
+import sys
+
+def loaded():
+    return sorted({m.split(".")[0] for m in sys.modules} & {"torch", "webdataset"})
+
+import pipeline.precompute as pc
+from pipeline.config import compose
+
+assert not loaded(), f"import pipeline.precompute loaded {loaded()}"
+images, arrays, out = sys.argv[1:]
+jobs = {
+    "images": [f"source.urls={images}", "source.resolution=8"],
+    "arrays": ["source=arrays", f"source.urls={arrays}", "source.shape=[2,4,4]"],
+}
+with pc.ray_session(None, num_cpus=1):  # one embedded Ray for both jobs
+    for name, overrides in jobs.items():
+        cfg = compose(["progress=false", f"output.dir={out}/{name}", *overrides])
+        manifest = pc.run(cfg)
+        assert manifest["exit_code"] == 0, manifest["totals"]
+        assert manifest["totals"]["records"] == 3, manifest["totals"]
+        assert not loaded(), f"the {name} job loaded {loaded()} in the driver"
+"""
+
+
+@pytest.mark.slow
+def test_the_driver_never_imports_torch(tmp_path):
+    """torch (~1 s of the driver's imports) and webdataset (whose __init__ imports torch) load in
+    the actors only: neither ``import pipeline.precompute`` nor a whole images job, or an arrays
+    job whose shape is configured, loads them in the driver process."""
+    from shards import write_array_shard
+
+    write_image_shard(tmp_path / "img-0.tar", 3, size=(12, 10))
+    write_array_shard(tmp_path / "arr-0.tar", 3, shape=(2, 4, 4))
+    res = subprocess.run(
+        [sys.executable, "-c", _DRIVER_WITHOUT_TORCH]
+        + [str(tmp_path / "img-{0..0}.tar"), str(tmp_path / "arr-0.tar"), str(tmp_path)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / "images" / "img-0.parquet").exists()
+    assert (tmp_path / "arrays" / "arr-0.parquet").exists()

@@ -1,5 +1,5 @@
-"""Unit tests of the shard worker's pieces: device pinning, batch maths, row-group writing,
-GPU batch sizing and the read-ahead default."""
+"""Unit tests of the shard worker's pieces: device pinning, batch maths, row-group writing and
+the read-ahead default (batch sizing by free memory: test_memory.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pipeline.noise import KeyedNoise
 from pipeline.schedule import make_schedule
 from pipeline.source import Sample
 from pipeline.stages import RecordOptions, RowGroupWriter, compute_records, read_ahead
-from pipeline.worker import DEVICE_BYTES_PER_ELEMENT, fit_batch_size, resolve_device
+from pipeline.worker import resolve_device
 
 
 def test_resolve_device_from_assigned_gpus():
@@ -100,17 +100,6 @@ def test_row_group_writer_writes_exact_groups(tmp_path):
     md = pq.ParquetFile(path).metadata
     assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == [4, 4, 4, 3]
     assert pq.read_table(path).num_rows == 15
-
-
-def test_fit_batch_size_caps_to_free_device_memory():
-    per_sample = 3 * 64 * 64 * DEVICE_BYTES_PER_ELEMENT  # one 64 px draw: 384 KiB
-    assert fit_batch_size(64, per_sample, free_bytes=8 * 2**30) == 64  # fits: unchanged
-    # half of 10 MiB free holds 13 such samples
-    assert fit_batch_size(64, per_sample, free_bytes=10 * 2**20) == 13
-    with pytest.raises(MemoryError, match=r"free the GPU or use ray.device=cpu"):
-        fit_batch_size(64, per_sample, free_bytes=2**19)
-    with pytest.raises(MemoryError, match=r"of host memory.*smaller source.resolution"):
-        fit_batch_size(64, per_sample, free_bytes=2**19, where="host")
 
 
 def test_a_sample_too_large_for_an_actor_is_a_config_error(tmp_path, make_cfg):
