@@ -205,7 +205,7 @@ def startup_table(startup: dict) -> str:
     if not startup:
         return "(not measured: --no-startup)"
     what = {
-        "import": "driver imports (`pipeline.precompute`: Hydra, Ray, torch via webdataset)",
+        "import": "driver imports (`pipeline.precompute`: Hydra, Ray; torch only in the actors)",
         "ray_init": "`ray.init`: GCS, raylet, API server, dashboard + runtime-env agents",
         "actors": "2 actors ready (worker processes importing torch, pyarrow, PIL)",
         "shutdown": "`ray.shutdown` (SIGTERM to Ray's processes, waiting for them)",

@@ -4,11 +4,11 @@
 range over fresh interpreters. Each repeat runs ``python -m jobs.bench.startup --child`` (from
 the repository root) and times, as the precompute driver does them, in order:
 
-* ``import``: ``import pipeline.precompute`` (Hydra, Ray, and torch through webdataset);
+* ``import``: ``import pipeline.precompute`` (Hydra and Ray; the driver does not load torch);
 * ``ray_init``: ``ray.init(include_dashboard=False)``, i.e. starting GCS, raylet, the API
   server, dashboard and runtime-env agents, log monitor and autoscaler monitor;
-* ``actors``: two 1-CPU actors that import the shard worker (torch, pyarrow, PIL), until both
-  answer a call;
+* ``actors``: two 1-CPU actors that import the shard worker and what its setup and first shard
+  load (torch, webdataset, pyarrow, PIL), until both answer a call;
 * ``shutdown``: ``ray.shutdown()`` (SIGTERM to Ray's processes and waiting for them).
 
 The precompute pays these once per job; the floor pays ~0.5 s for its process pool.
@@ -43,6 +43,10 @@ def child() -> dict:
     @ray.remote(num_cpus=1)
     class Warm:
         def __init__(self):
+            # what a ShardWorker loads by its first shard (the module imports torch lazily)
+            import torch  # noqa: F401
+            import webdataset  # noqa: F401
+
             import pipeline.worker  # noqa: F401
 
         def ping(self) -> int:
