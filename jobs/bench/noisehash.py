@@ -50,23 +50,23 @@ def _shards(n: int, per_shard: int, seed: int = 0):
 
 
 def local_driver(n: int, per_shard: int, buckets: int) -> dict:
-    from pipeline.noisehash import SpillBuckets, split_hashes
+    from pipeline.noisehash import SpillBuckets
 
     base, t0 = _rss_mib("VmRSS"), time.process_time()
     with SpillBuckets(buckets) as spill:
         for ordinal, h in enumerate(_shards(n, per_shard)):
-            spill.add(split_hashes(h, ordinal, buckets))
+            spill.add(h, ordinal)
         on_disk = sum(os.path.getsize(p) for p in spill.paths if os.path.exists(p))
     return {"growth_mib": _rss_mib("VmHWM") - base, "cpu_s": time.process_time() - t0,
             "spill_bytes": on_disk}  # fmt: skip
 
 
 def local_reduce(n: int, per_shard: int) -> dict:
-    from pipeline.noisehash import SpillBuckets, split_hashes
+    from pipeline.noisehash import SpillBuckets
 
     with SpillBuckets(1, dir=tempfile.gettempdir()) as spill:
         for ordinal, h in enumerate(_shards(n, per_shard)):
-            spill.add(split_hashes(h, ordinal, 1))
+            spill.add(h, ordinal)
         # this process's peak so far is the data generation; measure the check in a child
         code = (
             "import sys, time; from jobs.bench.noisehash import _rss_mib;"
@@ -140,13 +140,11 @@ def child(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench.noisehash", description=__doc__)
     p.add_argument("--records", default="100000,1000000,10000000")
-    p.add_argument("--ray-records", default="100000,1000000")
+    p.add_argument("--ray-records", default="300000,1000000,3000000")
     p.add_argument("--per-shard", type=int, default=1000)
     p.add_argument("--buckets", type=int, default=64, help="64: what 1e9 records get")
     p.add_argument("--out", default="jobs/bench/results/noisehash.json")
-    p.add_argument(
-        "--child", choices=["local-driver", "local-reduce", "ray-driver", "ray-nogather"]
-    )
+    p.add_argument("--child", choices=[*LOCAL, *RAY])
     p.add_argument("--n", type=int)
     args = p.parse_args(argv)
     if args.child:
@@ -154,10 +152,8 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     rows = []
-    plan = [(w, int(n)) for n in args.records.split(",") for w in ("local-driver", "local-reduce")]
-    plan += [
-        (w, int(n)) for n in args.ray_records.split(",") for w in ("ray-driver", "ray-nogather")
-    ]
+    plan = [(w, int(n)) for n in args.records.split(",") if n for w in LOCAL]
+    plan += [(w, int(n)) for n in args.ray_records.split(",") if n for w in RAY]
     for what, n in plan:
         cmd = [sys.executable, "-m", "jobs.bench.noisehash", "--child", what, "--n", str(n),
                "--per-shard", str(args.per_shard), "--buckets", str(args.buckets)]  # fmt: skip
