@@ -225,3 +225,18 @@ def test_report_tables_goals_and_kept_notes(tmp_path):
     assert "| project | 21.0 | 4.0 | 0.0 | 2.5 | 27.5 |" in text  # core-seconds by role
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
     json.dumps(results)  # what bench.py saves
+
+
+def test_marginal_rate_is_delta_samples_over_delta_wall():
+    rows = bench_report.aggregate(_fake_results())
+    m = bench_report.marginal(rows, "headline", "long")
+    p_walls = (16_000 / 400, 64_000 / 480)
+    f_walls = (16_000 / 450, 64_000 / 540)
+    assert m["project"] == pytest.approx(48_000 / (p_walls[1] - p_walls[0]))
+    assert m["floor"] == pytest.approx(48_000 / (f_walls[1] - f_walls[0]))
+    assert m["ratio"] == pytest.approx(m["project"] / m["floor"])
+    assert bench_report.marginal(rows, "headline", "arrays48") is None  # no such run
+    table, _ = bench_report.goals(rows)
+    assert "marginal rate, photos64 16x1000 -> photos64 64x1000: project / floor" in table
+    (arrays48,) = [s for s in bench.plan(False, 3, 2) if s.group == "arrays48"]
+    assert (arrays48.shards, arrays48.systems) == (48, ("project", "floor"))

@@ -194,10 +194,39 @@ def goals(rows: list[dict]) -> tuple[str, dict]:
     lp, lf = (_find(rows, long, s) for s in ("project", "floor")) if long else (None, None)
     if lp and lf:
         lines.append(f"| (a 4x longer job, {long}: project / floor) | | {_ratio(lp, lf)} |")
+    arrays = next((r["name"] for r in rows if r["group"] == "arrays"), None)
+    ap, af = (_find(rows, arrays, s) for s in ("project", "floor")) if arrays else (None, None)
+    if ap and af:
+        v = ap["wall_s"] / af["wall_s"]
+        lines.append(
+            f"| {arrays}: project wall / floor wall | <= 2x | {mark(v, lambda v: v <= 2)} |"
+        )
+    for short, longer in (("headline", "long"), ("arrays", "arrays48")):
+        m = marginal(rows, short, longer)
+        if m is not None:
+            lines.append(
+                f"| marginal rate, {m['from']} -> {m['to']}: project / floor "
+                f"({m['project']:.0f} / {m['floor']:.0f} samples/s) | >= 0.9x | "
+                f"{mark(m['ratio'], lambda v: v >= 0.9)} |"
+            )
     for s in ("peer", "floor"):
         if mem.get(s) is not None:
             lines.append(f"| (same for the {s}, for reference) | | {mem[s]:.2f}x |")
     return "\n".join(lines), vals
+
+
+def marginal(rows: list[dict], short: str, longer: str) -> dict | None:
+    """Delta samples / delta wall between the jobs of groups ``short`` and ``longer``, for the
+    project and the floor (the rate once the fixed cost is paid), or None without both."""
+    rates = {}
+    for system in ("project", "floor"):
+        a = next((r for r in rows if r["group"] == short and r["system"] == system), None)
+        b = next((r for r in rows if r["group"] == longer and r["system"] == system), None)
+        if not (a and b) or b["wall_s"] <= a["wall_s"]:
+            return None
+        rates[system] = (b["samples"] - a["samples"]) / (b["wall_s"] - a["wall_s"])
+        rates["from"], rates["to"] = a["name"], b["name"]
+    return {**rates, "ratio": rates["project"] / rates["floor"]}
 
 
 def startup_table(startup: dict) -> str:

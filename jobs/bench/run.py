@@ -24,7 +24,8 @@ Scenarios (``--quick`` shrinks them): ``headline`` 16 x 1000 photo crops at 64 p
 [4, 32, 32]; ``shards``: 1, 2 and 4 shards of 1000 photos (with the headline's 16: scaling in
 shard count); ``samples``: 2 shards of 250 and 10,000 photos (with 2 x 1000: scaling in shard
 size, and per-actor memory at 1k vs 10k samples per shard); ``long``: 64 x 1000 photos, project
-and floor only (how far the project's fixed start-up cost amortises); ``encoder``: 2 x 1000
+and floor only (how far the project's fixed start-up cost amortises); ``arrays48``: 48 x 1000
+arrays, project and floor only (with ``arrays``, the marginal rate on arrays); ``encoder``: 2 x 1000
 photos at 64 px through a tiny random VAE (``encoder=vae``, :mod:`jobs.bench.encoder`, which
 also splits decode vs encode), project only. Repeats are interleaved
 (project, floor, peer, project, ...). Every run gets a fresh output directory and its row count
@@ -70,7 +71,7 @@ ARRAYS = {"kind": "arrays", "shape": (4, 32, 32)}
 
 @dataclass
 class Scenario:
-    group: str  # headline | photos256 | arrays | shards | samples
+    group: str  # headline | photos256 | arrays | shards | samples | long | arrays48 | encoder
     data: dict  # kind + dataset parameters (crops or shape)
     shards: int
     per_shard: int
@@ -107,9 +108,13 @@ def plan(quick: bool, repeats_headline: int, repeats: int) -> list[Scenario]:
     # a 4x longer job than the headline: how far the project's fixed start-up cost amortises
     # (the peer would take ~5 min per run here and is left out)
     long = Scenario("long", PHOTOS64, 4 if quick else 64, n, 64, systems=("project", "floor"))
+    # 3x the arrays job: with it, the marginal rate on arrays (delta samples / delta wall)
+    arrays48 = Scenario(
+        "arrays48", ARRAYS, 6 if quick else 48, n, 0, repeats, systems=("project", "floor")
+    )
     # encoder=vae with a tiny random VAE (its path is set in main, under --workdir)
     encoder = Scenario("encoder", PHOTOS64, 2, n, 64, systems=("project",))
-    return scenarios + [long, encoder]
+    return scenarios + [long, arrays48, encoder]
 
 
 def command(system: str, sc: Scenario, paths: list[str], out: Path) -> list[str]:
