@@ -186,20 +186,31 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def _scan_local(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder) -> None:
     lap = _Phases(ds.wall)
     workers = local_workers(cfg.workers)
-    while todo:  # a new pool after a scan's process died and broke the last one
-        with _pool(workers) as pool:
+    pool = _pool(workers)
+    try:
+        while todo:
             todo, died = _run_window(pool, 2 * workers, out, todo, ds.plan, order)
-        for ordinal, shard in died:  # which of those in flight died is unknown: each alone
-            with _pool(1) as alone:
-                try:
-                    st = alone.submit(scan_task, out, shard, ds.plan).result()
-                except BrokenProcessPool:
-                    st = _died(out, shard, "the scan's process died (out of memory?)")
-            order.put(ordinal, st)
-    lap("scan_tasks")
-    with _pool(min(workers, spill.buckets)) as pool:
+            if died:  # a process died and broke the pool: those in flight alone, then a new pool
+                pool.shutdown()
+                _retry_alone(died, out, ds, order)
+                pool = _pool(workers)
+        lap("scan_tasks")
         ds.duplicates = merge_duplicates(spill.reduce(pool.map), ds.names())
-    lap("duplicate_reduce")
+        lap("duplicate_reduce")
+    finally:
+        pool.shutdown()
+
+
+def _retry_alone(died: list, out, ds, order: _InOrder) -> None:
+    """Scans that were in flight when their pool broke, each alone in a fresh process (which
+    of them died is unknown); one that dies again counts as an unreadable file."""
+    for ordinal, shard in died:
+        with _pool(1) as alone:
+            try:
+                st = alone.submit(scan_task, out, shard, ds.plan).result()
+            except BrokenProcessPool:
+                st = _died(out, shard, "the scan's process died (out of memory?)")
+        order.put(ordinal, st)
 
 
 def _run_window(pool, window: int, out, todo: list, plan, order: _InOrder) -> tuple:
