@@ -210,7 +210,8 @@ def dataset(root: Path, kind: str, shards: int, per_shard: int, seed: int = 0, *
     """Paths of ``shards`` cached shards of ``per_shard`` samples (built on first use, in
     parallel). kind ``photos``: ``min_crop``/``max_crop``; kind ``arrays``: ``shape``."""
     if kind == "photos":
-        tag = f"photos-c{kw['min_crop']}-{kw['max_crop']}-n{per_shard}-s{seed}"
+        # "-nolabels": crops without .cls/.txt members (shards built before that carry them)
+        tag = f"photos-c{kw['min_crop']}-{kw['max_crop']}-n{per_shard}-s{seed}-nolabels"
         extra = (kw["min_crop"], kw["max_crop"])
         fn = _photo_shard
     else:
