@@ -15,7 +15,8 @@
 Either way the driver appends each shard's noise hashes to bucket files as the scan returns
 them (:class:`pipeline.noisehash.SpillBuckets`) and holds none.
 * ``auto`` (default): ``ray`` when ``ray.address`` is set or this process already runs a Ray
-  (a test session, a notebook, a Ray job's driver), ``local`` otherwise.
+  (a test session, a notebook, a Ray job's driver), or when pool processes could not import
+  this program's ``__main__`` (a program read from stdin); ``local`` otherwise.
 
 Both give the same statistics and verdicts: each shard is scanned by the same function
 (:func:`scan_task`) and merged in the order the scans finish, with exact merges.
@@ -45,13 +46,31 @@ from .noisehash import (
 from .scan import DatasetStats, ShardStats, scan_shard
 
 
+class CannotStart(RuntimeError):
+    """The local pool cannot run here; the message names the fix."""
+
+
+def _main_module() -> tuple[str | None, str | None]:
+    """(module name, file) by which multiprocessing makes a pool process import this program's
+    ``__main__`` before it runs a task (``python -m pkg.mod``: the name; a script: its file)."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    return name, None if name else getattr(main, "__file__", None)
+
+
+def local_possible() -> bool:
+    """Whether pool processes can import ``__main__``: not when it is read from stdin."""
+    name, path = _main_module()
+    return name is not None or path is None or os.path.isfile(path)
+
+
 def choose(executor: str, address: str | None) -> str:
     """``ray`` or ``local`` for the config's ``executor`` and ``ray.address``."""
     if executor != "auto":
         return executor
     ray = sys.modules.get("ray")  # a Ray this process runs was imported before us
     running = ray is not None and ray.is_initialized()
-    return "ray" if address is not None or running else "local"
+    return "ray" if address is not None or running or not local_possible() else "local"
 
 
 def local_workers(workers: int | None) -> int:
@@ -176,10 +195,19 @@ def _check_on_ray(spill: SpillBuckets, cpus: float) -> list:
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    """A pool whose processes fork from a server that imported :mod:`pipeline.scan` once (not
-    this process, which may hold threads, and not ``__main__``)."""
+    """A pool whose processes fork from a server (not this process, which may hold threads)
+    that imported :mod:`pipeline.scan` and the ``__main__`` module once: each process then
+    re-imports ``__main__`` (as multiprocessing does) from what the server already loaded.
+    A script that calls the validator must guard its entry point with ``if __name__ ==
+    "__main__":``, as for any multiprocessing code."""
+    if not local_possible():
+        raise CannotStart(
+            f"executor=local: pool processes cannot import this program's __main__ "
+            f"({_main_module()[1]}); run it from a file or with -m, or set executor=ray"
+        )
+    name, _ = _main_module()
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.scan"])
+    ctx.set_forkserver_preload(["pipeline.scan", *([name] if name else [])])
     return ProcessPoolExecutor(workers, mp_context=ctx)
 
 
@@ -195,7 +223,19 @@ def _scan_local(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder) 
                 _retry_alone(died, out, ds, order)
                 pool = _pool(workers)
         lap("scan_tasks")
-        ds.duplicates = merge_duplicates(spill.reduce(pool.map), ds.names())
+        try:
+            checked = spill.reduce(pool.map)
+        except BrokenProcessPool:  # the last scan broke the pool, or a bucket's check died
+            pool.shutdown()
+            pool = _pool(workers)
+            try:
+                checked = spill.reduce(pool.map)
+            except BrokenProcessPool:
+                raise CannotStart(
+                    "the duplicate-noise check's process died (out of memory? one bucket's "
+                    f"check holds ~{CHECK_BYTES_PER_RECORD} bytes per record of its bucket)"
+                ) from None
+        ds.duplicates = merge_duplicates(checked, ds.names())
         lap("duplicate_reduce")
     finally:
         pool.shutdown()

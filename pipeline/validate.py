@@ -106,12 +106,12 @@ def _plan(cfg: DictConfig, process: dict, n_files: int) -> ScanPlan:
 def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
     """Scan the shards with the executor the config names (:mod:`pipeline.executor`: Ray tasks
     or a local process pool); CannotValidate when Ray cannot start."""
-    from .executor import scan_all
+    from .executor import CannotStart, scan_all
     from .raysession import RayConnectError
 
     try:
         scan_all(cfg, out, shards, ds)
-    except RayConnectError as exc:
+    except (RayConnectError, CannotStart) as exc:
         raise CannotValidate(str(exc)) from None
 
 

@@ -121,3 +121,16 @@ def test_the_driver_reads_no_marker_the_scans_do(dataset, monkeypatch):
     monkeypatch.setattr(OutputDir, "read_json", spy)
     report = _run(dataset, "executor=local")
     assert report["passed"] and not [n for n in names if n.startswith("_shards/")]
+
+
+def test_a_program_read_from_stdin_validates_on_ray_or_is_told_why_not(dataset):
+    """Pool processes re-import __main__, as multiprocessing does: a program read from stdin
+    cannot be, so auto takes Ray there and executor=local says what to do."""
+    code = (
+        "import sys\nfrom pipeline import executor, validate\n"
+        "print(executor.choose('auto', None))\n"
+        f"sys.exit(validate.main(['output.dir={dataset}', 'progress=false', 'executor=local']))\n"
+    )
+    res = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True)
+    assert res.stdout.splitlines()[0] == "ray"
+    assert res.returncode == 2 and "set executor=ray" in res.stderr
