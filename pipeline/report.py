@@ -17,7 +17,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .checks import describe
 from .manifest import OutputDir
 from .scan import DatasetStats
 
@@ -120,6 +119,8 @@ def format_table(report: dict) -> str:
 def format_console(report: dict) -> str:
     """What the CLI prints: the table, the first failed items and the highlights of each
     check, and the verdict with the report's location."""
+    from .checks import describe  # here: checks imports scipy, which scan processes need not
+
     lines = [format_table(report)]
     for c in report["checks"]:
         bad = _failed_items(c)
@@ -135,6 +136,8 @@ def format_console(report: dict) -> str:
 def format_markdown(report: dict) -> str:
     """report.md: the verdict and dataset, the table, then per check its notes, failed items
     (up to 20) and, for variance_preservation, the per-t-bin table; then the plots."""
+    from .checks import describe
+
     s, term = report["summary"], report["terminal"]
     sch = s["schedule"]
     lines = [

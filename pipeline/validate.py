@@ -28,7 +28,7 @@ from dataclasses import asdict
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import checks, latents_check, records
+from . import records
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, CorruptFileError, OutputDir
 from .report import REPORT_FORMAT, dataset_summary, format_console, write_report
 from .scan import DatasetStats, ScanPlan, t_edges
@@ -143,6 +143,8 @@ def run(cfg: DictConfig) -> dict:
         rejects = out.read_jsonl(REJECTS) if out.exists(REJECTS) else None
     except CorruptFileError as exc:
         raise CannotValidate(str(exc)) from None
+    from . import checks, latents_check  # here: scipy (~0.7 s), not in scan processes' imports
+
     z, fc = float(cfg.z), bool(cfg.family_correction)
     t1 = time.perf_counter()
     ds.wall["open_and_plan"] = t1 - t0 - sum(ds.wall.values())
