@@ -81,7 +81,8 @@ def local_workers(workers: int | None) -> int:
 def scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
     """Scan ``shards`` with the executor the config names, fold each into ``ds`` in shard order
     and set ``ds.duplicates``; phases timed in ``ds.wall``. Raises
-    :class:`pipeline.raysession.RayConnectError` when Ray cannot start."""
+    :class:`pipeline.raysession.RayConnectError` when Ray cannot start, :class:`CannotStart`
+    when the local pool cannot run."""
     records = sum(int(ds.entries.get(k, {}).get("records") or 0) for k in shards)
     buckets = noise_buckets(records)
     kind = choose(cfg.executor, cfg.ray.address)
