@@ -20,6 +20,7 @@ import pytest
 import torch
 from shards import npy_bytes, write_image_shard, write_tar
 
+from jobs.bench import encoder as bench_encoder
 from pipeline import encoder, records
 from pipeline.config import config_hash, process_config
 from pipeline.decoders import ImageDecoder
@@ -31,20 +32,8 @@ from pipeline.source import Sample, iter_shard
 
 diffusers = pytest.importorskip("diffusers")
 
-TINY = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(8, 16),
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=16,
-    layers_per_block=1,
-    scaling_factor=0.5,
-    shift_factor=0.1,
-)
 SCALE, SHIFT = 0.5, 0.1
+TINY = {**bench_encoder.TINY, "scaling_factor": SCALE, "shift_factor": SHIFT}  # the bench's VAE
 HUGE = 1e30  # a finite pixel value whose GroupNorm variance overflows float32: NaN latent
 
 
