@@ -195,20 +195,25 @@ def _check_on_ray(spill: SpillBuckets, cpus: float) -> list:
 # -- local process pool ------------------------------------------------------------------------
 
 
+# What the pool's fork server imports once: the scan, and what ``python -m pipeline.validate``
+# (the processes' ``__main__``) imports, so that re-importing it costs each process little.
+PRELOAD = ["pipeline.scan", "pipeline.report", "pipeline.validate_config"]
+
+
 def _pool(workers: int) -> ProcessPoolExecutor:
     """A pool whose processes fork from a server (not this process, which may hold threads)
-    that imported :mod:`pipeline.scan` and the ``__main__`` module once: each process then
-    re-imports ``__main__`` (as multiprocessing does) from what the server already loaded.
-    A script that calls the validator must guard its entry point with ``if __name__ ==
-    "__main__":``, as for any multiprocessing code."""
+    that imported :data:`PRELOAD` once; each process then re-imports ``__main__``, as
+    multiprocessing does (``pipeline.validate`` imports no scipy for that reason). A script
+    that calls the validator must guard its entry point with ``if __name__ == "__main__":``,
+    as for any multiprocessing code. (``__main__`` itself is not preloaded: Python would warn
+    in every process that the module was imported before it ran.)"""
     if not local_possible():
         raise CannotStart(
             f"executor=local: pool processes cannot import this program's __main__ "
             f"({_main_module()[1]}); run it from a file or with -m, or set executor=ray"
         )
-    name, _ = _main_module()
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.scan", *([name] if name else [])])
+    ctx.set_forkserver_preload(PRELOAD)
     return ProcessPoolExecutor(workers, mp_context=ctx)
 
 
