@@ -178,6 +178,7 @@ def _check_on_ray(spill: SpillBuckets, cpus: float) -> list:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    spill.flush()
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     check = ray.remote(duplicates_in_file)
     return ray.get(

@@ -98,35 +98,46 @@ def _empty() -> np.ndarray:
 
 
 class SpillBuckets:
-    """Buckets as append-only files in a private temporary directory (local executor). Use as a
-    context manager: the directory, which holds nothing else, is removed on exit."""
+    """Buckets as append-only files in a private temporary directory, one open file per bucket
+    (at most MAX_BUCKETS). Use as a context manager: the directory, which holds nothing else,
+    is removed on exit."""
 
     def __init__(self, buckets: int, dir: str | None = None):
         self.buckets = buckets
         self.dir = tempfile.mkdtemp(prefix="ddpm-validate-noise-", dir=dir)
         self.paths = [os.path.join(self.dir, f"bucket-{b:03d}.bin") for b in range(buckets)]
         self.records = 0
+        self._files: dict[int, object] = {}
 
     def add(self, hashes: np.ndarray, owner: int) -> None:
         """Append the [records, 12] hashes of shard ordinal ``owner`` to their buckets' files."""
-        for path, part in zip(self.paths, split_hashes(hashes, owner, self.buckets), strict=True):
+        for b, part in enumerate(split_hashes(hashes, owner, self.buckets)):
             if len(part):
-                with open(path, "ab") as f:
-                    f.write(np.ascontiguousarray(part, dtype=HASH).tobytes())
+                if b not in self._files:
+                    self._files[b] = open(self.paths[b], "ab")  # noqa: SIM115 (closed in flush)
+                self._files[b].write(part.tobytes())
                 self.records += len(part)
 
+    def flush(self) -> None:
+        """Close the files, so that other processes read all that was added."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
     def bucket_records(self, b: int) -> int:
-        """The records in bucket ``b`` so far."""
+        """The records in bucket ``b`` so far (after :meth:`flush`)."""
         path = self.paths[b]
         return os.path.getsize(path) // HASH.itemsize if os.path.exists(path) else 0
 
     def reduce(self, map_: Callable = map) -> list[tuple[int, list]]:
         """Each bucket's :func:`duplicates`, in bucket order; ``map_`` runs
         :func:`duplicates_in_file` over the files (e.g. a process pool's ``map``)."""
+        self.flush()
         return list(map_(duplicates_in_file, self.paths))
 
     def __enter__(self) -> SpillBuckets:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.flush()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -76,6 +76,7 @@ def test_spill_buckets_give_the_same_verdict_and_remove_their_directory(tmp_path
         for i, h in enumerate(shards):
             spill.add(h, i)
         assert spill.records == sum(map(len, shards))
+        spill.flush()
         on_disk = sum(os.path.getsize(p) for p in spill.paths if os.path.exists(p))
         assert on_disk == HASH.itemsize * spill.records  # 16 bytes per record, nothing else
         assert sum(spill.bucket_records(b) for b in range(16)) == spill.records
