@@ -105,7 +105,7 @@ def _plan(cfg: DictConfig, process: dict, n_files: int) -> ScanPlan:
 
 def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
     """Scan the shards with the executor the config names (:mod:`pipeline.executor`: Ray tasks
-    or a local process pool); CannotValidate when Ray cannot start."""
+    or a local process pool); CannotValidate when Ray cannot start or the pool cannot run."""
     from .executor import CannotStart, scan_all
     from .raysession import RayConnectError
 
