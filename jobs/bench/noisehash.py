@@ -56,6 +56,7 @@ def local_driver(n: int, per_shard: int, buckets: int) -> dict:
     with SpillBuckets(buckets) as spill:
         for ordinal, h in enumerate(_shards(n, per_shard)):
             spill.add(h, ordinal)
+        spill.flush()
         on_disk = sum(os.path.getsize(p) for p in spill.paths if os.path.exists(p))
     return {"growth_mib": _rss_mib("VmHWM") - base, "cpu_s": time.process_time() - t0,
             "spill_bytes": on_disk}  # fmt: skip
@@ -67,6 +68,7 @@ def local_reduce(n: int, per_shard: int) -> dict:
     with SpillBuckets(1, dir=tempfile.gettempdir()) as spill:
         for ordinal, h in enumerate(_shards(n, per_shard)):
             spill.add(h, ordinal)
+        spill.flush()
         # this process's peak so far is the data generation; measure the check in a child
         code = (
             "import sys, time; from jobs.bench.noisehash import _rss_mib;"
