@@ -18,7 +18,7 @@ pinned to the driver's node: :mod:`pipeline.executor`) reading its file.
 Why not keep the buckets in Ray's object store: one object per shard and bucket costs the driver,
 their owner, a few KiB of Ray bookkeeping each while it holds the reference, far more than the
 hashes themselves (measured, ``python -m jobs.bench.noisehash``: the driver grew by 1.5 GB for
-1e7 records in 10,000 shards x 64 buckets; spilling, by 46 MB).
+1e7 records in 10,000 shards x 64 buckets; spilling, by 49 MB).
 """
 
 from __future__ import annotations
