@@ -690,11 +690,17 @@ class _Scanner:
         return st
 
 
+# The fields of a commit marker that ``checks.completeness`` compares with the manifest.
+MARKER_FIELDS = ("status", "records", "config_hash")
+
+
 def _read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
     """The shard's commit marker, read here rather than on the driver (one read per shard, in
-    parallel): (marker, None), (None, why it cannot be read), or (None, None) when absent."""
+    parallel), cut to :data:`MARKER_FIELDS` (the driver holds one per shard): (marker, None),
+    (None, why it cannot be read), or (None, None) when absent."""
     try:
-        return out.read_json(OutputDir.marker_name(shard)), None
+        marker = out.read_json(OutputDir.marker_name(shard))
+        return {k: marker[k] for k in MARKER_FIELDS if k in marker}, None
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError) as exc:  # CorruptFileError names the file
