@@ -27,7 +27,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -43,7 +42,7 @@ from .noisehash import (
     merge_duplicates,
     noise_buckets,
 )
-from .scan import DatasetStats, ShardStats, scan_shard
+from .scan import Cost, DatasetStats, ShardStats, scan_shard
 
 
 class CannotStart(RuntimeError):
@@ -99,19 +98,9 @@ def scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStat
             ds.add(st, ordinal)
 
         run = _scan_ray if kind == "ray" else _scan_local
-        run(cfg, out, list(enumerate(shards)), ds, spill, _InOrder(fold, bar.update))
-
-
-class _Phases:
-    """Times consecutive phases into a dict of seconds."""
-
-    def __init__(self, wall: dict):
-        self.wall, self.t = wall, time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.wall[name] = now - self.t
-        self.t = now
+        phases = Cost()  # the driver's phases, timed like a scan's parts
+        run(cfg, out, list(enumerate(shards)), ds, spill, _InOrder(fold, bar.update), phases.lap)
+        ds.wall.update(phases.seconds)
 
 
 class _InOrder:
@@ -140,12 +129,11 @@ def _died(out: OutputDir, shard: str, why: str) -> ShardStats:
 # -- Ray ---------------------------------------------------------------------------------------
 
 
-def _scan_ray(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder) -> None:
+def _scan_ray(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder, lap) -> None:
     import ray
 
     from .raysession import ray_session
 
-    lap = _Phases(ds.wall)
     with ray_session(cfg.ray.address):
         lap("ray_start")
         cpus = cfg.ray.num_cpus_per_task
@@ -218,8 +206,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=ctx)
 
 
-def _scan_local(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder) -> None:
-    lap = _Phases(ds.wall)
+def _scan_local(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder, lap) -> None:
     workers = local_workers(cfg.workers)
     pool = _pool(workers)
     try:
