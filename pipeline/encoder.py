@@ -13,12 +13,14 @@ that latent. Three parts:
   be written into an existing output dir (the config-hash refusal of
   :mod:`pipeline.precompute`). The hash covers the contents (config and weight hashes, scaling,
   dtype, latent mode), not where the files were read from: the same files moved to another folder
-  make the same records. Pickled weights (``.bin``, ``.ckpt``, ...) are refused.
+  make the same records. Pickled weights (``.bin``, ``.ckpt``, ...) are refused, and so is a
+  damaged safetensors file (its header must describe the file: one line naming it, exit 2).
 * **Shape** (:func:`latent_shape`): ``[latent_channels, H / f, W / f]`` with the downsampling
   factor ``f = 2 ** (len(block_out_channels) - 1)`` read from ``config.json`` (8 for the Stable
   Diffusion family; never assumed).
-* **The stage** (:class:`EncodeStage`), one per actor: loads the VAE once (``use_safetensors=True``,
-  the weights verified against the driver's hashes first), on the GPU Ray assigned the actor or
+* **The stage** (:class:`EncodeStage`), one per actor: loads the VAE once from exactly the bytes
+  the driver hashed (read into memory, verified, deserialized from them: :mod:`pipeline.weights`;
+  a file replaced while the job runs cannot reach the model), on the GPU Ray assigned the actor or
   the CPU, in ``eval`` mode without gradients; then per batch returns :class:`Latent` samples --
   the latent distribution's mean and standard deviation, scaled: ``mean' = (mean - shift) *
   scale``, ``std' = std * scale`` -- and a reject row for every sample whose latent is not finite
@@ -48,6 +50,7 @@ from functools import lru_cache
 import numpy as np
 
 from .source import Sample
+from .weights import WeightsError, check_safetensors, load_state_dict, read_verified
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,12 @@ def read_folder(mf: ModelFolder) -> tuple[dict, str, dict[str, str]]:
 
     files = weight_files(names, read_index, mf.display())
     weights = {n: file_sha256(fs, posixpath.join(root, n)) for n in files}
+    for n in files:  # a damaged file is refused here, on the driver, before any actor starts
+        if n.endswith(".safetensors"):
+            try:
+                check_safetensors(fs, posixpath.join(root, n), mf.display(n))
+            except WeightsError as exc:
+                raise EncoderError(str(exc)) from None
     return config, hashlib.sha256(raw).hexdigest(), weights
 
 
@@ -393,12 +402,11 @@ def describe_encoder(cfg) -> EncoderIdentity:
 def fetch_model(meta: Mapping) -> str:
     """A local folder holding exactly the files the driver hashed (``meta``: the metadata's
     ``encoder`` entry). A Hub model is fetched at the driver's commit; a remote folder is copied
-    to a local cache; a local folder must be visible at the same path on this node."""
+    to a local cache; a local folder must be visible at the same path on this node. The hashes
+    are verified when the files are loaded (:func:`load_vae`)."""
     import os
     import socket
     import tempfile
-
-    import fsspec
 
     loc = meta["location"]
     if loc == "hub":
@@ -418,15 +426,11 @@ def fetch_model(meta: Mapping) -> str:
                 f"encoder folder {folder} does not exist on node {socket.gethostname()}: put the "
                 "model where every node sees it (a shared filesystem, s3://..., or a Hub id)"
             )
-    fs = fsspec.filesystem("file")
-    expected = {CONFIG_NAME: meta["config_sha256"], **meta["weights_sha256"]}
-    for name, sha in expected.items():
-        path = os.path.join(folder, name)
-        got = file_sha256(fs, path) if os.path.exists(path) else "missing"
-        if got != sha:
+    for name in (CONFIG_NAME, *meta["weights_sha256"]):
+        if not os.path.exists(os.path.join(folder, name)):
             raise EncoderError(
-                f"{path} on node {socket.gethostname()} is not the file the driver hashed (sha256 "
-                f"{got[:12]} != {sha[:12]}): every node must see the same model files"
+                f"{os.path.join(folder, name)} is missing on node {socket.gethostname()}: every "
+                "node must see the same model files"
             )
     return folder
 
@@ -452,26 +456,34 @@ def _copy_verified(meta: Mapping, folder: str) -> None:
 TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
-def load_vae(folder: str, dtype: str, device):
-    """The VAE of ``folder`` on ``device``: safetensors only, eval mode, no gradients, the decoder
-    dropped (only the encoder half runs)."""
+def load_vae(folder: str, meta: Mapping, dtype: str, device):
+    """The VAE of ``folder`` on ``device``, built from exactly the files the driver hashed
+    (``meta``: the metadata's ``encoder`` entry, its ``config_sha256`` and ``weights_sha256``):
+    config and safetensors read into memory once, verified, and loaded from those bytes
+    (:mod:`pipeline.weights`; no memory map, so a file replaced while the job runs cannot reach
+    the model). Eval mode, no gradients, the decoder dropped (only the encoder half runs)."""
+    import socket
+
     import torch
 
     require_diffusers()
     from diffusers import AutoencoderKL
+    from diffusers.models.modeling_utils import no_init_weights
 
-    low_mem = importlib.util.find_spec("accelerate") is not None
-    vae = AutoencoderKL.from_pretrained(
-        folder,
-        use_safetensors=True,
-        local_files_only=True,
-        torch_dtype=getattr(torch, TORCH_DTYPES[dtype]),
-        low_cpu_mem_usage=low_mem,
-    )
+    try:
+        config = json.loads(read_verified(f"{folder}/{CONFIG_NAME}", meta["config_sha256"]))
+        state = load_state_dict(folder, meta["weights_sha256"])
+    except WeightsError as exc:
+        raise EncoderError(f"on node {socket.gethostname()}: {exc}") from None
+    with no_init_weights():
+        vae = AutoencoderKL.from_config(config)
+    vae._fix_state_dict_keys_on_load(state)  # diffusers' renames of deprecated attention keys
+    vae.load_state_dict(state, strict=True)
+    del state
     vae.decoder = None  # half the parameters; encode() does not use them
     vae.post_quant_conv = None
     vae.eval().requires_grad_(False)
-    return vae.to(device)
+    return vae.to(device=device, dtype=getattr(torch, TORCH_DTYPES[dtype]))
 
 
 @dataclass(frozen=True, eq=False)
@@ -512,7 +524,7 @@ class EncodeStage:
         self.dtype = meta["dtype"]
         self.scale = float(meta["scaling_factor"])
         self.shift = float(meta["shift_factor"])
-        self.vae = load_vae(fetch_model(meta), self.dtype, device)
+        self.vae = load_vae(fetch_model(meta), meta, self.dtype, device)
         self.batch_size = int(meta["batch_size"])
         if device.type == "cuda":
             from .memory import fit_batch_size
