@@ -36,17 +36,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from .decoders import ArrayDecoder, DecodeError, ImageDecoder
+from .records import ARROW_TYPES, reserved_names
 from .source import PICKLE_EXTS
 
 DEFAULT_KEEP = ("cls", "txt", "json")
 # kind (the extension's last component, else "binary") -> Arrow type name
 KINDS = {"cls": "int64", "txt": "string", "json": "string", "binary": "binary"}
-ARROW_TYPES = {"int64": pa.int64(), "string": pa.string(), "binary": pa.binary()}
-# The record columns of pipeline.records (a kept column may not take one of these names).
-RECORD_COLUMNS = (
-    "key", "index", "draw", "t", "x_t", "epsilon", "posterior_mean", "posterior_variance",
-    "posterior_log_variance", "alpha_bar", "x_0", "latent_mean", "latent_std",
-)  # fmt: skip
 PAYLOAD_EXTS = {"images": ImageDecoder.payload_exts, "arrays": ArrayDecoder.payload_exts}
 _EXT = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -99,7 +94,7 @@ def config_problems(source: Mapping) -> list[tuple[str, str]]:
                 )
             )
         col = column_name(ext)
-        if col in RECORD_COLUMNS:
+        if col in reserved_names():  # the fixed columns of pipeline.records
             problems.append(
                 ("source.keep", f"{ext!r} would be column {col!r}, a column of every record")
             )

@@ -218,7 +218,7 @@ def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     out = {}
     for name in table.column_names:
         col = table[name]
-        if isinstance(col.type, pa.FixedShapeTensorType):
+        if records.is_tensor(col.type):
             out[name] = records.tensor_to_numpy(col)
         elif pa.types.is_integer(col.type) and col.null_count:
             out[name] = col.fill_null(-1).to_numpy()

@@ -63,19 +63,13 @@ def hf_features(schema: pa.Schema, columns: Sequence[str] | None = None):
     datasets = _import_datasets()
     columns = list(schema.names if columns is None else columns)
     plain = pa.schema(
-        [
-            f
-            for f in (schema.field(c) for c in columns)
-            if not isinstance(f.type, pa.FixedShapeTensorType)
-        ]
+        [f for f in (schema.field(c) for c in columns) if not records.is_tensor(f.type)]
     )
     base = datasets.Features.from_arrow_schema(plain)
     feats = {}
     for name in columns:
         type_ = schema.field(name).type
-        feats[name] = (
-            _array_feature(type_) if isinstance(type_, pa.FixedShapeTensorType) else base[name]
-        )
+        feats[name] = _array_feature(type_) if records.is_tensor(type_) else base[name]
     return datasets.Features(feats)
 
 
@@ -97,7 +91,7 @@ def to_hf_table(table: pa.Table, features) -> pa.Table:
     arrays = []
     for field in schema:
         col = table[field.name]
-        if isinstance(col.type, pa.FixedShapeTensorType):
+        if records.is_tensor(col.type):
             storage = _nested_storage(col, col.type).cast(field.type.storage_type)
             arrays.append(pa.ExtensionArray.from_storage(field.type, storage))
         else:

@@ -32,31 +32,52 @@ latent's shape, ``x_0 = latent_mean + latent_std * n`` (``latent=sample``) or ``
 Tensor columns use Arrow's canonical ``arrow.fixed_shape_tensor`` extension type: row-major, no
 permutation, value type float16 or float32. The schema's key-value metadata holds, under
 ``ddpm``, a JSON object describing the process (see :func:`process_metadata`).
+
+The columns are declared once, in :data:`COLUMNS` (see "Column registry" below); the schema, the
+non-finite split of the noise stage, the reserved names of ``source.keep``, the loader's
+conversions and the Hugging Face features all follow from it.
+
+Column registry
+---------------
+A :class:`Column` declares one column: ``name``, ``kind`` (``identity`` | ``tensor`` |
+``scalar`` | ``conditioning``), ``dtype`` (an Arrow type name, or ``"output"``: the file's
+``output.dtype``, for tensors), ``per`` (``sample``: one value per input sample, repeated on its K
+draws; ``draw``: one per record), ``nullable``, ``stage`` (the stage that produces it: ``read``,
+``encode``, ``noise``, ...), ``when`` (a predicate on the file's :class:`Layout`: is the column in
+this file?) and ``finite`` (a non-finite value rejects the sample, see :func:`nonfinite_columns`).
+A :class:`ColumnFamily` declares columns whose names come from the process metadata (the kept
+conditioning members). Adding a column is one declaration::
+
+    register(Column("snr", "scalar", "float32", "draw", stage="noise",
+                    when=lambda layout: layout.meta.get("schedule", {}).get("family") == "flow",
+                    doc="alpha_t^2 / sigma_t^2"))
+
+and the producing stage filling ``columns["snr"]`` (a per-draw column) or, for a per-sample
+column, ``batch.extras["snr"]`` (repeated on the K draws by the noise stage, see
+:mod:`pipeline.stage`).
+
+The shape is a property of a file, not of a dataset: :func:`columns_of` and :func:`record_schema`
+take the file's :class:`Layout` (its sample ``shape``, ``dtype``, options and metadata), and
+:func:`file_shape` reads it back from a file's schema.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 METADATA_KEY = b"ddpm"
 FORMAT = "ddpm-records/1"
-TENSOR_COLUMNS = ("x_t", "epsilon", "posterior_mean")
-SCALAR_COLUMNS = ("posterior_variance", "posterior_log_variance", "alpha_bar")
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
-
-
-DIST_COLUMNS = ("latent_mean", "latent_std")
-
-
-def tensor_columns(store_x0: bool, store_dist: bool = False) -> tuple[str, ...]:
-    """The tensor columns of a file: :data:`TENSOR_COLUMNS`, ``x_0`` with ``store_x0``, and
-    :data:`DIST_COLUMNS` with an encoder's ``store_dist``."""
-    cols = (*TENSOR_COLUMNS, "x_0") if store_x0 else TENSOR_COLUMNS
-    return (*cols, *DIST_COLUMNS) if store_dist else cols
+ARROW_TYPES = {
+    "string": pa.string(), "binary": pa.binary(), "int64": pa.int64(), "int32": pa.int32(),
+    "float32": pa.float32(), "float64": pa.float64(), "bool": pa.bool_(),
+}  # fmt: skip
+KINDS = ("identity", "tensor", "scalar", "conditioning")
 
 
 def check_dtype(dtype: str) -> str:
@@ -70,6 +91,195 @@ def tensor_type(shape: Sequence[int], dtype: str) -> pa.FixedShapeTensorType:
     return pa.fixed_shape_tensor(DTYPES[check_dtype(dtype)][1], [int(s) for s in shape])
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What decides a file's columns and their types: the sample ``shape`` of this file (one
+    per file: aspect-ratio buckets give files of different shapes), the tensors' ``dtype``, the
+    ``store_x0`` and ``store_dist`` options, and the process metadata ``meta``."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    store_x0: bool = False
+    store_dist: bool = False
+    meta: Mapping = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, meta: Mapping, shape: Sequence[int] | None = None) -> Layout:
+        """The layout of a file from its process metadata; ``shape``: the file's (default the
+        metadata's ``shape``)."""
+        enc = meta.get("encoder") or {}
+        return cls(
+            shape=tuple(int(s) for s in (meta["shape"] if shape is None else shape)),
+            dtype=meta["dtype"],
+            store_x0=bool(meta.get("store_x0")),
+            store_dist=bool(enc.get("store_dist")),
+            meta=meta,
+        )
+
+
+def _always(layout: Layout) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the record format (see the module docstring, "Column registry")."""
+
+    name: str
+    kind: str
+    dtype: str
+    per: str = "draw"
+    nullable: bool = False
+    stage: str = "noise"
+    when: Callable[[Layout], bool] = _always
+    finite: bool | None = None  # None: True for tensors
+    shape: Callable[[Layout], Sequence[int]] | None = None  # tensors; None: the file's shape
+    doc: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"column {self.name!r}: kind must be one of {KINDS}, got {self.kind}")
+        if self.per not in ("sample", "draw"):
+            raise ValueError(f"column {self.name!r}: per must be sample or draw, got {self.per}")
+        if self.dtype != "output" and self.dtype not in ARROW_TYPES:
+            raise ValueError(f"column {self.name!r}: dtype {self.dtype!r} is not one of "
+                             f"{['output', *ARROW_TYPES]}")  # fmt: skip
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.kind == "tensor"
+
+    @property
+    def rejects_nonfinite(self) -> bool:
+        return self.is_tensor if self.finite is None else self.finite
+
+    def arrow_type(self, layout: Layout) -> pa.DataType:
+        if self.is_tensor:
+            shape = layout.shape if self.shape is None else self.shape(layout)
+            dtype = layout.dtype if self.dtype == "output" else self.dtype
+            return tensor_type(shape, dtype)
+        return ARROW_TYPES[layout.dtype if self.dtype == "output" else self.dtype]
+
+    def field(self, layout: Layout) -> pa.Field:
+        return pa.field(self.name, self.arrow_type(layout), nullable=self.nullable)
+
+
+@dataclass(frozen=True)
+class ColumnFamily:
+    """Columns named by the process metadata: ``expand(layout)`` returns them (e.g. one per
+    kept member of ``source.keep``). ``names`` is the family's description for the docs."""
+
+    names: str
+    expand: Callable[[Layout], Sequence[Column]]
+
+
+def _conditioning(layout: Layout) -> list[Column]:
+    from .conditioning import Conditioning
+
+    spec = Conditioning.from_spec(layout.meta.get("conditioning"))
+    return [
+        Column(k.column, "conditioning", k.type, "sample", nullable=True, stage="read")
+        for k in spec.kept
+    ]
+
+
+def _x0(layout: Layout) -> bool:
+    return layout.store_x0
+
+
+def _dist(layout: Layout) -> bool:
+    return layout.store_dist
+
+
+COLUMNS: list[Column | ColumnFamily] = [
+    Column("key", "identity", "string", "sample", stage="read", doc="WebDataset __key__"),
+    Column("index", "identity", "int64", "sample", stage="read", doc="ordinal in its shard"),
+    Column("draw", "identity", "int32", doc="draw index, 0 <= draw < K"),
+    Column("t", "scalar", "int32", doc="0-based timestep in [0, T)"),
+    Column("x_t", "tensor", "output", doc="sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps"),
+    Column("epsilon", "tensor", "output", doc="the noise eps ~ N(0, I)"),
+    Column("posterior_mean", "tensor", "output", doc="mean of q(x_{t-1} | x_t, x_0)"),
+    Column("posterior_variance", "scalar", "float32", doc="variance of q(x_{t-1} | x_t, x_0)"),
+    Column("posterior_log_variance", "scalar", "float32", doc="its clipped log"),
+    Column("alpha_bar", "scalar", "float32", doc="ab_t"),
+    Column("x_0", "tensor", "output", when=_x0, doc="the data (output.store_x0)"),
+    Column("latent_mean", "tensor", "output", "sample", stage="encode", when=_dist,
+           doc="encoder.store_dist: (mean - shift) * scale"),
+    Column("latent_std", "tensor", "output", "sample", stage="encode", when=_dist,
+           doc="encoder.store_dist: std * scale"),
+    ColumnFamily("cls, txt, json, ... (source.keep)", _conditioning),
+]  # fmt: skip
+
+
+def register(column: Column | ColumnFamily, *, before: str | None = None) -> None:
+    """Declare a column (at the end, or before the column named ``before``). Used at import time
+    by the module that owns the column; a name may be declared once."""
+    if isinstance(column, Column) and column.name in reserved_names():
+        raise ValueError(f"column {column.name!r} is already declared")
+    if before is None:
+        COLUMNS.append(column)
+        return
+    at = next(i for i, c in enumerate(COLUMNS) if isinstance(c, Column) and c.name == before)
+    COLUMNS.insert(at, column)
+
+
+def declared(name: str) -> Column:
+    """The fixed column named ``name``; KeyError for a family member or an unknown name."""
+    for c in COLUMNS:
+        if isinstance(c, Column) and c.name == name:
+            return c
+    raise KeyError(f"no column {name!r} is declared in pipeline.records.COLUMNS")
+
+
+def reserved_names() -> tuple[str, ...]:
+    """Every fixed column name (a conditioning column may not take one)."""
+    return tuple(c.name for c in COLUMNS if isinstance(c, Column))
+
+
+def columns_of(layout: Layout) -> list[Column]:
+    """The columns of a file of this layout, in schema order."""
+    out: list[Column] = []
+    for c in COLUMNS:
+        if isinstance(c, ColumnFamily):
+            out += c.expand(layout)
+        elif c.when(layout):
+            out.append(c)
+    return out
+
+
+def _names(kind: str, cols: Iterable[Column] | None = None) -> tuple[str, ...]:
+    cols = [c for c in COLUMNS if isinstance(c, Column)] if cols is None else cols
+    return tuple(c.name for c in cols if c.kind == kind and c.when is _always)
+
+
+# The tensor and float scalar columns of every file (without options).
+TENSOR_COLUMNS = _names("tensor")
+SCALAR_COLUMNS = tuple(n for n in _names("scalar") if declared(n).dtype.startswith("float"))
+DIST_COLUMNS = tuple(c.name for c in COLUMNS if isinstance(c, Column) and c.when is _dist)
+
+
+def tensor_columns(store_x0: bool, store_dist: bool = False) -> tuple[str, ...]:
+    """The tensor columns of a file with these options."""
+    layout = Layout((1,), "float32", store_x0, store_dist)
+    return tuple(c.name for c in columns_of(layout) if c.is_tensor)
+
+
+def nonfinite_columns(names: Iterable[str]) -> tuple[str, ...]:
+    """Of ``names``, the declared columns whose non-finite values reject a sample."""
+    fixed = {c.name: c for c in COLUMNS if isinstance(c, Column)}
+    return tuple(n for n in names if n in fixed and fixed[n].rejects_nonfinite)
+
+
+def schema_of(layout: Layout) -> pa.Schema:
+    """The Arrow schema of a file of ``layout``; its metadata (JSON under ``ddpm``) is
+    ``layout.meta`` when not empty."""
+    fields = [c.field(layout) for c in columns_of(layout)]
+    meta = layout.meta
+    return pa.schema(
+        fields, metadata={METADATA_KEY: json.dumps(dict(meta), sort_keys=True)} if meta else None
+    )
+
+
 def record_schema(
     shape: Sequence[int],
     dtype: str,
@@ -77,29 +287,23 @@ def record_schema(
     metadata: Mapping | None = None,
     store_dist: bool = False,
 ) -> pa.Schema:
-    """The Arrow schema of one output file; ``metadata`` is stored as JSON under ``ddpm``;
-    ``store_dist`` adds an encoder's ``latent_mean`` and ``latent_std`` columns; the metadata's
-    ``conditioning`` entry adds one nullable column per kept member
-    (:mod:`pipeline.conditioning`)."""
-    tt = tensor_type(shape, dtype)
-    fields = [
-        pa.field("key", pa.string(), nullable=False),
-        pa.field("index", pa.int64(), nullable=False),
-        pa.field("draw", pa.int32(), nullable=False),
-        pa.field("t", pa.int32(), nullable=False),
-        *(pa.field(name, tt, nullable=False) for name in TENSOR_COLUMNS),
-        *(pa.field(name, pa.float32(), nullable=False) for name in SCALAR_COLUMNS),
-    ]
-    if store_x0:
-        fields.append(pa.field("x_0", tt, nullable=False))
-    if store_dist:
-        fields += [pa.field(name, tt, nullable=False) for name in DIST_COLUMNS]
-    if metadata and metadata.get("conditioning"):
-        from .conditioning import Conditioning
+    """The Arrow schema of one output file of sample ``shape`` (the file's: see :class:`Layout`);
+    ``metadata`` is stored as JSON under ``ddpm``; ``store_dist`` adds an encoder's
+    ``latent_mean`` and ``latent_std`` columns; the metadata's ``conditioning`` entry adds one
+    nullable column per kept member (:mod:`pipeline.conditioning`)."""
+    check_dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    return schema_of(Layout(shape, dtype, bool(store_x0), bool(store_dist), metadata or {}))
 
-        fields += Conditioning.from_spec(metadata["conditioning"]).fields()
-    meta = {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)} if metadata else None
-    return pa.schema(fields, metadata=meta)
+
+def file_shape(schema: pa.Schema) -> list[int]:
+    """The sample shape of a file, read from its ``x_t`` column's type."""
+    return [int(s) for s in schema.field("x_t").type.shape]
+
+
+def is_tensor(type_: pa.DataType) -> bool:
+    """True for a tensor column's Arrow type (``arrow.fixed_shape_tensor``)."""
+    return isinstance(type_, pa.FixedShapeTensorType)
 
 
 def make_metadata(
@@ -149,7 +353,7 @@ def writer_options(schema: pa.Schema, compression: str, tensor_compression: str)
     tensors slow reads for nothing), and statistics are kept for the scalar columns only (min/max
     of a tensor column is of no use to a reader and costs encode time).
     """
-    tensors = {f.name for f in schema if isinstance(f.type, pa.FixedShapeTensorType)}
+    tensors = {f.name for f in schema if is_tensor(f.type)}
     return {
         "compression": {
             f.name: tensor_compression if f.name in tensors else compression for f in schema
@@ -180,7 +384,7 @@ def build_table(schema: pa.Schema, columns: Mapping[str, np.ndarray | Sequence])
         if f.name not in columns:
             raise KeyError(f"missing column {f.name!r} for the record schema")
         v = columns[f.name]
-        if isinstance(f.type, pa.FixedShapeTensorType):
+        if is_tensor(f.type):
             arrays.append(tensor_array(v, f.type))
         else:  # a nullable column may come as floats with NaN for null (pandas' convention)
             arrays.append(pa.array(v, type=f.type, from_pandas=f.nullable))
@@ -194,7 +398,7 @@ def tensor_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         if column.num_chunks == 0:
             return np.empty((0, *type_.shape), dtype=type_.value_type.to_pandas_dtype())
         column = column.combine_chunks() if column.num_chunks > 1 else column.chunk(0)
-    if not isinstance(column.type, pa.FixedShapeTensorType):
+    if not is_tensor(column.type):
         raise TypeError(f"not a fixed_shape_tensor column: {column.type}")
     return column.to_numpy_ndarray()
 

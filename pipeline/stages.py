@@ -38,7 +38,7 @@ from .decoders import make_decoder
 from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
 from .prefetch import ReadAhead
-from .records import DTYPES, build_table, writer_options
+from .records import DTYPES, build_table, nonfinite_columns, writer_options
 from .schedule import NoiseSchedule
 from .source import Reject, Sample, iter_shard
 from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
@@ -214,12 +214,13 @@ def compute_records(
 def split_nonfinite(cols: dict, draws: int, dtype: str) -> tuple[dict, list[tuple[str, int, str]]]:
     """Drop the samples any of whose records has a value that does not fit ``dtype`` (finite
     inputs above 65504 overflow float16 to Inf): all K draws of such a sample go, so records
-    stay K per sample. Returns the kept columns and ``(key, index, reason)`` per dropped sample."""
+    stay K per sample. The columns checked are those the registry marks (tensors by default,
+    :func:`pipeline.records.nonfinite_columns`). Returns the kept columns and ``(key, index,
+    reason)`` per dropped sample."""
     n = len(cols["t"])
     bad = np.zeros(n, dtype=bool)
-    for name in ("x_t", "epsilon", "posterior_mean", "x_0"):
-        if name in cols:
-            bad |= ~np.isfinite(cols[name].reshape(n, -1)).all(axis=1)
+    for name in nonfinite_columns(cols):
+        bad |= ~np.isfinite(cols[name].reshape(n, -1)).all(axis=1)
     if not bad.any():
         return cols, []
     bad_sample = bad.reshape(-1, draws).any(axis=1)
