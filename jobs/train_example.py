@@ -25,7 +25,10 @@ variance 0: that step is the decoder term L_0) or ``beta_t = 1`` (zero-terminal-
 are left out. The KL of the true noise is reported as a check of the stored posterior: it is 0
 up to the storage dtype's rounding.
 
-Writes ``loss.png`` (loss curve against the zero predictor) and ``metrics.json`` to ``--out``.
+Writes ``loss.png`` (loss curve against the zero predictor), ``metrics.json``, the weights
+(``model.safetensors``) and ``samples.png`` (a grid of samples drawn from the trained model by
+ancestral sampling through the posterior the records carry, :func:`ancestral_sample`) to
+``--out``.
 Evaluation uses the training records (unless ``--holdout``): this shows the data path, it does not
 measure generalisation.
 
@@ -103,7 +106,7 @@ class TinyDenoiser(nn.Module):
         self, shape, num_timesteps: int, width: int = 32, emb: int = 64, num_classes: int = 0
     ):
         super().__init__()
-        channels, height, width_px = shape
+        channels, height, width_px = self.shape = tuple(int(v) for v in shape)
         self.patch = 2 if min(height, width_px) >= 32 and height % 2 == 0 == width_px % 2 else 1
         cin = channels * self.patch**2
         self.num_timesteps, self.emb_dim = num_timesteps, emb
@@ -349,6 +352,7 @@ def train(
     num_classes: int | None = None,
     p_uncond: float = 0.1,
     holdout: float | None = None,
+    samples: int = 16,
 ) -> dict:
     """Train TinyDenoiser for ``steps`` steps on the records in ``data``; returns the metrics
     (``losses`` per step, ``zero_losses`` = E[eps^2] of each batch, ``final_loss`` and
@@ -360,7 +364,9 @@ def train(
     (the label statistics) and ``curve`` (MSE given the label and given the null label of one
     fixed evaluation batch, every few steps) to the metrics. ``holdout``: fraction of samples
     left out of training and evaluated on (default 0.1 with ``cond``, else 0: evaluation on the
-    training records).
+    training records). With ``out``: the weights go to ``model.safetensors``
+    (:func:`save_checkpoint`) and ``samples`` generated samples to ``samples.png``
+    (:func:`save_samples`; 0: none), beside ``loss.png`` and ``metrics.json``.
     """
     if holdout is None:
         holdout = 0.1 if cond else 0.0
@@ -493,7 +499,12 @@ def train(
             }
             metrics["curve"] = curve
         if out is not None:
-            save(metrics, Path(out))
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(model, out / "model.safetensors", ds.metadata)
+            if samples:
+                metrics["samples"] = save_samples(model, schedule, ds.metadata, out, samples, seed)
+            save(metrics, out)
         return metrics
 
 
@@ -528,6 +539,143 @@ def save(metrics: dict, out: Path) -> None:
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+# -- checkpoint and samples ---------------------------------------------------------------------
+
+
+def save_checkpoint(model: TinyDenoiser, path: Path, records_meta: dict) -> None:
+    """The model's weights as safetensors (never a pickle), with what rebuilds it (shape, width,
+    classes) and the records' schedule in the file's metadata; see :func:`load_checkpoint`."""
+    from safetensors.torch import save_file
+
+    config = {
+        "shape": list(records_meta["shape"]),
+        "num_timesteps": model.num_timesteps,
+        "width": model.inp.conv.out_channels,
+        "emb": model.emb_dim,
+        "num_classes": model.num_classes,
+        "schedule": records_meta["schedule"],
+    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"config": json.dumps(config)})
+
+
+def load_checkpoint(path) -> tuple[TinyDenoiser, dict]:
+    """(model in eval mode, its config) from a file written by :func:`save_checkpoint`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    model = TinyDenoiser(
+        config["shape"], config["num_timesteps"], width=config["width"], emb=config["emb"],
+        num_classes=config["num_classes"],
+    )  # fmt: skip
+    model.load_state_dict(load_file(str(path)))
+    return model.eval(), config
+
+
+@torch.no_grad()
+def ancestral_sample(
+    model: TinyDenoiser,
+    schedule,
+    n: int,
+    labels: torch.Tensor | None = None,
+    seed: int = 0,
+    clip: bool = True,
+) -> torch.Tensor:
+    """``n`` samples [n, C, H, W] by ancestral sampling (Ho et al. alg. 2), float64.
+
+    From x_T ~ N(0, I), each step predicts eps, x0_hat = predict_x0_from_eps (clipped to [-1, 1]
+    with ``clip``, for pixel records) and draws x_{t-1} ~ q(x_{t-1} | x_t, x0_hat): the posterior
+    the records carry (:func:`pipeline.diffusion.q_posterior`, variance beta~_t), from the
+    schedule of the records' metadata. The last step (t = 0) returns the mean. Steps whose
+    alpha_bar is 0 (zero-terminal SNR's last) are skipped: x_T starts one step below.
+    ``labels`` [n]: class labels for a conditional model (-1 or None: the null label).
+    """
+    from pipeline.diffusion import predict_x0_from_eps, q_posterior
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, *model.shape)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    top = int(np.flatnonzero(np.asarray(schedule.alphas_cumprod) > 0).max())
+    model.eval()
+    for step in range(top, -1, -1):
+        t = torch.full((n,), step, dtype=torch.int64)
+        eps_hat = model(x.float(), t, labels).double()
+        x0 = predict_x0_from_eps(schedule, x, t, eps_hat)
+        if clip:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, _, log_var = q_posterior(schedule, x0, x, t)
+        if step == 0:
+            return mean
+        x = mean + torch.exp(0.5 * log_var) * torch.randn(shape, generator=g, dtype=x.dtype)
+    return x
+
+
+def sample_grid(samples: torch.Tensor, pixels: bool) -> np.ndarray:
+    """A grid image [rows*H, cols*W, 3] in [0, 1] of samples [n, C, H, W]: pixel records
+    (in [-1, 1]) as images (1 or 3 channels); latents as their first three channels (or the
+    first one, grey), each sample scaled to its own min..max."""
+    x = samples.double()
+    c = x.shape[1]
+    x = x[:, :3] if c >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    if pixels:
+        x = (x.clamp(-1, 1) + 1) / 2
+    else:
+        lo = x.flatten(1).min(1).values.view(-1, 1, 1, 1)
+        hi = x.flatten(1).max(1).values.view(-1, 1, 1, 1)
+        x = (x - lo) / (hi - lo).clamp_min(1e-12)
+    n, _, h, w = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.ones((rows * (h + 2), cols * (w + 2), 3))
+    for i, img in enumerate(x.numpy().transpose(0, 2, 3, 1)):
+        r, q = divmod(i, cols)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = img
+    return grid
+
+
+def save_samples(model, schedule, meta: dict, out: Path, n: int, seed: int = 0) -> dict:
+    """``n`` samples of ``model`` (a conditional model: labels 0, 1, ... in turn) drawn with
+    :func:`ancestral_sample`, saved as ``samples.png`` in ``out``; returns their summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pixels = not meta.get("encoder")
+    labels = None
+    if model.num_classes:
+        labels = torch.arange(n) % model.num_classes
+    start = time.perf_counter()
+    samples = ancestral_sample(model, schedule, n, labels, seed=seed, clip=pixels)
+    seconds = time.perf_counter() - start
+    grid = sample_grid(samples, pixels)
+    scale = max(1.0, 256 / grid.shape[0])
+    fig, ax = plt.subplots(
+        figsize=(grid.shape[1] * scale / 100 + 0.4, grid.shape[0] * scale / 100 + 0.6)
+    )
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    what = "pixels" if pixels else "latents (first channels, min..max per sample)"
+    title = f"{n} ancestral samples, {meta['schedule']['name']} T={schedule.num_timesteps}, {what}"
+    if labels is not None:
+        title += (
+            f"\nclass labels {', '.join(str(int(v)) for v in labels[: model.num_classes])}, ..."
+        )
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=100)
+    plt.close(fig)
+    return {
+        "n": n,
+        "seconds": seconds,
+        "mean": samples.mean().item(),
+        "std": samples.std().item(),
+        "finite": bool(torch.isfinite(samples).all()),
+    }
 
 
 def report(m: dict) -> str:
@@ -669,16 +817,33 @@ def make_synthetic_records(
         target.commit(tmp, name)
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (options whose default depends on others say so in
+    their help instead)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Defaults)
     p.add_argument("--data", required=True, help="records directory (path or URI)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--out", default="train-example", help="where loss.png and metrics.json go")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument(
+        "--out",
+        default="train-example",
+        help="where loss.png, metrics.json, model.safetensors and samples.png go",
+    )
+    p.add_argument(
+        "--samples", type=int, default=16, help="generated samples drawn into samples.png (0: none)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="records per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (one-cycle)")
     p.add_argument("--width", type=int, default=32, help="channels of the first conv level")
     p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model, shuffle and sampling seed")
     p.add_argument(
         "--threads",
         type=int,
@@ -748,11 +913,19 @@ def main(argv: list[str] | None = None) -> int:
             num_classes=args.num_classes,
             p_uncond=0.1 if args.p_uncond is None else args.p_uncond,
             holdout=args.holdout,
+            samples=args.samples,
         )
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         p.error(str(exc))
     print(report(m))
     print(f"loss curve: {Path(args.out) / 'loss.png'}")
+    print(f"checkpoint: {Path(args.out) / 'model.safetensors'}")
+    if m.get("samples"):
+        sm = m["samples"]
+        print(
+            f"samples:    {Path(args.out) / 'samples.png'}"
+            f" ({sm['n']} drawn in {sm['seconds']:.1f} s)"
+        )
     return 0 if m["final_loss"] < m["final_zero_loss"] else 1
 
 

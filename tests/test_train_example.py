@@ -92,9 +92,62 @@ def test_cli(te, tiny, tmp_path, capsys):
     assert code in (0, 1)  # 3 steps need not beat the zero predictor yet
     out = capsys.readouterr().out
     assert "zero predictor" in out and (tmp_path / "cli" / "loss.png").exists()
+    assert "samples.png" in out and (tmp_path / "cli" / "samples.png").exists()
+    assert (tmp_path / "cli" / "model.safetensors").exists()
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert metrics["samples"]["n"] == 16 and metrics["samples"]["finite"]
     with pytest.raises(SystemExit):
         te.main(["--data", str(tmp_path / "missing"), "--steps", "3"])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_shows_defaults(te, capsys):
+    with pytest.raises(SystemExit):
+        te.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 300)" in out and "(default: train-example)" in out
+    assert "(default: 16)" in out and "(default: None)" not in out
+
+
+class _Oracle(torch.nn.Module):
+    """The exact eps predictor of a data distribution that is the single point ``x0``."""
+
+    def __init__(self, sched, x0):
+        super().__init__()
+        self.sched, self.x0, self.shape, self.num_classes = sched, x0, tuple(x0.shape), 0
+
+    def forward(self, x, t, y=None):
+        ab = torch.tensor(self.sched.alphas_cumprod)[t].view(-1, 1, 1, 1)
+        return ((x.double() - ab.sqrt() * self.x0) / (1 - ab).sqrt()).float()
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_ancestral_sampling_reaches_the_data(te, name):
+    """With the exact noise predictor of a one-point distribution, every sample lands on it."""
+    sched = make_schedule(name, 50)
+    x0 = torch.linspace(-0.8, 0.8, 2 * 4 * 4, dtype=torch.float64).view(2, 4, 4)
+    out = te.ancestral_sample(_Oracle(sched, x0), sched, 6, seed=1)
+    assert out.shape == (6, 2, 4, 4)
+    torch.testing.assert_close(out, x0.expand_as(out), atol=1e-4, rtol=0)
+    # A wrong predictor (zeros) does not: the test can fail.
+    zero = _Oracle(sched, x0)
+    zero.forward = lambda x, t, y=None: torch.zeros_like(x)
+    assert (te.ancestral_sample(zero, sched, 6, seed=1) - x0).abs().max() > 0.1
+
+
+def test_checkpoint_round_trip(te, tiny, tmp_path):
+    ds = PrecomputedDataset(tiny, shuffle=False)
+    model = te.TinyDenoiser(ds.metadata["shape"], 100, width=8, num_classes=3)
+    torch.nn.init.normal_(model.label.weight)
+    te.save_checkpoint(model, tmp_path / "m.safetensors", ds.metadata)
+    loaded, config = te.load_checkpoint(tmp_path / "m.safetensors")
+    assert config["num_classes"] == 3 and config["schedule"] == ds.metadata["schedule"]
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 5, 50, 99]), torch.tensor([0, 1, 2, -1])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
+    grid = te.sample_grid(torch.randn(5, 1, 8, 8), pixels=True)
+    assert grid.shape == (2 * 10, 3 * 10, 3) and 0 <= grid.min() and grid.max() <= 1
 
 
 # -- class-conditional training (--cond cls) ----------------------------------------------------
