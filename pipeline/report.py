@@ -97,6 +97,17 @@ def _num(v) -> str:
     return str(v)
 
 
+def _cell(v) -> str:
+    """A Markdown table cell: ``|`` escaped (``max |z|`` would split the cell), line breaks and
+    surrounding spaces removed, so every row keeps its columns in any renderer."""
+    text = v if isinstance(v, str) else _num(v)
+    return " ".join(text.split()).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
 def _verdict_word(c: dict) -> str:
     return "FAIL" if not c["passed"] else "WARN" if c["severity"] == "warning" else "PASS"
 
@@ -153,11 +164,8 @@ def format_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for c in report["checks"]:
-        summ = c["summary"].replace("|", "\\|")
-        lines.append(
-            f"| {c['name']} | {_verdict_word(c)} | {c['detail']['statistic_name']} | "
-            f"{_num(c['statistic'])} | {_num(c['threshold'])} | {summ} |"
-        )
+        name, stat = c["detail"]["statistic_name"], c["statistic"]
+        lines.append(_row(c["name"], _verdict_word(c), name, stat, c["threshold"], c["summary"]))
     lines += [
         "",
         "Terminal figures (t = T-1): " + ", ".join(f"{k} = {_num(v)}" for k, v in term.items()),
