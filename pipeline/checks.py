@@ -652,6 +652,7 @@ PROBLEMS = (
     "missing files",
     "missing commit markers",
     "damaged or mismatching commit markers",
+    "files changed since their commit",
     "unreadable files",
     "row count differs from manifest",
     "records != (samples - rejected) x draws",
@@ -680,8 +681,26 @@ def _marker_problem(out: OutputDir, shard: str, entry: dict, scanned: dict, chas
     return None
 
 
+def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
+    """How a committed file differs from what its marker recorded at commit (size, checksum),
+    or None; a marker without a checksum (an older version's) is checked by size only."""
+    marker, found = scanned.get("marker") or {}, scanned.get("file_check") or {}
+    name = out.display(OutputDir.data_name(shard))
+    if found.get("error"):
+        return None  # an unreadable file is reported as such
+    if marker.get("bytes") is not None and found.get("bytes") != marker["bytes"]:
+        return f"{name}: {found.get('bytes')} bytes, its commit marker says {marker['bytes']}"
+    if marker.get("checksum") is not None and found.get("checksum") != marker["checksum"]:
+        return (
+            f"{name}: checksum {str(found.get('checksum'))[:19]}, its commit marker says "
+            f"{marker['checksum'][:19]} (rewritten or damaged since it was committed)"
+        )
+    return None
+
+
 def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list | None) -> Check:
-    """Every manifest shard committed, with its file, marker and row count; accounting
+    """Every manifest shard committed, with its file (the size and checksum its marker
+    recorded at commit: a file rewritten or damaged since fails), marker and row count; accounting
     records = (samples - rejected) x K and rejects.jsonl; (key, draw) unique and complete per
     shard; file metadata = manifest process; no stray files; totals add up."""
     K = int(manifest["process"]["noise"]["draws_per_sample"])
@@ -691,6 +710,7 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
     names = [posixpath.basename(n) for n in out.list(SHARDS)]
     markers = {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
     rejected = Counter(r.get("shard") for r in rejects or () if r.get("key") is not None)
+    unverified = 0  # committed by an older version: no checksum in the marker
     for k, e in sorted(shards.items()):
         s, ids = ds.shards.get(k), ds.shards.get(k, {}).get("ids", {})
         if k not in committed:
@@ -702,9 +722,12 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
         marker_bad = (
             _marker_problem(out, k, e, s, manifest.get("config_hash")) if k in markers else None
         )
+        changed = _file_changed(out, k, s) if k in markers and not marker_bad else None
+        unverified += k in markers and not (s.get("marker") or {}).get("checksum")
         checks = (
             ("missing commit markers", k not in markers, k),
             ("damaged or mismatching commit markers", marker_bad, marker_bad),
+            ("files changed since their commit", changed, changed),
             ("unreadable files", s["error"], f"{s['file']}: {s['error']}"),
             (
                 "row count differs from manifest",
@@ -738,6 +761,11 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, rejects: list
             if bad:
                 prob[what].append(msg)
     notes = []
+    if unverified:
+        notes.append(
+            f"{unverified} committed files have no checksum in their marker (committed by an "
+            "older version): checked by size only; rerun with output.overwrite=true to add them"
+        )
     if rejects is None:
         notes.append(f"{out.display(REJECTS)} not found")
         if any(e.get("rejected") for e in shards.values()):

@@ -191,6 +191,7 @@ class DatasetStats(Stats):
         summ = {"file": st.file, "rows": st.num_rows, "error": st.error, "seconds": st.seconds}
         summ["meta_problems"] = st.meta_problems
         summ["marker"], summ["marker_error"] = st.marker, st.marker_error
+        summ["file_check"] = st.file_check
         self.shards[st.shard] = summ
         self.cost.update(st.cost)
         self.cost["task_total"] += st.seconds
@@ -310,6 +311,7 @@ class ShardStats:
     hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
     marker: dict | None = None  # its commit marker (_shards/<shard>.json), None when absent
     marker_error: str | None = None  # why the marker could not be read
+    file_check: dict = field(default_factory=dict)  # the file's bytes and checksum (_file_check)
     ids: dict = field(default_factory=dict)
     cond: dict = field(default_factory=dict)  # CondScan.summary(): kept columns' figures
     cost: dict = field(default_factory=dict)  # seconds per part of the scan (Cost)
@@ -690,8 +692,9 @@ class _Scanner:
         return st
 
 
-# The fields of a commit marker that ``checks.completeness`` compares with the manifest.
-MARKER_FIELDS = ("status", "records", "config_hash")
+# The fields of a commit marker that ``checks.completeness`` compares with the manifest and
+# with the file (its size and checksum).
+MARKER_FIELDS = ("status", "records", "config_hash", "bytes", "checksum")
 
 
 def _read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
@@ -707,6 +710,19 @@ def _read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
         return None, str(exc)
 
 
+def _file_check(out: OutputDir, name: str, marker: dict | None) -> dict:
+    """The committed file as found, for ``completeness`` to compare with its marker: its
+    ``bytes``, and its ``checksum`` when the marker records one (a marker of an older version
+    has none: the file is then checked by size only); ``error`` when it cannot be read."""
+    try:
+        found = {"bytes": out.size(name)}
+        if marker is not None and marker.get("checksum") is not None:
+            found["checksum"] = out.checksum(name)
+    except (OSError, TypeError) as exc:  # a vanished file: size None, then open fails
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return found
+
+
 def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
     """Read one committed shard batch by batch and return its statistics. Never raises for a
     bad file: the error is returned in ``ShardStats.error`` (reported by ``completeness``)."""
@@ -714,6 +730,7 @@ def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
     name = OutputDir.data_name(shard)
     st = ShardStats(shard=shard, file=out.display(name))
     st.marker, st.marker_error = _read_marker(out, shard)
+    st.file_check = _file_check(out, name, st.marker)
     try:
         with out.fs.open_input_file(out.path(name)) as fh:
             pf = pq.ParquetFile(fh)

@@ -345,7 +345,8 @@ class ParquetSink:
 
 def commit(out: OutputDir, result: dict) -> dict:
     """Commit a shard written to ``result["tmp"]``: its rejects part, the rename into place, then
-    the marker ``_shards/<shard>.json`` (the commit point). Returns the marker's summary. On
+    the marker ``_shards/<shard>.json`` (the commit point; it records the file's ``bytes`` and
+    ``checksum``). Returns the marker's summary. On
     failure the temporary file is removed and an :class:`OutputWriteError` names the file."""
     shard, name = result["shard"], result["file"]
     rejects = list(result["rejects"])
@@ -354,6 +355,7 @@ def commit(out: OutputDir, result: dict) -> dict:
     summary = {k: v for k, v in result.items() if k not in ("tmp", "rejects", "shard", "retryable")}
     try:
         out.write_jsonl(out.rejects_name(shard), rejects)
+        summary["checksum"] = out.checksum(result["tmp"])  # what resume and validation verify
         out.commit(result["tmp"], name)
         summary["bytes"] = out.size(name)
         out.write_json(out.marker_name(shard), summary)

@@ -99,3 +99,17 @@ def write_array_shard(
         members += [(f"{key}.{ext}", data) for ext, data in (extras or {}).items()]
     write_tar(path, members)
     return [name[:-4] for name, _ in members if name.endswith(".npy")]
+
+
+def flip_an_x_t_sign(path) -> None:
+    """Flip the sign bit of one x_t value of a committed Parquet file in place (tensor columns
+    are stored uncompressed): the file keeps its size and stays readable, one value differs."""
+    import pyarrow.parquet as pq
+
+    values = pq.read_table(path, columns=["x_t"]).column(0).combine_chunks().storage.flatten()
+    raw = values.to_numpy(zero_copy_only=False)[:16].tobytes()
+    data = bytearray(Path(path).read_bytes())
+    at = data.find(raw)
+    assert at >= 0 and data.find(raw, at + 1) < 0, "x_t's first values not found once in the file"
+    data[at + len(raw) // 16 - 1] ^= 0x80  # the first value's high byte (little-endian): its sign
+    Path(path).write_bytes(bytes(data))

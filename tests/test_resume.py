@@ -5,6 +5,7 @@ changed or whose file is gone. Also the exit codes of data that is lost silently
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from shards import npy_bytes, write_array_shard, write_tar
+from shards import flip_an_x_t_sign, npy_bytes, write_array_shard, write_tar
 
 from pipeline.lease import LEASE
 from pipeline.manifest import MANIFEST, OutputDir
@@ -110,18 +111,39 @@ def test_changed_input_is_redone_and_said(tmp_path, make_cfg, caplog):
     assert "lat-00 is redone: its input" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
-def test_a_missing_or_damaged_committed_file_is_rebuilt(tmp_path, make_cfg, damage):
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip", "rewrite", "old-marker"])
+def test_a_missing_or_damaged_committed_file_is_rebuilt(tmp_path, make_cfg, damage, caplog):
+    """A flipped sign in one x_t value (same size, still valid Parquet) and a file rewritten by
+    pyarrow fail the marker's checksum: rebuilt. A marker of an older version (no checksum)
+    is checked by its size only, as before."""
     args = _job(tmp_path)
     run(make_cfg(*args))
     path = tmp_path / "out" / "lat-01.parquet"
     good, table = path.read_bytes(), pq.read_table(path)
+    marker = json.loads((tmp_path / "out" / "_shards" / "lat-01.json").read_text())
+    assert marker["checksum"] == "sha256:" + hashlib.sha256(good).hexdigest()
     if damage == "delete":
         path.unlink()
-    else:
+    elif damage == "truncate":
         path.write_bytes(good[: len(good) // 2])
+    elif damage in ("flip", "old-marker"):
+        flip_an_x_t_sign(path)
+        assert path.stat().st_size == len(good) and not pq.read_table(path).equals(table)
+    else:
+        pq.write_table(table, path, compression="snappy")
+    if damage == "old-marker":
+        out = OutputDir(str(tmp_path / "out"))
+        del marker["checksum"]
+        out.write_json(out.marker_name("lat-01"), marker)
+        out.remove(MANIFEST)  # the index would hold the marker with its checksum
+        run(make_cfg(*args, "output.overwrite=false"))
+        assert path.read_bytes() != good  # size only: not seen
+        return
     m = run(make_cfg(*args))
     assert m["exit_code"] == 0 and pq.read_table(path).equals(table)
+    assert path.read_bytes() == good
+    if damage in ("flip", "rewrite"):
+        assert "lat-01 is redone: its file" in caplog.text
 
 
 @pytest.mark.parametrize(

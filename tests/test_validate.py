@@ -17,7 +17,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from shards import npy_bytes, write_array_shard, write_image_shard, write_tar
+from shards import (
+    flip_an_x_t_sign,
+    npy_bytes,
+    write_array_shard,
+    write_image_shard,
+    write_tar,
+)
 
 from pipeline import noisehash, records, report, validate
 from pipeline.checks import Highlight, litem, verdict
@@ -133,14 +139,25 @@ def _refresh(cols, sched, eps32=None, t_xt=None):
     )
 
 
+def _recommit(root, shard):
+    """Record a rewritten file's size and checksum in its marker, as a writer that made the
+    defect would have: the planted defect is then the only thing wrong."""
+    out = OutputDir(str(root))
+    marker = out.read_json(OutputDir.marker_name(shard))
+    name = OutputDir.data_name(shard)
+    marker.update(bytes=out.size(name), checksum=out.checksum(name))
+    out.write_json(OutputDir.marker_name(shard), marker)
+
+
 def _plant(root, shards, fn):
-    """Apply fn(cols, sched, shard) to the named shards' files and rewrite them."""
+    """Apply fn(cols, sched, shard) to the named shards' files and rewrite them (re-committed)."""
     for shard in shards:
         path = root / f"{shard}.parquet"
         schema, cols = _read(path)
         sched = records.schedule_from_metadata(records.process_metadata(schema))
         fn(cols, sched, shard)
         _write(path, schema, cols)
+        _recommit(root, shard)
     return root
 
 
@@ -153,6 +170,7 @@ def _drop_x0(root):
         cols.pop("x_0")
         new = records.record_schema(meta["shape"], meta["dtype"], False, meta)
         _write(out.path(name), new, cols)
+        _recommit(root, name[: -len(".parquet")])
     manifest = out.read_json(MANIFEST)
     manifest["process"]["store_x0"] = False
     out.write_json(MANIFEST, manifest)
@@ -485,3 +503,37 @@ def test_noise_copied_between_shards_is_found_across_hash_buckets(
     dup = checks["noise_independence"]["detail"]["items"][0]
     assert dup["value"] == 2 * 96 and ["sh-0", "sh-3"] in dup["examples"]
     assert seen == [(16, report["summary"]["records"])]
+
+
+@pytest.mark.parametrize("damage", ["flip", "rewrite"])
+def test_a_file_changed_since_its_commit_fails_completeness_naming_it(base, tmp_path, damage):
+    """A flipped sign in one x_t value (same size) or the file rewritten by pyarrow as valid
+    Parquet of another size: the marker's checksum catches both, naming the file."""
+    d = _copy(base["c"], tmp_path / "d")
+    path = d / "sh-1.parquet"
+    if damage == "flip":
+        size = path.stat().st_size
+        flip_an_x_t_sign(path)
+        assert path.stat().st_size == size
+    else:
+        pq.write_table(pq.read_table(path), path, compression="snappy")
+    report, checks = _validate(d)
+    assert report["exit_code"] == 1 and "completeness" in _failed(checks)
+    items = {i["quantity"]: i for i in checks["completeness"]["detail"]["items"]}
+    bad = items["files changed since their commit"]
+    assert bad["value"] == 1 and str(path) in bad["examples"][0], bad
+    assert ("checksum" if damage == "flip" else "bytes") in bad["examples"][0]
+
+
+def test_markers_without_checksum_are_checked_by_size_and_said(base, tmp_path):
+    """Markers written before checksums existed keep passing; a note says how many."""
+    d = _copy(base["c"], tmp_path / "d")
+    out = OutputDir(str(d))
+    for sid in ("sh-0", "sh-1"):
+        marker = out.read_json(out.marker_name(sid))
+        del marker["checksum"]
+        out.write_json(out.marker_name(sid), marker)
+    report, checks = _validate(d)
+    assert report["exit_code"] == 0, _failed(checks)
+    notes = checks["completeness"]["detail"]["notes"]
+    assert any("2 committed files have no checksum" in n for n in notes), notes
