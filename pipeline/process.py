@@ -1,0 +1,228 @@
+"""One Gaussian forward process, two families: DDPM and rectified flow, as float64 tables.
+
+Every process here is ``x_t = alpha_t x_0 + sigma_t eps`` on a discrete grid of ``T`` points
+(Kingma et al. 2021, "Variational Diffusion Models"). Grid index ``i`` in ``[0, T)`` runs from the
+least to the most noisy point (DDPM's 0-based ``t``); index ``-1`` is the data itself
+(``alpha = 1``, ``sigma = 0``).
+
+* DDPM: ``alpha_t = sqrt(ab_t)``, ``sigma_t = sqrt(1 - ab_t)`` (:mod:`pipeline.schedule`).
+* Rectified flow: ``alpha = 1 - sigma``, ``sigma_i`` the training grid of diffusers'
+  ``FlowMatchEulerDiscreteScheduler``: ``sigma = shift s / (1 + (shift - 1) s)``,
+  ``s = (i + 1) / T``; Flux's dynamic shift uses ``shift = exp(mu)`` with ``mu`` linear in the
+  latent sequence length (diffusers' ``calculate_shift`` and ``time_shift``). The model's
+  timestep is ``sigma * T``.
+
+The posterior q(x_s | x_t, x_0) for the previous grid point ``s = i - 1`` (general form):
+
+    alpha_{t|s} = alpha_t / alpha_s,   sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2
+    mean        = (alpha_s sigma_{t|s}^2 / sigma_t^2) x_0 + (alpha_{t|s} sigma_s^2 / sigma_t^2) x_t
+    variance    = sigma_{t|s}^2 sigma_s^2 / sigma_t^2
+    SNR_t       = alpha_t^2 / sigma_t^2
+
+At ``i = 0`` the variance is 0 (a point mass on x_0) and the clipped log-variance is that of
+``i = 1`` (improved-diffusion's choice). For DDPM the posterior tables are the schedule's own
+(Ho et al. eq. 7, computed from the betas): the general form equals them to float64 rounding
+(tests/test_process.py), and the records stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .schedule import NoiseSchedule
+
+FAMILIES = ("ddpm", "flow")
+# the targets a record can carry beside eps, and the families that define them
+TARGETS = {"x_0": FAMILIES, "v": ("ddpm",), "velocity": ("flow",)}
+TABLES = ("alpha", "sigma", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
+          "posterior_log_variance_clipped", "snr", "timesteps")  # fmt: skip
+FLOW_DEFAULTS = {
+    "shift": 1.0,
+    "dynamic_shift": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_seq_len": 256,
+    "max_seq_len": 4096,
+    "patch_size": 2,
+}
+
+
+def general_posterior(alpha: np.ndarray, sigma: np.ndarray) -> dict[str, np.ndarray]:
+    """Coefficients of q(x_{i-1} | x_i, x_0) for grid tables ``alpha``, ``sigma`` [T] (float64),
+    the point before index 0 being the data (alpha 1, sigma 0). Returns ``coef_x0``,
+    ``coef_xt``, ``variance``, ``log_variance_clipped``, each [T]."""
+    alpha, sigma = np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+    a_s = np.concatenate([[1.0], alpha[:-1]])
+    s_s = np.concatenate([[0.0], sigma[:-1]])
+    a_ts = alpha / a_s
+    var_ts = sigma**2 - a_ts**2 * s_s**2
+    out = {
+        "coef_x0": a_s * var_ts / sigma**2,
+        "coef_xt": a_ts * s_s**2 / sigma**2,
+        "variance": var_ts * s_s**2 / sigma**2,
+    }
+    out["coef_x0"][0], out["coef_xt"][0], out["variance"][0] = 1.0, 0.0, 0.0
+    v = out["variance"]
+    with np.errstate(divide="ignore"):
+        out["log_variance_clipped"] = np.log(np.concatenate([v[1:2], v[1:]]) if len(v) > 1 else v)
+    return out
+
+
+def flow_shift(seq_len: int, cfg: dict) -> float:
+    """The shift of a flow process: ``cfg['shift']``, or with ``dynamic_shift`` Flux's
+    ``exp(mu)``, mu = base_shift + (max_shift - base_shift) (seq_len - base_seq_len) /
+    (max_seq_len - base_seq_len) (diffusers' ``calculate_shift``, same arithmetic)."""
+    if not cfg["dynamic_shift"]:
+        return float(cfg["shift"])
+    m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_seq_len"] - cfg["base_seq_len"])
+    b = cfg["base_shift"] - m * cfg["base_seq_len"]
+    return math.exp(seq_len * m + b)
+
+
+def seq_len(shape, patch_size: int) -> int:
+    """Latent tokens of a [C, H, W] sample in patches of ``patch_size``: (H / p) (W / p)."""
+    h, w = int(shape[-2]), int(shape[-1])
+    return (h // patch_size) * (w // patch_size)
+
+
+def flow_sigmas(T: int, shift: float = 1.0, mu: float | None = None) -> np.ndarray:
+    """The training grid, low to high noise, float64 [T]: sigma_i = shift s / (1 + (shift-1) s),
+    s = (i + 1) / T; with ``mu``: diffusers' time_shift exp(mu) / (exp(mu) + (1 / s - 1))."""
+    s = np.arange(1, T + 1, dtype=np.float64) / T
+    if mu is not None:
+        return math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+@dataclass(frozen=True)
+class GaussianProcess:
+    """x_t = alpha x_0 + sigma eps on a grid of T points; every table is read-only float64 [T].
+
+    ``timesteps``: the model's timestep at each point (DDPM: the index; flow: sigma * T).
+    ``description``: JSON-ready, enough to rebuild the process (:func:`from_description`)."""
+
+    family: str
+    num_timesteps: int
+    alpha: np.ndarray = field(repr=False)
+    sigma: np.ndarray = field(repr=False)
+    posterior_mean_coef1: np.ndarray = field(repr=False)  # x_0
+    posterior_mean_coef2: np.ndarray = field(repr=False)  # x_t
+    posterior_variance: np.ndarray = field(repr=False)
+    posterior_log_variance_clipped: np.ndarray = field(repr=False)
+    snr: np.ndarray = field(repr=False)
+    timesteps: np.ndarray = field(repr=False)
+    description: dict = field(repr=False, default_factory=dict)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        for name in TABLES:
+            value = np.array(getattr(self, name), dtype=np.float64)
+            if value.shape != (self.num_timesteps,):
+                raise ValueError(f"{name} must have shape [{self.num_timesteps}]")
+            value.flags.writeable = False
+            object.__setattr__(self, name, value)
+
+    @property
+    def sigmas_sha256(self) -> str:
+        return hashlib.sha256(self.sigma.astype("<f8").tobytes()).hexdigest()
+
+    def targets(self) -> tuple[str, ...]:
+        """The target columns this family defines."""
+        return tuple(k for k, fams in TARGETS.items() if self.family in fams)
+
+
+def ddpm(schedule: NoiseSchedule) -> GaussianProcess:
+    """DDPM as a Gaussian process: the schedule's own tables (bit-identical records)."""
+    return GaussianProcess(
+        family="ddpm",
+        num_timesteps=schedule.num_timesteps,
+        alpha=schedule.sqrt_alphas_cumprod,
+        sigma=schedule.sqrt_one_minus_alphas_cumprod,
+        posterior_mean_coef1=schedule.posterior_mean_coef1,
+        posterior_mean_coef2=schedule.posterior_mean_coef2,
+        posterior_variance=schedule.posterior_variance,
+        posterior_log_variance_clipped=schedule.posterior_log_variance_clipped,
+        snr=schedule.snr,
+        timesteps=np.arange(schedule.num_timesteps, dtype=np.float64),
+        description=schedule.describe(),  # no "family" key: a file without one is DDPM
+    )
+
+
+def flow(num_timesteps: int, shape=None, **cfg) -> GaussianProcess:
+    """Rectified flow (alpha = 1 - sigma) on diffusers' training grid. ``cfg``: the keys of
+    :data:`FLOW_DEFAULTS`; ``shape`` ([C, H, W]) fixes the sequence length of a dynamic shift."""
+    unknown = set(cfg) - set(FLOW_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown flow schedule keys {sorted(unknown)}; allowed: {FLOW_DEFAULTS}")
+    cfg = {**FLOW_DEFAULTS, **cfg}
+    T = int(num_timesteps)
+    if T < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    desc = {"family": "flow", "name": "flow", "num_timesteps": T, **cfg}
+    if cfg["dynamic_shift"]:
+        if shape is None:
+            raise ValueError("schedule.dynamic_shift=true needs the sample shape")
+        n = seq_len(shape, int(cfg["patch_size"]))
+        mu = math.log(flow_shift(n, cfg))
+        sigma = flow_sigmas(T, mu=mu)
+        desc.update(seq_len=n, mu=mu)
+    else:
+        if not cfg["shift"] > 0:
+            raise ValueError(f"schedule.shift must be > 0, got {cfg['shift']}")
+        sigma = flow_sigmas(T, float(cfg["shift"]))
+    alpha = 1.0 - sigma
+    post = general_posterior(alpha, sigma)
+    proc = GaussianProcess(
+        family="flow",
+        num_timesteps=T,
+        alpha=alpha,
+        sigma=sigma,
+        posterior_mean_coef1=post["coef_x0"],
+        posterior_mean_coef2=post["coef_xt"],
+        posterior_variance=post["variance"],
+        posterior_log_variance_clipped=post["log_variance_clipped"],
+        snr=alpha**2 / sigma**2,
+        timesteps=sigma * T,
+    )
+    desc["sigmas_sha256"] = proc.sigmas_sha256
+    object.__setattr__(proc, "description", desc)
+    return proc
+
+
+def from_config(sch: dict, shape=None) -> GaussianProcess:
+    """The process of a ``schedule`` config group (a dict)."""
+    from .schedule import make_schedule
+
+    if sch["name"] == "flow":
+        keys = {k: sch[k] for k in FLOW_DEFAULTS if k in sch}
+        return flow(sch["num_timesteps"], shape, **keys)
+    return ddpm(
+        make_schedule(
+            sch["name"],
+            sch["num_timesteps"],
+            zero_terminal_snr=sch.get("zero_terminal_snr", False),
+            **(sch.get("params") or {}),
+        )
+    )
+
+
+def from_description(desc: dict, shape=None) -> GaussianProcess:
+    """Rebuild a process from its ``description`` (a file's metadata ``schedule`` entry);
+    ValueError when the rebuilt grid's hash differs (another library version)."""
+    if desc.get("family", "ddpm") != "flow":
+        from .records import schedule_from_metadata
+
+        return ddpm(schedule_from_metadata({"schedule": desc}))
+    proc = flow(desc["num_timesteps"], shape, **{k: desc[k] for k in FLOW_DEFAULTS})
+    if proc.sigmas_sha256 != desc["sigmas_sha256"]:
+        raise ValueError(
+            f"flow grid rebuilt here does not match the file's sigmas hash "
+            f"({proc.sigmas_sha256[:12]} != {desc['sigmas_sha256'][:12]}): shape or library "
+            "versions differ"
+        )
+    return proc
