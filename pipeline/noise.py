@@ -16,6 +16,11 @@ phi))`` in exact 64-bit fixed point, with ``u_shard`` hashed from ``(seed, shard
 consecutive records, and so every shard and every batch, covers ``[0, T)`` evenly. Its noise is
 keyed exactly as for ``uniform``.
 
+Rectified flow (``family="flow"``) draws ``u`` from the same bytes (or the same Weyl sequence)
+and picks diffusers' high-to-low sigmas with ``floor(u T)``, as its training scripts do; the
+``logit_normal`` and ``mode`` densities of SD3 transform that keyed uniform
+(:meth:`KeyedNoise.timesteps`). DDPM streams are unchanged by them.
+
 Guarantees: the output is independent of the number of workers, the batch size and the order in
 which shards are processed; a single record can be regenerated from its identity alone (plus its
 position for ``stratified``). Noise is always generated on the CPU, so ``t`` and ``eps`` are
@@ -38,7 +43,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLERS = ("uniform", "stratified")
+SAMPLERS = ("uniform", "stratified", "logit_normal", "mode")
+DENSITIES = ("logit_normal", "mode")  # SD3's training densities: rectified flow only
+FAMILIES = ("ddpm", "flow")
 _PERSON = b"ddpm-precompute"  # BLAKE2b personalisation: domain separation from other hashes
 _LATENT_PERSON = b"ddpm-latent"  # the latent draws of an encoder: independent of eps
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # floor(2**64 / phi), odd: a full-period step
@@ -59,17 +66,33 @@ def _unit_to_index(u: np.ndarray, n: int) -> np.ndarray:
 class KeyedNoise:
     """Draws (t, eps) for records from their identity. Immutable; safe to share.
 
-    seed: global seed; num_timesteps: T; draws: K draws per sample; sampler: uniform|stratified.
+    seed: global seed; num_timesteps: T; draws: K draws per sample; sampler: uniform |
+    stratified | logit_normal | mode; family: ddpm | flow (flow: u picks diffusers' sigmas, which
+    run from high to low noise, see :meth:`timesteps`); logit_mean, logit_std, mode_scale: the
+    parameters of the logit_normal and mode densities.
     """
 
     seed: int
     num_timesteps: int
     draws: int = 1
     sampler: str = "uniform"
+    family: str = "ddpm"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown timestep sampler {self.sampler!r}; allowed: {SAMPLERS}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown process family {self.family!r}; allowed: {FAMILIES}")
+        if self.sampler in DENSITIES and self.family != "flow":
+            raise ValueError(
+                f"sampling.timesteps={self.sampler} is a rectified-flow density (SD3): use it with "
+                "schedule=flow, or uniform|stratified with a DDPM schedule"
+            )
+        if not self.logit_std > 0:
+            raise ValueError(f"sampling.logit_std must be > 0, got {self.logit_std}")
         for name in ("draws", "num_timesteps"):
             value = getattr(self, name)
             # bool is an int; a float T would let floor(u * T) reach T itself
@@ -99,17 +122,44 @@ class KeyedNoise:
         return self.noise(d, shape)
 
     def timesteps(self, digests: np.ndarray, shard: str, indices: Sequence[int]) -> np.ndarray:
-        """Timesteps int64 [N*K] in [0, T). ``indices``: the samples' ordinals in the shard, [N]."""
+        """Grid indices int64 [N*K] in [0, T), 0 the least noisy point (DDPM's 0-based t).
+        ``indices``: the samples' ordinals in the shard, [N].
+
+        DDPM: ``t = floor(u T)``. Flow, as diffusers' training scripts pick sigma
+        (train_dreambooth_sd3.py, compute_density_for_timestep_sampling): ``j = floor(u T)``
+        indexes diffusers' sigmas, which run from high to low noise, so the grid index is
+        ``T - 1 - j``; ``u`` is uniform, stratified, ``sigmoid(logit_mean + logit_std z)``
+        (logit_normal, ``z = Phi^-1(u')`` of a keyed uniform ``u'``) or ``1 - u' - mode_scale
+        (cos^2(pi u' / 2) - 1 + u')`` (mode); j is clipped to [0, T) where rounding or the mode
+        density would leave it.
+        """
         T = self.num_timesteps
-        if self.sampler == "uniform":
-            u = np.ascontiguousarray(digests[:, 16:24]).view("<u8").reshape(-1)
-            return _unit_to_index(u, T)
-        idx = np.asarray(indices, dtype=np.uint64)
-        n = (idx[:, None] * np.uint64(self.draws) + np.arange(self.draws, dtype=np.uint64)).ravel()
-        offset = np.frombuffer(_digest(self.seed, shard, "stratified")[:8], dtype="<u8")[0]
-        with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
-            pos = offset + n * _GOLDEN
-        return _unit_to_index(pos, T)
+        if self.sampler == "stratified":
+            idx = np.asarray(indices, dtype=np.uint64)
+            n = np.arange(self.draws, dtype=np.uint64)
+            n = (idx[:, None] * np.uint64(self.draws) + n).ravel()
+            offset = np.frombuffer(_digest(self.seed, shard, "stratified")[:8], dtype="<u8")[0]
+            with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+                bits = offset + n * _GOLDEN
+        else:
+            bits = np.ascontiguousarray(digests[:, 16:24]).view("<u8").reshape(-1)
+        if self.sampler in DENSITIES:
+            j = np.clip(np.floor(self.unit(bits) * T), 0, T - 1).astype(np.int64)
+        else:
+            j = _unit_to_index(bits, T)
+        return T - 1 - j if self.family == "flow" else j
+
+    def unit(self, bits: np.ndarray) -> np.ndarray:
+        """u in [0, 1] (float64) of the configured density from uint64 keyed ``bits``."""
+        from scipy.special import expit, ndtri
+
+        u = (bits >> np.uint64(11)).astype(np.float64) * _TO_UNIT
+        if self.sampler == "logit_normal":  # the midpoint keeps Phi^-1 finite
+            z = ndtri(u + 0.5 * _TO_UNIT)
+            return expit(self.logit_mean + self.logit_std * z)
+        if self.sampler == "mode":
+            return 1.0 - u - self.mode_scale * (np.cos(np.pi * u / 2.0) ** 2 - 1.0 + u)
+        return u
 
     def noise(
         self, digests: np.ndarray, shape: Sequence[int], out: np.ndarray | None = None
@@ -136,10 +186,29 @@ class KeyedNoise:
         return self.timesteps(d, shard, indices), self.noise(d, shape)
 
     def describe(self) -> dict:
-        return {
+        out = {
             "seed": self.seed,
             "sampler": self.sampler,
             "draws_per_sample": self.draws,
             "generator": "blake2b(seed,shard,key,draw) -> numpy Philox4x64 standard_normal float32",
             "numpy_version": np.__version__,  # Generator streams are pinned per NumPy build
         }
+        if self.family != "ddpm":  # DDPM files keep today's description
+            out["family"] = self.family
+        if self.sampler == "logit_normal":
+            out.update(logit_mean=self.logit_mean, logit_std=self.logit_std)
+        if self.sampler == "mode":
+            out["mode_scale"] = self.mode_scale
+        return out
+
+    @classmethod
+    def from_description(cls, noise: dict, num_timesteps: int) -> KeyedNoise:
+        """The KeyedNoise a file's metadata ``noise`` entry describes."""
+        names = ("family", "logit_mean", "logit_std", "mode_scale")
+        return cls(
+            seed=noise["seed"],
+            num_timesteps=num_timesteps,
+            draws=noise["draws_per_sample"],
+            sampler=noise["sampler"],
+            **{k: noise[k] for k in names if k in noise},
+        )

@@ -446,10 +446,4 @@ def noise_from_metadata(meta: Mapping):
     """Rebuild the KeyedNoise that drew a file's (t, eps)."""
     from .noise import KeyedNoise
 
-    n = meta["noise"]
-    return KeyedNoise(
-        seed=n["seed"],
-        num_timesteps=meta["schedule"]["num_timesteps"],
-        draws=n["draws_per_sample"],
-        sampler=n["sampler"],
-    )
+    return KeyedNoise.from_description(meta["noise"], meta["schedule"]["num_timesteps"])

@@ -94,3 +94,63 @@ def test_bad_flow_config():
         process.flow(10, shift=0.0)
     with pytest.raises(ValueError, match="unknown flow schedule keys"):
         process.flow(10, shfit=2.0)
+
+
+def _keyed_flow_indices(sampler: str, n: int = 20000, **kw):
+    from pipeline.noise import KeyedNoise
+
+    noise = KeyedNoise(11, 1000, sampler=sampler, family="flow", **kw)
+    keys = [f"k{i:06d}" for i in range(n)]
+    return noise.timesteps(noise.digests("s", keys), "s", range(n))
+
+
+def test_keyed_logit_normal_sigma_matches_diffusers_density():
+    """Chi-square of the keyed sigma histogram against the exact probability of each bin under
+    diffusers' logit-normal (u = sigmoid(N(0, 1)), sigma = sigmas_desc[floor(u T)]), and a
+    two-sample KS test against diffusers' own sampler."""
+    from scipy import special, stats
+
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    idx = _keyed_flow_indices("logit_normal")
+    sig = process.flow(1000, shift=3.0).sigma
+    j = 999 - idx  # diffusers' index into its high -> low sigmas
+    edges = np.linspace(0, 1000, 41)  # 40 bins of j
+    cdf = stats.norm.cdf(special.logit(edges / 1000))  # P(u < j / T), logit(0) = -inf
+    expected = np.diff(cdf) * len(j)
+    observed = np.histogram(j, edges)[0]
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    gen = torch.Generator().manual_seed(0)
+    u = compute_density_for_timestep_sampling("logit_normal", 20000, 0.0, 1.0, generator=gen)
+    ref = sig[::-1][(u.numpy() * 1000).astype(np.int64)]
+    assert stats.ks_2samp(sig[idx], ref).pvalue > 1e-3
+    uniform = sig[_keyed_flow_indices("uniform")]
+    assert stats.ks_2samp(uniform, ref).pvalue < 1e-6  # the test can fail
+
+
+def test_keyed_mode_density_matches_diffusers():
+    from scipy import stats
+
+    pytest.importorskip("diffusers")
+    import torch
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    idx = _keyed_flow_indices("mode", mode_scale=1.29)
+    gen = torch.Generator().manual_seed(1)
+    u = compute_density_for_timestep_sampling("mode", 20000, mode_scale=1.29, generator=gen)
+    ref = 999 - np.clip((u.numpy().astype(np.float64) * 1000).astype(np.int64), 0, 999)
+    assert stats.ks_2samp(idx, ref).pvalue > 1e-3
+
+
+def test_ddpm_refuses_flow_densities_and_keeps_its_streams():
+    from pipeline.noise import KeyedNoise
+
+    with pytest.raises(ValueError, match="schedule=flow"):
+        KeyedNoise(0, 1000, sampler="logit_normal")
+    a = KeyedNoise(3, 1000, sampler="uniform", family="flow")
+    b = KeyedNoise(3, 1000, sampler="uniform")
+    d = a.digests("s", ["a", "b", "c"])
+    assert (a.timesteps(d, "s", [0, 1, 2]) == 999 - b.timesteps(d, "s", [0, 1, 2])).all()
+    assert "family" not in b.describe() and "logit_mean" not in b.describe()
