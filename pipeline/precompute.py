@@ -44,7 +44,16 @@ from .pool import ActorPool, death_cause, pool_size
 from .raysession import RayConnectError, ray_session
 from .records import make_metadata
 from .schedule import make_schedule
-from .source import Sample, SampleError, check_unique_ids, expand_urls, iter_shard, shard_id
+from .source import (
+    Sample,
+    SampleError,
+    check_unique_ids,
+    expand_globs,
+    expand_urls,
+    iter_shard,
+    missing_local_shards,
+    shard_id,
+)
 from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
 from .worker import ShardWorker  # torch-free to import: its actors load torch
 
@@ -353,7 +362,17 @@ def run(cfg: DictConfig) -> dict:
     if not is_remote(cfg.output.dir):  # actors on other nodes resolve it the same way
         cfg.output.dir = os.path.abspath(cfg.output.dir)
     spec = cfg.source.urls
-    urls = expand_urls(spec if isinstance(spec, str) else list(spec))
+    urls = expand_globs(expand_urls(spec if isinstance(spec, str) else list(spec)))
+    missing = missing_local_shards(urls)
+    if missing:  # refused here, in a second, instead of by retries on the actors
+        raise ValueError(
+            f"source.urls: shard {missing[0]} does not exist"
+            + (
+                f" ({len(missing)} of {len(urls)} local shards are missing)"
+                if len(missing) > 1
+                else ""
+            )
+        )
     ids = check_unique_ids(urls)
     out = OutputDir(cfg.output.dir)
     try:
@@ -527,6 +546,21 @@ def _outcome(job: JobState, pool: ActorPool, actor, shard: ShardTask, ref) -> di
         return None
 
 
+def _why_no_records(t: dict) -> str:
+    """What a job without records did, from its totals: no shard read, every sample rejected, or
+    no sample at all."""
+    if t["shards"] and t["failed"] == t["shards"]:
+        return f"no shard could be read ({t['failed']} failed, their errors below)"
+    if t["rejected"] and t["rejected"] == t["samples"]:
+        failed = f"; {t['failed']} shards failed (below)" if t["failed"] else ""
+        return f"every sample read was rejected (see rejects.jsonl){failed}"
+    if t["samples"] == 0:
+        return "the shards that were read hold no sample" + (
+            f"; {t['failed']} shards failed (below)" if t["failed"] else ""
+        )
+    return f"{t['samples']} samples read, {t['rejected']} rejected, {t['failed']} shards failed"
+
+
 def format_summary(manifest: dict) -> str:
     t = manifest["totals"]
     secs = manifest.get("wall_seconds", 0.0)
@@ -538,7 +572,7 @@ def format_summary(manifest: dict) -> str:
         f"output: {manifest['config']['output']['dir']}",
     ]
     if t["records"] == 0:
-        lines.append("  no records were written: every sample was rejected (see rejects.jsonl)")
+        lines.append("  no records were written: " + _why_no_records(t))
     for sid, e in manifest["shards"].items():
         if e["status"] in ("partial", "failed"):
             lines.append(f"  {e['status']} shard {sid} ({e['url']}): {e.get('error')}")

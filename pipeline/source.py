@@ -20,9 +20,10 @@ broken stream raises :class:`~pipeline.tarstream.ShardReadError` (or its subclas
 :class:`~pipeline.tarstream.ShardTimeoutError`) after the samples read before the fault. The
 group being read at the fault is yielded too, unless the fault struck inside one of its members.
 
-Also here: the shard list and names: :func:`expand_urls`, :func:`shard_id`,
-:func:`check_unique_ids`. The driver uses only these, and ``webdataset`` (whose ``__init__``
-imports torch) is imported by the functions that read a shard, so the driver loads neither.
+Also here: the shard list and names: :func:`expand_urls` (braces), :func:`expand_globs`
+(glob patterns), :func:`missing_local_shards`, :func:`shard_id`, :func:`check_unique_ids`.
+The driver uses only these, and ``webdataset`` (whose ``__init__`` imports torch) is imported
+by the functions that read a shard, so the driver loads neither.
 """
 
 from __future__ import annotations
@@ -246,6 +247,114 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     if not urls:
         raise ValueError(f"no shard URLs in {spec!r}")
     return urls
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_NOT_FILES = ("pipe:", "http://", "https://")  # commands and web URLs: never globbed or listed
+
+
+def has_glob(url: str) -> bool:
+    """Whether ``url`` (a path or an object-store URI) holds a glob pattern (``*``, ``?``,
+    ``[..]``); ``pipe:`` commands and http(s) URLs never do."""
+    return not url.startswith(_NOT_FILES) and bool(_GLOB_CHARS.search(url))
+
+
+def expand_globs(urls: list[str]) -> list[str]:
+    """``urls`` with every glob pattern replaced by the files it matches, as Hugging Face
+    ``datasets``' ``data_files`` does: ``*`` and ``?`` within a path segment, ``[..]`` a class,
+    ``**`` any number of segments; local paths and object stores alike (:func:`glob_url`).
+    Matches are sorted, and a file already in the list (matched by an earlier pattern) is not
+    added again. ValueError names a pattern that matches no file."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for url in urls:
+        if not has_glob(url):
+            out.append(url)
+            seen.add(url)
+            continue
+        matches = glob_url(url)
+        if not matches:
+            raise ValueError(f"source.urls: the pattern {url!r} matches no file")
+        for m in matches:
+            if m not in seen:
+                seen.add(m)
+                out.append(m)
+    return out
+
+
+def glob_url(pattern: str) -> list[str]:
+    """The files (not directories) matching ``pattern``, sorted, spelled as the pattern is (the
+    same scheme and prefix). Local paths use :func:`glob.glob` (hidden files only when named);
+    other URIs list the pattern's fixed prefix recursively through :func:`pipeline.fs.resolve`
+    (pyarrow or fsspec) and match the rest."""
+    import glob
+
+    from .fs import is_remote, resolve
+
+    if not is_remote(pattern):
+        local = pattern.split("://", 1)[1] if "://" in pattern else pattern
+        prefix = pattern[: len(pattern) - len(local)]
+        return sorted(prefix + p for p in glob.glob(local, recursive=True) if os.path.isfile(p))
+    import pyarrow.fs as pafs
+
+    cut = pattern.rfind("/", 0, _GLOB_CHARS.search(pattern).start()) + 1
+    base, rest = pattern[:cut], pattern[cut:]
+    fs, root = resolve(base)
+    root = root.rstrip("/")
+    regex = re.compile(_glob_regex(rest))
+    selector = pafs.FileSelector(root, recursive="/" in rest or "**" in rest, allow_not_found=True)
+    found = []
+    for info in fs.get_file_info(selector):
+        rel = info.path[len(root) :].lstrip("/")
+        if info.type == pafs.FileType.File and regex.fullmatch(rel):
+            found.append(base + rel)
+    return sorted(found)
+
+
+def _glob_regex(pattern: str) -> str:
+    """A regular expression for a relative glob ``pattern``: ``**/`` any number of directories,
+    ``**`` anything, ``*`` and ``?`` within one segment, ``[..]`` / ``[!..]`` a class."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+def missing_local_shards(urls: list[str]) -> list[str]:
+    """The local shard paths (plain or ``file://``) among ``urls`` that are not files, in order;
+    object stores, ``pipe:`` commands and web URLs are not checked here (their workers retry)."""
+    from .fs import is_remote
+
+    missing = []
+    for url in urls:
+        if url.startswith(_NOT_FILES) or is_remote(url):
+            continue
+        path = url.split("://", 1)[1] if "://" in url else url
+        if not os.path.isfile(path):
+            missing.append(url)
+    return missing
 
 
 _WDS_VAR = re.compile(r"\$\{(\w+)\}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,7 @@ def test_a_job_and_its_validation_write_nothing_to_the_working_directory(tmp_pat
 
 _DRIVER_WITHOUT_TORCH = """
 import sys
+import time
 
 def loaded():
     return sorted({m.split(".")[0] for m in sys.modules} & {"torch", "webdataset"})
@@ -172,3 +174,15 @@ def test_the_driver_never_imports_torch(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "images" / "img-0.parquet").exists()
     assert (tmp_path / "arrays" / "arr-0.parquet").exists()
+
+
+def test_a_missing_shard_or_an_empty_pattern_exits_2_at_once(tmp_path, cwd):
+    """Refused on the driver before Ray starts, naming the first missing path or the pattern."""
+    out = f"output.dir={tmp_path / 'out'}"
+    t0 = time.perf_counter()
+    res = _run("pipeline.precompute", "source=arrays", f"source.urls={tmp_path}/a-{{0..1}}.tar",
+               out, cwd=cwd)  # fmt: skip
+    assert res.returncode == 2 and f"shard {tmp_path}/a-0.tar does not exist" in res.stderr
+    res = _run("pipeline.precompute", f"source.urls={tmp_path}/crops-*.tar", out, cwd=cwd)
+    assert res.returncode == 2 and f"'{tmp_path}/crops-*.tar' matches no file" in res.stderr
+    assert time.perf_counter() - t0 < 30  # two interpreter starts; no Ray, no retries

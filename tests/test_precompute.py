@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -242,6 +243,7 @@ def test_truncated_shard_is_partial_and_fails_the_job(tmp_path, make_cfg, ahead)
     write_array_shard(tmp_path / "cut-00.tar", 20, shape=(1, 8, 8))
     data = (tmp_path / "cut-00.tar").read_bytes()
     (tmp_path / "cut-00.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "missing-00.tar").write_bytes(b"\x00" * 100)  # no tar header: cannot be read
     urls = f"[{tmp_path}/ok-00.tar,{tmp_path}/cut-00.tar,{tmp_path}/missing-00.tar]"
     m = run(
         make_cfg(
@@ -349,3 +351,34 @@ def test_a_shard_that_runs_out_of_time_fails_without_retries(tmp_path, make_cfg)
     entry = m["shards"]["lat-00"]
     assert m["exit_code"] == 1 and entry["status"] == "failed"
     assert entry["attempts"] == 1 and "source.shard_timeout_s" in entry["error"]
+
+
+def test_glob_urls_run_and_missing_shards_are_refused_first(tmp_path, make_cfg):
+    _arrays(tmp_path, n_shards=3, n=4)
+    cfg = ["source=arrays", f"output.dir={tmp_path}/out"]
+    m = run(make_cfg(*cfg, f"source.urls={tmp_path}/lat-0[0-2].tar"))
+    assert m["exit_code"] == 0 and sorted(m["shards"]) == ["lat-00", "lat-01", "lat-02"]
+    assert m["totals"]["records"] == 12
+    t0 = time.perf_counter()
+    gone = f"source.urls=[{tmp_path}/lat-00.tar,{tmp_path}/gone-1.tar,{tmp_path}/gone-2.tar]"
+    with pytest.raises(ValueError, match=r"shard .*/gone-1.tar does not exist \(2 of 3 local"):
+        run(make_cfg(*cfg, gone, "output.overwrite=true"))
+    with pytest.raises(ValueError, match=r"the pattern '.*/nope-\*.tar' matches no file"):
+        run(make_cfg(*cfg, f"source.urls={tmp_path}/nope-*.tar", "output.overwrite=true"))
+    assert time.perf_counter() - t0 < 5  # no retries, no actor started
+
+
+@pytest.mark.parametrize(
+    "totals,expected",
+    [
+        ({"shards": 2, "failed": 2, "samples": 0, "rejected": 0}, "no shard could be read (2 f"),
+        ({"shards": 2, "failed": 0, "samples": 5, "rejected": 5}, "every sample read was rejec"),
+        ({"shards": 2, "failed": 1, "samples": 0, "rejected": 0}, "hold no sample; 1 shards f"),
+    ],
+)
+def test_summary_without_records_says_what_happened(totals, expected):
+    from pipeline.precompute import format_summary
+
+    t = {"ok": 0, "partial": 0, "records": 0, "bytes": 0, **totals}
+    text = format_summary({"totals": t, "config": {"output": {"dir": "/o"}}, "shards": {}})
+    assert expected in text and ("rejected (see" in text) == (totals["rejected"] > 0)

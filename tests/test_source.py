@@ -24,8 +24,10 @@ from pipeline.source import (
     Sample,
     SampleError,
     check_unique_ids,
+    expand_globs,
     expand_urls,
     iter_shard,
+    missing_local_shards,
     shard_id,
 )
 
@@ -371,3 +373,80 @@ def test_check_unique_ids():
     assert list(check_unique_ids(urls)) == ["train-000", "train-001", "train-002"]
     with pytest.raises(ValueError, match="'0'.*s3://b/train/0.tar.*s3://b/val/0.tar"):
         check_unique_ids(["s3://b/train/0.tar", "s3://b/val/0.tar"])
+
+
+# ------------------------------------------------------------------------------ glob patterns
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """Files a-0.tar, a-1.tar, a-2.tar, b-x.tar, sub/a-9.tar, sub/deep/a-7.tar and a directory
+    dir.tar under tmp_path."""
+    for name in ("a-0.tar", "a-1.tar", "a-2.tar", "b-x.tar", "sub/a-9.tar", "sub/deep/a-7.tar"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "dir.tar").mkdir()
+    return tmp_path
+
+
+def test_glob_patterns_on_local_paths(tree):
+    d = str(tree)
+    assert expand_globs([f"{d}/a-*.tar"]) == [f"{d}/a-{i}.tar" for i in range(3)]
+    assert expand_globs([f"{d}/a-?.tar"]) == [f"{d}/a-{i}.tar" for i in range(3)]
+    assert expand_globs([f"{d}/a-[02].tar"]) == [f"{d}/a-0.tar", f"{d}/a-2.tar"]
+    assert expand_globs([f"{d}/a-[!02].tar"]) == [f"{d}/a-1.tar"]
+    assert expand_globs([f"{d}/*.tar"]) == [f"{d}/{n}.tar" for n in ("a-0", "a-1", "a-2", "b-x")]
+    assert expand_globs([f"{d}/**/a-*.tar"]) == sorted(
+        [f"{d}/a-{i}.tar" for i in range(3)] + [f"{d}/sub/a-9.tar", f"{d}/sub/deep/a-7.tar"]
+    )
+    # overlapping patterns and a literal path: each file once, in first-seen order
+    assert expand_globs([f"{d}/a-0.tar", f"{d}/a-*.tar", f"{d}/a-[01].tar"]) == [
+        f"{d}/a-{i}.tar" for i in range(3)
+    ]
+    # beside braces (expanded first) and with file://
+    assert expand_globs(expand_urls(f"{d}/{{a,b}}-*.tar")) == [
+        *(f"{d}/a-{i}.tar" for i in range(3)),
+        f"{d}/b-x.tar",
+    ]
+    assert expand_globs([f"file://{d}/b-*.tar"]) == [f"file://{d}/b-x.tar"]
+    # commands and web URLs are left alone
+    assert expand_globs(["pipe:cat /x/*.tar", "https://h/a-?.tar"]) == [
+        "pipe:cat /x/*.tar",
+        "https://h/a-?.tar",
+    ]
+    with pytest.raises(ValueError, match=r"source.urls: the pattern '.*/c-\*.tar' matches no file"):
+        expand_globs([f"{d}/a-*.tar", f"{d}/c-*.tar"])
+
+
+def test_glob_patterns_on_an_object_store():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("a-0.tar", "a-1.tar", "b-0.tar", "x/a-5.tar", "x/y/a-6.tar"):
+        fs.pipe(f"/globtest/{name}", b"x")
+    try:
+        assert expand_globs(["memory://globtest/a-*.tar"]) == [
+            "memory://globtest/a-0.tar",
+            "memory://globtest/a-1.tar",
+        ]
+        assert expand_globs(["memory://globtest/[ab]-0.tar"]) == [
+            "memory://globtest/a-0.tar",
+            "memory://globtest/b-0.tar",
+        ]
+        assert expand_globs(["memory://globtest/**/a-?.tar"]) == [
+            "memory://globtest/a-0.tar",
+            "memory://globtest/a-1.tar",
+            "memory://globtest/x/a-5.tar",
+            "memory://globtest/x/y/a-6.tar",
+        ]
+        with pytest.raises(ValueError, match="matches no file"):
+            expand_globs(["memory://globtest/z-*.tar"])
+    finally:
+        fs.rm("/globtest", recursive=True)
+
+
+def test_missing_local_shards(tree):
+    d = str(tree)
+    urls = [f"{d}/a-0.tar", f"{d}/gone-1.tar", f"file://{d}/gone-2.tar", f"{d}/dir.tar"]
+    urls += ["s3://b/gone.tar", "pipe:cat gone.tar", "https://h/gone.tar"]
+    assert missing_local_shards(urls) == urls[1:4]
