@@ -22,6 +22,7 @@ from .records import DTYPES
 from .schedule import SCHEDULES
 
 DEVICES = ("auto", "cuda", "cpu")
+BUCKET_KEYS = ("buckets", "bucket_step", "max_aspect", "crop", "flip")  # source.*, images only
 
 
 @dataclass
@@ -42,6 +43,12 @@ class ImagesSource(SourceConfig):
     channels: int = 3
     normalize: bool = True
     alpha: str = "composite"
+    # aspect-ratio buckets (pipeline/buckets.py): null (square crop) | auto | [[H, W], ...]
+    buckets: Any = None
+    bucket_step: int = 64
+    max_aspect: float = 4.0
+    crop: str = "center"  # center | random (keyed on seed, shard, key)
+    flip: str = "none"  # none | random (keyed)
 
 
 @dataclass
@@ -254,6 +261,10 @@ def validate(cfg: DictConfig) -> None:
             "source.alpha",
             f"must be {_or(ALPHA_MODES)}, got {src.alpha!r}",
         )
+        from .buckets import config_problems as bucket_problems
+
+        for key, message in bucket_problems(src):
+            _need(False, key, message)
     else:
         _need(
             src.shape is None or (len(src.shape) >= 1 and all(d > 0 for d in src.shape)),
@@ -336,6 +347,9 @@ def process_config(cfg: DictConfig) -> dict:
     # safety limits decide which samples are rejected, never a record's value (like on_error)
     for key in ("max_member_bytes", "shard_timeout_s"):
         out["source"].pop(key, None)
+    if out["source"].get("buckets") is None:  # buckets off: the hash of the square-crop configs
+        for key in BUCKET_KEYS:
+            out["source"].pop(key, None)
     out["output"] = {"dtype": cfg.output.dtype, "store_x0": cfg.output.store_x0}
     from .encoder import describe_encoder, enabled
 

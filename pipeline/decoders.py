@@ -133,7 +133,12 @@ class ImageDecoder:
     payload_exts = ("jpg", "jpeg", "png", "webp")
 
     def __init__(
-        self, resolution: int, channels: int = 3, normalize: bool = True, alpha="composite"
+        self,
+        resolution: int,
+        channels: int = 3,
+        normalize: bool = True,
+        alpha="composite",
+        bucketing=None,
     ):
         if int(resolution) != resolution or resolution < 1:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
@@ -143,8 +148,18 @@ class ImageDecoder:
             raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
         self.resolution, self.channels = int(resolution), channels
         self.normalize, self.alpha = normalize, alpha
+        self.bucketing = bucketing  # pipeline.buckets.Bucketing, or None: the square crop
+        self.keyed = bucketing is not None  # called as (members, key) -> (array, conditioning)
+        self._fit = None
 
-    def __call__(self, members: dict[str, bytes]) -> np.ndarray:
+    def __call__(self, members: dict[str, bytes], key: str | None = None):
+        """The decoded array; with bucketing (``keyed``), ``(array, micro-conditioning)`` of the
+        sample ``key`` (see :mod:`pipeline.buckets`)."""
+        self._fit = None
+        array = self._read(members, key)
+        return (array, self._fit.conditioning()) if self.keyed else array
+
+    def _read(self, members: dict[str, bytes], key: str | None) -> np.ndarray:
         ext, data = _payload(members, self.payload_exts)
         scans = _jpeg_scan_ends(data)
         if scans is not None and len(scans) == 1:
@@ -155,6 +170,8 @@ class ImageDecoder:
                 if limit and im.width * im.height > limit:
                     detail = f"{im.width}x{im.height} > MAX_IMAGE_PIXELS={limit}"
                     raise DecodeError("image too large (decompression bomb guard)", ext, detail)
+                if self.bucketing is not None:
+                    self._fit = self.bucketing.fit(*_oriented_size(im), key)
                 draft = self._draft_size(im)
                 if draft is not None:  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
                     im.draft(None, draft)
@@ -176,6 +193,12 @@ class ImageDecoder:
 
     def _draft_size(self, im: Image.Image) -> tuple[int, int] | None:
         """The size to ask ``draft`` for: never below ``resolution`` on the shorter side."""
+        if self._fit is not None:  # the resized size before the crop, in stored orientation
+            rh, rw = self._fit.resized
+            need = (rw, rh) if _oriented_size(im) != (im.height, im.width) else (rh, rw)
+            if im.height < 2 * need[0] or im.width < 2 * need[1]:
+                return None
+            return need[1], need[0]
         r, side = self.resolution, min(im.size)
         if side < 2 * r:
             return None
@@ -206,13 +229,28 @@ class ImageDecoder:
             im = Image.fromarray(np.clip(gray if im.mode == "F" else gray / 257, 0, 255))
         else:
             im = self._convert(im)
+        if self._fit is not None:
+            return self._finish(self._bucket(im), high)
         side = min(im.size)
         if im.size != (r, r):
             left, top = (im.width - side) / 2, (im.height - side) / 2
             box = (left, top, left + side, top + side)
             gap = 3.0 if side >= 3 * r else None
             im = im.resize((r, r), Image.Resampling.BICUBIC, box=box, reducing_gap=gap)
-        pixels = np.asarray(im, dtype=np.float32).reshape(r, r, -1)
+        return self._finish(im, high)
+
+    def _bucket(self, im: Image.Image) -> Image.Image:
+        """Resize to cover the bucket and crop to it in one pass (``box`` in the decoded image's
+        pixels), then the keyed flip."""
+        fit = self._fit
+        bh, bw = fit.bucket
+        box = fit.box(im.height, im.width)
+        gap = 3.0 if min(box[2] - box[0], box[3] - box[1]) >= 3 * min(bh, bw) else None
+        im = im.resize((bw, bh), Image.Resampling.BICUBIC, box=box, reducing_gap=gap)
+        return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if fit.flipped else im
+
+    def _finish(self, im: Image.Image, high: bool) -> np.ndarray:
+        pixels = np.asarray(im, dtype=np.float32).reshape(im.height, im.width, -1)
         if high:
             pixels = np.clip(pixels, 0, 255)  # bicubic overshoot; 8-bit modes are clipped by Pillow
             pixels = np.repeat(pixels, min(self.channels, 3), axis=2)
@@ -300,15 +338,23 @@ class ArrayDecoder:
         return array
 
 
-def make_decoder(source: Mapping, shape: Sequence[int] | None = None):
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image once its EXIF orientation is applied."""
+    transposed = im.getexif().get(0x0112) in (5, 6, 7, 8)  # rotated by 90 or 270 degrees
+    return (im.width, im.height) if transposed else (im.height, im.width)
+
+
+def make_decoder(source: Mapping, shape: Sequence[int] | None = None, bucketing=None):
     """A fresh decoder for one shard, from the ``source`` config group (``shape``: the arrays'
-    expected shape when it is fixed elsewhere than ``source.shape``)."""
+    expected shape when it is fixed elsewhere than ``source.shape``; ``bucketing``: the shard's
+    :class:`pipeline.buckets.Bucketing`, images only)."""
     if source["kind"] == "images":
         return ImageDecoder(
             resolution=source["resolution"],
             channels=source["channels"],
             normalize=source["normalize"],
             alpha=source["alpha"],
+            bucketing=bucketing,
         )
     shape = shape if shape is not None else source.get("shape")
     return ArrayDecoder(

@@ -161,7 +161,9 @@ def iter_shard(
 
     ``decoder(members: dict[ext, bytes]) -> np.ndarray`` decodes one sample (``ext`` lowercased,
     e.g. ``"jpg"``, ``"seg.png"``) and raises :class:`DecodeError` for a bad one; its ``reset()``,
-    if any, is called first. Every array is made float32 C-contiguous and checked: at least 1-d,
+    if any, is called first. A decoder whose ``keyed`` is true is called as ``decoder(members,
+    key) -> (array, columns)`` and its columns join :attr:`Sample.cond` (aspect-ratio buckets).
+    Every array is made float32 C-contiguous and checked: at least 1-d,
     not empty, no NaN/Inf. ``on_error``: ``"skip"`` yields Reject items, ``"fail"`` raises
     :class:`SampleError` at the first bad sample (other values: ValueError, raised here).
     ``limits``: what the shard may cost (:class:`ReadLimits`, default: the config defaults; from
@@ -211,7 +213,12 @@ def _decode(url, decoder, fail, key, index, members, problem, conditioning=None)
             what = "member" if len(pickled) == 1 else "members"
             raise DecodeError(f"refused to decode pickled {what} {names}: shards are untrusted")
         cond = conditioning.extract(members) if conditioning else {}
-        array = np.ascontiguousarray(decoder(members), dtype=np.float32)
+        if getattr(decoder, "keyed", False):  # buckets: micro-conditioning beside the array
+            array, extra = decoder(members, key)
+            cond = {**cond, **extra}
+        else:
+            array = decoder(members)
+        array = np.ascontiguousarray(array, dtype=np.float32)
         if array.ndim < 1:
             raise DecodeError("decoder returned a 0-d array")
         if array.size == 0:
