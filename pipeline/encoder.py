@@ -132,7 +132,13 @@ def locate(model: str, revision: str | None = None, subfolder: str | None = None
     if path.is_dir():
         return ModelFolder("local", str((path / sub).resolve() if sub else path.resolve()))
     if _HUB_ID.match(model) and not model.startswith((".", "~")):
-        root, commit = _hub_snapshot(model, revision, sub)
+        try:
+            root, commit = _hub_snapshot(model, revision, sub)
+        except EncoderError as exc:  # owner/name may also have been meant as a relative folder
+            raise EncoderError(
+                f"encoder.model={model}: no such local folder ({path.resolve()}), and as a "
+                f"Hugging Face Hub id: {str(exc).split(': ', 1)[-1]}"
+            ) from exc
         return ModelFolder("hub", str(Path(root) / sub) if sub else str(root), commit)
     raise EncoderError(
         f"encoder.model={model}: no such folder, and not a Hugging Face Hub id (owner/name); "
@@ -158,7 +164,7 @@ def _hub_snapshot(model: str, revision: str | None, sub: str) -> tuple[str, str]
         raise EncoderError(
             f"encoder.model={model} (revision {revision or 'main'}): cannot fetch it from the "
             f"Hugging Face Hub ({type(exc).__name__}: {exc}); without network, download it "
-            f"beforehand (huggingface-cli download {model}) or give a local folder"
+            f"beforehand (hf download {model}) or give a local folder"
         ) from exc
     return root, posixpath.basename(str(root).rstrip("/"))
 

@@ -80,12 +80,26 @@ def sample_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
         raise JobError(f"encoder.model={cfg.encoder.model}: {exc}") from None
 
 
+def refuse_missing_shards(urls: list[str]) -> None:
+    """ValueError (exit 2) naming the first of ``urls`` that is a local path and not a file: on
+    the driver in a second, before Ray starts, instead of by an actor's retries."""
+    missing = missing_local_shards(urls)
+    if missing:
+        more = (
+            f" ({len(missing)} of the {len(urls)} shards to read are missing)"
+            if len(missing) > 1
+            else ""
+        )
+        raise ValueError(f"source.urls: shard {missing[0]} does not exist{more}")
+
+
 def _input_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     src = cfg.source
     if src.kind == "images":
         return [src.channels, src.resolution, src.resolution]
     if src.shape is not None:
         return list(src.shape)
+    refuse_missing_shards(urls)  # before reading the first shards for their shape
     for url in urls:
         try:
             source = OmegaConf.to_container(src)
@@ -147,9 +161,26 @@ def _config_differences(old: dict, new: dict) -> list[str]:
         if k == "encoder":
             if encoder.hashed_identity(a or {}) != encoder.hashed_identity(b or {}):
                 lines.append(f"encoder: {encoder.summary(a)} -> {encoder.summary(b)}")
-        elif a != b:
-            lines.append(f"{k}: {a!r} -> {b!r}")
+        else:
+            lines += _differing_keys(k, a, b)
     return lines
+
+
+_ABSENT = "(absent)"
+
+
+def _differing_keys(key: str, a, b) -> list[str]:
+    """``key.sub: a -> b`` for every leaf that differs between two values (nested dicts are
+    walked, so one changed key is one line: ``source.resolution: 256 -> 128``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differing_keys(f"{key}.{k}", a.get(k, _ABSENT), b.get(k, _ABSENT))
+        return out
+    if a == b:
+        return []
+    show = [v if v is _ABSENT else repr(v) for v in (a, b)]
+    return [f"{key}: {show[0]} -> {show[1]}"]
 
 
 def _prepare_output(out: OutputDir, cfg: DictConfig, chash: str) -> dict | None:
@@ -363,16 +394,6 @@ def run(cfg: DictConfig) -> dict:
         cfg.output.dir = os.path.abspath(cfg.output.dir)
     spec = cfg.source.urls
     urls = expand_globs(expand_urls(spec if isinstance(spec, str) else list(spec)))
-    missing = missing_local_shards(urls)
-    if missing:  # refused here, in a second, instead of by retries on the actors
-        raise ValueError(
-            f"source.urls: shard {missing[0]} does not exist"
-            + (
-                f" ({len(missing)} of {len(urls)} local shards are missing)"
-                if len(missing) > 1
-                else ""
-            )
-        )
     ids = check_unique_ids(urls)
     out = OutputDir(cfg.output.dir)
     try:
@@ -402,6 +423,7 @@ def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: d
         shape = old["process"]["shape"]
     else:
         shape = sample_shape(cfg, urls)
+    refuse_missing_shards([u for u in urls if shard_id(u) not in summaries])
     try:  # a sample that cannot fit in an actor's memory would only kill actor after actor
         per_sample = working_set_per_sample(shape, cfg.sampling.draws_per_sample)
         fit_batch_size(1, per_sample, host_memory_share(cfg.ray.cpus_per_actor), where="host")
@@ -602,8 +624,7 @@ def _job(cfg: DictConfig) -> None:
     except SampleError as exc:  # before ValueError: SampleError is one
         print(f"error (on_error=fail): {exc}", file=sys.stderr)
         sys.exit(1)
-    except (JobError, ValueError) as exc:
-        log.error("%s", exc)
+    except (JobError, ValueError) as exc:  # printed once (a log line too would repeat it)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # e.g. output.dir became unwritable mid-run

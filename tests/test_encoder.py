@@ -494,3 +494,20 @@ def test_validator_reports_latent_scale_for_latent_records(arrays_job):
     assert "latent_scale" in checks and len(checks["latent_scale"]["detail"]["per_channel"]) == 4
     failed = {n: c["summary"] for n, c in checks.items() if not c["passed"]}
     assert not failed, failed
+
+
+def test_a_relative_path_that_looks_like_a_hub_id_names_both(tmp_path, make_cfg, monkeypatch):
+    """``models/tinyvae`` (no such folder): the error says no local folder exists there and why
+    the Hub id failed, with the offline fix (``hf download``, the CLI huggingface_hub ships)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    cfg = vae_cfg(make_cfg, "models/tinyvae", "source.urls=x.tar", "output.dir=o")
+    with pytest.raises(EncoderError) as err:
+        describe_encoder(cfg)
+    msg = str(err.value)
+    assert f"no such local folder ({tmp_path}/models/tinyvae)" in msg, msg
+    assert "as a Hugging Face Hub id: " in msg and "(hf download models/tinyvae)" in msg, msg
+    assert "huggingface-cli" not in msg

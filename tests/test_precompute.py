@@ -164,6 +164,10 @@ def test_config_mismatch_refused_unless_overwrite(tmp_path, make_cfg):
     run(make_cfg(*args, "seed=1"))
     with pytest.raises(JobError, match=r"another config.*seed: 1 -> 2.*output.overwrite=true"):
         run(make_cfg(*args, "seed=2"))
+    with pytest.raises(JobError) as err:
+        run(make_cfg(*args, "seed=1", "source.shape=[2,4,4]", "sampling.draws_per_sample=2"))
+    diff = str(err.value).split("differences: ")[1].split(").")[0]
+    assert diff == "sampling.draws_per_sample: 1 -> 2; source.shape: None -> [2, 4, 4]", diff
     manifest = run(make_cfg(*args, "seed=2", "output.overwrite=true"))
     assert manifest["exit_code"] == 0 and manifest["config"]["seed"] == 2
     meta = records.process_metadata(pq.read_schema(tmp_path / "out" / "lat-00.parquet"))
@@ -361,7 +365,9 @@ def test_glob_urls_run_and_missing_shards_are_refused_first(tmp_path, make_cfg):
     assert m["totals"]["records"] == 12
     t0 = time.perf_counter()
     gone = f"source.urls=[{tmp_path}/lat-00.tar,{tmp_path}/gone-1.tar,{tmp_path}/gone-2.tar]"
-    with pytest.raises(ValueError, match=r"shard .*/gone-1.tar does not exist \(2 of 3 local"):
+    with pytest.raises(
+        ValueError, match=r"shard .*/gone-1.tar does not exist \(2 of the \d shards to read"
+    ):
         run(make_cfg(*cfg, gone, "output.overwrite=true"))
     with pytest.raises(ValueError, match=r"the pattern '.*/nope-\*.tar' matches no file"):
         run(make_cfg(*cfg, f"source.urls={tmp_path}/nope-*.tar", "output.overwrite=true"))
