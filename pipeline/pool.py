@@ -34,6 +34,34 @@ def pool_size(ray_cfg, pending: int) -> int:
     return max(1, min(n, pending))
 
 
+def placement_problem(num_cpus: float, num_gpus: float) -> str | None:
+    """Why no alive node of the Ray this process joined can hold one actor asking for
+    ``num_cpus`` CPUs and ``num_gpus`` GPUs, with what each node has and the override that
+    fits; None when a node can hold one (it may be busy: that is waiting, not a refusal)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    have = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in nodes]
+    if any(cpu >= num_cpus and gpu >= num_gpus for cpu, gpu in have):
+        return None
+    shown = "; ".join(f"{cpu:g} CPU, {gpu:g} GPU" for cpu, gpu in have[:8]) or "no alive node"
+    if len(have) > 8:
+        shown += f"; ... ({len(have)} nodes)"
+    fixes = []
+    max_gpu = max((gpu for _, gpu in have), default=0.0)
+    max_cpu = max((cpu for cpu, _ in have), default=0.0)
+    if num_gpus > max_gpu:
+        fixes.append(
+            "ray.gpus_per_actor=0 (CPU actors)"
+            + (f" or ray.gpus_per_actor={max_gpu:g}" if max_gpu > 0 else "")
+        )
+    if num_cpus > max_cpu and max_cpu > 0:
+        fixes.append(f"ray.cpus_per_actor={max_cpu:g} (or less)")
+    return (
+        f"each actor asks for {num_cpus:g} CPU and {num_gpus:g} GPU (ray.cpus_per_actor, "
+        f"ray.gpus_per_actor) but no node of this Ray has that (nodes: {shown}); set "
+        + " and ".join(fixes or ["smaller ray.cpus_per_actor / ray.gpus_per_actor"])
+    )
+
+
 def death_cause(exc: BaseException) -> str:
     """Why an actor's task failed without raising: out of memory when Ray's memory monitor
     killed it (OutOfMemoryError, or a death message that says so), else the error's type."""

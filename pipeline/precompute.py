@@ -40,7 +40,7 @@ from .manifest import (
 )
 from .memory import fit_batch_size, host_memory_share, working_set_per_sample
 from .noise import KeyedNoise
-from .pool import ActorPool, death_cause, pool_size
+from .pool import ActorPool, death_cause, placement_problem, pool_size
 from .raysession import RayConnectError, ray_session
 from .records import make_metadata
 from .schedule import make_schedule
@@ -167,6 +167,7 @@ def _config_differences(old: dict, new: dict) -> list[str]:
 
 
 _ABSENT = "(absent)"
+PLACEMENT_WARN_S = 30.0  # with no actor placed, when to say what is asked against what nodes have
 
 
 def _differing_keys(key: str, a, b) -> list[str]:
@@ -242,6 +243,8 @@ class JobState:
     summaries: dict
     pending: deque = field(init=False)
     started: float = field(default_factory=time.time)
+    placement_problem: str | None = None  # why no node can hold an actor (pool.placement_problem)
+    placement_warned: bool = False
 
     def __post_init__(self):
         self.pending = deque(s for s in self.shards if s.id not in self.summaries)
@@ -483,6 +486,10 @@ def _dispatch(job: JobState) -> None:
         num_cpus=r.cpus_per_actor,
         num_gpus=r.gpus_per_actor,
     )
+    problem = placement_problem(r.cpus_per_actor, r.gpus_per_actor)
+    if problem and r.address is None:  # an embedded Ray never grows: no actor could ever start
+        raise JobError(problem)
+    job.placement_problem = problem  # a cluster's autoscaler may still add such a node
     pool.start(pool_size(r, len(job.pending)))
     running: dict = {}  # task ref -> (actor, shard)
     progress = _Progress(len(job.pending), job.cfg.progress)
@@ -525,11 +532,20 @@ def _no_actor_will_come(job: JobState, pool: ActorPool, since: float) -> bool:
     if not pool.any_starting:
         job.give_up(f"no actor could start: {pool.start_error}")
         return True
-    if time.monotonic() - since > r.actor_start_timeout_s:
+    waited = time.monotonic() - since
+    if job.placement_problem and not job.placement_warned and waited > PLACEMENT_WARN_S:
+        job.placement_warned = True
+        log.warning(
+            "no actor started in %.0f s: %s; waiting up to ray.actor_start_timeout_s=%g s for "
+            "the autoscaler to add such a node",
+            waited, job.placement_problem, r.actor_start_timeout_s,
+        )  # fmt: skip
+    if waited > r.actor_start_timeout_s:
         need = f"{r.cpus_per_actor} CPU, {r.gpus_per_actor} GPU"
         job.give_up(
             f"no actor ({need}) could be placed on the cluster in {r.actor_start_timeout_s:g} s "
             "(ray.actor_start_timeout_s)"
+            + (f": {job.placement_problem}" if job.placement_problem else "")
         )
         return True
     return False

@@ -186,3 +186,17 @@ def test_a_missing_shard_or_an_empty_pattern_exits_2_at_once(tmp_path, cwd):
     res = _run("pipeline.precompute", f"source.urls={tmp_path}/crops-*.tar", out, cwd=cwd)
     assert res.returncode == 2 and f"'{tmp_path}/crops-*.tar' matches no file" in res.stderr
     assert time.perf_counter() - t0 < 30  # two interpreter starts; no Ray, no retries
+
+
+def test_an_actor_no_node_can_hold_is_refused_naming_the_resources(tmp_path, cwd):
+    """ray.gpus_per_actor=1 on an embedded Ray without GPUs: exit 2 in seconds (not after
+    ray.actor_start_timeout_s), naming what is asked, what the node has and the override."""
+    write_image_shard(tmp_path / "img-0.tar", 2, size=(16, 16))
+    t0 = time.perf_counter()
+    res = _run("pipeline.precompute", f"source.urls={tmp_path}/img-0.tar", "source.resolution=8",
+               f"output.dir={tmp_path / 'out'}", "ray.gpus_per_actor=1", "progress=false",
+               cwd=cwd, timeout=120)  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "each actor asks for 1 CPU and 1 GPU" in res.stderr and " 0 GPU" in res.stderr
+    assert "set ray.gpus_per_actor=0" in res.stderr and elapsed < 60, (elapsed, res.stderr)
