@@ -38,29 +38,40 @@ def applies(process: Mapping, include_arrays: bool = False) -> bool:
 
 
 def remedy(std: float, process: Mapping) -> str:
-    """What to change when x_0's std is ``std`` (outside the expected range)."""
+    """What to change when x_0's std is ``std`` (outside the expected range): the std measured,
+    the factor applied and the factor that would give std 1 (x_0 = (z - shift) * factor, so
+    factor / std)."""
     enc = process.get("encoder")
-    if enc:
-        now = f"encoder.scaling_factor gave {enc.get('scaling_factor')}"
-        if std > 1:
-            return (
-                f"the latents look unscaled ({now}): set encoder.scaling_factor to the model's "
-                f"value, or null to read it from its config.json ({_FACTORS})"
-            )
-        return (
-            f"the latents look scaled twice or by a wrong factor ({now}): use "
-            "encoder.scaling_factor=null (the model's config.json) and do not scale them again"
-        )
-    scale = process.get("source", {}).get("scale")
-    if std > 1:
-        return (
-            f"the arrays look like unscaled latents (source.scale={scale}): set source.scale to "
-            f"the VAE's scaling_factor and source.shift to its shift_factor ({_FACTORS})"
-        )
-    return (
-        f"the arrays look scaled twice (source.scale={scale}): if they were saved already "
-        "multiplied by the VAE's scaling_factor, use source.scale=1 source.shift=0"
+    key, factor = (
+        ("encoder.scaling_factor", enc.get("scaling_factor"))
+        if enc
+        else ("source.scale", process.get("source", {}).get("scale"))
     )
+    try:
+        factor = float(factor)
+    except (TypeError, ValueError):
+        factor = None
+    measured = (
+        f"std(x_0) = {std:.4g} with factor {factor:g} applied ({key})"
+        if factor
+        else (f"std(x_0) = {std:.4g} ({key}: {factor})")
+    )
+    unit = f"; {key}={factor / std:.4g} would give std 1" if factor and std > 0 else ""
+    if std > 1:
+        why = "the latents look unscaled" if enc else "the arrays look like unscaled latents"
+        fix = f"set {key} to the model's scaling factor" + (
+            "" if enc else " and source.shift to its shift_factor"
+        )
+    else:
+        why = (
+            "the latents look scaled twice or by a wrong factor"
+            if enc
+            else ("the arrays look scaled twice")
+        )
+        fix = "do not scale them again" + (
+            "" if enc else " (arrays saved already scaled: source.scale=1 source.shift=0)"
+        )
+    return f"{why}: {measured}{unit}; {fix} ({_FACTORS})"
 
 
 def _item(where: str, quantity: str, value: float, lo: float, hi: float, message: str) -> dict:

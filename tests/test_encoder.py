@@ -404,9 +404,15 @@ def _figures(stds, means=None):
 def test_latent_scale_warns_naming_the_fix(std, severity, words):
     from pipeline.latents_check import latent_scale_from_figures
 
-    enc = {"scaling_factor": 1.0, "model": "m"}
+    enc = {"scaling_factor": 0.5, "model": "m"}
     process = {"shape": [4, 8, 8], "encoder": enc, "store_x0": True}
     check = latent_scale_from_figures(_figures([std] * 4), process, "stored")
+    if words:  # the std measured, the factor applied, the factor that gives std 1
+        assert f"std(x_0) = {std:.4g} with factor 0.5 applied (encoder.scaling_factor)" in (
+            check.summary
+        ), check.summary
+        assert f"encoder.scaling_factor={0.5 / std:.4g} would give std 1" in check.summary
+        assert "scaling_factor=null" not in check.summary
     assert check.name == "latent_scale" and check.passed  # warnings only
     assert check.severity == severity and check.statistic == pytest.approx(std)
     assert [r["std"] for r in check.detail["per_channel"]] == pytest.approx([std] * 4)
