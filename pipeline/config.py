@@ -123,11 +123,40 @@ class VaeEncoder(EncoderConfig):
 
 
 @dataclass
+class TextEncoderConfig:
+    """One text encoder of the ``text`` group (pipeline/text.py)."""
+
+    name: str = MISSING  # column prefix: <name>_hidden, <name>_pooled, <name>_mask
+    model: str | None = None  # null: text.model
+    subfolder: str | None = None  # e.g. text_encoder_2 in a pipeline repo
+    revision: str | None = None  # null: text.revision
+    tokenizer_subfolder: str | None = None  # e.g. tokenizer_2
+    max_length: int = 77
+    output: list[str] = field(default_factory=lambda: ["last"])  # last | penultimate | pooled
+    attention_mask: bool = False  # pass the tokenizer's mask to the model
+
+
+@dataclass
+class TextConfig:
+    """``text=clip|t5|sdxl|sd3|flux``: captions -> embeddings stored per sample; ``none``: off."""
+
+    kind: str = "none"
+    model: str | None = None  # folder or Hub id (a pipeline root for the presets)
+    revision: str | None = None
+    caption_key: str = "txt"  # the kept member (source.keep) holding the caption
+    dtype: str | None = None  # stored values: float16 | float32; null: output.dtype
+    compute_dtype: str = "float32"  # the encoders' dtype: float32 | float16 | bfloat16
+    batch_size: int = 32  # captions per forward pass (fixed: embeddings do not depend on it)
+    encoders: list[TextEncoderConfig] = field(default_factory=list)
+
+
+@dataclass
 class PrecomputeConfig:
     source: SourceConfig = MISSING
     schedule: ScheduleConfig = MISSING
     ray: RayConfig = MISSING
     encoder: EncoderConfig = MISSING
+    text: TextConfig = field(default_factory=TextConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
@@ -147,6 +176,7 @@ def register_configs() -> None:
     cs.store(group="ray", name="base_ray", node=RayConfig)
     cs.store(group="encoder", name="base_none", node=NoEncoder)
     cs.store(group="encoder", name="base_vae", node=VaeEncoder)
+    cs.store(group="text", name="base_text", node=TextConfig)
 
 
 def _need(ok: bool, key: str, message: str) -> None:
@@ -297,6 +327,10 @@ def validate(cfg: DictConfig) -> None:
         f"must be >= 0, got {r.max_shard_retries}",
     )
     _validate_encoder(cfg)
+    from .text import problems
+
+    for key, message in problems(cfg):
+        _need(False, key, message)
 
 
 def _validate_encoder(cfg: DictConfig) -> None:
@@ -355,6 +389,10 @@ def process_config(cfg: DictConfig) -> dict:
 
     if enabled(cfg):  # the model's identity (file hashes), not just its name
         out["encoder"] = describe_encoder(cfg).describe()
+    from . import text
+
+    if text.enabled(cfg):  # the text encoders' and tokenizers' identity (file hashes)
+        out["text"] = text.describe_text(cfg)
     return out
 
 
@@ -365,6 +403,10 @@ def config_hash(cfg: DictConfig) -> str:
         from .encoder import hashed_identity
 
         pc["encoder"] = hashed_identity(pc["encoder"])
+    if "text" in pc:
+        from .text import hashed_identity as text_identity
+
+        pc["text"] = text_identity(pc["text"])
     blob = json.dumps(pc, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

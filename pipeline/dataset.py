@@ -315,7 +315,8 @@ class _Batcher:
                 continue
             out = self.tensors.get(name)  # a tensor column: straight into the batch's tensor
             if out is None:
-                dtype = self.dtype or _torch_dtype(values.dtype)
+                cast = self.dtype if values.dtype.kind == "f" else None  # not int8 masks
+                dtype = cast or _torch_dtype(values.dtype)
                 shape = (self.size, *values.shape[1:])
                 out = self.tensors[name] = _empty(shape, dtype, self.shared)
             if out.dtype != _torch_dtype(values.dtype):
@@ -396,7 +397,16 @@ class PrecomputedDataset(IterableDataset):
     ):
         super().__init__()
         self.records = RecordsDir(dir, filesystem)
-        available = self.records.column_names
+        self.text = None
+        text_meta = self.records.metadata.get("text")
+        text_available: list[str] = []
+        if text_meta:  # per-sample embeddings in _text/ (pipeline.text_store), joined by index
+            from .text import embedding_columns
+            from .text_store import TextTables
+
+            self.text = TextTables(self.records.fs, self.records.root, self.records.display)
+            text_available = ["caption_null", *embedding_columns(text_meta)]
+        available = self.records.column_names + text_available
         if columns is None:
             columns = available
         elif isinstance(columns, str):
@@ -412,6 +422,10 @@ class PrecomputedDataset(IterableDataset):
         if len(set(columns)) != len(columns):
             raise ValueError(f"duplicate column names in {columns}")
         self.columns: list[str] = columns
+        self.text_columns = [c for c in columns if c in text_available]
+        self.record_columns = [c for c in columns if c not in text_available]
+        if self.text_columns and "index" not in self.record_columns:
+            self.record_columns.append("index")  # the join key, dropped after the join
         self.shuffle = bool(shuffle)
         self.seed = _check_int("seed", seed, 0)
         self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 0)
@@ -448,6 +462,19 @@ class PrecomputedDataset(IterableDataset):
     @property
     def files(self) -> list[str]:
         return list(self.records.files)
+
+    def unconditional(self) -> dict[str, torch.Tensor]:
+        """The empty prompt's embedding columns (stored once per dataset in
+        ``_text/_uncond.parquet``), for classifier-free guidance: drop captions at train time by
+        swapping a sample's embeddings for these. ValueError without text embeddings."""
+        if self.text is None:
+            raise ValueError(f"{self.records.uri} has no text embeddings (made without text=...)")
+        from .text import embedding_columns
+
+        cols = embedding_columns(self.metadata["text"])
+        out = {k: torch.from_numpy(np.array(v)) for k, v in self.text.uncond(cols).items()}
+        return {k: v.to(self.dtype) if self.dtype and v.is_floating_point() else v
+                for k, v in out.items()}  # fmt: skip
 
     def schedule(self):
         """The NoiseSchedule the records were made with, rebuilt from the metadata."""
@@ -568,7 +595,13 @@ class PrecomputedDataset(IterableDataset):
             return
 
         def read(unit: Unit) -> dict:
-            return table_to_numpy(self.records.read(unit, self.columns, use_threads))
+            block = table_to_numpy(self.records.read(unit, self.record_columns, use_threads))
+            if self.text_columns:  # each record's sample row of its shard's text table
+                shard = self.records.files[unit.file][: -len(".parquet")]
+                block.update(self.text.rows(shard, block["index"], self.text_columns))
+                if "index" not in self.columns:
+                    del block["index"]
+            return block
 
         with ThreadPoolExecutor(1, thread_name_prefix="records-read-ahead") as pool:
             ahead = pool.submit(read, units[0])
@@ -591,7 +624,15 @@ class PrecomputedDataset(IterableDataset):
                 seqs.append(values[rows].tolist())
             elif name == "t":
                 seqs.append(torch.from_numpy(values[rows].astype(np.int64)).unbind(0))
-            elif values.ndim > 1 and self.dtype not in (None, _torch_dtype(values.dtype)):
+            elif (
+                values.ndim > 1
+                and values.dtype.kind == "f"
+                and self.dtype
+                not in (
+                    None,
+                    _torch_dtype(values.dtype),
+                )
+            ):
                 seqs.append(_tensor(_rows(values, rows)).to(self.dtype).unbind(0))
             else:
                 values = values[rows]

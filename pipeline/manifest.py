@@ -58,6 +58,7 @@ from .fs import resolve
 MANIFEST = "_manifest.json"
 REJECTS = "rejects.jsonl"
 SHARDS = "_shards"
+TEXT = "_text"  # per-sample text embedding tables (pipeline.text_store)
 # The index segments of the markers (module doc): _shards/_index.seg-<n>.jsonl
 SEGMENT = re.compile(r"^_index\.seg-(?P<n>\d+)\.jsonl$")
 MANIFEST_FORMAT = "ddpm-manifest/1"
@@ -358,5 +359,8 @@ class OutputDir:
         shards = set((manifest or {}).get("shards", {}))
         shards.update(self.markers_ids())
         names.update(self.data_name(s) for s in shards)
-        names.update(n for n in self.list() + self.list(SHARDS) if is_temporary(n))
+        names.update(f"{TEXT}/{s}.parquet" for s in shards)  # text embeddings (text_store)
+        names.add(f"{TEXT}/_uncond.parquet")
+        listed = self.list() + self.list(SHARDS) + self.list(TEXT)
+        names.update(n for n in listed if is_temporary(n))
         return {n for n in names if self.exists(n)}

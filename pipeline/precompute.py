@@ -125,7 +125,7 @@ def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
     noise = KeyedNoise(
         cfg.seed, sch.num_timesteps, cfg.sampling.draws_per_sample, cfg.sampling.timesteps
     )
-    return make_metadata(
+    meta = make_metadata(
         schedule=schedule,
         noise=noise,
         dtype=cfg.output.dtype,
@@ -137,6 +137,11 @@ def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
         encoder=_encoder_metadata(cfg, shape),
         conditioning=Conditioning.from_source(cfg.source).describe(),
     )
+    from . import text
+
+    if text.enabled(cfg):  # the text encoders' identity (pipeline/text.py)
+        meta["text"] = process_config(cfg)["text"]
+    return meta
 
 
 def _encoder_metadata(cfg: DictConfig, shape: list[int]) -> dict | None:
@@ -161,6 +166,11 @@ def _config_differences(old: dict, new: dict) -> list[str]:
         if k == "encoder":
             if encoder.hashed_identity(a or {}) != encoder.hashed_identity(b or {}):
                 lines.append(f"encoder: {encoder.summary(a)} -> {encoder.summary(b)}")
+        elif k == "text":
+            from . import text
+
+            if text.hashed_identity(a or {}) != text.hashed_identity(b or {}):
+                lines.append(f"text: {text.summary(a)} -> {text.summary(b)}")
         else:
             lines += _differing_keys(k, a, b)
     return lines

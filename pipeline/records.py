@@ -416,7 +416,7 @@ def process_metadata(schema: pa.Schema) -> dict:
 # Keys of the process metadata that must agree across every file of one dataset.
 PROCESS_KEYS = (
     "format", "schedule", "noise", "dtype", "shape", "store_x0", "config_hash", "encoder",
-    "conditioning",
+    "conditioning", "text",
 )  # fmt: skip
 
 

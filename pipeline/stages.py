@@ -352,22 +352,29 @@ def commit(out: OutputDir, result: dict) -> dict:
     rejects = list(result["rejects"])
     if result["error"] is not None:
         rejects.append(reject_row(shard, None, None, f"shard read error: {result['error']}"))
-    summary = {k: v for k, v in result.items() if k not in ("tmp", "rejects", "shard", "retryable")}
+    dropped = ("tmp", "rejects", "shard", "retryable", "side_files")
+    summary = {k: v for k, v in result.items() if k not in dropped}
     try:
         out.write_jsonl(out.rejects_name(shard), rejects)
         summary["checksum"] = out.checksum(result["tmp"])  # what resume and validation verify
+        for tmp, side in result.get("side_files", ()):  # per-sample tables (text embeddings)
+            out.commit(tmp, side)
         out.commit(result["tmp"], name)
         summary["bytes"] = out.size(name)
         out.write_json(out.marker_name(shard), summary)
     except OSError as exc:  # not committed: the driver retries, then removes what is left
         quietly(out.remove, result["tmp"])
+        for tmp, _ in result.get("side_files", ()):
+            quietly(out.remove, tmp)
         raise OutputWriteError(f"cannot write {out.display(name)}: {exc}") from exc
     return summary
 
 
 def discard(out: OutputDir, result: dict) -> None:
-    """Drop an uncommitted shard's temporary file (a partial attempt that will be retried)."""
+    """Drop an uncommitted shard's temporary files (a partial attempt that will be retried)."""
     quietly(out.remove, result["tmp"])
+    for tmp, _ in result.get("side_files", ()):
+        quietly(out.remove, tmp)
 
 
 def quietly(fn, *args) -> None:

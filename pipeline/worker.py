@@ -119,6 +119,14 @@ class ShardWorker:
             read_shape = enc["input_shape"]
         self.store_dist = bool(enc and enc["store_dist"])
         self.out = OutputDir(cfg["output"]["dir"])
+        self.text = None
+        if self.metadata.get("text"):  # captions -> embeddings, one table per shard
+            from .text_encode import TextStage
+            from .text_store import build, text_schema, write_uncond
+
+            tmeta = self.metadata["text"]
+            self.text = TextStage(tmeta, device=self.device, on_error=cfg["on_error"])
+            write_uncond(self.out, build(text_schema(tmeta), self.text.uncond_columns()))
         self.reader = ReadStage(cfg, read_shape, self.batch_size)
         options = RecordOptions(
             dtype=cfg["output"]["dtype"],
@@ -153,9 +161,20 @@ class ShardWorker:
         )
         tally = Tally(shard)
         sink = ParquetSink(self.out, shard, schema, o)
+        text_sink = None
         try:
+            if self.text is not None:
+                from .text_store import TextSink
+
+                self.text.start(shard)
+                text_sink = TextSink(self.out, shard, self.metadata["text"])
             with self.reader.read(url) as items:
                 for batch in batches(items, self.batch_size, tally):
+                    text_cols = None
+                    if self.text is not None:  # before the VAE: the caption is in Sample.cond
+                        batch, text_cols = self.text.process_batch(shard, batch, tally.rejects)
+                        if not batch:
+                            continue
                     if self.encoder is not None:  # -> latents; non-finite ones are rejects
                         conds = {s.index: s.cond for s in batch}  # kept members (source.keep)
                         batch, rejected = self.encoder.process(shard, batch)
@@ -163,13 +182,20 @@ class ShardWorker:
                         tally.rejects.extend(rejected)
                         if not batch:
                             continue
-                    tally.records += sink.write(self.noiser.process(shard, batch, tally))
+                    cols = self.noiser.process(shard, batch, tally)
+                    tally.records += sink.write(cols)
+                    if text_sink is not None:  # the samples whose records were written
+                        text_sink.write(text_cols, cols["index"])
             if tally.read_error is not None and tally.samples == 0:
                 error = ShardReadError if tally.retryable else ShardTimeoutError
                 raise error(tally.read_error, url=url)
             sink.close()
+            if text_sink is not None:
+                text_sink.close()
         except BaseException:
             sink.abort()
+            if text_sink is not None:
+                text_sink.abort()
             raise
         result = {
             "url": url,
@@ -189,6 +215,9 @@ class ShardWorker:
             "source_identity": source_identity,
             "library_version": __version__,
         }
+        if text_sink is not None:  # committed with the shard, before its data file and marker
+            result["side_files"] = [[text_sink.tmp, text_sink.name]]
+            result["text"] = self.text.stats()
         return commit(self.out, result) if tally.read_error is None else result
 
 

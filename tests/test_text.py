@@ -1,0 +1,206 @@
+"""Text embeddings (``text=clip|t5|sdxl``): tiny random CLIP/T5 encoders saved into tmp_path.
+
+One run (a module fixture, K = 4 draws, two shards with repeated and absent captions) serves the
+storage, loader and identity tests; the embeddings are compared with an independent transformers
+computation (exact in float32), and the sdxl preset with diffusers' StableDiffusionXLPipeline.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from shards import npy_bytes, write_tar
+from textmodels import make_clip, make_sdxl_root, make_t5
+
+from pipeline import text
+from pipeline.dataset import PrecomputedDataset
+from pipeline.manifest import OutputDir
+from pipeline.precompute import JobError, run
+from pipeline.text_store import TEXT_DIR, UNCOND
+
+transformers = pytest.importorskip("transformers")
+
+CAPTIONS = ["a red cat", "a blue dog on the sea", None, "a red cat",
+            " ".join(["small"] * 30), "the sky"]  # fmt: skip
+K = 4
+
+
+def write_captioned(path, seed: int, captions=CAPTIONS) -> dict[str, str | None]:
+    rng = np.random.default_rng(seed)
+    members, out = [], {}
+    for i, cap in enumerate(captions):
+        key = f"s{seed}_{i:03d}"
+        members.append((f"{key}.npy", npy_bytes(rng.standard_normal((2, 4, 4)).astype("f4"))))
+        if cap is not None:
+            members.append((f"{key}.txt", cap.encode()))
+        out[key] = cap
+    write_tar(path, members)
+    return out
+
+
+def reference(folder, captions, output="last", max_length=16, tokenizer=None):
+    """Independent transformers computation of one encoder's outputs (float32)."""
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer or folder)
+    arch = transformers.AutoConfig.from_pretrained(folder).architectures[0]
+    model = getattr(transformers, arch).from_pretrained(folder).eval()
+    ids = tok(["" if c is None else c for c in captions], padding="max_length",
+              max_length=max_length, truncation=True, return_tensors="pt").input_ids  # fmt: skip
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    return {"last": out.last_hidden_state, "penultimate": out.hidden_states[-2],
+            "pooled": getattr(out, "pooler_output", None)}[output].numpy()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("models") / "clip")
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory, clip_dir, ray_session):
+    from pipeline.config import compose
+
+    root = tmp_path_factory.mktemp("textrun")
+    caps = {**write_captioned(root / "a-0.tar", 0), **write_captioned(root / "a-1.tar", 1)}
+    cfg = compose([
+        "progress=false", "source=arrays", f"source.urls=[{root}/a-0.tar,{root}/a-1.tar]",
+        f"output.dir={root}/out", "output.dtype=float32", f"sampling.draws_per_sample={K}",
+        "text=clip", f"text.model={clip_dir}", "text.encoders.0.max_length=16", "ray.num_actors=1",
+    ])  # fmt: skip
+    report = run(cfg)
+    return root / "out", caps, report, cfg
+
+
+def test_config_problems_are_named(make_cfg, clip_dir):
+    base = ["source.urls=x.tar", "output.dir=o", "text=clip", f"text.model={clip_dir}"]
+    cfg = make_cfg(*base, "source.keep=[cls]")
+    assert any("text.caption_key" in k for k, _ in text.problems(cfg))
+    cfg = make_cfg(*base, "text.encoders.0.output=[last,penultimate]")
+    assert any("pick one" in m for _, m in text.problems(cfg))
+    assert text.problems(make_cfg(*base)) == []
+    t5 = make_cfg("source.urls=x.tar", "output.dir=o", "text=t5", f"text.model={clip_dir}")
+    d = text.describe_text(t5)  # a CLIP folder with the t5 preset: its class is recorded
+    assert d["encoders"][0]["class"] == "transformers.CLIPTextModel"
+
+
+def test_embeddings_match_transformers_exactly_once_per_sample(clip_run, clip_dir):
+    out, caps, report, _ = clip_run
+    ds = PrecomputedDataset(out, shuffle=False)
+    seen: dict[str, list] = {}
+    for rec in ds:
+        seen.setdefault(rec["key"], []).append(rec)
+    assert sorted(seen) == sorted(caps) and all(len(v) == K for v in seen.values())
+    keys = sorted(caps)
+    want_h = reference(clip_dir, [caps[k] for k in keys])
+    want_p = reference(clip_dir, [caps[k] for k in keys], "pooled")
+    for i, k in enumerate(keys):
+        for rec in seen[k]:  # every draw carries its sample's embedding, bit-equal (float32)
+            assert np.array_equal(rec["clip_hidden"].numpy(), want_h[i])
+            assert np.array_equal(rec["clip_pooled"].numpy(), want_p[i])
+            assert bool(rec["caption_null"]) == (caps[k] is None)
+    # stored once per sample: the text tables have one row per sample, not per draw
+    o = OutputDir(str(out))
+    rows = sum(pq.read_metadata(o.path(n)).num_rows for n in o.list(TEXT_DIR) if "_uncond" not in n)
+    assert rows == len(caps) and ds.num_records == K * len(caps)
+    # absent caption = the empty prompt's embedding, also stored once as the unconditional one
+    unc = ds.unconditional()
+    null_key = next(k for k in keys if caps[k] is None)
+    assert np.array_equal(unc["clip_hidden"].numpy(), seen[null_key][0]["clip_hidden"].numpy())
+    assert np.array_equal(unc["clip_hidden"].numpy(), reference(clip_dir, [""])[0])
+
+
+def test_truncation_and_dedup_are_counted(clip_run):
+    out, caps, report, _ = clip_run
+    o = OutputDir(str(out))
+    stats = [o.read_json(f"_shards/{s}.json")["text"] for s in ("a-0", "a-1")]
+    for s in stats:  # 6 captions, 5 distinct ("a red cat" twice), one absent, one of 32 tokens
+        assert s["captions"] == 6 and s["encoded"] == 5 and s["null"] == 1
+        assert s["truncated"]["clip"] == [1, 32 - 16]
+
+
+def test_loader_exactly_once_over_ranks_and_workers(clip_run):
+    out, caps, _, _ = clip_run
+    got = []
+    for rank in range(2):
+        ds = PrecomputedDataset(out, columns=["key", "draw", "clip_pooled"], rank=rank,
+                                world_size=2, seed=3)  # fmt: skip
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        got += [(r["key"], r["draw"], r["clip_pooled"]) for r in loader]
+    assert sorted((k, d) for k, d, _ in got) == sorted((k, d) for k in caps for d in range(K))
+    by_key: dict = {}
+    for k, _, p in got:  # a sample's draws carry one embedding
+        assert torch.equal(by_key.setdefault(k, p), p)
+    batched = PrecomputedDataset(out, columns=["key", "clip_hidden", "clip_mask"], batch_size=5,
+                                 dtype=torch.float16)  # fmt: skip
+    b = next(iter(batched))
+    assert b["clip_hidden"].dtype == torch.float16 and b["clip_mask"].dtype == torch.int8
+
+
+def test_other_tokenizer_or_encoder_refused(clip_run, clip_dir, tmp_path):
+    out, _, _, cfg = clip_run
+    other = shutil.copytree(clip_dir, tmp_path / "clip2")
+    tok = other / "tokenizer_config.json"
+    tok.write_text(tok.read_text().replace('"model_max_length": 16', '"model_max_length": 17'))
+    cfg2 = cfg.copy()
+    cfg2.text.model = str(other)
+    with pytest.raises(JobError, match="text: clip"):
+        run(cfg2)
+    assert OutputDir(str(out)).exists(UNCOND)
+
+
+def test_sdxl_preset_matches_diffusers_encode_prompt(tmp_path, make_cfg):
+    diffusers = pytest.importorskip("diffusers")
+    import torch as _torch
+
+    from pipeline.text_encode import TextStage
+
+    root = make_sdxl_root(tmp_path / "sdxl")
+    # text.batch_size=2: the forward passes have diffusers' batch shape, so the GEMMs round alike
+    cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=sdxl",
+                   f"text.model={root}", "text.encoders.0.max_length=16",
+                   "text.encoders.1.max_length=16", "text.batch_size=2")  # fmt: skip
+    meta = text.describe_text(cfg)
+    stage = TextStage(meta, device=_torch.device("cpu"))
+
+    class S:
+        def __init__(self, i, c):
+            self.key, self.index, self.cond = f"k{i}", i, {"txt": c}
+
+    prompts = ["a red cat", "a photo of a large tree in the dark"]
+    cols, bad, _ = stage.process([S(i, c) for i, c in enumerate(prompts)])
+    got = text.assemble("sdxl", {k: _torch.from_numpy(np.asarray(v)) for k, v in cols.items()
+                                 if k.endswith(("_hidden", "_pooled"))})  # fmt: skip
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None, unet=None, scheduler=None,
+        text_encoder=transformers.CLIPTextModel.from_pretrained(root / "text_encoder"),
+        text_encoder_2=transformers.CLIPTextModelWithProjection.from_pretrained(
+            root / "text_encoder_2"),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(root / "tokenizer"),
+        tokenizer_2=transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2"),
+    )  # fmt: skip
+    pe, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert not bad and got["prompt_embeds"].shape == (2, 16, 32 + 40)
+    assert _torch.equal(got["prompt_embeds"], pe)
+    assert _torch.equal(got["pooled_prompt_embeds"], pooled)
+
+
+def test_t5_encoder_matches_transformers(tmp_path, make_cfg):
+    from pipeline.text_encode import TextStage
+
+    folder = make_t5(tmp_path / "t5")
+    cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=t5",
+                   f"text.model={folder}", "text.encoders.0.max_length=24")  # fmt: skip
+    stage = TextStage(text.describe_text(cfg), device=torch.device("cpu"))
+
+    class S:
+        def __init__(self, i, c):
+            self.key, self.index, self.cond = f"k{i}", i, {"txt": c}
+
+    caps = ["a red cat", None, "boat on the sea"]
+    cols, _, _ = stage.process([S(i, c) for i, c in enumerate(caps)])
+    assert np.array_equal(cols["t5_hidden"], reference(folder, caps, max_length=24))
+    assert cols["t5_mask"][0].sum() == 4  # 3 words + EOS; padded positions kept (no mask passed)
