@@ -42,7 +42,9 @@ from .noisehash import (
     merge_duplicates,
     noise_buckets,
 )
-from .scan import Cost, DatasetStats, ShardStats, scan_shard
+from .validate.cost import Cost
+from .validate.measures import DatasetStats, ShardStats
+from .validate.scan import scan_shard
 
 
 class CannotStart(RuntimeError):
@@ -186,7 +188,7 @@ def _check_on_ray(spill: SpillBuckets, cpus: float) -> list:
 
 # What the pool's fork server imports once: the scan, and what ``python -m pipeline.validate``
 # (the processes' ``__main__``) imports, so that re-importing it costs each process little.
-PRELOAD = ["pipeline.scan", "pipeline.report", "pipeline.validate_config"]
+PRELOAD = ["pipeline.validate.scan", "pipeline.report", "pipeline.validate_config"]
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:

@@ -1,12 +1,12 @@
 """The duplicate-noise check, partitioned by hash prefix so that no process holds every hash.
 
-Every record's eps is hashed in its shard's scan (BLAKE2b, 12 bytes; :mod:`pipeline.scan`).
-Two records with the same hash drew the same noise: a keying bug. Finding them needs all the
-hashes of the dataset compared, 16 bytes per record with the shard that owns it (16 GB at 1e9
-records), so the hashes are split by their first byte into ``B`` buckets (:func:`noise_buckets`,
-a power of two): equal hashes fall in the same bucket, each bucket is checked alone
-(:func:`duplicates`, ~56 bytes per record of the bucket), and the buckets' results merge into the
-result of one sort of every hash (:func:`merge_duplicates`).
+Every record's eps is hashed in its shard's scan (BLAKE2b, 12 bytes;
+:mod:`pipeline.validate.scan`). Two records with the same hash drew the same noise: a keying
+bug. Finding them needs all the hashes of the dataset compared, 16 bytes per record with the
+shard that owns it (16 GB at 1e9 records), so the hashes are split by their first byte into
+``B`` buckets (:func:`noise_buckets`, a power of two): equal hashes fall in the same bucket,
+each bucket is checked alone (:func:`duplicates`, ~56 bytes per record of the bucket), and the
+buckets' results merge into the result of one sort of every hash (:func:`merge_duplicates`).
 
 Where the buckets live: :class:`SpillBuckets`, one append-only file per bucket in a private
 temporary directory of the validator's machine, removed at the end. Each scan returns its

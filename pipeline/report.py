@@ -1,7 +1,7 @@
 """Render a validation report: ``report.json``, ``report.md``, PNG plots and the console text.
 
 :func:`pipeline.validate.run` builds the report (a dict: the checks as
-:func:`dataclasses.asdict` of :class:`pipeline.checks.Check`, the dataset's summary, the
+:func:`dataclasses.asdict` of :class:`pipeline.validate.verdict.Check`, the dataset's summary, the
 schedule's terminal figures, the config); :func:`write_report` writes it and its plots to the
 report directory, :func:`format_console` is what the CLI prints. Renderers read only the report
 dict (the plots also read the merged statistics), and a check's highlights come as data
@@ -14,11 +14,14 @@ import io
 import json
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .manifest import OutputDir
-from .scan import DatasetStats
+
+if TYPE_CHECKING:
+    from .validate.measures import DatasetStats
 
 REPORT_FORMAT = "ddpm-validation/1"
 CONSOLE_ITEMS = 3  # failed items printed per check; the rest are in report.md
@@ -130,7 +133,7 @@ def format_table(report: dict) -> str:
 def format_console(report: dict) -> str:
     """What the CLI prints: the table, the first failed items and the highlights of each
     check, and the verdict with the report's location."""
-    from .checks import describe  # here: checks imports scipy, which scan processes need not
+    from .validate.verdict import describe  # here: it imports scipy, which scan processes need not
 
     lines = [format_table(report)]
     for c in report["checks"]:
@@ -147,7 +150,7 @@ def format_console(report: dict) -> str:
 def format_markdown(report: dict) -> str:
     """report.md: the verdict and dataset, the table, then per check its notes, failed items
     (up to 20) and, for variance_preservation, the per-t-bin table; then the plots."""
-    from .checks import describe
+    from .validate.verdict import describe
 
     s, term = report["summary"], report["terminal"]
     sch = s["schedule"]

@@ -402,7 +402,7 @@ def _figures(stds, means=None):
     ],
 )
 def test_latent_scale_warns_naming_the_fix(std, severity, words):
-    from pipeline.latents_check import latent_scale_from_figures
+    from pipeline.validate.checks.latent_scale import latent_scale_from_figures
 
     enc = {"scaling_factor": 0.5, "model": "m"}
     process = {"shape": [4, 8, 8], "encoder": enc, "store_x0": True}
@@ -423,7 +423,7 @@ def test_latent_scale_warns_naming_the_fix(std, severity, words):
     )
     if words:
         assert "source.scale" in arrays.summary
-    from pipeline.latents_check import applies
+    from pipeline.validate.checks.latent_scale import applies
 
     assert applies(process) and not applies({"source": {"kind": "images"}}, include_arrays=True)
     assert not applies({"source": {"kind": "arrays"}})  # the validator's default
@@ -433,8 +433,10 @@ def test_latent_scale_warns_naming_the_fix(std, severity, words):
 def test_latent_scale_on_real_records_matches_the_stored_x0(arrays_job):
     """The check on a scan of the encoder job's files: per-channel figures equal those of the
     stored x_0 column (no Ray: the shard scans run here)."""
-    from pipeline.latents_check import latent_scale
-    from pipeline.scan import DatasetStats, ScanPlan, scan_shard, t_edges
+    from pipeline.validate.checks.latent_scale import latent_scale
+    from pipeline.validate.measures import DatasetStats
+    from pipeline.validate.plan import ScanPlan, t_edges
+    from pipeline.validate.scan import scan_shard
 
     m = arrays_job["manifest"]
     out = OutputDir(str(arrays_job["tmp"] / "out"))

@@ -15,7 +15,7 @@ from shards import write_image_shard
 from pipeline import executor, validate
 from pipeline.config import compose
 from pipeline.precompute import run as precompute
-from pipeline.scan import scan_shard
+from pipeline.validate.scan import scan_shard
 
 DIE_ON = "sh-1"  # the shard whose scan process dies in the tests below
 

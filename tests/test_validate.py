@@ -26,12 +26,12 @@ from shards import (
 )
 
 from pipeline import noisehash, records, report, validate
-from pipeline.checks import Highlight, litem, verdict
 from pipeline.config import compose
 from pipeline.diffusion import q_posterior, q_sample
 from pipeline.manifest import MANIFEST, OutputDir
 from pipeline.noisehash import SpillBuckets
 from pipeline.precompute import run as precompute
+from pipeline.validate.verdict import Highlight, litem, verdict
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 CHECKS = (

@@ -1,0 +1,180 @@
+"""The ``completeness`` check: every manifest shard committed with its file, marker and rows;
+the accounting of records and rejects; no stray files; totals add up. It reads no file: the
+scans read the markers, the driver lists the directory (:mod:`pipeline.validate.inventory`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ...manifest import COMMITTED, REJECTS, OutputDir
+from ..figures import kept_nulls
+from ..inventory import Inventory
+from ..measures import DatasetStats
+from ..verdict import Check, litem, verdict
+from .context import Context
+
+NAME = "completeness"
+
+
+PROBLEMS = (
+    "failed or pending shards",
+    "missing files",
+    "missing commit markers",
+    "damaged or mismatching commit markers",
+    "files changed since their commit",
+    "unreadable files",
+    "row count differs from manifest",
+    "records != (samples - rejected) x draws",
+    "rejects.jsonl lines != rejected",
+    "metadata differs from manifest",
+    "duplicate (key, draw) in a shard",
+    "keys without all draws",
+    "files not in the manifest",
+    "manifest totals differ from shards",
+    "no records",
+)
+
+
+def _marker_problem(out: OutputDir, shard: str, entry: dict, scanned: dict, chash) -> str | None:
+    """What is wrong with a committed shard's marker (its commit point), or None; the marker
+    was read by the shard's scan (``scanned``: its summary in DatasetStats.shards)."""
+    name = OutputDir.marker_name(shard)
+    marker, error = scanned.get("marker"), scanned.get("marker_error")
+    if marker is None:
+        return error or f"{out.display(name)}: listed, but gone when its shard was scanned"
+    for key, want in (("status", entry.get("status")), ("records", entry.get("records"))):
+        if marker.get(key) != want:
+            return f"{out.display(name)}: {key} {marker.get(key)!r}, manifest {want!r}"
+    if marker.get("config_hash", chash) != chash:
+        return f"{out.display(name)}: config hash {marker.get('config_hash')}, dataset {chash}"
+    return None
+
+
+def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
+    """How a committed file differs from what its marker recorded at commit (size, checksum),
+    or None; a marker without a checksum (an older version's) is checked by size only."""
+    marker, found = scanned.get("marker") or {}, scanned.get("file_check") or {}
+    name = out.display(OutputDir.data_name(shard))
+    if found.get("error"):
+        return None  # an unreadable file is reported as such
+    if marker.get("bytes") is not None and found.get("bytes") != marker["bytes"]:
+        return f"{name}: {found.get('bytes')} bytes, its commit marker says {marker['bytes']}"
+    if marker.get("checksum") is not None and found.get("checksum") != marker["checksum"]:
+        return (
+            f"{name}: checksum {str(found.get('checksum'))[:19]}, its commit marker says "
+            f"{marker['checksum'][:19]} (rewritten or damaged since it was committed)"
+        )
+    return None
+
+
+def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventory) -> Check:
+    """Every manifest shard committed, with its file (the size and checksum its marker
+    recorded at commit: a file rewritten or damaged since fails), marker and row count; accounting
+    records = (samples - rejected) x K and rejects.jsonl; (key, draw) unique and complete per
+    shard; file metadata = manifest process; no stray files; totals add up. ``out`` only names
+    paths; what the directory holds is in ``inv``."""
+    K = int(manifest["process"]["noise"]["draws_per_sample"])
+    shards = manifest.get("shards", {})
+    committed = {k for k, e in shards.items() if e.get("status") in COMMITTED}
+    prob: dict[str, list] = {k: [] for k in PROBLEMS}
+    markers, rejects = inv.markers, inv.rejects
+    rejected = Counter(r.get("shard") for r in rejects or () if r.get("key") is not None)
+    unverified = 0  # committed by an older version: no checksum in the marker
+    for k, e in sorted(shards.items()):
+        s, ids = ds.shards.get(k), ds.shards.get(k, {}).get("ids", {})
+        if k not in committed:
+            prob["failed or pending shards"].append(f"{k} ({e.get('status')}): {e.get('error')}")
+            continue
+        if s is None:
+            prob["missing files"].append(out.display(OutputDir.data_name(k)))
+            continue
+        marker_bad = (
+            _marker_problem(out, k, e, s, manifest.get("config_hash")) if k in markers else None
+        )
+        changed = _file_changed(out, k, s) if k in markers and not marker_bad else None
+        unverified += k in markers and not (s.get("marker") or {}).get("checksum")
+        checks = (
+            ("missing commit markers", k not in markers, k),
+            ("damaged or mismatching commit markers", marker_bad, marker_bad),
+            ("files changed since their commit", changed, changed),
+            ("unreadable files", s["error"], f"{s['file']}: {s['error']}"),
+            (
+                "row count differs from manifest",
+                not s["error"] and s["rows"] != e.get("records"),
+                f"{k}: {s['rows']} rows, manifest {e.get('records')}",
+            ),
+            ("metadata differs from manifest", s["meta_problems"], f"{k}: {s['meta_problems']}"),
+            (
+                "records != (samples - rejected) x draws",
+                e.get("records") != (e.get("samples", 0) - e.get("rejected", 0)) * K,
+                f"{k}: {e.get('records')} != ({e.get('samples')} - {e.get('rejected')}) x {K}",
+            ),
+            (
+                "rejects.jsonl lines != rejected",
+                rejects is not None and rejected[k] != e.get("rejected", 0),
+                f"{k}: {rejected[k]} lines, manifest {e.get('rejected')}",
+            ),
+            (
+                "duplicate (key, draw) in a shard",
+                ids.get("duplicate_key_draw"),
+                f"{k}: {ids.get('duplicate_key_draw')}",
+            ),
+            (
+                "keys without all draws",
+                ids.get("keys_without_K_draws") or ids.get("draw_out_of_range"),
+                f"{k}: {ids.get('keys_without_K_draws')} keys, "
+                f"{ids.get('draw_out_of_range')} draws outside [0, {K})",
+            ),
+        )
+        for what, bad, msg in checks:
+            if bad:
+                prob[what].append(msg)
+    notes = []
+    if unverified:
+        notes.append(
+            f"{unverified} committed files have no checksum in their marker (committed by an "
+            "older version): checked by size only; rerun with output.overwrite=true to add them"
+        )
+    if rejects is None:
+        notes.append(f"{out.display(REJECTS)} not found")
+        if any(e.get("rejected") for e in shards.values()):
+            prob["rejects.jsonl lines != rejected"].append(f"{out.display(REJECTS)} missing")
+    prob["files not in the manifest"] += [
+        out.display(n) for n in inv.data_files if n[:-8] not in committed
+    ]
+    prob["files not in the manifest"] += [
+        out.display(OutputDir.marker_name(m)) for m in sorted(markers - set(shards))
+    ]
+    if sum(shards[k].get("records", 0) for k in committed) == 0:
+        prob["no records"].append(f"{out.display()}: no shard holds a record: nothing to train on")
+    tot = manifest.get("totals") or {}
+    for key in ("records", "samples", "rejected"):
+        if key in tot and tot[key] != sum(shards[k].get(key, 0) for k in committed):
+            prob["manifest totals differ from shards"].append(f"totals.{key} = {tot[key]}")
+    items = [litem("dataset", k, len(v), 0, examples=v[:5]) for k, v in prob.items()]
+    extra = {
+        "statistic_name": "problems",
+        "shards": len(shards),
+        "committed": len(committed),
+        "not_committed": sorted(set(shards) - committed),
+        "nulls": kept_nulls(ds),  # per kept column (source.keep): records without the member
+    }
+    if extra["nulls"]:
+        notes.append(
+            "records with a null kept column (member absent): "
+            + ", ".join(f"{c} {n}" for c, n in extra["nulls"].items())
+        )
+    return verdict(  # counts against 0: no z threshold
+        NAME,
+        [items],
+        z=0.0,
+        correct=False,
+        notes=notes,
+        statistic=sum(map(len, prob.values())),
+        threshold=0,
+        extra=extra,
+    )
+
+
+def run(ctx: Context) -> Check:
+    return completeness(ctx.ds, ctx.out, ctx.manifest, ctx.inventory)

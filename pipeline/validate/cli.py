@@ -1,0 +1,59 @@
+"""The validator's command line: ``diffusion-validate`` / ``python -m pipeline.validate``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from omegaconf import DictConfig
+
+from ..report import format_console
+from ..validate_config import register_validate_configs
+from .driver import CannotValidate, run
+
+
+def load_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/validate.yaml with command-line style overrides (``key=value``), typed by
+    :class:`pipeline.validate_config.ValidateConfig`: an unknown key or a wrong type raises
+    (Hydra's ConfigCompositionException, exit code 2 from :func:`main`)."""
+    from ..config import compose
+
+    register_validate_configs()
+    return compose(list(overrides), config_name="validate")
+
+
+def run_validation(output_dir: str, *overrides: str) -> int:
+    """Validate ``output_dir`` with default settings plus overrides; print; return the exit code."""
+    return main([f"output.dir={output_dir}", *overrides])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``diffusion-validate output.dir=... [key=value ...]``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        from .. import validate
+        from ..config import CONF_DIR
+
+        print(
+            validate.__doc__.split("\n\n")[0] + "\n\nKeys, set as key=value (conf/validate.yaml):\n"
+        )
+        print((CONF_DIR / "validate.yaml").read_text())
+        return 0
+    try:
+        cfg = load_config(argv)
+        report = run(cfg)
+    except CannotValidate as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # hydra override errors, unknown keys, ...
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        from ..config import config_error_message
+
+        if isinstance(exc, (HydraException, OmegaConfBaseException)):
+            print(f"error: {config_error_message(exc)}", file=sys.stderr)
+            return 2
+        raise
+    print(format_console(report))
+    return report["exit_code"]

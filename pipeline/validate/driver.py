@@ -1,0 +1,153 @@
+"""The validator's run: open the dataset, plan and scan its shards, run the checks, write the
+report (:func:`run`).
+
+One pass over the records, bounded memory whatever the dataset size: every committed shard is
+read one Parquet batch at a time by a Ray task or a local process
+(:func:`pipeline.validate.scan.scan_shard`; which one: :mod:`pipeline.executor`), and the
+per-shard statistics (mergeable moments, co-moments, reservoirs, hashes; see
+:mod:`pipeline.stats`) are merged on the driver as tasks finish
+(:class:`pipeline.validate.measures.DatasetStats`). Everything about the process comes from the
+dataset itself: the manifest's ``process`` block and every file's ``ddpm`` metadata. The checks
+(:data:`pipeline.validate.checks.CHECKS`) then give their verdicts, and :mod:`pipeline.report`
+writes the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from omegaconf import DictConfig, OmegaConf
+
+from .. import records
+from ..manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, CorruptFileError, OutputDir
+from ..report import REPORT_FORMAT, dataset_summary, write_report
+from ..validate_config import check_values
+from .cost import cost_seconds
+from .inventory import take_inventory
+from .measures import DatasetStats
+from .plan import make_plan
+
+
+class CannotValidate(RuntimeError):
+    """The validator cannot run; the message names the path or config key (exit code 2)."""
+
+
+def _check_config(cfg: DictConfig) -> None:
+    """Values beyond their types (the schema checked those): CannotValidate naming the key."""
+    try:
+        check_values(cfg)
+    except ValueError as exc:
+        raise CannotValidate(str(exc)) from None
+
+
+def open_dataset(uri: str) -> tuple[OutputDir, dict]:
+    """The output dir and its manifest; CannotValidate (exit 2) naming the path otherwise."""
+    try:
+        out = OutputDir(uri)
+        info = out.fs.get_file_info(out.root)
+    except Exception as exc:
+        raise CannotValidate(f"cannot open output.dir {uri!r}: {exc}") from None
+    if info.type.name != "Directory":
+        raise CannotValidate(f"output.dir {out.display()}: no such directory")
+    try:
+        manifest = out.read_manifest()
+    except Exception as exc:
+        raise CannotValidate(f"cannot read {out.display(MANIFEST)}: {exc}") from None
+    if manifest is None:
+        raise CannotValidate(
+            f"no {MANIFEST} in {out.display()}: "
+            "not written by pipeline.precompute (or never started)"
+        )
+    if manifest.get("format") != MANIFEST_FORMAT or "process" not in manifest:
+        found = manifest.get("format")
+        raise CannotValidate(
+            f"{out.display(MANIFEST)}: format {found!r}, expected {MANIFEST_FORMAT}"
+        )
+    return out, manifest
+
+
+def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
+    """Scan the shards with the executor the config names (:mod:`pipeline.executor`: Ray tasks
+    or a local process pool); CannotValidate when Ray cannot start or the pool cannot run."""
+    from ..executor import CannotStart, scan_all
+    from ..raysession import RayConnectError
+
+    try:
+        scan_all(cfg, out, shards, ds)
+    except (RayConnectError, CannotStart) as exc:
+        raise CannotValidate(str(exc)) from None
+
+
+def run(cfg: DictConfig) -> dict:
+    """Validate the dataset at ``cfg.output.dir``; returns the report (``report["exit_code"]``
+    is 0 or 1). Raises :class:`CannotValidate` when it cannot run (exit code 2)."""
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    out, manifest = open_dataset(cfg.output.dir)
+    process = manifest["process"]
+    entries = manifest.get("shards", {})
+    present = set(out.data_files())
+    to_scan = [
+        k
+        for k, e in sorted(entries.items())
+        if e.get("status") in COMMITTED and OutputDir.data_name(k) in present
+    ]
+    try:
+        schedule = records.schedule_from_metadata(process)
+        noise = records.noise_from_metadata(process)
+        records.check_dtype(process["dtype"])
+        ds = DatasetStats(make_plan(cfg, process, len(to_scan)), entries)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        what = f"{type(exc).__name__}: {exc}"
+        raise CannotValidate(f"{out.display(MANIFEST)}: bad process description ({what})") from None
+    if to_scan:
+        _scan_all(cfg, out, to_scan, ds)
+    try:
+        inventory = take_inventory(out)
+    except CorruptFileError as exc:
+        raise CannotValidate(str(exc)) from None
+    from .checks import CHECKS, Context  # here: scipy (~0.7 s), not in scan processes' imports
+
+    ctx = Context(ds, out, manifest, inventory, schedule, noise, cfg)
+    t1 = time.perf_counter()
+    ds.wall["open_and_plan"] = t1 - t0 - sum(ds.wall.values())
+    results, check_s = [], {}
+    for check in CHECKS:
+        result = check.run(ctx)
+        if result is not None:
+            results.append(result)
+        check_s[check.NAME] = round(time.perf_counter() - t1, 4)
+        t1 = time.perf_counter()
+    ds.wall["checks"] = sum(check_s.values())
+    passed = all(c.passed for c in results)
+    report = {
+        "format": REPORT_FORMAT,
+        "dataset": out.display(),
+        "passed": passed,
+        "exit_code": 0 if passed else 1,
+        "checks": [asdict(c) for c in results],
+        "terminal": schedule.terminal(),
+        "summary": {
+            **dataset_summary(manifest, ds, noise),
+            "cost_seconds": cost_seconds(ds.wall, ds.cost, check_s),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    try:
+        write_report(
+            report,
+            ds,
+            schedule,
+            out=out,
+            report_dir=cfg.output.report_dir,
+            plots=bool(cfg.plots),
+        )
+    except OSError as exc:
+        where = cfg.output.report_dir or out.display("validation")
+        raise CannotValidate(
+            f"cannot write the report to {where}: {exc}; set output.report_dir to a writable "
+            "directory"
+        ) from None
+    return report

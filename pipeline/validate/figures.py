@@ -1,0 +1,68 @@
+"""Figures derived from the merged statistics that several checks (and the report) share:
+t-bin labels, per-bin cross-products, the x_0 figures and the conditioning summaries."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from ..stats import GroupedCoMoments
+from .measures import DatasetStats
+from .plan import ScanPlan
+
+
+def bin_label(plan: ScanPlan, b: int) -> str:
+    """``t in [lo, hi)`` of t-bin ``b``."""
+    return f"t in [{plan.edges[b]}, {plan.edges[b + 1]})"
+
+
+def per_bin(c: GroupedCoMoments, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Within-cell cross-product matrices and counts summed over channels: [bins, d, d], [bins]."""
+    return c.c.reshape(bins, -1, c.dim, c.dim).sum(axis=1), c.n.reshape(bins, -1).sum(axis=1)
+
+
+def x0_figures(ds: DatasetStats) -> dict:
+    """Per channel c (c = C: channels averaged): records, E[x_0], E[x_0^2], Var(x_0) and the
+    standard errors of the first two across records."""
+    C = ds.plan.shape[0]
+    out = {}
+    for c in range(C + 1):
+        cell = ds.x0_pooled(c)
+        if cell.n >= 3:
+            mu, se_mu = cell.linear(x0_mean=1)
+            m2, se_m2 = cell.linear(x0_ms=1)
+            out[c] = {
+                "records": cell.n,
+                "mean": mu,
+                "se_mean": se_mu,
+                "m2": m2,
+                "se_m2": se_m2,
+                "var": m2 - mu * mu,
+            }
+    if C in out and C > 1:  # the average of the channels' variances, not of the pooled pixels
+        out[C]["var"] = float(np.mean([out[c]["var"] for c in range(C)]))
+    return out
+
+
+def kept_columns(ds: DatasetStats) -> list[str]:
+    """The kept conditioning columns (``source.keep``) of the dataset."""
+    spec = ds.plan.process.get("conditioning") or {}
+    return [c["column"] for c in spec.get("columns", [])]
+
+
+def kept_nulls(ds: DatasetStats) -> dict[str, int]:
+    """Null records per kept column over the scanned shards (every kept column listed)."""
+    total = Counter({c: 0 for c in kept_columns(ds)})
+    for summ in ds.shards.values():
+        total.update(summ.get("cond", {}).get("nulls", {}))
+    return dict(total)
+
+
+def label_histograms(ds: DatasetStats) -> dict[str, dict]:
+    """Samples per value of each int64 kept column (e.g. cls), summed over the shards."""
+    hist: dict[str, Counter] = {}
+    for summ in ds.shards.values():
+        for col, h in summ.get("cond", {}).get("hist", {}).items():
+            hist.setdefault(col, Counter()).update({int(k): v for k, v in h.items()})
+    return {c: dict(sorted(h.items())) for c, h in hist.items()}
