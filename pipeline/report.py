@@ -112,6 +112,8 @@ def _row(*cells) -> str:
 
 
 def _verdict_word(c: dict) -> str:
+    if c["passed"] and c["detail"].get("n_items") == 0:
+        return "SKIP"  # zero items checked: the summary says why
     return "FAIL" if not c["passed"] else "WARN" if c["severity"] == "warning" else "PASS"
 
 
@@ -137,7 +139,11 @@ def format_console(report: dict) -> str:
 
     lines = [format_table(report)]
     for c in report["checks"]:
-        bad = _failed_items(c)
+        bad, places = [], set()
+        for i in _failed_items(c):  # a shard failing several items is listed once
+            if i["where"] == "overall" or i["where"] not in places:
+                places.add(i["where"])
+                bad.append(i)
         lines += [f"  {c['name']} {i['severity']}: {describe(i)}" for i in bad[:CONSOLE_ITEMS]]
         if len(bad) > CONSOLE_ITEMS:
             lines.append(f"  {c['name']}: {len(bad) - CONSOLE_ITEMS} more in the report")

@@ -200,3 +200,15 @@ def test_an_actor_no_node_can_hold_is_refused_naming_the_resources(tmp_path, cwd
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "each actor asks for 1 CPU and 1 GPU" in res.stderr and " 0 GPU" in res.stderr
     assert "set ray.gpus_per_actor=0" in res.stderr and elapsed < 60, (elapsed, res.stderr)
+
+
+def test_validate_takes_the_directory_as_a_positional_argument(tmp_path, cwd):
+    from pipeline.validate.cli import positional_dir
+
+    assert positional_dir(["/o/rec", "plots=false"]) == ["output.dir='/o/rec'", "plots=false"]
+    assert positional_dir(["it's"]) == ["output.dir='it\\'s'"]
+    assert positional_dir(["output.dir=/o", "x=1"]) == ["output.dir=/o", "x=1"]
+    assert positional_dir(["--help"]) == ["--help"]
+    res = _run("pipeline.validate", str(tmp_path / "no-records"), "plots=false", cwd=cwd)
+    assert res.returncode == 2 and "no-records" in res.stderr, res.stderr
+    assert "grammar" not in res.stderr.lower() and "mismatched input" not in res.stderr

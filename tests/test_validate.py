@@ -31,6 +31,7 @@ from pipeline.diffusion import q_posterior, q_sample
 from pipeline.manifest import MANIFEST, OutputDir
 from pipeline.noisehash import SpillBuckets
 from pipeline.precompute import run as precompute
+from pipeline.report import format_console, format_table
 from pipeline.validate.verdict import Highlight, litem, verdict
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -308,6 +309,8 @@ def test_noise_correlated_with_x0(base, tmp_path, store_x0):
     assert "noise_independence" in _failed(checks)
     bad = [i for i in checks["noise_independence"]["detail"]["items"] if not i["passed"]]
     assert any(i["where"] == "shard sh-0" and i["quantity"] == "corr(eps, x_0)" for i in bad)
+    lines = [x for x in format_console(report).splitlines() if x.startswith("  noise_indep")]
+    assert sum("shard sh-0:" in x for x in lines) == 1, lines  # listed once
     assert "record_consistency" not in _failed(checks)
 
 
@@ -318,6 +321,19 @@ def test_keyed_noise_regeneration_catches_rewritten_noise(base, tmp_path):
     assert not k["passed"]
     eps_item = next(i for i in k["detail"]["items"] if i["quantity"].startswith("eps"))
     assert 0 < eps_item["value"] <= eps_item["checked"] and eps_item["checked"] >= 100
+    # the console names the damaged shard and its count
+    report, _ = _validate(d, "max_consistency_records=100")
+    lines = [x for x in format_console(report).splitlines() if x.startswith("  keyed_noise")]
+    assert any(re.search(r"shard sh-2: .* = [1-9]\d* \(limit 0\)", x) for x in lines), lines
+
+
+def test_a_check_with_zero_items_is_skip_not_pass(base):
+    report, checks = _validate(base["a"])  # max_consistency_records=0: nothing regenerated
+    k = checks["keyed_noise"]
+    assert k["passed"] and k["detail"]["n_items"] == 0
+    assert k["summary"].startswith("skipped: nothing to check (skipped: max_consistency_records")
+    (row,) = [x for x in format_table(report).splitlines() if x.startswith("keyed_noise ")]
+    assert row.split()[1] == "SKIP", row
 
 
 def test_inconsistent_x_t_is_caught_record_by_record(base, tmp_path):

@@ -27,9 +27,21 @@ def run_validation(output_dir: str, *overrides: str) -> int:
     return main([f"output.dir={output_dir}", *overrides])
 
 
+def positional_dir(argv: list[str]) -> list[str]:
+    """``DIR key=value ...`` -> ``output.dir=DIR key=value ...``: a first argument that is no
+    option and no ``key=value`` override is the records directory, as a user types it."""
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        if any(a.split("=", 1)[0].lstrip("+~") == "output.dir" for a in argv[1:]):
+            return argv  # Hydra names the stray argument
+        value = argv[0].replace("\\", "\\\\").replace("'", "\\'")
+        return [f"output.dir='{value}'", *argv[1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``diffusion-validate output.dir=... [key=value ...]``; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """CLI: ``diffusion-validate DIR [key=value ...]`` (or ``output.dir=DIR``); returns the exit
+    code."""
+    argv = positional_dir(list(sys.argv[1:] if argv is None else argv))
     if any(a in ("-h", "--help") for a in argv):
         from .. import validate
         from ..config import CONF_DIR

@@ -147,6 +147,9 @@ def verdict(
         summary = f"{len(errors)} of {len(items)} items failed, e.g. " + describe(errors[0])
     else:
         summary = "WARNING: " + describe(warns[0]) if warns else f"{len(items)} items passed"
+    if not items:  # nothing was checked: never a PASS (report: SKIP), and say why
+        why = [n.text if isinstance(n, Highlight) else n for n in notes]
+        summary = "skipped: nothing to check" + (f" ({why[0]})" if why else "")
     keep = (errors + warns)[:100] + [i for i in items if i["passed"] and i["where"] == "overall"]
     keep += sorted((i for i in zs if i not in keep), key=lambda i: -abs(i["z"]))[:5]
     detail = {

@@ -31,6 +31,11 @@ def keyed_noise(ds: DatasetStats, z: float, correct: bool) -> Check:
         for v in ("t", "eps")
     ]
     bad = sorted(k for k, s in ds.shards.items() if s.get("keyed_mismatches"))
+    items += [  # one line per damaged shard, named: "shard crops-0002: ... = 60"
+        litem(f"shard {k}", "records whose (t, eps) differ from the keyed noise",
+              int(ds.shards[k]["keyed_mismatches"]), 0)
+        for k in bad
+    ]  # fmt: skip
     notes = [
         f"{n} records regenerated; eps compared bit for bit after the cast to the stored dtype"
     ]
