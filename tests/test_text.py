@@ -204,3 +204,34 @@ def test_t5_encoder_matches_transformers(tmp_path, make_cfg):
     cols, _, _ = stage.process([S(i, c) for i, c in enumerate(caps)])
     assert np.array_equal(cols["t5_hidden"], reference(folder, caps, max_length=24))
     assert cols["t5_mask"][0].sum() == 4  # 3 words + EOS; padded positions kept (no mask passed)
+
+
+def test_text_check_passes_and_catches_defects(clip_run, tmp_path):
+    from pipeline.text_check import check_text
+
+    out, caps, _, _ = clip_run
+    copy = shutil.copytree(out, tmp_path / "copy")
+    o = OutputDir(str(copy))
+    meta = PrecomputedDataset(copy).metadata
+    good = check_text(o, meta, ["a-0", "a-1"], recheck=4)
+    assert good["passed"], good["problems"]
+    f = good["figures"]
+    assert f["samples"] == 12 and f["null_captions"] == 2 and f["distinct_captions"] == 5
+    assert f["same_caption_mismatches"] == 0
+    assert f["truncated"]["clip"] == {"captions": 2, "mean_tokens_cut": 16.0}
+    assert f["recheck"]["max_relative_error"]["clip_hidden"] == 0.0  # float32, same device
+    # a planted defect: one sample's embedding scaled in one shard's table
+    name = o.path("_text/a-0.parquet")  # the first seen of each caption: re-encoded too
+    table = pq.read_table(name)
+    hidden = table.column("clip_hidden")
+    from pipeline.records import tensor_array, tensor_to_numpy
+
+    values = tensor_to_numpy(hidden).copy()
+    values[0] *= 1.01
+    table = table.set_column(table.schema.get_field_index("clip_hidden"), "clip_hidden",
+                             tensor_array(values, hidden.type))  # fmt: skip
+    pq.write_table(table, name)
+    bad = check_text(o, meta, ["a-0", "a-1"], recheck=16)
+    assert not bad["passed"]
+    assert any("embeddings differ between" in p for p in bad["problems"])
+    assert any("not this encoder's output" in p for p in bad["problems"])
