@@ -41,6 +41,7 @@ class ValidateConfig:
     terminal_window: float = 0.01
     reservoir_size: int = 20000
     max_consistency_records: int = 2000
+    text_recheck: int = 16
     reconstruct_min_alpha_bar: float = 0.1
     terminal_mean_shift: float = 0.01
     batch_elements: int = 1048576

@@ -207,7 +207,7 @@ def test_t5_encoder_matches_transformers(tmp_path, make_cfg):
 
 
 def test_text_check_passes_and_catches_defects(clip_run, tmp_path):
-    from pipeline.text_check import check_text
+    from pipeline.validate.checks.text import check_text
 
     out, caps, _, _ = clip_run
     copy = shutil.copytree(out, tmp_path / "copy")
@@ -235,3 +235,15 @@ def test_text_check_passes_and_catches_defects(clip_run, tmp_path):
     assert not bad["passed"]
     assert any("embeddings differ between" in p for p in bad["problems"])
     assert any("not this encoder's output" in p for p in bad["problems"])
+
+
+def test_validator_runs_the_text_check(clip_run):
+    from pipeline.validate import load_config
+    from pipeline.validate import run as validate
+
+    out = clip_run[0]
+    report = validate(load_config([f"output.dir={out}", "plots=false", "progress=false",
+                                   "executor=local", "workers=1", "text_recheck=2"]))  # fmt: skip
+    check = next(c for c in report["checks"] if c["name"] == "text")
+    assert check["passed"] and check["detail"]["null_captions"] == 2
+    assert check["detail"]["recheck"]["captions"] == 2

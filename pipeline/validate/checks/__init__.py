@@ -25,6 +25,7 @@ from . import (
     latent_scale,
     noise_independence,
     record_consistency,
+    text,
     timestep_distribution,
     variance_preservation,
 )
@@ -42,6 +43,7 @@ CHECKS = (
     timestep_distribution,
     conditioning,
     latent_scale,
+    text,
 )
 
 __all__ = ["CHECKS", "Context"]

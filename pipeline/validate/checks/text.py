@@ -16,6 +16,9 @@ applicable), over every committed shard's ``_text/<shard>.parquet`` (see
   the hashed files and a deterministic sample of captions (and the empty prompt of
   ``_text/_uncond.parquet``) is encoded again; the stored values must equal them to the storage
   dtype's rounding plus cross-device float32 differences (:data:`RTOL`).
+
+Unlike the scan-based checks it reads files itself (the text tables, the records' caption
+column): the embeddings are not part of the records the scan measures.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from collections.abc import Mapping
 import numpy as np
 import pyarrow.parquet as pq
 
-from .text import column_names, embedding_columns
-from .text_store import UNCOND, table_name, to_numpy
+from ...text import column_names, embedding_columns
+from ...text_store import UNCOND, table_name, to_numpy
+from ..verdict import Check, litem, verdict
+from .context import Context
 
 NAME = "text"
 # Relative tolerance of a re-encoded value against the stored one, by storage dtype: half an ulp
@@ -135,7 +140,7 @@ def _recheck(out, t: Mapping, rows: dict, cols, n: int, problems: list) -> dict:
     on the CPU; the largest relative error per column."""
     import torch
 
-    from .text_encode import TextStage
+    from ...text_encode import TextStage
 
     pick = sorted(rows, key=lambda c: hashlib.sha256(c.encode()).hexdigest())[:n]
     stage = TextStage(t, device=torch.device("cpu"))
@@ -159,3 +164,38 @@ def _recheck(out, t: Mapping, rows: dict, cols, n: int, problems: list) -> dict:
                     "this encoder's output"
                 )
     return {"captions": len(pick), "max_relative_error": worst, "rtol": rtol}
+
+
+def run(ctx: Context) -> Check | None:
+    """The check on the validator's dataset; None when it has no text embeddings."""
+    meta = ctx.ds.plan.process
+    if not meta.get("text"):
+        return None
+    shards = sorted(s for s, e in ctx.manifest.get("shards", {}).items()
+                    if e.get("status") in ("ok", "partial"))  # fmt: skip
+    res = check_text(ctx.out, meta, shards, int(ctx.cfg.get("text_recheck", 16)))
+    f = res["figures"]
+    items = [litem("all shards", p, 1, 0) for p in res["problems"]]
+    items.append(litem("all shards", "same caption, different embedding",
+                       f["same_caption_mismatches"], 0))  # fmt: skip
+    notes = [
+        f"{f['samples']} samples, {f['distinct_captions']} distinct captions, "
+        f"{f['null_captions']} without a caption (empty prompt's embedding)"
+    ]
+    for name, tr in f["truncated"].items():
+        notes.append(f"{name}: {tr['captions']} captions cut at max_length "
+                     f"(mean {tr['mean_tokens_cut']:.1f} tokens cut)")  # fmt: skip
+    for col, n in f["norms"].items():
+        notes.append(f"{col}: L2 norm mean {n['mean']:.4g} (std {n['std']:.3g}, "
+                     f"min {n['min']:.4g}, max {n['max']:.4g})")  # fmt: skip
+    if "recheck" in f:
+        worst = max(f["recheck"]["max_relative_error"].values(), default=0.0)
+        notes.append(
+            f"re-encoded {f['recheck']['captions']} captions and the empty prompt on "
+            f"the CPU: max relative error {worst:.3g} (allowed {f['recheck']['rtol']:g})"
+        )
+    else:
+        notes.append("re-encoding skipped (text_recheck=0)")
+    return verdict(NAME, [items], z=0.0, correct=False, notes=notes,
+                   statistic=float(len(res["problems"])), threshold=0.0,
+                   extra={"statistic_name": "problems", **f})  # fmt: skip
