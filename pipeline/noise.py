@@ -149,6 +149,22 @@ class KeyedNoise:
             j = _unit_to_index(bits, T)
         return T - 1 - j if self.family == "flow" else j
 
+    def timestep_pmf(self, resolution: int = 1 << 20) -> np.ndarray:
+        """P(t) float64 [T] over grid indices (as :meth:`timesteps` returns them): the one place
+        a plot or a check reads the expected distribution of t from. uniform and stratified:
+        1/T (stratified only spaces the draws evenly); a density of :data:`DENSITIES`: its
+        :meth:`unit` map evaluated at ``resolution`` evenly spaced keyed uniforms (midpoints),
+        binned as :meth:`timesteps` bins them, so it is exact to 1/resolution per bin."""
+        T = self.num_timesteps
+        if self.sampler in DENSITIES:
+            step = np.uint64((1 << 53) // resolution)
+            bits = (np.arange(resolution, dtype=np.uint64) * step + step // 2) << np.uint64(11)
+            j = np.clip(np.floor(self.unit(bits) * T), 0, T - 1).astype(np.int64)
+            p = np.bincount(j, minlength=T) / resolution
+        else:
+            p = np.full(T, 1.0 / T)
+        return p[::-1].copy() if self.family == "flow" else p
+
     def unit(self, bits: np.ndarray) -> np.ndarray:
         """u in [0, 1] (float64) of the configured density from uint64 keyed ``bits``."""
         from scipy.special import expit, ndtri

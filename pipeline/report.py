@@ -1,4 +1,6 @@
-"""Render a validation report: ``report.json``, ``report.md``, PNG plots and the console text.
+"""Render a validation report: ``report.json``, ``report.md``, ``report.html`` (one
+self-contained file, the plots embedded as base64 PNG, to paste into a review), PNG plots
+(:mod:`pipeline.plots`) and the console text.
 
 :func:`pipeline.validate.run` builds the report (a dict: the checks as
 :func:`dataclasses.asdict` of :class:`pipeline.validate.verdict.Check`, the dataset's summary, the
@@ -10,7 +12,8 @@ dict (the plots also read the merged statistics), and a check's highlights come 
 
 from __future__ import annotations
 
-import io
+import base64
+import html
 import json
 import math
 from collections.abc import Mapping
@@ -53,17 +56,24 @@ def write_report(
     report_dir: str | None,
     plots: bool,
 ) -> None:
-    """Write report.json, report.md and (with ``plots``) the PNG plots to ``report_dir``, or to
+    """Write report.json, report.md, report.html and (with ``plots``) the PNG plots to
+    ``report_dir``, or to
     ``<out>/validation/`` when it is None; adds ``plots`` (file names) and ``report_dir`` (its
     display name) to ``report``."""
     rep = OutputDir(report_dir) if report_dir else out
     prefix = "" if report_dir else "validation/"
     rep.makedirs(prefix.rstrip("/"))
-    drawn = write_plots(rep, prefix, ds=ds, schedule=schedule, report=report) if plots else []
+    drawn = []
+    if plots:
+        from .plots import write_plots  # matplotlib: only when plots are drawn
+
+        drawn = write_plots(rep, prefix, ds=ds, schedule=schedule, report=report)
     report["plots"] = drawn
     report["report_dir"] = rep.display(prefix.rstrip("/")) if prefix else rep.display()
     rep.write_bytes(prefix + "report.json", to_json(report).encode())
     rep.write_bytes(prefix + "report.md", format_markdown(report).encode())
+    images = {name: rep.read_bytes(prefix + name) for name in drawn}
+    rep.write_bytes(prefix + "report.html", format_html(report, images).encode())
 
 
 # -- JSON ------------------------------------------------------------------------------------
@@ -205,104 +215,79 @@ def _per_bin_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-# -- plots -----------------------------------------------------------------------------------
+# -- HTML ------------------------------------------------------------------------------------
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:left;vertical-align:top}th{background:#f3f3f3}.FAIL{color:#b00;font-weight:bold}"
+    ".WARN{color:#a60;font-weight:bold}.PASS{color:#070}img{max-width:100%;display:block;"
+    "margin:1em 0}code{background:#f3f3f3}"
+)
 
 
-def write_plots(
-    rep: OutputDir, prefix: str, *, ds: DatasetStats, schedule, report: dict
-) -> list[str]:
-    """Write the PNG plots to ``rep`` under ``prefix``; returns their file names: Var/E of x_t
-    over t against the model, the schedule, eps against N(0, 1), a QQ plot of x_T, the label
-    histogram of each int64 kept column (``hist_cls.png``) and (images) one stored x_t per t-bin."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from scipy import stats as sps
-
-    saved = []
-
-    def save(fig, name):
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        rep.write_bytes(prefix + name, buf.getvalue())
-        saved.append(name)
-
-    t = np.arange(schedule.num_timesteps)
-    ab = schedule.alphas_cumprod
-    vp = next(c for c in report["checks"] if c["name"] == "variance_preservation")["detail"]
-    rows, x0 = vp.get("per_bin", []), vp.get("x0", {}).get(str(ds.plan.shape[0]))
-    if rows:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        mid = [(r["t_lo"] + r["t_hi"] - 1) / 2 for r in rows]
-        a1.plot(mid, [r["var_x_t"] for r in rows], "o", label="empirical (per t-bin)")
-        a2.plot(mid, [r["mean_x_t"] for r in rows], "o", label="empirical (per t-bin)")
-        if x0:
-            a1.plot(t, ab * x0["var"] + 1 - ab, "-", label="ab Var(x_0) + 1 - ab")
-            a2.plot(t, np.sqrt(ab) * x0["mean"], "-", label="sqrt(ab) E[x_0]")
-        a1.axhline(1.0, color="grey", lw=0.5)
-        a1.set(xlabel="t", ylabel="Var(x_t)", title="variance of x_t over t")
-        a2.set(xlabel="t", ylabel="E[x_t]", title="mean of x_t over t")
-        for a in (a1, a2):
-            a.legend()
-            a.grid(alpha=0.3)
-        save(fig, "var_mean_over_t.png")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    with np.errstate(divide="ignore"):
-        a1.plot(t, ab)
-        a2.plot(t, schedule.snr)
-    a1.set(yscale="log", xlabel="t", title="alpha_bar_t")
-    a2.set(yscale="log", xlabel="t", title="SNR(t) = ab / (1 - ab)")
-    save(fig, "schedule.png")
-    eps = ds.eps_res.sample().astype(np.float64)
-    if len(eps):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(eps, bins=80, density=True, alpha=0.6, label=f"eps sample (n={len(eps)})")
-        xs = np.linspace(-5, 5, 400)
-        ax.plot(xs, sps.norm.pdf(xs), label="N(0, 1)")
-        ax.set(xlabel="eps", title="noise vs N(0, 1)")
-        ax.legend()
-        save(fig, "eps_hist.png")
-    xT = np.sort(ds.xT_res.sample().astype(np.float64))
-    if len(xT):
-        fig, ax = plt.subplots(figsize=(5, 5))
-        q = sps.norm.ppf((np.arange(len(xT)) + 0.5) / len(xT))
-        ax.plot(q, xT, ".", ms=2)
-        ax.plot([-5, 5], [-5, 5], "k-", lw=0.5)
-        ax.set(
-            xlabel="N(0, 1) quantile", ylabel="x_t quantile", title=f"QQ, t >= {ds.plan.edges[-2]}"
-        )
-        save(fig, "qq_x_T.png")
-    cond = next((c for c in report["checks"] if c["name"] == "conditioning"), None)
-    for col, hist in ((cond or {}).get("detail", {}).get("histograms") or {}).items():
-        if not hist:
-            continue
-        labels = sorted(int(k) for k in hist)
-        fig, ax = plt.subplots(figsize=(max(5, min(14, 0.3 * len(labels))), 3.5))
-        ax.bar([str(k) for k in labels], [hist[str(k)] for k in labels])
-        ax.set(xlabel=col, ylabel="samples", title=f"label histogram: {col}")
-        if len(labels) > 40:
-            ax.set_xticks([])
-        save(fig, f"hist_{col}.png")
-    if report["summary"]["source_kind"] == "images" and ds.grid:
-        _grid(plt, save, ds)
-    return saved
+def _html_table(head: list[str], rows: list[list]) -> list[str]:
+    e = html.escape
+    out = ["<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        cells = []
+        for v in r:
+            text = v if isinstance(v, str) else _num(v)
+            cls = f' class="{text}"' if text in ("PASS", "WARN", "FAIL") else ""
+            cells.append(f"<td{cls}>{e(text)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return out + ["</table>"]
 
 
-def _grid(plt, save, ds: DatasetStats) -> None:
-    """One stored x_t per t-bin, mapped from [-1, 1] to pixels (channels 1, 3 or 4 shown)."""
-    bins = sorted(b for b, r in ds.grid.items() if len(r))
-    if not bins or len(ds.plan.shape) != 3:
-        return
-    norm = ds.plan.process.get("source", {}).get("normalize", True)
-    fig, axes = plt.subplots(1, len(bins), figsize=(1.8 * len(bins), 2.2), squeeze=False)
-    for ax, b in zip(axes[0], bins):
-        x = ds.grid[b].sample()[0].astype(np.float64)
-        img = np.clip((x + 1) / 2 if norm else x, 0, 1)
-        img = img[0] if img.shape[0] in (1, 2) else np.moveaxis(img[:3], 0, -1)
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-        ax.set_title(f"t~{(ds.plan.edges[b] + ds.plan.edges[b + 1] - 1) // 2}", fontsize=8)
-        ax.axis("off")
-    save(fig, "x_t_grid.png")
+def format_html(report: dict, images: Mapping[str, bytes]) -> str:
+    """report.html: what report.md says (verdict, dataset, checks table, notes, failed items,
+    per-t-bin table), with the plots embedded as base64 PNG: one file, no links."""
+    from .validate.verdict import describe
+
+    e, s = html.escape, report["summary"]
+    sch = s["schedule"]
+    word = "PASSED" if report["passed"] else "FAILED"
+    out = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8">',
+        f"<title>Validation of {e(report['dataset'])}: {word}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Validation of <code>{e(report['dataset'])}</code></h1>",
+        f'<p><span class="{word[:4]}">{word}</span> (exit code {report["exit_code"]}); '
+        f"{s['records']} records in {s['scanned_shards']} of {s['shards']} shards; schedule "
+        f"{e(str(sch['name']))} T={sch['num_timesteps']} (zero_terminal_snr="
+        f"{sch['zero_terminal_snr']}), sampler {e(str(s['sampler']))}, "
+        f"K={s['draws_per_sample']}, {e(str(s['dtype']))} {e(str(s['shape']))}, "
+        f"store_x0={s['store_x0']}, source {e(str(s['source_kind']))}.</p>",
+    ]
+    rows = [
+        [c["name"], _verdict_word(c), c["detail"]["statistic_name"], c["statistic"],
+         c["threshold"], c["summary"]]
+        for c in report["checks"]
+    ]  # fmt: skip
+    out += _html_table(["check", "verdict", "statistic", "value", "limit", "summary"], rows)
+    term = ", ".join(f"{k} = {_num(v)}" for k, v in report["terminal"].items())
+    out.append(f"<p>Terminal figures (t = T-1): {e(term)}</p>")
+    for c in report["checks"]:
+        out.append(f'<h2>{e(c["name"])} <span class="{_verdict_word(c)}">{_verdict_word(c)}'
+                   "</span></h2>")  # fmt: skip
+        lines = [e(n) for n in c["detail"].get("notes", [])]
+        lines += [f"<b>{e(i['severity'])}</b> {e(describe(i))}" for i in _failed_items(c)[:20]]
+        if lines:
+            out.append("<ul>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>")
+        if c["name"] == "variance_preservation" and c["detail"].get("per_bin"):
+            head = ["t range", "records", "alpha_bar", "Var(x_t)", "model", "E[x_t]", "model"]
+            rows = [
+                [f"[{r['t_lo']}, {r['t_hi']})", f"{r['records']:.0f}", r["alpha_bar"],
+                 r["var_x_t"], r["var_x_t_model"], r["mean_x_t"], r["mean_x_t_model"]]
+                for r in c["detail"]["per_bin"]
+            ]  # fmt: skip
+            out += _html_table(head, rows)
+    if images:
+        out.append("<h2>Plots</h2>")
+        for name, png in images.items():
+            data = base64.b64encode(png).decode("ascii")
+            out.append(
+                f'<img alt="{e(name)}" title="{e(name)}" src="data:image/png;base64,{data}">'
+            )
+    return "\n".join(out + ["</body></html>"]) + "\n"

@@ -429,3 +429,26 @@ def test_out_validation(make_out, fragment):
     d = kn.digests("s", keys(5))
     with pytest.raises(ValueError, match=fragment):
         kn.noise(d, SHAPE, out=make_out())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"sampler": "stratified"}, {"family": "flow", "sampler": "logit_normal"},
+     {"family": "flow", "sampler": "mode"}, {"family": "flow", "sampler": "logit_normal",
+      "logit_mean": 1.0, "logit_std": 0.5}],
+)  # fmt: skip
+def test_timestep_pmf_is_the_density_timesteps_draws_from(kw):
+    """P(t) against 200k keyed draws: chi-square in 20 ranges (p > 1e-4), sums to 1."""
+    from scipy import stats as sps
+
+    noise = KeyedNoise(seed=5, num_timesteps=100, **kw)
+    pmf = noise.timestep_pmf()
+    assert pmf.shape == (100,) and pmf.sum() == pytest.approx(1.0, abs=1e-12) and pmf.min() >= 0
+    n = 200_000
+    bits = np.random.default_rng(0).integers(0, 2**63, size=(n, 32), dtype=np.uint64)
+    t = noise.timesteps(bits.astype(np.uint8), "s", np.arange(n))
+    obs = np.add.reduceat(np.bincount(t, minlength=100), np.arange(0, 100, 5))
+    exp = n * np.add.reduceat(pmf, np.arange(0, 100, 5))
+    keep = exp > 5
+    obs, exp = obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()
+    assert sps.chisquare(obs, exp).pvalue > 1e-4

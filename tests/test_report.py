@@ -1,4 +1,5 @@
-"""pipeline.report: report.md parses as Markdown, the plots and report.html are written.
+"""pipeline.report and pipeline.plots: report.md parses as Markdown, report.html embeds every
+plot, the plots' data (bands, strip, eps per channel) agree with the records.
 
 Datasets are built by the real precompute on tiny shards (as in test_validate.py): images
 (16 x 16 RGB, x_0 stored) and 4-channel arrays (the shape of latents, x_0 not stored).
@@ -6,12 +7,17 @@ Datasets are built by the real precompute on tiny shards (as in test_validate.py
 
 from __future__ import annotations
 
+import base64
+import re
+
+import numpy as np
 import pytest
 from shards import write_array_shard, write_image_shard
 
-from pipeline import validate
+from pipeline import plots, validate
 from pipeline.config import compose
 from pipeline.precompute import run as precompute
+from pipeline.validate.measures import split_strip, strip_item
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -44,10 +50,19 @@ def reports(tmp_path_factory):
             root, "arrays", "schedule=cosine", "sampling.timesteps=stratified", kind="arrays"
         ),
     }
-    out = {}
-    for name, path in built.items():
-        cfg = validate.load_config([f"output.dir={path}", "progress=false"])
-        out[name] = (validate.run(cfg), path / "validation")
+    out, seen, draw = {}, {}, plots.write_plots
+
+    def keep(*args, **kw):  # the merged statistics the plots were drawn from
+        seen.update(ds=kw["ds"], schedule=kw["schedule"])
+        return draw(*args, **kw)
+
+    plots.write_plots = keep
+    try:
+        for name, path in built.items():
+            cfg = validate.load_config([f"output.dir={path}", "progress=false"])
+            out[name] = (validate.run(cfg), path / "validation", dict(seen))
+    finally:
+        plots.write_plots = draw
     return out
 
 
@@ -75,7 +90,7 @@ def _tables(md: str) -> list[list[list[str]]]:
 
 
 def test_markdown_table_parses_with_one_cell_per_column(reports):
-    report, rep = reports["images"]
+    report, rep, _ = reports["images"]
     md = (rep / "report.md").read_text()
     tables = _tables(md)
     checks = tables[0]
@@ -94,3 +109,74 @@ def test_cell_escapes_pipes_and_line_breaks():
 
     assert _cell("max |z|") == "max \\|z\\|"
     assert _cell("a\nb  c") == "a b c" and _cell(None) == "-" and _cell(0.123456) == "0.1235"
+
+
+PLOTS = {"var_mean_over_t.png", "schedule.png", "t_hist.png", "eps_hist.png", "noising_strip.png"}
+
+
+@pytest.mark.parametrize("name", ["images", "arrays"])
+def test_html_is_one_file_with_every_plot_embedded(reports, name):
+    report, rep, _ = reports[name]
+    assert PLOTS <= set(report["plots"])
+    page = (rep / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    srcs = re.findall(r'src="([^"]*)"', page)
+    assert len(srcs) == len(report["plots"]) and not re.search(r'href="', page)
+    for src, png in zip(srcs, report["plots"]):
+        data = src.removeprefix("data:image/png;base64,")
+        assert base64.b64decode(data) == (rep / png).read_bytes()
+    for c in report["checks"]:
+        assert f"<h2>{c['name']} " in page
+    assert "max |z|" in page  # in a table cell, escaped only for HTML
+
+
+@pytest.mark.parametrize("name", ["images", "arrays"])
+def test_bands_are_the_checks_own_items_for_every_bin(reports, name):
+    report, _, seen = reports[name]
+    vp = next(c for c in report["checks"] if c["name"] == "variance_preservation")
+    ds, bands = seen["ds"], vp["detail"]["bands"]
+    drawn = {q for q, _, _ in plots._MOMENTS}
+    assert drawn <= {b["quantity"] for b in bands}
+    per_bin = np.add.reduceat(ds.t_hist, np.asarray(ds.plan.edges[:-1]))
+    tested = [b for b in range(ds.plan.bins) if per_bin[b] >= 3]  # the check's minimum
+    assert len(tested) >= ds.plan.bins - 1
+    assert sorted(b["bin"] for b in bands if b["quantity"] in drawn) == sorted(tested * 3)
+    for b in bands:
+        assert b["passed"] == (abs(b["value"] - b["expected"]) <= b["tolerance"])
+        assert b["tolerance"] > 0 and b["where"].endswith("all channels")
+    assert vp["detail"]["n_items"] > len(vp["detail"]["items"])  # the report keeps only some
+
+
+@pytest.mark.parametrize("name", ["images", "arrays"])
+def test_strip_records_satisfy_the_forward_process(reports, name):
+    """Each kept record's x_t is sqrt(ab) x_0 + sqrt(1 - ab) eps at its own t (x_0 stored for
+    images, reconstructed for arrays): the strip draws the records' own x_0 and eps."""
+    _, _, seen = reports[name]
+    ds, ab = seen["ds"], seen["schedule"].alphas_cumprod
+    rows = ds.strip.sample()
+    positions = int(ds.t_hist.sum()) * ds.plan.P  # eps_ch keeps one [C] vector per position
+    assert len(rows) == 4 and len(ds.eps_ch) == min(ds.plan.reservoir_size, positions)
+    assert ds.eps_ch.sample().shape[1] == ds.plan.shape[0]
+    x0, eps, xt, t = split_strip(rows.astype(np.float64), ds.plan.shape)
+    a = ab[t].reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(np.sqrt(a) * x0 + np.sqrt(1 - a) * eps, xt, atol=1e-2)
+    assert np.abs(eps).max() < 8 and eps.std() == pytest.approx(1, abs=0.15)
+    back = split_strip(strip_item(x0, eps, xt, t), ds.plan.shape)
+    for want, got in zip((x0, eps, xt, t), back):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_titles_name_dataset_schedule_encoder_and_verdict(reports):
+    report, _, seen = reports["arrays"]
+    ctx = plots.context(report, seen["ds"].plan.process)
+    assert ctx == f"{report['dataset']} | schedule cosine T=100 | no encoder (arrays)"
+    enc = {**seen["ds"].plan.process, "encoder": {"model": "stabilityai/sd-vae-ft-mse"}}
+    assert plots.context(report, enc).endswith(
+        "encoder stabilityai/sd-vae-ft-mse (images -> latents)"
+    )
+    c = {"name": "x", "passed": True, "severity": "info", "statistic": 0.5, "threshold": 1e-6,
+         "detail": {"statistic_name": "min p-value"}}  # fmt: skip
+    assert plots.verdict_text(c) == "x: PASS (min p-value 0.5 >= 1e-06)"
+    c.update(passed=False, severity="error", statistic=7.0, threshold=5.0)
+    c["detail"]["statistic_name"] = "max |z|"
+    assert plots.verdict_text(c) == "x: FAIL (max |z| 7 vs 5)"

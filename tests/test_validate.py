@@ -385,7 +385,8 @@ def test_report_files_and_exit_code_0(base, capsys):
         "schedule.png",
         "eps_hist.png",
         "qq_x_T.png",
-        "x_t_grid.png",
+        "t_hist.png",
+        "noising_strip.png",
     ):
         assert (rep / png).read_bytes()[:4] == b"\x89PNG" and png in report["plots"]
 

@@ -31,7 +31,7 @@ from .. import records
 from .condscan import CondScan
 from .cost import Cost
 from .features import CROSS, REC, X0REC
-from .measures import ShardStats, Stats
+from .measures import ShardStats, Stats, strip_item
 from .plan import CHUNK_ELEMENTS, ScanPlan, bin_of_t, scan_columns, seed_of
 from .rounding import finite_rows, half_ulp, op_tol
 
@@ -377,8 +377,26 @@ class Accumulator:
         top = bn == plan.bins - 1
         if top.any():
             st.xT_res.update(cols["x_t"][top].reshape(-1))
-        for b in np.unique(bn) if st.grid else ():
-            st.grid[int(b)].update(cols["x_t"][bn == b])
+        if st.strip.k:
+            self.plot_samples(t, cols)
+
+    def plot_samples(self, t, cols) -> None:
+        """The plots' samples: eps per tensor position [C], and whole records (x_0 stored, or
+        reconstructed as (x_t - sqrt(1 - ab) eps) / sqrt(ab) where ab is large enough)."""
+        st, n = self.s, len(t)
+        eps = cols["epsilon"].reshape(n, self.C, -1)
+        st.eps_ch.update(np.moveaxis(eps, 1, 2).reshape(-1, self.C))
+        if self.store_x0:
+            x0, keep = cols["x_0"], slice(None)
+        else:
+            ab = self.sched.alphas_cumprod[t]
+            keep = ab >= self.plan.recon_min_alpha_bar
+            if not keep.any():
+                return
+            shape = (-1,) + (1,) * (cols["x_t"].ndim - 1)
+            a, s1 = np.sqrt(ab[keep]).reshape(shape), np.sqrt(1 - ab[keep]).reshape(shape)
+            x0 = (cols["x_t"][keep].astype(np.float64) - s1 * cols["epsilon"][keep]) / a
+        st.strip.update(strip_item(x0, cols["epsilon"][keep], cols["x_t"][keep], t[keep]))
 
     def finish(self) -> ShardStats:
         st = self.st

@@ -20,6 +20,22 @@ from ..stats import (
 from .features import CROSS, REC, X0REC, Cell
 from .plan import CONSISTENCY, ScanPlan, seed_of
 
+STRIP_RECORDS = 4  # records kept for the report's noising strip (x_0, eps, x_t, t)
+
+
+def strip_item(x0, eps, x_t, t) -> np.ndarray:
+    """Records as the rows of the strip reservoir: [n, 3 * C * P + 1] = (x_0, eps, x_t, t)."""
+    n = len(t)
+    parts = [np.asarray(v, dtype=np.float32).reshape(n, -1) for v in (x0, eps, x_t)]
+    return np.concatenate(parts + [np.asarray(t, dtype=np.float32).reshape(n, 1)], axis=1)
+
+
+def split_strip(rows: np.ndarray, shape) -> tuple[np.ndarray, ...]:
+    """The inverse of :func:`strip_item`: (x_0, eps, x_t) [n, *shape] and t [n] (int64)."""
+    n, m = len(rows), int(np.prod(shape))
+    x0, eps, xt = (rows[:, i * m : (i + 1) * m].reshape(n, *shape) for i in range(3))
+    return x0, eps, xt, rows[:, -1].astype(np.int64)
+
 
 class Stats:
     """The mergeable statistics of a set of records: one shard (filled by the scan of
@@ -35,8 +51,10 @@ class Stats:
       correlated pixels); channel index C averages the channels;
     * elementwise co-moments of (eps, x_0, x_t) (:data:`pipeline.validate.features.CROSS`);
     * the t histogram, eps summed per tensor position, correlations of eps between consecutive
-      records, seeded reservoirs (eps elements, x_t elements of the top t-bin, one x_t record per
-      t-bin), and counts: consistency violations, invalid records, keyed-noise mismatches.
+      records, seeded reservoirs (eps elements, x_t elements of the top t-bin; for the plots: eps
+      per tensor position [C] and whole records as ``(x_0, eps, x_t, t)`` where x_0 is stored or
+      reconstructed, see :func:`strip_item`), and counts: consistency violations, invalid
+      records, keyed-noise mismatches.
 
     The scan also returns, per shard, a 12-byte BLAKE2b hash of each record's eps bytes and the
     (key, draw) identity counts (:class:`ShardStats`).
@@ -58,8 +76,11 @@ class Stats:
         }
         self.eps_res = Reservoir(k, seed_of(*seed, "eps"))
         self.xT_res = Reservoir(k, seed_of(*seed, "xT"))
-        grid = range(B) if plan.grid else ()
-        self.grid = {b: Reservoir(1, seed_of(*seed, "grid", b), plan.shape) for b in grid}
+        plots = bool(plan.grid)
+        self.eps_ch = Reservoir(k if plots else 0, seed_of(*seed, "eps_ch"), (C,))
+        self.strip = Reservoir(
+            STRIP_RECORDS if plots else 0, seed_of(*seed, "strip"), (3 * C * plan.P + 1,)
+        )
 
     def record_cell(self, b: int, c: int) -> Cell:
         """The per-record features (REC) of t-bin ``b``, channel ``c`` (C: channels averaged)."""
@@ -78,8 +99,8 @@ class Stats:
         """Add the statistics of disjoint records (in place); ``where`` names them in 'worst'."""
         for name in ("eps", "xt", "x0", "rec", "x0rec", "cross", "eps_res", "xT_res"):
             getattr(self, name).merge(getattr(other, name))
-        for b, r in other.grid.items():
-            self.grid[b].merge(r)
+        for name in ("eps_ch", "strip"):
+            getattr(self, name).merge(getattr(other, name))
         self.t_hist += other.t_hist
         self.pos_sum += other.pos_sum
         self.pos_n += other.pos_n

@@ -33,7 +33,7 @@ class ScanPlan:
     batch_elements: int = 1 << 20
     seed: int = 0
     consistency_quota: int = 0  # records per shard whose (t, eps) are regenerated
-    grid: bool = True
+    grid: bool = True  # keep the samples the report's plots draw (strip, eps per channel)
 
     @property
     def bins(self) -> int:

@@ -113,7 +113,26 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
             "E[x_t eps] = sqrt(1-ab) checked"
         )
     extra = {"per_bin": table, "x0": {str(k): v for k, v in fig.items()}}
-    return verdict(NAME, [items], z=z, correct=correct, notes=notes, extra=extra)
+    check = verdict(NAME, [items], z=z, correct=correct, notes=notes, extra=extra)
+    check.detail["bands"] = _bands(p, items)
+    return check
+
+
+BAND_FIELDS = ("where", "quantity", "value", "expected", "tolerance", "threshold_z", "passed")
+
+
+def _bands(p, items: list) -> list[dict]:
+    """The channel-averaged z items of every t-bin, for the report's plot: the measured deviation
+    (``value - expected``), the ``tolerance`` the check applied (threshold z x SE), the verdict;
+    all of them, where ``detail["items"]`` keeps only some."""
+    out = []
+    for i in items:
+        if i is None or i["kind"] != "z" or not i["where"].endswith("all channels"):
+            continue
+        b = next(b for b in range(p.bins) if i["where"].startswith(bin_label(p, b) + ","))
+        out.append({"bin": b, "t_lo": p.edges[b], "t_hi": p.edges[b + 1]})
+        out[-1].update({k: i[k] for k in BAND_FIELDS})
+    return out
 
 
 def run(ctx: Context) -> Check:

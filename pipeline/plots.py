@@ -1,0 +1,298 @@
+"""The validation report's PNG plots, drawn from the report dict and the merged scan statistics.
+
+Every title names the dataset, the schedule and the encoder (:func:`context`); a plot of a
+check's quantity carries the check's verdict and draws the band the check itself tests (the model
++- the item's tolerance, threshold z x SE). Plots: the per-t-bin moments of x_t against the
+model (``var_mean_over_t.png``), the schedule, the timestep histogram against the configured
+density (:meth:`pipeline.noise.KeyedNoise.timestep_pmf`), eps per channel on a log scale
+against N(0, 1), a QQ plot of x_T, label histograms, and the noising strip: a few records' x_0
+and their x_t at increasing t (images as pictures, latents per channel).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+
+from .manifest import OutputDir
+from .records import noise_from_metadata
+from .validate.measures import DatasetStats, split_strip
+
+STRIP_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # t / (T - 1) of the strip's columns
+LATENT_RANGE = 3.0  # latents are drawn on [-3, 3] (unit-scale latents: +-3 std)
+
+
+def context(report: dict, process: dict) -> str:
+    """'<dataset> | schedule <name> T=<T> | encoder <model> (images -> latents)', or '... | no
+    encoder (<source kind>)'."""
+    s = report["summary"]
+    sch = s["schedule"]
+    enc = (process.get("encoder") or {}).get("model")
+    what = f"encoder {enc} (images -> latents)" if enc else f"no encoder ({s['source_kind']})"
+    zt = ", zero terminal SNR" if sch.get("zero_terminal_snr") else ""
+    return f"{report['dataset']} | schedule {sch['name']} T={sch['num_timesteps']}{zt} | {what}"
+
+
+def _check(report: dict, name: str) -> dict | None:
+    return next((c for c in report["checks"] if c["name"] == name), None)
+
+
+def verdict_text(c: dict | None) -> str:
+    """'<name>: PASS (max |z| 1.2 <= 4.9)' for a check, '' for None."""
+    if c is None:
+        return ""
+    word = "FAIL" if not c["passed"] else "WARN" if c["severity"] == "warning" else "PASS"
+    stat, thr = c.get("statistic"), c.get("threshold")
+    fig = ""
+    if stat is not None and thr is not None:
+        p_value = c["detail"]["statistic_name"] == "min p-value"  # passes when p >= alpha
+        op = "vs" if not c["passed"] else ">=" if p_value else "<="
+        fig = f" ({c['detail']['statistic_name']} {stat:.3g} {op} {thr:.3g})"
+    return f"{c['name']}: {word}{fig}"
+
+
+def write_plots(
+    rep: OutputDir, prefix: str, *, ds: DatasetStats, schedule, report: dict
+) -> list[str]:
+    """Write the PNG plots to ``rep`` under ``prefix``; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    saved = []
+
+    def save(fig, name):
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
+        rep.write_bytes(prefix + name, buf.getvalue())
+        saved.append(name)
+
+    ctx = context(report, ds.plan.process)
+    for draw in (_moments_over_t, _schedule, _timesteps, _eps, _qq, _labels, _strip):
+        draw(plt, save, ds=ds, schedule=schedule, report=report, ctx=ctx)
+    return saved
+
+
+def _bin_means(ds: DatasetStats, table: np.ndarray) -> np.ndarray:
+    """The record-weighted mean of ``table`` [T] over each t-bin's records (NaN if none)."""
+    e, h = np.asarray(ds.plan.edges), ds.t_hist.astype(np.float64)
+    num, den = np.add.reduceat(h * table, e[:-1]), np.add.reduceat(h, e[:-1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+# (item quantity, y label, the model as a function of (alpha_bar [T], x_0 figures))
+_MOMENTS = (
+    ("E[x_t^2] - (ab E[x_0^2] + 1 - ab)", "E[x_t^2]", lambda ab, f: ab * f["m2"] + 1 - ab),
+    ("E[x_t] - sqrt(ab) E[x_0]", "E[x_t]", lambda ab, f: np.sqrt(ab) * f["mean"]),
+    ("E[x_t eps] - sqrt(1-ab)", "E[x_t eps]", lambda ab, f: np.sqrt(1 - ab)),
+)
+
+
+def _moments_over_t(plt, save, *, ds, schedule, report, ctx, **_):
+    """variance_preservation's quantities per t-bin (channels averaged): the measured value, the
+    model (curve over t, and per bin over its records' t) and the check's band (model +-
+    tolerance, from ``detail["bands"]``); failed bins as red crosses."""
+    c = _check(report, "variance_preservation")
+    if c is None or not c["detail"].get("bands"):
+        return
+    C, ab = ds.plan.shape[0], schedule.alphas_cumprod
+    fig0 = c["detail"].get("x0", {}).get(str(C))
+    bands = c["detail"]["bands"]
+    panels = [m for m in _MOMENTS if any(b["quantity"] == m[0] for b in bands)]
+    t = np.arange(len(ab))
+    t_mean = _bin_means(ds, t.astype(np.float64))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for ax, (quantity, label, model) in zip(axes[0], panels):
+        curve = model(ab, fig0)  # E[x_0] figures exist wherever their bands do
+        per_bin = _bin_means(ds, curve)
+        ax.plot(t, curve, "-", color="C1", lw=1, label="model")
+        for band in (b for b in bands if b["quantity"] == quantity):
+            b, m, tol, ok = band["bin"], per_bin[band["bin"]], band["tolerance"], band["passed"]
+            ax.fill_between(
+                [band["t_lo"], band["t_hi"] - 1 + 1e-9], m - tol, m + tol, color="C1",
+                alpha=0.25, lw=0, label="model +- tolerance",
+            )  # fmt: skip
+            y = m + band["value"] - band["expected"]
+            if ok:
+                ax.plot(t_mean[b], y, "o", color="C0", ms=5, label="measured (per t-bin)")
+            else:
+                ax.plot(t_mean[b], y, "X", color="red", ms=10, label="failed bin")
+        ax.set(xlabel="t (0-based)", ylabel=f"{label} (channels averaged)", title=f"{label} vs t")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    zs = sorted({round(b["threshold_z"], 2) for b in bands})
+    z = f"{zs[0]:.3g}" if len(zs) == 1 else f"{zs[0]:.3g}..{zs[-1]:.3g} (Student t: few records)"
+    fig.suptitle(f"{verdict_text(c)}; band: model +- {z} SE\n{ctx}", fontsize=10)
+    save(fig, "var_mean_over_t.png")
+
+
+def _schedule(plt, save, *, schedule, report, ctx, **_):
+    sch = report["summary"]["schedule"]
+    t = np.arange(schedule.num_timesteps)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    with np.errstate(divide="ignore"):
+        a1.plot(t, schedule.alphas_cumprod, label=sch["name"])
+        a2.plot(t, schedule.snr, label=sch["name"])
+    a1.set(yscale="log", xlabel="t (0-based)", ylabel="alpha_bar_t", title="alpha_bar_t")
+    a2.set(yscale="log", xlabel="t (0-based)", ylabel="SNR(t)", title="SNR(t) = ab / (1 - ab)")
+    for a in (a1, a2):
+        a.grid(True, which="both", alpha=0.3)
+        a.legend()
+    fig.suptitle(f"noise schedule {sch['name']}: alpha_bar_t and SNR(t)\n{ctx}", fontsize=10)
+    save(fig, "schedule.png")
+
+
+def _timesteps(plt, save, *, ds, report, ctx, **_):
+    """The t histogram in up to 50 ranges against the configured density's expected counts,
+    with +- z sqrt(expected) (the Poisson spread of a count)."""
+    n, T = int(ds.t_hist.sum()), ds.T
+    if not n:
+        return
+    pmf = noise_from_metadata(ds.plan.process).timestep_pmf()
+    nb = min(50, T, max(2, n // 5))  # >= 5 records expected per range
+    edges = np.unique(np.floor(np.linspace(0, T, nb + 1)).astype(np.int64))
+    obs = np.add.reduceat(ds.t_hist, edges[:-1])
+    exp = n * np.add.reduceat(pmf, edges[:-1])
+    z = float(report.get("config", {}).get("z", 5.0))
+    sampler = report["summary"]["sampler"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.stairs(obs, edges, fill=True, alpha=0.5, label=f"records (n={n})")
+    ax.stairs(exp, edges, color="C1", lw=1.5, label=f"expected: {sampler} density")
+    band = z * np.sqrt(exp)
+    ax.stairs(exp + band, edges, baseline=np.maximum(exp - band, 0), fill=True, color="C1",
+              alpha=0.15, label=f"+- {z:g} sqrt(expected)")  # fmt: skip
+    ax.set(xlabel="t (0-based)", ylabel=f"records per t range (width {edges[1] - edges[0]})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    title = verdict_text(_check(report, "timestep_distribution"))
+    ax.set_title(f"{title}\n{ctx}", fontsize=10)
+    save(fig, "t_hist.png")
+
+
+def _eps(plt, save, *, ds, report, ctx, **_):
+    """eps per channel (the per-position reservoir), log-scale density against N(0, 1)."""
+    from scipy import stats as sps
+
+    eps = ds.eps_ch.sample().astype(np.float64)
+    if not len(eps):
+        return
+    C = eps.shape[1]
+    cols = min(C, 4)
+    rows = -(-C // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows + 0.6), squeeze=False)
+    xs = np.linspace(-6, 6, 400)
+    bins = np.linspace(-6, 6, 61)
+    for c, ax in enumerate(axes.flat):
+        if c >= C:
+            ax.axis("off")
+            continue
+        ax.hist(eps[:, c], bins=bins, density=True, alpha=0.6, label=f"eps (n={len(eps)})")
+        ax.plot(xs, sps.norm.pdf(xs), color="C1", label="N(0, 1)")
+        ax.set(yscale="log", ylim=(0.5 / len(eps) / (bins[1] - bins[0]), 1), xlabel="eps")
+        ax.set_title(f"channel {c}", fontsize=9)
+        ax.grid(alpha=0.3)
+        if c == 0:
+            ax.set_ylabel("density (log)")
+            ax.legend(fontsize=7)
+    names = ("epsilon_moments", "epsilon_normality")
+    title = "; ".join(v for v in (verdict_text(_check(report, n)) for n in names) if v)
+    fig.suptitle(f"{title}\n{ctx}", fontsize=10)
+    save(fig, "eps_hist.png")
+
+
+def _qq(plt, save, *, ds, report, ctx, **_):
+    from scipy import stats as sps
+
+    xT = np.sort(ds.xT_res.sample().astype(np.float64))
+    if not len(xT):
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    q = sps.norm.ppf((np.arange(len(xT)) + 0.5) / len(xT))
+    ax.plot(q, xT, ".", ms=2)
+    ax.plot([-5, 5], [-5, 5], "k-", lw=0.5)
+    ax.set(xlabel="N(0, 1) quantile", ylabel="x_t quantile")
+    ax.set_title(
+        f"QQ of x_t, t >= {ds.plan.edges[-2]}\n{verdict_text(_check(report, 'convergence'))}\n"
+        f"{ctx}",
+        fontsize=8,
+    )
+    save(fig, "qq_x_T.png")
+
+
+def _labels(plt, save, *, report, ctx, **_):
+    cond = _check(report, "conditioning")
+    for col, hist in ((cond or {}).get("detail", {}).get("histograms") or {}).items():
+        if not hist:
+            continue
+        labels = sorted(int(k) for k in hist)
+        fig, ax = plt.subplots(figsize=(max(6, min(14, 0.3 * len(labels))), 3.8))
+        ax.bar([str(k) for k in labels], [hist[str(k)] for k in labels])
+        ax.set(xlabel=col, ylabel="samples")
+        ax.set_title(f"label histogram: {col}\n{ctx}", fontsize=9)
+        if len(labels) > 40:
+            ax.set_xticks([])
+        save(fig, f"hist_{col}.png")
+
+
+def is_latent(process: dict) -> bool:
+    """Records of latents (an encoder's, or precomputed arrays): drawn per channel."""
+    return bool(process.get("encoder")) or process.get("source", {}).get("kind") == "arrays"
+
+
+def _strip(plt, save, *, ds, schedule, report, ctx, decode: Callable | None = None, **_):
+    """A few records, one per row: x_0 (stored, or reconstructed from x_t and eps), then x_t =
+    sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps with the record's own eps at increasing t, then the
+    stored x_t at the record's t. Images from [-1, 1] to pixels; latents per channel (one
+    grey panel per channel, side by side, on [-3, 3])."""
+    rows = ds.strip.sample()
+    shape = ds.plan.shape
+    if not len(rows) or len(shape) != 3:
+        return
+    x0, eps, xt, t_rec = split_strip(rows.astype(np.float64), shape)
+    T, ab = ds.T, schedule.alphas_cumprod
+    ts = sorted({int(round(f * (T - 1))) for f in STRIP_FRACTIONS})
+    latent = is_latent(ds.plan.process)
+    norm = ds.plan.process.get("source", {}).get("normalize", True)
+    src = "stored" if ds.plan.process.get("store_x0") else "reconstructed"
+    ncol = len(ts) + 2
+    aspect = (shape[0] if latent else 1) * shape[2] / shape[1]  # a panel's width / height
+    panel_w = min(22.0, 1.6 * ncol * max(1.0, aspect)) / ncol
+    fig, axes = plt.subplots(
+        len(rows), ncol, figsize=(panel_w * ncol, (panel_w / aspect + 0.35) * len(rows) + 0.8),
+        squeeze=False,
+    )  # fmt: skip
+
+    def show(ax, x, title):
+        if latent:  # channels side by side, a thin gap between them
+            gap = np.full((shape[1], 1), np.nan)
+            img = np.concatenate([p for c in x for p in (c, gap)][:-1], axis=1)
+            ax.imshow(img, cmap="gray", vmin=-LATENT_RANGE, vmax=LATENT_RANGE)
+        else:
+            img = np.clip((x + 1) / 2 if norm else x, 0, 1)
+            img = img[0] if img.shape[0] in (1, 2) else np.moveaxis(img[:3], 0, -1)
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for r in range(len(rows)):
+        show(axes[r, 0], x0[r], f"x_0 ({src})")
+        for j, tj in enumerate(ts):
+            x = np.sqrt(ab[tj]) * x0[r] + np.sqrt(1 - ab[tj]) * eps[r]
+            show(axes[r, 1 + j], x, f"t={tj} (ab={ab[tj]:.2g})")
+        show(axes[r, -1], xt[r], f"stored x_t, t={t_rec[r]}")
+    how = "channels side by side on [-3, 3]" if latent else "pixels from [-1, 1]"
+    fig.suptitle(
+        f"noising strip: x_t = sqrt(ab) x_0 + sqrt(1-ab) eps, each row one record with its own "
+        f"eps ({how})\n{ctx}",
+        fontsize=9,
+    )
+    save(fig, "noising_strip.png")
