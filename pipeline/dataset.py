@@ -36,6 +36,29 @@ built before ``init_process_group``), else 0 and 1. Worker id and count come fro
 ``torch.utils.data.get_worker_info()``. All ranks must use the same ``seed``, epoch and number of
 DataLoader workers.
 
+Length
+------
+``len(ds)`` is exact: the records (with ``batch_size``, the batches) this rank yields in the
+epoch set by :meth:`set_epoch`, counted from the Parquet footers by the same plan the iteration
+follows (ranks differ by the rows of their units, so a rank's length can change with the epoch
+when shuffling). Without ``drop_uneven`` and ``batch_size`` it does not depend on the number of
+DataLoader workers; with either, pass ``num_workers=`` the DataLoader's (the dataset refuses to
+be iterated by another number of workers, so the length cannot silently be wrong).
+``DataLoader(ds, batch_size=B)`` in record mode reports ``ceil(len(ds) / B)`` batches, but each
+worker makes its own short last batch: use the dataset's ``batch_size`` for an exact count.
+
+Draws over epochs
+-----------------
+A sample made with ``sampling.draws_per_sample=K`` has K records, draws ``0 .. K-1``, each with
+its own (t, eps). ``draws="all"`` (the default) yields all K every epoch: an epoch is K passes
+over the samples. ``draws="cycle"`` yields draw ``e mod K`` of each sample in epoch ``e``: one
+record per sample per epoch, so a training run sees fresh noise for K epochs and the same
+(t, eps) again from epoch K on (K = the number of epochs of distinct noise the data holds; the
+directory is K times the bytes of one draw). The reader still reads whole row groups (a
+sample's draws are adjacent rows) and keeps every K-th record. The records of a draw, their
+order and the partitioning follow the rules above (the unit order is shuffled per epoch as
+usual).
+
 Shuffling
 ---------
 ``shuffle=True``: the unit order is a permutation seeded by ``(seed, epoch)``, identical on every
@@ -107,16 +130,19 @@ from . import records
 from .manifest import OutputDir
 
 DEFAULT_SHUFFLE_BUFFER = 1024
+DRAWS = ("all", "cycle")
 _INT_COLUMNS = ("index", "draw")
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One work unit: row group ``row_group`` of file number ``file``, with ``num_rows`` rows."""
+    """One work unit: row group ``row_group`` of file number ``file``, with ``num_rows`` rows,
+    the first of them row ``start`` of the file."""
 
     file: int
     row_group: int
     num_rows: int
+    start: int = 0
 
 
 def _short(value) -> str:
@@ -197,12 +223,15 @@ class RecordsDir:
 
     def units(self) -> list[Unit]:
         """Every non-empty (file, row group), in file order."""
-        return [
-            Unit(i, g, footer.row_group(g).num_rows)
-            for i, footer in enumerate(self.footers)
-            for g in range(footer.num_row_groups)
-            if footer.row_group(g).num_rows > 0
-        ]
+        units = []
+        for i, footer in enumerate(self.footers):
+            start = 0
+            for g in range(footer.num_row_groups):
+                n = footer.row_group(g).num_rows
+                if n > 0:
+                    units.append(Unit(i, g, n, start))
+                start += n
+        return units
 
     def read(self, unit: Unit, columns: Sequence[str], use_threads: bool = True) -> pa.Table:
         """The ``columns`` of one row group (only those column chunks are fetched)."""
@@ -377,7 +406,8 @@ class PrecomputedDataset(IterableDataset):
     ``dir``; drop_uneven: equal record counts per rank and worker (for DDP), dropping a few;
     batch_size: yield collated batches of this many records instead of records (see *Batches*;
     use ``DataLoader(ds, batch_size=None)``); drop_last: with ``batch_size``, leave out each
-    reader's short last batch.
+    reader's short last batch; draws: ``"all"`` or ``"cycle"`` (see *Draws over epochs*);
+    num_workers: the DataLoader's ``num_workers``, for an exact ``len()`` (see *Length*).
     """
 
     def __init__(
@@ -394,6 +424,8 @@ class PrecomputedDataset(IterableDataset):
         drop_uneven: bool = False,
         batch_size: int | None = None,
         drop_last: bool = False,
+        draws: str = "all",
+        num_workers: int | None = None,
     ):
         super().__init__()
         self.records = RecordsDir(dir, filesystem)
@@ -426,6 +458,15 @@ class PrecomputedDataset(IterableDataset):
         self.record_columns = [c for c in columns if c not in text_available]
         if self.text_columns and "index" not in self.record_columns:
             self.record_columns.append("index")  # the join key, dropped after the join
+        if draws not in DRAWS:
+            raise ValueError(f"draws must be one of {', '.join(DRAWS)}, got {draws!r}")
+        self.draws = draws
+        self.K = int(self.metadata.get("noise", {}).get("draws_per_sample", 1))
+        if self.cycling and "draw" not in self.record_columns:
+            self.record_columns.append("draw")  # the filter's column, dropped after it
+        if num_workers is not None:
+            num_workers = _check_int("num_workers", num_workers, 0)
+        self.num_workers = num_workers
         self.shuffle = bool(shuffle)
         self.seed = _check_int("seed", seed, 0)
         self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 0)
@@ -481,8 +522,46 @@ class PrecomputedDataset(IterableDataset):
         return records.schedule_from_metadata(self.metadata)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's shuffle (call on every rank before iterating)."""
+        """Select the epoch's shuffle and, with ``draws="cycle"``, its draw (call on every rank
+        before iterating)."""
         self.epoch = _check_int("epoch", epoch, 0)
+
+    @property
+    def cycling(self) -> bool:
+        """True when an epoch yields one draw per sample (``draws="cycle"`` with K > 1)."""
+        return self.draws == "cycle" and self.K > 1
+
+    def draw_of(self, epoch: int | None = None) -> int | None:
+        """The draw an epoch yields with ``draws="cycle"`` (``epoch mod K``); None: every draw."""
+        epoch = self.epoch if epoch is None else epoch
+        return epoch % self.K if self.cycling else None
+
+    def unit_records(self, unit: Unit, epoch: int | None = None) -> int:
+        """Records of ``unit`` the epoch yields: its rows, or with ``draws="cycle"`` its rows of
+        draw ``d = epoch mod K``. A file holds whole samples with their K draws adjacent, so row
+        ``i`` of a file is draw ``i mod K`` (checked when the rows are read)."""
+        d = self.draw_of(epoch)
+        if d is None:
+            return unit.num_rows
+        a, b, k = unit.start, unit.start + unit.num_rows, self.K
+        return (b - 1 - d) // k - (a - 1 - d) // k
+
+    def __len__(self) -> int:
+        """Records (with ``batch_size``: batches) this rank yields in the current epoch."""
+        rank, world_size = self.world()
+        workers = max(self.num_workers or 1, 1)
+        plan = self.plan(world_size, workers)
+        total = 0
+        for worker in range(workers):
+            n = self._limit(plan, worker)
+            if n is None:
+                n = sum(self.unit_records(u) for u in plan[rank][worker])
+            if self.batch_size is None:
+                total += n
+            else:
+                full, rest = divmod(n, self.batch_size)
+                total += full + (1 if rest and not self.drop_last else 0)
+        return total
 
     # -- partitioning ---------------------------------------------------------------------------
 
@@ -516,7 +595,7 @@ class PrecomputedDataset(IterableDataset):
     def _limit(self, plan, worker: int) -> int | None:
         if not self.drop_uneven:
             return None
-        return min(sum(u.num_rows for u in rank_plan[worker]) for rank_plan in plan)
+        return min(sum(self.unit_records(u) for u in rank_plan[worker]) for rank_plan in plan)
 
     # -- iteration ------------------------------------------------------------------------------
 
@@ -524,6 +603,12 @@ class PrecomputedDataset(IterableDataset):
         rank, world_size = self.world()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.num_workers is not None and max(self.num_workers, 1) != num_workers:
+            raise ValueError(
+                f"PrecomputedDataset(num_workers={self.num_workers}) is read by {num_workers} "
+                f"DataLoader worker(s): its len() counts {max(self.num_workers, 1)}; pass the "
+                "DataLoader's num_workers"
+            )
         plan = self.plan(world_size, num_workers)
         limit = self._limit(plan, worker)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
@@ -596,6 +681,8 @@ class PrecomputedDataset(IterableDataset):
 
         def read(unit: Unit) -> dict:
             block = table_to_numpy(self.records.read(unit, self.record_columns, use_threads))
+            if self.cycling:
+                block = self._one_draw(unit, block)
             if self.text_columns:  # each record's sample row of its shard's text table
                 shard = self.records.files[unit.file][: -len(".parquet")]
                 block.update(self.text.rows(shard, block["index"], self.text_columns))
@@ -611,6 +698,25 @@ class PrecomputedDataset(IterableDataset):
                 yield block
                 del block
             yield ahead.result()
+
+    def _one_draw(self, unit: Unit, block: dict) -> dict:
+        """The rows of the epoch's draw (``draws="cycle"``); ValueError when the file's draws
+        are not in the order the pipeline writes them (row ``i`` is draw ``i mod K``), which
+        the exact length relies on."""
+        d, k = self.draw_of(), self.K
+        draw = block["draw"]
+        expected = (unit.start + np.arange(len(draw))) % k
+        if not np.array_equal(draw, expected):
+            raise ValueError(
+                f"{self.records.display(self.records.files[unit.file])} row group "
+                f"{unit.row_group}: draws are not in sample order (row i is draw i mod K={k}), "
+                "as pipeline.precompute writes them; draws='cycle' needs that order"
+            )
+        rows = np.flatnonzero(draw == d)
+        out = {name: values[rows] for name, values in block.items()}
+        if "draw" not in self.columns:
+            del out["draw"]
+        return out
 
     def _records(self, block: dict, rows: slice | np.ndarray) -> Iterator[dict]:
         """One dict per row: the rows are copied out of the block once (views for every

@@ -36,18 +36,23 @@ def process_meta(shape, dtype="float16", store_x0=False, seed=0, schedule="linea
     }
 
 
-def write_file(path, shard, n, *, shape=(3, 4, 4), dtype="float16", row_group_size=8, **meta):
-    """A records file of ``n`` rows, keys ``f"{shard}-{i:05d}"``; x_t[i] is filled with i."""
+def write_file(
+    path, shard, n, *, shape=(3, 4, 4), dtype="float16", row_group_size=8, draws=1, **meta
+):
+    """A records file of ``n`` rows, keys ``f"{shard}-{i:05d}"``; x_t[i] is filled with i. With
+    ``draws=K``: n/K samples of K adjacent draws each (sample i // K, draw i % K), as the
+    pipeline writes them; keys are then per sample."""
     m = process_meta(shape, dtype, **meta)
     m["source"]["shard"] = shard
+    m["noise"]["draws_per_sample"] = draws
     schema = records.record_schema(shape, dtype, m["store_x0"], m)
     rng = np.random.default_rng(zlib.crc32(shard.encode()))
     i = np.arange(n)
     tens = (n, *shape)
     cols = {
-        "key": [f"{shard}-{k:05d}" for k in i],
-        "index": i,
-        "draw": np.zeros(n, np.int32),
+        "key": [f"{shard}-{k // draws:05d}" for k in i],
+        "index": i // draws,
+        "draw": (i % draws).astype(np.int32),
         "t": (i % 100).astype(np.int32),
         "x_t": np.broadcast_to(i.reshape(-1, *([1] * len(shape))), tens).astype(np.float32),
         "epsilon": rng.standard_normal(tens),
@@ -610,3 +615,141 @@ def test_read_ahead_errors_in_order_and_no_thread_left(recdir):
         gc.collect()
         alive = [t.name for t in threading.enumerate() if t.name.startswith("records-read-ahead")]
         assert alive == []
+
+
+# -- len() and draws="cycle" ----------------------------------------------------------------------
+
+
+def _simulated_count(ds, world_size, workers, monkeypatch):
+    """Items each rank yields, read worker by worker as DataLoader workers would (their
+    get_worker_info), without starting processes."""
+    import types
+
+    import pipeline.dataset as dataset_module
+
+    counts = []
+    for rank in range(world_size):
+        ds._rank, ds._world_size = rank, world_size
+        n = 0
+        for w in range(max(workers, 1)):
+            info = types.SimpleNamespace(id=w, num_workers=workers) if workers else None
+            monkeypatch.setattr(dataset_module, "get_worker_info", lambda info=info: info)
+            n += sum(1 for _ in ds)
+        counts.append(n)
+    return counts
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"shuffle": False},
+        {"drop_uneven": True},
+        {"batch_size": 5},
+        {"batch_size": 5, "drop_last": True, "drop_uneven": True},
+        {"draws": "cycle"},
+        {"draws": "cycle", "batch_size": 4, "drop_uneven": True},
+    ],
+)
+def test_len_is_exact_per_rank(tmp_path, world_size, workers, kw, monkeypatch):
+    root = tmp_path / "r"
+    write_dir(root, {"a": 39, "b": 51, "c": 12}, draws=3)  # row groups of 8 split samples
+    ds = PrecomputedDataset(root, columns=["key"], num_workers=workers, seed=4, **kw)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        lengths = []
+        for rank in range(world_size):
+            ds._rank, ds._world_size = rank, world_size
+            lengths.append(len(ds))
+        assert _simulated_count(ds, world_size, workers, monkeypatch) == lengths
+        if not kw.get("batch_size") and not kw.get("drop_uneven"):
+            assert sum(lengths) == (102 if not kw.get("draws") else 34)
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_len_through_dataloader_workers(recdir, batch_size):
+    root, keys = recdir
+    for rank in range(2):
+        ds = PrecomputedDataset(
+            root, columns=["key"], rank=rank, world_size=2, num_workers=2,
+            batch_size=batch_size, drop_uneven=True,
+        )  # fmt: skip
+        ds.set_epoch(1)
+        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        assert len(loader) == len(ds) == len(list(loader))
+
+
+def test_len_refuses_another_worker_count(recdir):
+    ds = PrecomputedDataset(recdir[0], columns=["key"], num_workers=3)
+    with pytest.raises(ValueError, match=r"num_workers=3.*read by 2 DataLoader worker"):
+        list(DataLoader(ds, batch_size=None, num_workers=2))
+    assert len(keys_of(PrecomputedDataset(recdir[0], columns=["key"], num_workers=0))) == 100
+
+
+def test_len_without_workers_matches_records(recdir):
+    ds = PrecomputedDataset(recdir[0], columns=["key"], rank=1, world_size=3)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert len(ds) == len(keys_of(ds))
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_draws_cycle_yields_draw_e_mod_k(tmp_path, shuffle):
+    K = 3
+    root = tmp_path / "r"
+    write_dir(root, {"a": 39, "b": 51, "c": 12}, draws=K)  # 34 samples
+    full = {
+        (r["key"], r["draw"]): r["epsilon"].clone()
+        for r in PrecomputedDataset(root, columns=["key", "draw", "epsilon"], shuffle=False)
+    }
+    samples = {k for k, _ in full}
+    orders = {}
+    for epoch in range(2 * K + 1):
+        seen = []
+        for rank in range(2):
+            ds = PrecomputedDataset(
+                root, columns=["key", "draw", "epsilon"], draws="cycle", shuffle=shuffle,
+                rank=rank, world_size=2, seed=7,
+            )  # fmt: skip
+            ds.set_epoch(epoch)
+            recs = list(ds)
+            assert len(recs) == len(ds)
+            for r in recs:
+                assert r["draw"] == epoch % K
+                assert torch.equal(r["epsilon"], full[(r["key"], r["draw"])])
+            seen += [r["key"] for r in recs]
+        assert sorted(seen) == sorted(samples)  # each sample exactly once per epoch
+        orders[epoch] = seen
+    if shuffle:
+        assert orders[0] != orders[K]  # the same draw again, in another order
+    # the draw column is read for the filter but only yielded when asked
+    ds = PrecomputedDataset(root, columns=["key"], draws="cycle", shuffle=False)
+    ds.set_epoch(1)
+    first = next(iter(ds))
+    assert list(first) == ["key"]
+    got = next(iter(DataLoader(ds, batch_size=None, num_workers=0)))
+    assert got == first
+
+
+def test_draws_cycle_with_one_draw_is_all_and_bad_values(recdir):
+    root, keys = recdir
+    ds = PrecomputedDataset(root, columns=["key"], draws="cycle", seed=2)
+    ds.set_epoch(5)
+    ref = PrecomputedDataset(root, columns=["key"], seed=2)
+    ref.set_epoch(5)
+    assert keys_of(ds) == keys_of(ref) and len(ds) == 100
+    with pytest.raises(ValueError, match="draws must be one of all, cycle, got 'even'"):
+        PrecomputedDataset(root, draws="even")
+
+
+def test_draws_cycle_refuses_files_in_another_order(tmp_path):
+    root = tmp_path / "r"
+    write_dir(root, {"a": 12}, draws=2)
+    table = pq.read_table(root / "a.parquet")
+    order = np.r_[np.arange(0, 12, 2), np.arange(1, 12, 2)]  # draw-major: not the writer's
+    pq.write_table(table.take(order), root / "a.parquet", row_group_size=8)
+    ds = PrecomputedDataset(root, columns=["key"], draws="cycle")
+    with pytest.raises(ValueError, match=r"a.parquet row group 0: draws are not in sample order"):
+        list(ds)
