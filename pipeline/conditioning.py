@@ -46,6 +46,7 @@ PAYLOAD_EXTS = {"images": ImageDecoder.payload_exts, "arrays": ArrayDecoder.payl
 _EXT = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 _INT = re.compile(r"[+-]?[0-9]+")
 INT64 = (-(2**63), 2**63 - 1)
+INT64_DIGITS = len(str(2**63))  # 19: a longer label is out of range before it is parsed
 
 
 def column_name(ext: str) -> str:
@@ -216,7 +217,12 @@ class Conditioning:
             stripped = text.strip(" \t\r\n")
             if not _INT.fullmatch(stripped):
                 raise DecodeError("class label is not an integer", kept.ext, _head(text))
-            value = int(stripped)
+            sign, digits = stripped[0] if stripped[0] in "+-" else "", stripped.lstrip("+-")
+            digits = digits.lstrip("0") or "0"  # int() raises beyond 4300 digits, zeros included
+            if len(digits) > INT64_DIGITS:
+                detail = f"{_head(text)} ({len(digits)} digits)"
+                raise DecodeError("class label out of int64 range", kept.ext, detail)
+            value = int(sign + digits)
             if not INT64[0] <= value <= INT64[1]:
                 raise DecodeError("class label out of int64 range", kept.ext, _head(text))
             return value

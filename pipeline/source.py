@@ -29,6 +29,7 @@ by the functions that read a shard, so the driver loads neither.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shlex
@@ -50,6 +51,8 @@ from .tarstream import (
     printable,
     show_name,
 )
+
+log = logging.getLogger(__name__)
 
 ON_ERROR = ("skip", "fail")  # iter_shard's on_error, and so the config key on_error
 PICKLE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"})
@@ -170,7 +173,9 @@ def iter_shard(
     a config: ``ReadLimits.from_source(cfg["source"])``). Stream failures and exceeding
     ``limits.shard_timeout_s`` raise :class:`ShardReadError` (see :mod:`pipeline.tarstream`).
     ``conditioning``: a :class:`pipeline.conditioning.Conditioning` whose ``extract(members)``
-    fills :attr:`Sample.cond`; its DecodeError is a bad sample like the decoder's.
+    fills :attr:`Sample.cond`; its DecodeError is a bad sample like the decoder's. Any other
+    exception a decoder or the conditioning raises (an ``Exception``, not a ``BaseException``)
+    also rejects only its sample, the reason naming its type (logged with its traceback).
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -226,11 +231,15 @@ def _decode(url, decoder, fail, key, index, members, problem, conditioning=None)
         check_finite(array)
     except DecodeError as exc:
         reason = exc.describe(key)
-        if fail:
-            msg = f"bad sample in shard {url}: key {key!r} (index {index}): {reason}"
-            raise SampleError(msg, url=url, key=key, index=index, reason=reason) from exc
-        return Reject(key, index, reason)
-    return Sample(key, index, array, cond=cond)
+    except Exception as exc:  # a parser's other exception types: still only this sample's fault
+        log.warning("sample %r of %s: unexpected %s", key, url, type(exc).__name__, exc_info=True)
+        reason = f"cannot decode sample {show_name(key)}: {type(exc).__name__}: {exc}"
+    else:
+        return Sample(key, index, array, cond=cond)
+    if fail:
+        msg = f"bad sample in shard {url}: key {key!r} (index {index}): {reason}"
+        raise SampleError(msg, url=url, key=key, index=index, reason=reason)
+    return Reject(key, index, reason)
 
 
 def expand_urls(spec: str | list[str]) -> list[str]:

@@ -35,6 +35,7 @@ SAMPLES = {
     "clsonly": {"cls": b" 7\n"},
     "nanjson": {"json": b"NaN"},
     "big": {"cls": b"-9223372036854775808", "txt": b""},
+    "huge": {"cls": b"7" * 5000},  # beyond Python's int-string limit (4300 digits)
 }
 GOOD = ("full", "bare", "clsonly", "big")
 
@@ -113,10 +114,14 @@ def test_extract_types_nulls_and_reasons():
     assert all(f.nullable for f in c.fields())
     assert c.extract(SAMPLES["full"]) == expected("full")
     assert c.extract({"cls": b"+5\r\n"}) == {**dict.fromkeys(c.columns), "cls": 5}
+    zeros = {"cls": b"-" + b"0" * 5000 + b"42"}  # 5002 digits, but only two count
+    assert c.extract(zeros) == {**dict.fromkeys(c.columns), "cls": -42}
     cases = {
         "required member .cls missing": {},
         "class label is not an integer": {"cls": b"3.0"},
         "class label out of int64 range": {"cls": b"9223372036854775808"},
+        r"class label out of int64 range.*\(5000 digits\)": {"cls": b"-" + b"9" * 5000},
+        "invalid JSON.*4300": {"cls": b"1", "json": b"[" + b"1" * 5000 + b"]"},
         "not UTF-8 text": {"cls": b"1", "txt": b"\xc3"},
         "invalid JSON": {"cls": b"1", "meta.json": b"[1,"},
     }
@@ -186,6 +191,9 @@ def test_precompute_writes_kept_columns(cond_run):
     assert "not UTF-8 text in member '1badutf.txt'" in reasons["1badutf"]
     assert "invalid JSON in member '0badjson.json'" in reasons["0badjson"]
     assert "invalid JSON" in reasons["0nanjson"]
+    # a 5000-digit label costs its own sample only (it used to fail the shard: 0 records)
+    assert "class label out of int64 range in member '1huge.cls'" in reasons["1huge"]
+    assert "(5000 digits)" in reasons["1huge"]
 
 
 def test_require_rejects_samples_without_the_member(tmp_path, make_cfg):
@@ -198,13 +206,13 @@ def test_require_rejects_samples_without_the_member(tmp_path, make_cfg):
     manifest = run(cfg)
     reasons = read_rejects(tmp_path / "out")
     # badutf/badjson/nanjson: their txt and json are not kept, so only cls matters
-    assert set(reasons) == {"bare", "badint", "nanjson"}
+    assert set(reasons) == {"bare", "badint", "nanjson", "huge"}
     assert "required member .cls missing (source.require)" in reasons["bare"]
     table = pq.read_table(tmp_path / "out" / OutputDir(str(tmp_path / "out")).data_files()[0])
     assert "txt" not in table.column_names and table.column("cls").null_count == 0
     got = dict(zip(table.column("key").to_pylist(), table.column("cls").to_pylist()))
     assert got == {"full": 3, "badutf": 1, "badjson": 2, "clsonly": 7, "big": -(2**63)}
-    assert manifest["totals"]["rejected"] == 3
+    assert manifest["totals"]["rejected"] == 4
 
 
 # -- readers and the loader --------------------------------------------------------------------

@@ -110,6 +110,35 @@ def test_empty_arrays_are_rejected_and_never_fix_the_shape(tmp_path, shape):
     assert items[1].reason == "decoder returned an empty array of shape (2, 0)"
 
 
+def test_unexpected_exception_types_reject_their_sample_alone(tmp_path):
+    """Whatever a parser raises for one sample (here a KeyError, a RecursionError, the
+    int-string limit's ValueError) rejects that sample with its type and message; the shard's
+    other samples are read, and on_error=fail names the sample."""
+    members = [(f"{k}.npy", npy_bytes(np.full((2,), i, np.float32))) for i, k in enumerate("abcd")]
+    path = write_tar(tmp_path / "u.tar", members)
+    raised = {1: KeyError("scale"), 2: RecursionError("too deep")}
+
+    def decoder(m):
+        value = int(ArrayDecoder()(m)[0])
+        if value in raised:
+            raise raised[value]
+        return np.ones(2)
+
+    items = run(path, decoder)
+    assert kinds(items) == [("a", 0, "Sample"), ("b", 1, "Reject"), ("c", 2, "Reject"),
+                            ("d", 3, "Sample")]  # fmt: skip
+    assert items[1].reason == "cannot decode sample 'b': KeyError: 'scale'"
+    assert items[2].reason == "cannot decode sample 'c': RecursionError: too deep"
+    with pytest.raises(SampleError, match=r"key 'b' \(index 1\).*KeyError"):
+        run(path, decoder, on_error="fail")
+    # a .npy header whose shape has 5000 digits: numpy's int() raises ValueError
+    text = b"{'descr': '<f4', 'fortran_order': False, 'shape': (" + b"9" * 5000 + b",), }"
+    text += b" " * (-(len(text) + 13) % 64) + b"\n"
+    header = b"\x93NUMPY\x02\x00" + len(text).to_bytes(4, "little") + text
+    with pytest.raises(DecodeError, match="undecodable .npy.*ValueError"):
+        ArrayDecoder()({"npy": header + b"\0" * 8})
+
+
 # --------------------------------------------------------------------------------- security
 
 
