@@ -115,6 +115,9 @@ def test_driver_killed_then_same_command_resumes(any_cluster, data, tmp_path):
 def test_unreadable_shard_is_retried_then_failed_and_named(any_cluster, data, tmp_path):
     cluster = any_cluster
     out = tmp_path / "out"
+    # An empty file: it exists (a missing local shard is refused before Ray starts, exit 2),
+    # but its stream cannot be read, which only the worker finds.
+    (tmp_path / "lat-09.tar").write_bytes(b"")
     urls = [str(data["root"] / f"lat-{i:02d}.tar") for i in range(N)] + [f"{tmp_path}/lat-09.tar"]
     r = cluster.run_script(
         "submit.sh", *ARGS, urls_override(urls), f"output.dir={out}", "ray.max_shard_retries=2",
