@@ -12,8 +12,8 @@
   checksums existed are checked by size only (by row count when they lack the size too). Each
   redo is logged.
 
-Verifying the checksums reads every committed file once (sha256 at ~1.1 GB/s per core, see
-docs/benchmark figures in the commit that added it).
+Verifying the checksums reads every committed file once: one sha256 pass over its bytes, the
+price of noticing a file changed since its commit without trusting its size.
 
 What resume costs does not grow with requests per committed shard: one listing of ``_shards/``
 plus the index (the final manifest and the segments, :meth:`OutputDir.markers`), one listing
