@@ -1,8 +1,11 @@
-"""Text embeddings (``text=clip|t5|sdxl``): tiny random CLIP/T5 encoders saved into tmp_path.
+"""Text embeddings (``text=clip|t5|sdxl|sd3|flux``): tiny random CLIP/T5 encoders saved into
+tmp_path.
 
 One run (a module fixture, K = 4 draws, two shards with repeated and absent captions) serves the
 storage, loader and identity tests; the embeddings are compared with an independent transformers
-computation (exact in float32), and the sdxl preset with diffusers' StableDiffusionXLPipeline.
+computation (exact in float32), and the sdxl, sd3 and flux presets with the ``encode_prompt`` of
+diffusers' StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline built from the
+tiny text encoders and tokenizers (no transformer, VAE or scheduler: encode_prompt uses none).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from shards import npy_bytes, write_tar
-from textmodels import make_clip, make_sdxl_root, make_t5
+from textmodels import make_clip, make_flux_root, make_sd3_root, make_sdxl_root, make_t5
 
 from pipeline import text
 from pipeline.dataset import PrecomputedDataset
@@ -152,28 +155,39 @@ def test_other_tokenizer_or_encoder_refused(clip_run, clip_dir, tmp_path):
     assert OutputDir(str(out)).exists(UNCOND)
 
 
-def test_sdxl_preset_matches_diffusers_encode_prompt(tmp_path, make_cfg):
-    diffusers = pytest.importorskip("diffusers")
-    import torch as _torch
+class _Sample:
+    def __init__(self, i, caption):
+        self.key, self.index, self.cond = f"k{i}", i, {"txt": caption}
 
+
+def stage_outputs(make_cfg, preset: str, root, *overrides: str):
+    """(the preset's assembled tensors for PROMPTS, and for the empty prompt) from TextStage."""
     from pipeline.text_encode import TextStage
 
+    # text.batch_size=2 = len(PROMPTS): the forward passes have diffusers' batch shape, so the
+    # GEMMs round alike and float32 results are bit-equal
+    cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", f"text={preset}",
+                   f"text.model={root}", "text.batch_size=2", *overrides)  # fmt: skip
+    stage = TextStage(text.describe_text(cfg), device=torch.device("cpu"))
+    cols, bad, _ = stage.process([_Sample(i, c) for i, c in enumerate(PROMPTS)])
+    assert not bad
+
+    def assemble(cols, lead=()):
+        emb = {k: torch.from_numpy(np.asarray(v)[lead]) for k, v in cols.items()
+               if k.endswith(("_hidden", "_pooled"))}  # fmt: skip
+        return text.assemble(preset, emb)
+
+    return assemble(cols), assemble(stage.uncond_columns(), 0)
+
+
+PROMPTS = ["a red cat", "a photo of a large tree in the dark"]
+
+
+def test_sdxl_preset_matches_diffusers_encode_prompt(tmp_path, make_cfg):
+    diffusers = pytest.importorskip("diffusers")
     root = make_sdxl_root(tmp_path / "sdxl")
-    # text.batch_size=2: the forward passes have diffusers' batch shape, so the GEMMs round alike
-    cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=sdxl",
-                   f"text.model={root}", "text.encoders.0.max_length=16",
-                   "text.encoders.1.max_length=16", "text.batch_size=2")  # fmt: skip
-    meta = text.describe_text(cfg)
-    stage = TextStage(meta, device=_torch.device("cpu"))
-
-    class S:
-        def __init__(self, i, c):
-            self.key, self.index, self.cond = f"k{i}", i, {"txt": c}
-
-    prompts = ["a red cat", "a photo of a large tree in the dark"]
-    cols, bad, _ = stage.process([S(i, c) for i, c in enumerate(prompts)])
-    got = text.assemble("sdxl", {k: _torch.from_numpy(np.asarray(v)) for k, v in cols.items()
-                                 if k.endswith(("_hidden", "_pooled"))})  # fmt: skip
+    got, _ = stage_outputs(make_cfg, "sdxl", root, "text.encoders.0.max_length=16",
+                           "text.encoders.1.max_length=16")  # fmt: skip
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=None, unet=None, scheduler=None,
         text_encoder=transformers.CLIPTextModel.from_pretrained(root / "text_encoder"),
@@ -182,10 +196,74 @@ def test_sdxl_preset_matches_diffusers_encode_prompt(tmp_path, make_cfg):
         tokenizer=transformers.AutoTokenizer.from_pretrained(root / "tokenizer"),
         tokenizer_2=transformers.AutoTokenizer.from_pretrained(root / "tokenizer_2"),
     )  # fmt: skip
-    pe, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
-    assert not bad and got["prompt_embeds"].shape == (2, 16, 32 + 40)
-    assert _torch.equal(got["prompt_embeds"], pe)
-    assert _torch.equal(got["pooled_prompt_embeds"], pooled)
+    with torch.no_grad():  # as the pipeline's __call__ runs it (@torch.no_grad())
+        pe, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu",
+                                              do_classifier_free_guidance=False)  # fmt: skip
+    assert got["prompt_embeds"].shape == (2, 16, 32 + 40)
+    assert torch.equal(got["prompt_embeds"], pe)
+    assert torch.equal(got["pooled_prompt_embeds"], pooled)
+
+
+def test_sd3_preset_matches_diffusers_encode_prompt(tmp_path, make_cfg):
+    """prompt_embeds [B, 16 + 24, 80] (CLIP-L and CLIP-G penultimate states concatenated, zero
+    padded to T5's width, then T5's last states), pooled_prompt_embeds [B, 24 + 28] (both
+    projections), and the negative (empty prompt) pair against the stored unconditional row:
+    all bit-equal in float32."""
+    diffusers = pytest.importorskip("diffusers")
+    root = make_sd3_root(tmp_path / "sd3")
+    got, unc = stage_outputs(
+        make_cfg,
+        "sd3",
+        root,
+        "text.encoders.0.max_length=16",
+        "text.encoders.1.max_length=16",
+        "text.encoders.2.max_length=24",
+    )
+    load = transformers.AutoTokenizer.from_pretrained
+    proj = transformers.CLIPTextModelWithProjection.from_pretrained
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=None, scheduler=None, vae=None,
+        text_encoder=proj(root / "text_encoder"), tokenizer=load(root / "tokenizer"),
+        text_encoder_2=proj(root / "text_encoder_2"), tokenizer_2=load(root / "tokenizer_2"),
+        text_encoder_3=transformers.T5EncoderModel.from_pretrained(root / "text_encoder_3"),
+        tokenizer_3=load(root / "tokenizer_3"),
+    )  # fmt: skip
+    with torch.no_grad():  # as the pipeline's __call__ runs it (@torch.no_grad())
+        pe, neg, pooled, neg_pooled = pipe.encode_prompt(
+            PROMPTS, None, None, device="cpu", do_classifier_free_guidance=True,
+            max_sequence_length=24,
+        )  # fmt: skip
+    assert got["prompt_embeds"].shape == (2, 16 + 24, 80) == pe.shape
+    assert got["pooled_prompt_embeds"].shape == (2, 24 + 28) == pooled.shape
+    assert torch.equal(got["prompt_embeds"], pe)
+    assert torch.equal(got["pooled_prompt_embeds"], pooled)
+    assert torch.count_nonzero(got["prompt_embeds"][:, :16, 72:]) == 0  # the zero padding
+    # the stored unconditional embedding is the pipeline's negative prompt "" (CFG)
+    assert torch.equal(unc["prompt_embeds"], neg[0])
+    assert torch.equal(unc["pooled_prompt_embeds"], neg_pooled[0])
+
+
+def test_flux_preset_matches_diffusers_encode_prompt(tmp_path, make_cfg):
+    """prompt_embeds = T5's last states [B, 24, 48], pooled_prompt_embeds = CLIPTextModel's
+    pooler output [B, 32]: bit-equal in float32."""
+    diffusers = pytest.importorskip("diffusers")
+    root = make_flux_root(tmp_path / "flux")
+    got, _ = stage_outputs(make_cfg, "flux", root, "text.encoders.0.max_length=16",
+                           "text.encoders.1.max_length=24")  # fmt: skip
+    load = transformers.AutoTokenizer.from_pretrained
+    pipe = diffusers.FluxPipeline(
+        scheduler=None, vae=None, transformer=None,
+        text_encoder=transformers.CLIPTextModel.from_pretrained(root / "text_encoder"),
+        tokenizer=load(root / "tokenizer"),
+        text_encoder_2=transformers.T5EncoderModel.from_pretrained(root / "text_encoder_2"),
+        tokenizer_2=load(root / "tokenizer_2"),
+    )  # fmt: skip
+    with torch.no_grad():  # as the pipeline's __call__ runs it (@torch.no_grad())
+        pe, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=24)
+    assert got["prompt_embeds"].shape == (2, 24, 48) == pe.shape
+    assert got["pooled_prompt_embeds"].shape == (2, 32) == pooled.shape
+    assert torch.equal(got["prompt_embeds"], pe)
+    assert torch.equal(got["pooled_prompt_embeds"], pooled)
 
 
 def test_t5_encoder_matches_transformers(tmp_path, make_cfg):
@@ -195,13 +273,8 @@ def test_t5_encoder_matches_transformers(tmp_path, make_cfg):
     cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=t5",
                    f"text.model={folder}", "text.encoders.0.max_length=24")  # fmt: skip
     stage = TextStage(text.describe_text(cfg), device=torch.device("cpu"))
-
-    class S:
-        def __init__(self, i, c):
-            self.key, self.index, self.cond = f"k{i}", i, {"txt": c}
-
     caps = ["a red cat", None, "boat on the sea"]
-    cols, _, _ = stage.process([S(i, c) for i, c in enumerate(caps)])
+    cols, _, _ = stage.process([_Sample(i, c) for i, c in enumerate(caps)])
     assert np.array_equal(cols["t5_hidden"], reference(folder, caps, max_length=24))
     assert cols["t5_mask"][0].sum() == 4  # 3 words + EOS; padded positions kept (no mask passed)
 

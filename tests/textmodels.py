@@ -74,3 +74,21 @@ def make_sdxl_root(root: Path) -> Path:
     make_clip(root / "text_encoder_2", projection=True, hidden=40, seed=2,
               tokenizer_folder=root / "tokenizer_2")  # fmt: skip
     return root
+
+
+def make_sd3_root(root: Path) -> Path:
+    """StableDiffusion3Pipeline's text side: CLIP-L and CLIP-G (both with projection, as SD3
+    ships them) and a T5 whose width (80) exceeds the two CLIPs' (32 + 40), so the zero padding
+    of the CLIP part is exercised."""
+    make_clip(root / "text_encoder", projection=True, seed=1, tokenizer_folder=root / "tokenizer")
+    make_clip(root / "text_encoder_2", projection=True, hidden=40, seed=2,
+              tokenizer_folder=root / "tokenizer_2")  # fmt: skip
+    make_t5(root / "text_encoder_3", d_model=80, seed=3, tokenizer_folder=root / "tokenizer_3")
+    return root
+
+
+def make_flux_root(root: Path) -> Path:
+    """FluxPipeline's text side: a CLIPTextModel (its pooler output) and a T5 encoder."""
+    make_clip(root / "text_encoder", seed=1, tokenizer_folder=root / "tokenizer")
+    make_t5(root / "text_encoder_2", d_model=48, seed=2, tokenizer_folder=root / "tokenizer_2")
+    return root
