@@ -24,6 +24,16 @@ are capped by ``source.max_member_bytes`` like any member (the reader rejects la
 Every file of a dataset has the same columns: they come from the config, recorded in the
 process metadata as :meth:`Conditioning.describe` (``conditioning`` entry, see
 :mod:`pipeline.records`). Each (key, draw) record of a sample carries the sample's values.
+
+Class names
+-----------
+``source.class_names`` names the labels of the ``cls`` member: a list (``[cat, dog]``) or the
+path of a text file with one name per line (blank lines skipped, as ``datasets.ClassLabel``'s
+``names_file``). Label ``i`` is ``names[i]``: a sample whose ``cls`` is not in ``0 ..
+len(names) - 1`` is rejected with the reason. The names are recorded in the metadata's
+``conditioning`` entry (the list, never the path) and are part of the config hash; the Hugging
+Face export makes ``cls`` a ``ClassLabel`` with them (:mod:`pipeline.hf`). ``null`` (the
+default): no names, ``cls`` stays a plain integer.
 """
 
 from __future__ import annotations
@@ -58,6 +68,46 @@ def kind_of(ext: str) -> str:
     """``cls``, ``txt``, ``json`` (by the extension's last component) or ``binary``."""
     last = ext.rsplit(".", 1)[-1]
     return last if last in KINDS else "binary"
+
+
+def class_names(source: Mapping) -> list[str] | None:
+    """The names of ``source.class_names`` (a list, or a file read as one name per line);
+    None when unset. ValueError naming ``source.class_names`` for a file that cannot be read, an
+    empty list, a name that is not a non-empty string, or a name given twice."""
+    value = source.get("class_names")
+    if value is None:
+        return None
+    where = "source.class_names"
+    if isinstance(value, str):
+        try:
+            with open(value, encoding="utf-8") as f:
+                names = [line.strip() for line in f.read().split("\n") if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{where}={value!r} is a string, so the path of a names file (one name per "
+                f"line), and it cannot be read: {exc}; give an existing file or a list "
+                "(source.class_names=[cat,dog])"
+            ) from None
+        where = f"{where} ({value})"
+    elif isinstance(value, Sequence):
+        names = list(value)
+    else:
+        raise ValueError(f"source.class_names must be null, a list of names or a file path, "
+                         f"got {type(value).__name__}")  # fmt: skip
+    if not names:
+        raise ValueError(f"{where}: no class names")
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(
+                f"{where}: entry {i} is {name!r}; names are non-empty strings "
+                "(quote a name that YAML reads as a number or null)"
+            )
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ValueError(f"{where}: {name!r} is both label {seen[name]} and label {i}")
+        seen[name] = i
+    return names
 
 
 def config_problems(source: Mapping) -> list[tuple[str, str]]:
@@ -111,6 +161,15 @@ def config_problems(source: Mapping) -> list[tuple[str, str]]:
             )
     if len(set(require)) != len(require):
         problems.append(("source.require", f"duplicate entries in {require}"))
+    if source.get("class_names") is not None:
+        try:
+            class_names(source)
+        except ValueError as exc:
+            problems.append(("source.class_names", str(exc)))
+        if "cls" not in keep:
+            problems.append(
+                ("source.class_names", f"names cls labels, but cls is not in source.keep {keep}")
+            )
     return problems
 
 
@@ -136,14 +195,17 @@ class Conditioning:
         keep: Sequence[str] = DEFAULT_KEEP,
         require: Sequence[str] = (),
         max_member_bytes: int | None = None,
+        class_names: Sequence[str] | None = None,
     ):
         keep, require = list(keep), list(require)
-        problems = config_problems({"keep": keep, "require": require})
+        names = None if class_names is None else list(class_names)
+        problems = config_problems({"keep": keep, "require": require, "class_names": names})
         if problems:
             raise ValueError("; ".join(f"{k}: {m}" for k, m in problems))
         self.kept = tuple(Kept(e, column_name(e), kind_of(e), KINDS[kind_of(e)]) for e in keep)
         self.require = tuple(require)
         self.max_member_bytes = max_member_bytes  # None: the reader's limit only
+        self.class_names = None if names is None else tuple(names)
 
     @classmethod
     def from_source(cls, source: Mapping) -> Conditioning:
@@ -151,6 +213,7 @@ class Conditioning:
             source.get("keep", DEFAULT_KEEP),
             source.get("require", ()),
             source.get("max_member_bytes"),
+            class_names(source),
         )
 
     @classmethod
@@ -158,11 +221,12 @@ class Conditioning:
         """From the metadata's ``conditioning`` entry; None (records written before it): none."""
         if not spec:
             return cls((), ())
-        return cls(spec["keep"], spec.get("require", ()))
+        return cls(spec["keep"], spec.get("require", ()), class_names=spec.get("class_names"))
 
     def describe(self) -> dict:
-        """The ``conditioning`` entry of the process metadata (what readers need)."""
-        return {
+        """The ``conditioning`` entry of the process metadata (what readers need); it holds
+        ``class_names`` only when names are given."""
+        out = {
             "keep": [k.ext for k in self.kept],
             "require": list(self.require),
             "columns": [
@@ -170,6 +234,9 @@ class Conditioning:
                 for k in self.kept
             ],
         }
+        if self.class_names is not None:
+            out["class_names"] = list(self.class_names)
+        return out
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -225,6 +292,13 @@ class Conditioning:
             value = int(sign + digits)
             if not INT64[0] <= value <= INT64[1]:
                 raise DecodeError("class label out of int64 range", kept.ext, _head(text))
+            names = self.class_names
+            if names is not None and kept.ext == "cls" and not 0 <= value < len(names):
+                raise DecodeError(
+                    "class label not in source.class_names",
+                    kept.ext,
+                    f"{value}; {len(names)} names, labels 0 to {len(names) - 1}",
+                )
             return value
         try:
             json.loads(text, parse_constant=_no_constant)

@@ -34,6 +34,7 @@ class SourceConfig:
     # member extensions carried into the records, one column each (pipeline/conditioning.py)
     keep: list[str] = field(default_factory=lambda: ["cls", "txt", "json"])
     require: list[str] = field(default_factory=list)  # a sample lacking one is rejected
+    class_names: Any = None  # null | [names] | a names file: the cls labels (conditioning.py)
 
 
 @dataclass
@@ -381,6 +382,12 @@ def process_config(cfg: DictConfig) -> dict:
     # safety limits decide which samples are rejected, never a record's value (like on_error)
     for key in ("max_member_bytes", "shard_timeout_s"):
         out["source"].pop(key, None)
+    if out["source"].get("class_names") is None:  # no names: the hash of the configs before them
+        out["source"].pop("class_names", None)
+    else:  # the names, not the path of their file
+        from .conditioning import class_names
+
+        out["source"]["class_names"] = class_names(out["source"])
     if out["source"].get("buckets") is None:  # buckets off: the hash of the square-crop configs
         for key in BUCKET_KEYS:
             out["source"].pop(key, None)

@@ -14,7 +14,10 @@ extension<arrow.fixed_shape_tensor[...]> does not have a datasets dtype equivale
   ``load_dataset("parquet", data_files=...)`` or to upload to the Hub. Row groups are kept.
 
 Conditioning columns (``source.keep``: ``cls`` int64, ``txt``/``json`` string, others binary)
-become ``Value`` features of their type, nulls kept as None.
+become ``Value`` features of their type, nulls kept as None. With ``source.class_names`` (names
+recorded in the metadata), ``cls`` becomes a ``ClassLabel`` with those names (its values stay
+the integer labels; ``ds.features["cls"].int2str`` names them); a label outside the names is
+refused, naming ``source.class_names`` and the file.
 
 Note: ``datasets``' numpy/torch formatting returns float16 ``ArrayND`` columns as float32.
 Tensor ranks 2 to 5 are supported (``[C, H, W]`` is rank 3).
@@ -58,9 +61,35 @@ def _array_feature(type_: pa.FixedShapeTensorType):
     return classes[len(shape)](shape=shape, dtype=dtype)
 
 
+def class_names(schema: pa.Schema) -> list[str] | None:
+    """The ``source.class_names`` a records schema's metadata carries (None: none given)."""
+    raw = (schema.metadata or {}).get(records.METADATA_KEY)
+    if raw is None:
+        return None
+    return (json.loads(raw).get("conditioning") or {}).get("class_names")
+
+
+def _check_labels(table: pa.Table, names: Sequence[str] | None, where: str) -> None:
+    """ValueError when a ``cls`` label of ``table`` is not an index into ``names``."""
+    if names is None or "cls" not in table.column_names:
+        return
+    import pyarrow.compute as pc
+
+    lo, hi = pc.min_max(table["cls"]).values()
+    lo, hi = lo.as_py(), hi.as_py()
+    if lo is not None and (lo < 0 or hi >= len(names)):
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"{where}: cls label {bad} is not in source.class_names ({len(names)} names, labels "
+            f"0 to {len(names) - 1}); the records and their class names disagree"
+        )
+
+
 def hf_features(schema: pa.Schema, columns: Sequence[str] | None = None):
-    """``datasets.Features`` of a records schema (or of its ``columns``): tensors as ArrayND."""
+    """``datasets.Features`` of a records schema (or of its ``columns``): tensors as ArrayND,
+    ``cls`` as a ``ClassLabel`` when the metadata carries ``source.class_names``."""
     datasets = _import_datasets()
+    names = class_names(schema)
     columns = list(schema.names if columns is None else columns)
     plain = pa.schema(
         [f for f in (schema.field(c) for c in columns) if not records.is_tensor(f.type)]
@@ -70,6 +99,8 @@ def hf_features(schema: pa.Schema, columns: Sequence[str] | None = None):
     for name in columns:
         type_ = schema.field(name).type
         feats[name] = _array_feature(type_) if records.is_tensor(type_) else base[name]
+    if names is not None and "cls" in feats:
+        feats["cls"] = datasets.ClassLabel(names=names)
     return datasets.Features(feats)
 
 
@@ -99,13 +130,16 @@ def to_hf_table(table: pa.Table, features) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _examples(paths: list[str], fs, columns: tuple[str, ...]) -> Iterator[dict]:
+def _examples(
+    paths: list[str], fs, columns: tuple[str, ...], names: Sequence[str] | None = None
+) -> Iterator[dict]:
     """One dict per record, read one row group at a time (the generator of to_hf_dataset)."""
     for path in paths:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             for g in range(pf.metadata.num_row_groups):
                 table = pf.read_row_group(g, columns=list(columns))
+                _check_labels(table, names, path)
                 block = table_to_numpy(table)
                 n = len(block[columns[0]])
                 # tensors as numpy; scalars and conditioning columns as Python values, nulls None
@@ -163,13 +197,19 @@ def to_hf_dataset(
     rd = RecordsDir(dir, filesystem)
     cols = _columns(rd, columns)
     features = hf_features(rd.schema, cols)
+    names = class_names(rd.schema)
     paths = [rd.path(i) for i in range(len(rd.files))]
     ds = datasets.Dataset.from_generator(
         _examples,
         features=features,
         cache_dir=cache_dir,
         # Only ``paths`` is a list: datasets shards list-valued gen_kwargs over num_proc.
-        gen_kwargs={"paths": paths, "fs": rd.fs, "columns": tuple(cols)},
+        gen_kwargs={
+            "paths": paths,
+            "fs": rd.fs,
+            "columns": tuple(cols),
+            "names": names and tuple(names),  # a tuple: lists are sharded over num_proc
+        },
         num_proc=num_proc if num_proc and len(paths) > 1 else None,
         fingerprint=_fingerprint(rd, cols),
         **from_generator_kwargs,
@@ -214,7 +254,9 @@ def export_hf_parquet(
         ) as writer:
             for g in range(rd.footers[i].num_row_groups):
                 unit = Unit(i, g, rd.footers[i].row_group(g).num_rows)
-                table = to_hf_table(rd.read(unit, cols), features)
+                table = rd.read(unit, cols)
+                _check_labels(table, class_names(rd.schema), rd.display(name))
+                table = to_hf_table(table, features)
                 writer.write_table(
                     table.replace_schema_metadata(meta), row_group_size=unit.num_rows or None
                 )

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import __version__, resume, stages
-from .conditioning import Conditioning
+from .conditioning import Conditioning, class_names
 from .config import config_hash, process_config, quote_url_overrides, register_configs, validate
 from .decoders import make_decoder
 from .fs import is_remote
@@ -405,6 +405,8 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     if not is_remote(cfg.output.dir):  # actors on other nodes resolve it the same way
         cfg.output.dir = os.path.abspath(cfg.output.dir)
+    if isinstance(cfg.source.get("class_names"), str):  # actors get the names, not the file
+        cfg.source.class_names = class_names(cfg.source)
     spec = cfg.source.urls
     urls = expand_globs(expand_urls(spec if isinstance(spec, str) else list(spec)))
     ids = check_unique_ids(urls)

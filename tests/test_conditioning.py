@@ -337,3 +337,107 @@ def test_validation_reports_nulls_histogram_and_catches_a_shifted_label(cond_run
     c = checks["conditioning"]
     assert not c["passed"]
     assert "records disagreeing with their key's first draw" in c["summary"]
+
+
+# -- class names (source.class_names) -----------------------------------------------------------
+
+NAMES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"]  # labels 0..7
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("[]", "no class names"),
+        ("[cat,dog,cat]", "'cat' is both label 0 and label 2"),
+        ("[cat,1]", "entry 1 is 1; names are non-empty strings"),
+        ("/nonexistent/names.txt", "'/nonexistent/names.txt' is a string, so the path of a names"),
+    ],
+)
+def test_class_names_refused_naming_the_key(make_cfg, value, words):
+    cfg = make_cfg("source.urls=x.tar", "output.dir=o", f"source.class_names={value}")
+    with pytest.raises(ValueError, match=f"config key source.class_names: .*{words}"):
+        validate(cfg)
+
+
+def test_class_names_need_cls_kept_and_a_file_reads_like_a_list(make_cfg, tmp_path):
+    from pipeline.config import config_hash
+
+    base = ("source.urls=x.tar", "output.dir=o")
+    cfg = make_cfg(*base, "source.keep=[txt]", "source.class_names=[a,b]")
+    with pytest.raises(ValueError, match="source.class_names: names cls labels, but cls is not"):
+        validate(cfg)
+    names = tmp_path / "names.txt"
+    names.write_text("ant\n  bee \n\ncat\n")  # blank lines skipped, names stripped (datasets')
+    from_file = make_cfg(*base, f"source.class_names={names}")
+    validate(from_file)
+    from_list = make_cfg(*base, "source.class_names=[ant,bee,cat]")
+    hashes = [config_hash(c) for c in (make_cfg(*base), from_file, from_list)]
+    assert hashes[1] == hashes[2] != hashes[0]  # the names count, not where they were read
+    assert config_hash(make_cfg(*base, "source.class_names=null")) == hashes[0]
+    assert config_hash(make_cfg(*base, "source.class_names=[ant,bee,dog]")) != hashes[1]
+
+
+def test_extract_refuses_a_label_outside_the_names():
+    c = Conditioning(["cls", "txt"], class_names=["a", "b", "c"])
+    assert c.extract({"cls": b"2"})["cls"] == 2 and c.extract({})["cls"] is None
+    for bad in (b"3", b"-1"):
+        with pytest.raises(DecodeError, match=r"class label not in source.class_names .*0 to 2"):
+            c.extract({"cls": bad})
+    assert Conditioning.from_spec(c.describe()).class_names == ("a", "b", "c")
+    assert "class_names" not in Conditioning(["cls"]).describe()  # older metadata unchanged
+
+
+def test_class_names_through_precompute_and_the_hf_export(tmp_path, make_cfg):
+    datasets = pytest.importorskip("datasets")
+    from pipeline.dataset import RecordsDir
+    from pipeline.hf import export_hf_parquet, hf_features, to_hf_dataset
+
+    write_cond_shard(tmp_path / "n-0.tar")
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(NAMES[:5]) + "\n")  # 5 names: clsonly (7) and big are out
+    out = tmp_path / "out"
+    cfg = make_cfg(
+        "source=images", f"source.urls={tmp_path}/n-0.tar", "source.resolution=8",
+        f"output.dir={out}", "source.keep=[cls,txt]", f"source.class_names={names}",
+        "schedule.num_timesteps=20",
+    )  # fmt: skip
+    manifest = run(cfg)
+    reasons = read_rejects(out)
+    assert (
+        "class label not in source.class_names in member 'clsonly.cls': 7; 5 names"
+        in (reasons["clsonly"])
+    )
+    assert "class label not in source.class_names" in reasons["big"]
+    assert manifest["totals"]["records"] == 4  # full (3), bare, badjson (2), nanjson
+    rd = RecordsDir(out)
+    assert rd.metadata["conditioning"]["class_names"] == NAMES[:5]  # the names, not the path
+    feats = hf_features(rd.schema, ["key", "cls", "txt"])
+    assert feats["cls"] == datasets.ClassLabel(names=NAMES[:5])
+    export_hf_parquet(out, tmp_path / "hf", columns=["key", "cls", "txt"])
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(tmp_path / "hf" / "*.parquet"), split="train",
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert ds.features["cls"].names == NAMES[:5]
+    got = {r["key"]: ds.features["cls"].int2str(r["cls"]) for r in ds if r["cls"] is not None}
+    assert got == {"full": "dog", "badjson": "cat"}
+    gen = to_hf_dataset(out, ["key", "cls"], cache_dir=str(tmp_path / "cache2"))
+    assert gen.features["cls"].names == NAMES[:5]
+    assert sorted(r["cls"] for r in gen if r["cls"] is not None) == [2, 3]
+
+
+def test_hf_export_refuses_labels_outside_the_recorded_names(cond_run, tmp_path):
+    pytest.importorskip("datasets")
+    from pipeline.hf import export_hf_parquet
+
+    root, _ = cond_run
+    copy = tmp_path / "named"
+    copy.mkdir()
+    for name in OutputDir(str(root / "out")).data_files():
+        table = pq.read_table(root / "out" / name)
+        meta = records.process_metadata(table.schema)
+        meta["conditioning"]["class_names"] = NAMES[:4]  # the records hold label 7
+        raw = {**table.schema.metadata, records.METADATA_KEY: json.dumps(meta).encode()}
+        pq.write_table(table.replace_schema_metadata(raw), copy / name)
+    with pytest.raises(ValueError, match=r"c-0.parquet: cls label .* not in source.class_names"):
+        export_hf_parquet(copy, tmp_path / "hf", columns=["key", "cls"])
