@@ -4,6 +4,8 @@
 
     output.dir/
       <shard_id>.parquet            records of one input shard (committed by rename)
+      _text/<shard_id>.parquet      its text embeddings, one row per sample (text=..., text_store)
+      _text/_uncond.parquet         the empty prompt's embedding, once per dataset
       _shards/<shard_id>.json       the shard's commit marker: its summary (written last)
       _shards/<shard_id>.rejects.jsonl   the shard's rejected samples
       _shards/_index.seg-<n>.jsonl  during a run: markers committed since the last periodic write
@@ -14,7 +16,8 @@
 A shard counts as done when its marker exists; the marker is written after its Parquet file and
 rejects are in place, so a reader never sees a shard half-committed. The marker records the
 file's size (``bytes``) and ``checksum`` (``"sha256:<hex>"`` of its bytes): resume redoes a shard
-whose file fails them and the validator's ``completeness`` fails it, naming the file. Markers
+whose file fails them and the validator's ``completeness`` fails it, naming the file; its
+``side_files`` ({name: {bytes, checksum}}) do the same for the shard's text table. Markers
 written before checksums existed have none: their files are checked by size (or row count).
 On a file system every write goes to a temporary name first and is then moved into place. On
 an object store (``s3://``, ``gs://``) an object becomes visible only when its upload completes,

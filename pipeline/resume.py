@@ -8,9 +8,10 @@
   its input URL is the one ``source.urls`` names now (else refused: two inputs would mix under
   one shard id), its input is unchanged since (size and mtime or etag; else it is redone), and
   its Parquet file exists with the marker's size in bytes and checksum (sha256 of its bytes;
-  else it is redone: a truncated, flipped or rewritten file differs). Markers written before
-  checksums existed are checked by size only (by row count when they lack the size too). Each
-  redo is logged.
+  else it is redone: a truncated, flipped or rewritten file differs), and so do its side files
+  (the text embedding table ``_text/<shard>.parquet``: ``side_files`` of the marker). Markers
+  written before checksums existed are checked by size only (by row count when they lack the
+  size too). Each redo is logged.
 
 Verifying the checksums reads every committed file once: one sha256 pass over its bytes, the
 price of noticing a file changed since its commit without trusting its size.
@@ -25,6 +26,7 @@ one by one). Only markers newer than the index are read one by one.
 from __future__ import annotations
 
 import logging
+import posixpath
 import uuid
 
 import pyarrow.parquet as pq
@@ -96,15 +98,47 @@ def committed_shards(
             )
     todo = [sid for sid in markers if sid in urls]
     files = out.list_info() if todo else {}
+    for sub in sorted({posixpath.dirname(n) for sid in todo for n in _sides(markers[sid])} - {""}):
+        files.update(out.list_info(sub))  # one listing per directory of side files (_text/)
     inputs = identities(markers[sid]["url"] for sid in todo)
     for sid in todo:
         why = _stale(out, sid, markers[sid], files, inputs)
+        if why is None:
+            why = _stale_sides(out, markers[sid], files)
         if why is not None:
             log.warning("shard %s is redone: %s", sid, why)
-            for name in (out.marker_name(sid), out.data_name(sid), out.rejects_name(sid)):
+            names = (out.marker_name(sid), out.data_name(sid), out.rejects_name(sid))
+            for name in (*names, *_sides(markers[sid])):
                 out.remove(name)
             del markers[sid]
     return markers
+
+
+def _sides(marker: dict) -> dict:
+    """{name: {bytes, checksum}} of a shard's side files (its text embedding table) recorded by
+    its marker (:func:`pipeline.stages.commit`); {} for a shard without them."""
+    return marker.get("side_files") or {}
+
+
+def _stale_sides(out: OutputDir, marker: dict, files: dict) -> str | None:
+    """Why a shard's side files fail what its marker recorded (missing, size, checksum)."""
+    for name, want in sorted(_sides(marker).items()):
+        info = files.get(name)
+        if info is None:
+            return f"its file {out.display(name)} is missing"
+        if info.size != want.get("bytes"):
+            says = want.get("bytes")
+            return f"its file {out.display(name)} has {info.size} bytes, its marker says {says}"
+        try:
+            got = out.checksum(name)
+        except OSError as exc:
+            return f"its file {out.display(name)} is unreadable ({exc})"
+        if got != want.get("checksum"):
+            return (
+                f"its file {out.display(name)} has checksum {got[:19]}, its marker says "
+                f"{str(want.get('checksum'))[:19]} (changed since it was committed)"
+            )
+    return None
 
 
 def _stale(out: OutputDir, sid: str, marker: dict, files: dict, inputs: dict) -> str | None:

@@ -346,7 +346,8 @@ class ParquetSink:
 def commit(out: OutputDir, result: dict) -> dict:
     """Commit a shard written to ``result["tmp"]``: its rejects part, the rename into place, then
     the marker ``_shards/<shard>.json`` (the commit point; it records the file's ``bytes`` and
-    ``checksum``). Returns the marker's summary. On
+    ``checksum``, and ``side_files``: {name: {bytes, checksum}} of the shard's other files, the
+    ``result["side_files"]`` [tmp, name] pairs). Returns the marker's summary. On
     failure the temporary file is removed and an :class:`OutputWriteError` names the file."""
     shard, name = result["shard"], result["file"]
     rejects = list(result["rejects"])
@@ -357,8 +358,12 @@ def commit(out: OutputDir, result: dict) -> dict:
     try:
         out.write_jsonl(out.rejects_name(shard), rejects)
         summary["checksum"] = out.checksum(result["tmp"])  # what resume and validation verify
+        sides = {}
         for tmp, side in result.get("side_files", ()):  # per-sample tables (text embeddings)
+            sides[side] = {"bytes": out.size(tmp), "checksum": out.checksum(tmp)}
             out.commit(tmp, side)
+        if sides:
+            summary["side_files"] = sides
         out.commit(result["tmp"], name)
         summary["bytes"] = out.size(name)
         out.write_json(out.marker_name(shard), summary)

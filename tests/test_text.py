@@ -11,6 +11,7 @@ tiny text encoders and tokenizers (no transformer, VAE or scheduler: encode_prom
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -144,15 +145,93 @@ def test_loader_exactly_once_over_ranks_and_workers(clip_run):
 
 
 def test_other_tokenizer_or_encoder_refused(clip_run, clip_dir, tmp_path):
+    """Another tokenizer (one value of tokenizer_config.json changed) into the output dir: the
+    command line exits 2 before Ray starts, naming both; the directory is left as it was. Other
+    weights: refused too."""
+    import os
+    import subprocess
+    import sys
+
     out, _, _, cfg = clip_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     other = shutil.copytree(clip_dir, tmp_path / "clip2")
     tok = other / "tokenizer_config.json"
     tok.write_text(tok.read_text().replace('"model_max_length": 16', '"model_max_length": 17'))
+    args = ["progress=false", "source=arrays", f"source.urls=[{','.join(cfg.source.urls)}]",
+            f"output.dir={out}", "output.dtype=float32", f"sampling.draws_per_sample={K}",
+            "text=clip", f"text.model={other}", "text.encoders.0.max_length=16"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HYDRA_"))}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    res = subprocess.run([sys.executable, "-m", "pipeline.precompute", *args], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "holds records of another config" in res.stderr and "text: clip" in res.stderr
+    assert "tokenizer" in res.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    weights = shutil.copytree(clip_dir, tmp_path / "clip3")
+    make_clip(weights, seed=5)  # same shapes, other values
     cfg2 = cfg.copy()
-    cfg2.text.model = str(other)
+    cfg2.text.model = str(weights)
     with pytest.raises(JobError, match="text: clip"):
         run(cfg2)
     assert OutputDir(str(out)).exists(UNCOND)
+
+
+def _change_one_value(path) -> None:
+    """Scale one stored clip_hidden value in place: the file keeps its size (no compression)."""
+    from pipeline.records import tensor_to_numpy
+
+    value = tensor_to_numpy(pq.read_table(path, columns=["clip_hidden"]).column(0))[0, 1, 2]
+    data = bytearray(path.read_bytes())
+    at = data.find(np.float32(value).tobytes())
+    assert at > 0
+    data[at : at + 4] = np.float32(value * 1.5).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_text_tables_are_under_the_commit_checksums(clip_run, tmp_path):
+    """A text table changed in place (same size), one deleted and one of no shard: the
+    validator's completeness names each; resume redoes exactly the two shards whose tables
+    differ from their markers and the tables come back bit-equal."""
+    from pipeline.validate import load_config
+    from pipeline.validate import run as validate
+
+    out, _, _, cfg = clip_run
+    d = shutil.copytree(out, tmp_path / "d")
+    o = OutputDir(str(d))
+    marker = o.read_json("_shards/a-0.json")
+    side = marker["side_files"]["_text/a-0.parquet"]
+    assert side["checksum"] == o.checksum("_text/a-0.parquet")
+    assert side["bytes"] == o.size("_text/a-0.parquet")
+    original = {n: (d / n).read_bytes() for n in ("_text/a-0.parquet", "_text/a-1.parquet")}
+    _change_one_value(d / "_text/a-0.parquet")
+    (d / "_text/a-1.parquet").unlink()
+    shutil.copy(d / "_text/a-0.parquet", d / "_text/zz.parquet")
+    report = validate(load_config([f"output.dir={d}", "plots=false", "progress=false",
+                                   "executor=local", "workers=1", "text_recheck=0"]))  # fmt: skip
+    check = next(c for c in report["checks"] if c["name"] == "completeness")
+    items = {i["quantity"]: i for i in check["detail"]["items"]}
+    assert not check["passed"]
+    changed = items["files changed since their commit"]
+    assert changed["value"] == 1 and "_text/a-0.parquet" in changed["examples"][0]
+    assert "checksum" in changed["examples"][0]
+    missing = items["missing files"]
+    assert missing["value"] == 1 and "_text/a-1.parquet" in missing["examples"][0]
+    stray = items["files not in the manifest"]
+    assert stray["value"] == 1 and "_text/zz.parquet" in stray["examples"][0]
+    # resume: both shards redone (their tables fail their markers), the tables are as before
+    (d / "_text/zz.parquet").unlink()
+    cfg2 = cfg.copy()
+    cfg2.output.dir = str(d)
+    rerun = run(cfg2)
+    assert rerun["exit_code"] == 0
+    for name, data in original.items():
+        assert (d / name).read_bytes() == data, name
+    o = OutputDir(str(d))
+    for sid in ("a-0", "a-1"):
+        side = o.read_json(f"_shards/{sid}.json")["side_files"][f"_text/{sid}.parquet"]
+        assert side["checksum"] == o.checksum(f"_text/{sid}.parquet")
 
 
 class _Sample:

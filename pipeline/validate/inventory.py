@@ -12,11 +12,11 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
-from ..manifest import REJECTS, SHARDS, OutputDir
+from ..manifest import REJECTS, SHARDS, TEXT, OutputDir
 
 # The fields of a commit marker that the ``completeness`` check compares with the manifest and
-# with the file (its size and checksum).
-MARKER_FIELDS = ("status", "records", "config_hash", "bytes", "checksum")
+# with the files (size and checksum of the data file and of its side files: the text table).
+MARKER_FIELDS = ("status", "records", "config_hash", "bytes", "checksum", "side_files")
 
 
 def read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
@@ -34,14 +34,29 @@ def read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
 def file_check(out: OutputDir, name: str, marker: dict | None) -> dict:
     """The committed file as found, for ``completeness`` to compare with its marker: its
     ``bytes``, and its ``checksum`` when the marker records one (a marker of an older version
-    has none: the file is then checked by size only); ``error`` when it cannot be read."""
+    has none: the file is then checked by size only); ``error`` when it cannot be read; and
+    ``side_files`` {name: what :func:`_side_check` found} of the side files the marker names."""
     try:
         found = {"bytes": out.size(name)}
         if marker is not None and marker.get("checksum") is not None:
             found["checksum"] = out.checksum(name)
     except (OSError, TypeError) as exc:  # a vanished file: size None, then open fails
         return {"error": f"{type(exc).__name__}: {exc}"}
+    sides = (marker or {}).get("side_files") or {}
+    if sides:
+        found["side_files"] = {n: _side_check(out, n) for n in sorted(sides)}
     return found
+
+
+def _side_check(out: OutputDir, name: str) -> dict:
+    """A side file (the shard's text table) as found: bytes and checksum, or ``missing`` /
+    ``error``."""
+    try:
+        if not out.exists(name):
+            return {"missing": True}
+        return {"bytes": out.size(name), "checksum": out.checksum(name)}
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,7 @@ class Inventory:
     markers: frozenset  # shard ids with a commit marker in _shards/
     data_files: tuple  # names of the data files (:meth:`OutputDir.data_files`)
     rejects: list | None  # the lines of rejects.jsonl, None when it is absent
+    text_files: tuple = ()  # the shards' text tables _text/<shard>.parquet (not _uncond)
 
 
 def take_inventory(out: OutputDir) -> Inventory:
@@ -59,4 +75,6 @@ def take_inventory(out: OutputDir) -> Inventory:
     names = [posixpath.basename(n) for n in out.list(SHARDS)]
     markers = {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
     rejects = out.read_jsonl(REJECTS) if out.exists(REJECTS) else None
-    return Inventory(frozenset(markers), tuple(out.data_files()), rejects)
+    text = [n for n in out.list(TEXT) if n.endswith(".parquet")]
+    text = tuple(n for n in text if not posixpath.basename(n).startswith(("_", ".")))
+    return Inventory(frozenset(markers), tuple(out.data_files()), rejects, text)

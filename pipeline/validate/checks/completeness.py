@@ -4,6 +4,7 @@ scans read the markers, the driver lists the directory (:mod:`pipeline.validate.
 
 from __future__ import annotations
 
+import posixpath
 from collections import Counter
 
 from ...manifest import COMMITTED, REJECTS, OutputDir
@@ -64,12 +65,31 @@ def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
             f"{name}: checksum {str(found.get('checksum'))[:19]}, its commit marker says "
             f"{marker['checksum'][:19]} (rewritten or damaged since it was committed)"
         )
+    for side, want in sorted((marker.get("side_files") or {}).items()):
+        got = (found.get("side_files") or {}).get(side) or {}
+        if got.get("missing") or got.get("error"):
+            continue  # reported as a missing or unreadable file
+        if got.get("bytes") != want.get("bytes") or got.get("checksum") != want.get("checksum"):
+            return (
+                f"{out.display(side)}: {got.get('bytes')} bytes, checksum "
+                f"{str(got.get('checksum'))[:19]}; its commit marker says {want.get('bytes')} "
+                f"bytes, {str(want.get('checksum'))[:19]} (rewritten or damaged since its commit)"
+            )
     return None
 
 
+def _side_problems(out: OutputDir, scanned: dict) -> tuple[list[str], list[str]]:
+    """(missing, unreadable) side files of a committed shard (its text embedding table)."""
+    found = (scanned.get("file_check") or {}).get("side_files") or {}
+    missing = [out.display(n) for n, f in sorted(found.items()) if f.get("missing")]
+    bad = [f"{out.display(n)}: {f['error']}" for n, f in sorted(found.items()) if f.get("error")]
+    return missing, bad
+
+
 def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventory) -> Check:
-    """Every manifest shard committed, with its file (the size and checksum its marker
-    recorded at commit: a file rewritten or damaged since fails), marker and row count; accounting
+    """Every manifest shard committed, with its file and its side files (the text table; the
+    size and checksum its marker recorded at commit: a file rewritten or damaged since fails),
+    marker and row count; accounting
     records = (samples - rejected) x K and rejects.jsonl; (key, draw) unique and complete per
     shard; file metadata = manifest process; no stray files; totals add up. ``out`` only names
     paths; what the directory holds is in ``inv``."""
@@ -129,6 +149,9 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
         for what, bad, msg in checks:
             if bad:
                 prob[what].append(msg)
+        missing, unreadable = _side_problems(out, s)
+        prob["missing files"] += missing
+        prob["unreadable files"] += unreadable
     notes = []
     if unverified:
         notes.append(
@@ -144,6 +167,9 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
     ]
     prob["files not in the manifest"] += [
         out.display(OutputDir.marker_name(m)) for m in sorted(markers - set(shards))
+    ]
+    prob["files not in the manifest"] += [  # a text table of no committed shard
+        out.display(n) for n in inv.text_files if posixpath.basename(n)[:-8] not in committed
     ]
     if sum(shards[k].get("records", 0) for k in committed) == 0:
         prob["no records"].append(f"{out.display()}: no shard holds a record: nothing to train on")
