@@ -2,7 +2,7 @@
 
 ``encoder=vae encoder.model=<hub id | folder | URL>`` turns every decoded image (or ``[C, H, W]``
 array with pixel values in [-1, 1]) into a latent, and the records are the forward process on
-that latent. Three parts:
+that latent. Two parts here, the third on the actors:
 
 * **Identity, on the driver, without loading the model** (:func:`describe_encoder`): the model
   folder (diffusers layout: ``config.json`` and ``diffusion_pytorch_model.safetensors``, or a
@@ -18,21 +18,10 @@ that latent. Three parts:
 * **Shape** (:func:`latent_shape`): ``[latent_channels, H / f, W / f]`` with the downsampling
   factor ``f = 2 ** (len(block_out_channels) - 1)`` read from ``config.json`` (8 for the Stable
   Diffusion family; never assumed).
-* **The stage** (:class:`EncodeStage`), one per actor: loads the VAE once from exactly the bytes
-  the driver hashed (read into memory, verified, deserialized from them: :mod:`pipeline.weights`;
-  a file replaced while the job runs cannot reach the model), on the GPU Ray assigned the actor or
-  the CPU, in ``eval`` mode without gradients; then per batch returns :class:`Latent` samples --
-  the latent distribution's mean and standard deviation, scaled: ``mean' = (mean - shift) *
-  scale``, ``std' = std * scale`` -- and a reject row for every sample whose latent is not finite
-  (a float16 overflow). The noise stage then makes ``x_0 = mean' + std' * n`` (``latent=sample``;
-  ``n`` keyed on ``(seed, shard, key, draw)`` in its own domain, drawn on the CPU, see
-  :meth:`pipeline.noise.KeyedNoise.latent_noise`) or ``x_0 = mean'`` (``latent=mean``).
+* **The stage** runs on the actors (:mod:`pipeline.encode_stage`): it loads the VAE from
+  exactly the bytes hashed here and turns each batch into latents.
 
-Samples are encoded in fixed-size device batches (``encoder.batch_size``, the last one padded with
-zeros), so a sample's latent does not depend on ``batch_size``, on which other samples share its
-batch or on the number of actors: bitwise on one device and build (convolution kernels round
-differently for other batch shapes). A GPU too small for ``encoder.batch_size`` lowers it, with a
-warning: the records then agree with other runs to float rounding only.
+Everything here runs on the driver without torch or the model.
 """
 
 from __future__ import annotations
@@ -47,10 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import numpy as np
-
-from .source import Sample
-from .weights import WeightsError, check_safetensors, load_state_dict, read_verified
+from .weights import WeightsError, check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +119,7 @@ def locate(model: str, revision: str | None = None, subfolder: str | None = None
         return ModelFolder("local", str((path / sub).resolve() if sub else path.resolve()))
     if _HUB_ID.match(model) and not model.startswith((".", "~")):
         try:
-            root, commit = _hub_snapshot(model, revision, sub)
+            root, commit = hub_snapshot(model, revision, sub)
         except EncoderError as exc:  # owner/name may also have been meant as a relative folder
             raise EncoderError(
                 f"encoder.model={model}: no such local folder ({path.resolve()}), and as a "
@@ -147,7 +133,7 @@ def locate(model: str, revision: str | None = None, subfolder: str | None = None
 
 
 @lru_cache(maxsize=16)
-def _hub_snapshot(model: str, revision: str | None, sub: str) -> tuple[str, str]:
+def hub_snapshot(model: str, revision: str | None, sub: str) -> tuple[str, str]:
     """(local snapshot folder, commit) of a Hub repo: config.json and safetensors weights only.
 
     Cached per process: the driver hashes once per job, not at every manifest write."""
@@ -402,210 +388,14 @@ def describe_encoder(cfg) -> EncoderIdentity:
     )
 
 
-# -- on the actor: fetch, verify, load, encode ----------------------------------------------------
+ACTOR_NAMES = ("EncodeStage", "Latent", "fetch_model", "load_vae")
 
 
-def fetch_model(meta: Mapping) -> str:
-    """A local folder holding exactly the files the driver hashed (``meta``: the metadata's
-    ``encoder`` entry). A Hub model is fetched at the driver's commit; a remote folder is copied
-    to a local cache; a local folder must be visible at the same path on this node. The hashes
-    are verified when the files are loaded (:func:`load_vae`)."""
-    import os
-    import socket
-    import tempfile
+def __getattr__(name: str):
+    """The actor's names, still importable from here (they live in :mod:`pipeline.encode_stage`,
+    which is loaded only when one is asked for)."""
+    if name in ACTOR_NAMES:
+        from . import encode_stage
 
-    loc = meta["location"]
-    if loc == "hub":
-        root, _ = _hub_snapshot(meta["model"], meta["resolved_revision"], meta["subfolder"] or "")
-        folder = os.path.join(root, meta["subfolder"]) if meta["subfolder"] else root
-    elif loc == "remote":
-        tag = hashlib.sha256(json.dumps(meta["weights_sha256"], sort_keys=True).encode())
-        folder = os.path.join(
-            tempfile.gettempdir(), "diffusion-precompute-vae", f"{meta['config_sha256'][:16]}-"
-            f"{tag.hexdigest()[:16]}",
-        )  # fmt: skip
-        _copy_verified(meta, folder)
-    else:
-        folder = meta["folder"]
-        if not os.path.isdir(folder):
-            raise EncoderError(
-                f"encoder folder {folder} does not exist on node {socket.gethostname()}: put the "
-                "model where every node sees it (a shared filesystem, s3://..., or a Hub id)"
-            )
-    for name in (CONFIG_NAME, *meta["weights_sha256"]):
-        if not os.path.exists(os.path.join(folder, name)):
-            raise EncoderError(
-                f"{os.path.join(folder, name)} is missing on node {socket.gethostname()}: every "
-                "node must see the same model files"
-            )
-    return folder
-
-
-def _copy_verified(meta: Mapping, folder: str) -> None:
-    """Copy a remote model folder's hashed files into ``folder`` (atomic renames)."""
-    import os
-    import uuid
-
-    import fsspec
-
-    os.makedirs(folder, exist_ok=True)
-    fs, root = fsspec.core.url_to_fs(meta["folder"])
-    for name in (CONFIG_NAME, *meta["weights_sha256"]):
-        dest = os.path.join(folder, name)
-        if os.path.exists(dest):
-            continue
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex[:8]}"
-        fs.get_file(posixpath.join(root, name), tmp)
-        os.replace(tmp, dest)
-
-
-TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
-
-def load_vae(folder: str, meta: Mapping, dtype: str, device):
-    """The VAE of ``folder`` on ``device``, built from exactly the files the driver hashed
-    (``meta``: the metadata's ``encoder`` entry, its ``config_sha256`` and ``weights_sha256``):
-    config and safetensors read into memory once, verified, and loaded from those bytes
-    (:mod:`pipeline.weights`; no memory map, so a file replaced while the job runs cannot reach
-    the model). Eval mode, no gradients, the decoder dropped (only the encoder half runs)."""
-    import socket
-
-    import torch
-
-    require_diffusers()
-    from diffusers import AutoencoderKL
-    from diffusers.models.modeling_utils import no_init_weights
-
-    try:
-        config = json.loads(read_verified(f"{folder}/{CONFIG_NAME}", meta["config_sha256"]))
-        state = load_state_dict(folder, meta["weights_sha256"])
-    except WeightsError as exc:
-        raise EncoderError(f"on node {socket.gethostname()}: {exc}") from None
-    with no_init_weights():
-        vae = AutoencoderKL.from_config(config)
-    vae._fix_state_dict_keys_on_load(state)  # diffusers' renames of deprecated attention keys
-    vae.load_state_dict(state, strict=True)
-    del state
-    vae.decoder = None  # half the parameters; encode() does not use them
-    vae.post_quant_conv = None
-    vae.eval().requires_grad_(False)
-    return vae.to(device=device, dtype=getattr(torch, TORCH_DTYPES[dtype]))
-
-
-@dataclass(frozen=True, eq=False)
-class Latent(Sample):
-    """A sample's latent distribution, scaled: ``array`` = (mean - shift) * scale, ``std`` =
-    std * scale (the noise stage draws ``x_0`` from them)."""
-
-    std: np.ndarray | None = None
-
-
-# Device bytes per input pixel and first-block channel while a sample is encoded (activations of
-# a resnet block and GroupNorm temporaries, in the encoder dtype): an overestimate, like the noise
-# stage's DEVICE_BYTES_PER_ELEMENT (pipeline.memory).
-ENCODE_ACTIVATIONS = 8
-
-
-def encode_bytes_per_sample(config: Mapping, shape: Sequence[int], itemsize: int) -> int:
-    """Device memory one sample of input ``shape`` [C, H, W] needs while encoded: the first
-    block's activations, and the mid-block attention matrix over the latent's positions."""
-    c0 = int(config.get("block_out_channels", (64,))[0])
-    pixels = int(shape[1]) * int(shape[2])
-    tokens = pixels // downsampling_factor(config) ** 2
-    return itemsize * (pixels * c0 * ENCODE_ACTIVATIONS + tokens * tokens)
-
-
-class EncodeStage:
-    """One actor's VAE: built once (setup), then :meth:`process` per batch of samples.
-
-    ``meta`` is the metadata's ``encoder`` entry (the identity the driver hashed, with the
-    ``input_shape``); ``on_error`` is the job's: ``fail`` raises SampleError at a non-finite
-    latent, ``skip`` rejects the sample. ``gpu_share``: ``ray.gpus_per_actor``; actors sharing a
-    GPU (0.25: four) each plan their batch in that share of half its free memory."""
-
-    def __init__(self, meta: Mapping, *, device, on_error: str = "skip", gpu_share: float = 1.0):
-        import torch
-
-        self.meta, self.device, self.on_error = meta, device, on_error
-        self.dtype = meta["dtype"]
-        self.scale = float(meta["scaling_factor"])
-        self.shift = float(meta["shift_factor"])
-        self.vae = load_vae(fetch_model(meta), meta, self.dtype, device)
-        self.batch_size = int(meta["batch_size"])
-        if device.type == "cuda":
-            from .memory import fit_batch_size
-
-            itemsize = torch.finfo(getattr(torch, self.dtype)).bits // 8
-            per = encode_bytes_per_sample(self.vae.config, meta["input_shape"], itemsize)
-            free, _ = torch.cuda.mem_get_info(device)
-            share = min(1.0, gpu_share) if gpu_share > 0 else 1.0
-            self.batch_size = fit_batch_size(self.batch_size, per, free, fraction=0.5 * share)
-            if self.batch_size < meta["batch_size"]:
-                log.warning(
-                    "encoder.batch_size %d does not fit in the GPU's free memory: using %d (the "
-                    "latents then differ from other runs at float rounding)",
-                    meta["batch_size"], self.batch_size,
-                )  # fmt: skip
-
-    def process(self, shard: str, batch: Sequence[Sample]) -> tuple[list[Latent], list[dict]]:
-        """The batch's latents, in order, and reject rows for samples whose latent is not finite."""
-        from .stages import reject_row
-
-        x = np.stack([s.array for s in batch])
-        out, rejects = [], []
-        for lo in range(0, len(batch), self.batch_size):
-            chunk = batch[lo : lo + self.batch_size]
-            mean, std, finite = self._encode(x[lo : lo + len(chunk)])
-            bad = int((~finite).sum())
-            for i, s in enumerate(chunk):
-                if finite[i]:
-                    keep = {"cond": s.cond} if hasattr(s, "cond") else {}  # conditioning
-                    out.append(Latent(s.key, s.index, mean[i], std[i], **keep))
-                    continue
-                reason = self._reason(x[lo + i], bad, len(chunk))
-                if self.on_error == "fail":
-                    from .source import SampleError
-
-                    raise SampleError(
-                        f"shard {shard} key {s.key!r}: {reason}",
-                        key=s.key,
-                        index=s.index,
-                        reason=reason,
-                    )
-                rejects.append(reject_row(shard, s.key, s.index, reason))
-            if bad:
-                log.warning("shard %s: %d of %d latents not finite", shard, bad, len(chunk))
-        return out, rejects
-
-    def _reason(self, x: np.ndarray, bad: int, n: int) -> str:
-        reason = f"latent not finite (NaN/inf from the VAE at encoder.dtype={self.dtype})"
-        if self.dtype != "float32" and 2 * bad > n:
-            return (
-                f"{reason}; {bad} of {n} samples of its batch overflowed in {self.dtype}: use "
-                "encoder.dtype=float32, or a VAE fixed for half precision (e.g. "
-                "madebyollin/sdxl-vae-fp16-fix)"
-            )
-        amax = float(np.max(np.abs(x))) if np.isfinite(x).all() else float("inf")
-        return f"{reason}; input max |x| = {amax:.3g} (pixel values belong in [-1, 1])"
-
-    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scaled mean, scaled std, finite mask) of ``x`` [k, C, H, W], k <= batch_size, in one
-        forward pass of exactly ``batch_size`` samples (zero padding)."""
-        import torch
-
-        from .stages import _to_device, _to_host
-
-        k = len(x)
-        if k < self.batch_size:
-            x = np.concatenate([x, np.zeros((self.batch_size - k, *x.shape[1:]), x.dtype)])
-        with torch.inference_mode():
-            xd = _to_device(torch.from_numpy(np.ascontiguousarray(x)), self.device)
-            dist = self.vae.encode(xd.to(self.vae.dtype)).latent_dist
-            mean, std = dist.mean[:k].float(), dist.std[:k].float()
-            finite = torch.isfinite(mean).flatten(1).all(1) & torch.isfinite(std).flatten(1).all(1)
-            mean = (mean - self.shift) * self.scale
-            std = std * self.scale
-            mean_h, std_h, finite_h = _to_host(mean), _to_host(std), _to_host(finite)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-        return mean_h.numpy(), std_h.numpy(), finite_h.numpy()
+        return getattr(encode_stage, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,23 +1,21 @@
-"""The stages a shard goes through inside a worker: read -> batch -> (encode) -> noise -> write
--> commit.
-
-Like NeMo Curator's stages, each is built once per actor (its ``__init__`` is the ``setup``:
-tables, decoders' settings, device) and then called per shard or per batch.
-:class:`pipeline.worker.ShardWorker` chains them; an encoder (a frozen VAE on the GPU) slots
-in between batching and noising as one more stage with the same ``process(shard, batch) ->
-batch`` shape.
+"""The stages of a worker (:mod:`pipeline.stage` defines their interface): read -> batch ->
+noise -> write -> commit.
 
 * :class:`ReadStage`: a shard's samples in tar order (:func:`pipeline.source.iter_shard`), decoded
-  ahead by a reader thread when ``read_ahead`` allows (:mod:`pipeline.prefetch`).
+  ahead by a reader thread when ``read_ahead`` allows (:mod:`pipeline.prefetch`); the source of
+  the chain's batches.
 * :func:`batches`: samples in batches of ``batch_size``; rejects and a stream fault go to a
   :class:`Tally` instead of ending the shard's good samples.
 * :class:`NoiseStage`: (t, eps) drawn on the CPU from the keyed streams, x_t and the posterior on
   the device (:func:`compute_records`).
-* :class:`ParquetSink`: row groups of exactly ``rows_per_group`` rows into a temporary file.
+* :class:`WriteStage`: a :class:`ParquetSink` per shard, row groups of exactly
+  ``rows_per_group`` rows into a temporary file.
 * :func:`commit`: rejects part -> rename -> marker (the commit point, see :mod:`pipeline.manifest`).
 
-torch (and :mod:`pipeline.diffusion`) is imported by the functions that compute, not with the
-module: the driver calls :func:`commit` and :func:`discard` and never loads torch.
+The encoders are stages of their own modules (:mod:`pipeline.encode_stage`,
+:mod:`pipeline.text_encode`). torch (and :mod:`pipeline.diffusion`) is imported by the functions
+that compute, not with the module: the driver calls :func:`commit` and :func:`discard` and never
+loads torch.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,12 +33,14 @@ import pyarrow.parquet as pq
 
 from .conditioning import Conditioning
 from .decoders import make_decoder
+from .device import synchronize, to_device, to_host
 from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
 from .prefetch import ReadAhead
 from .records import DTYPES, build_table, nonfinite_columns, writer_options
 from .schedule import NoiseSchedule
 from .source import Reject, Sample, iter_shard
+from .stage import Batch, Stage, reject_row
 from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
 
 if TYPE_CHECKING:
@@ -57,18 +57,12 @@ def read_ahead(cfg: dict) -> int:
     return 2 if cfg["ray"]["cpus_per_actor"] >= 2 else 0
 
 
-def reject_row(shard: str, key: str | None, index: int | None, reason: str) -> dict:
-    """A row of ``rejects.jsonl``: a sample (key, index) or the whole shard (None, None)."""
-    return {"shard": shard, "key": key, "index": index, "reason": reason}
-
-
 @dataclass
 class Tally:
     """What one shard's read produced besides its samples: counts, rejects, a stream fault."""
 
     shard: str
     samples: int = 0  # every group of the shard: good samples and rejects
-    records: int = 0
     rejects: list = field(default_factory=list)
     read_error: str | None = None  # the stream broke after ``samples`` groups
     retryable: bool = True  # False when the read ran out of time: a retry would too
@@ -182,13 +176,12 @@ def compute_records(
     out = DTYPES[dtype][0]
     torch_out = torch.float16 if out == np.float16 else torch.float32
     x0_h, eps_h = torch.from_numpy(x0), torch.from_numpy(eps)
-    x0_d, eps_d = _to_device(x0_h, device), _to_device(eps_h, device)
+    x0_d, eps_d = to_device(x0_h, device), to_device(eps_h, device)
     t_d = torch.from_numpy(t)
     x_t = q_sample(schedule, x0_d, t_d, eps_d)  # float32: the posterior uses the unrounded x_t
     mean, _, _ = q_posterior(schedule, x0_d, x_t, t_d, out_dtype=torch_out)
-    x_t_h, mean_h = _to_host(x_t.to(torch_out)), _to_host(mean)
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # the host copies are complete
+    x_t_h, mean_h = to_host(x_t.to(torch_out)), to_host(mean)
+    synchronize(device)  # the host copies are complete
     cols = {
         "key": [k for k in keys for _ in range(K)],
         "index": np.repeat(indices, K),
@@ -238,40 +231,33 @@ def split_nonfinite(cols: dict, draws: int, dtype: str) -> tuple[dict, list[tupl
     return kept, dropped
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``: on CUDA copied from pinned memory, without blocking."""
-    if device.type != "cuda":
-        return x
-    return x.pin_memory().to(device, non_blocking=True)
-
-
-def _to_host(x: torch.Tensor) -> torch.Tensor:
-    """A device tensor in (pinned) host memory; from CUDA the copy is asynchronous: synchronise
-    the stream before reading it."""
-    if x.device.type != "cuda":
-        return x
-    import torch
-
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    return host.copy_(x, non_blocking=True)
-
-
-class NoiseStage:
+class NoiseStage(Stage):
     """The forward process for batches of samples: :func:`compute_records` with this actor's
     schedule, keyed noise, device and record options."""
 
-    def __init__(self, *, schedule, noise, device: torch.device, options: RecordOptions):
-        self.schedule, self.noise, self.device, self.options = schedule, noise, device, options
+    def __init__(self, *, schedule, noise, options: RecordOptions):
+        self.schedule, self.noise, self.options = schedule, noise, options
+        self.device = None
 
-    def process(self, shard: str, batch: Sequence[Sample], tally: Tally) -> dict:
-        """The batch's record columns; samples whose records overflow the output dtype are
-        rejects in ``tally`` instead."""
+    def setup(self, device: torch.device) -> None:
+        self.device = device
+
+    def process(self, batch: Batch) -> Batch:
+        """The batch with its record columns; samples whose records overflow the output dtype
+        are rejects instead (whatever ``on_error``: the input was good)."""
         cols = compute_records(
-            self.schedule, self.noise, shard, batch, device=self.device, options=self.options
+            self.schedule,
+            self.noise,
+            batch.shard,
+            batch.samples,
+            device=self.device,
+            options=self.options,
         )
         cols, dropped = split_nonfinite(cols, self.noise.draws, self.options.dtype)
-        tally.rejects.extend(reject_row(shard, key, index, why) for key, index, why in dropped)
-        return cols
+        if dropped:
+            where = {s.index: i for i, s in enumerate(batch.samples)}
+            batch = batch.reject([where[i] for _, i, _ in dropped], [why for *_, why in dropped])
+        return replace(batch, records=cols)
 
 
 class RowGroupWriter:
@@ -341,6 +327,34 @@ class ParquetSink:
 
     def error(self, exc: BaseException) -> OutputWriteError:
         return OutputWriteError(f"cannot write {self.out.display(self.name)}: {exc}")
+
+
+class WriteStage(Stage):
+    """The records of each shard into its Parquet file (a :class:`ParquetSink` per shard).
+
+    ``schema(url, shard)`` gives the shard's Arrow schema (its metadata names the source file);
+    ``finish`` puts the file's final and temporary names and the record count in the result."""
+
+    def __init__(self, out: OutputDir, schema, output_cfg: dict):
+        self.out, self.schema, self.output_cfg = out, schema, output_cfg
+        self.sink: ParquetSink | None = None
+        self.records = 0
+
+    def start(self, shard: str, url: str) -> None:
+        self.sink = ParquetSink(self.out, shard, self.schema(url, shard), self.output_cfg)
+        self.records = 0
+
+    def process(self, batch: Batch) -> Batch:
+        self.records += self.sink.write(batch.records)
+        return batch
+
+    def finish(self, result: dict) -> None:
+        self.sink.close()
+        result.update(file=self.sink.name, tmp=self.sink.tmp, records=self.records)
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
 
 
 def commit(out: OutputDir, result: dict) -> dict:

@@ -28,9 +28,11 @@ import os
 import socket
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
+from .stage import Batch, Stage
 from .text import TextError, _hub, column_names
 from .weights import WeightsError, load_state_dict, read_verified
 
@@ -147,29 +149,38 @@ class TextEncoder:
         return cols
 
 
-class TextStage:
-    """The text encoders of a job on one actor: per batch, each sample's embedding columns.
+class TextStage(Stage):
+    """The text encoders of a job on one actor (loaded at :meth:`setup`): per batch, each
+    sample's embedding columns (:meth:`process`, :meth:`embed`).
 
     ``meta``: the metadata's ``text`` entry. Per shard (:meth:`start`) a cache holds the columns
     of the captions seen, and counts (captions, distinct, null, truncated per encoder) feed the
-    shard's summary (:meth:`stats`)."""
+    shard's summary (:meth:`stats`, added to the shard's result by :meth:`finish`)."""
 
-    def __init__(self, meta: Mapping, *, device, on_error: str = "skip"):
+    def __init__(self, meta: Mapping, *, on_error: str = "skip"):
         self.meta, self.on_error = meta, on_error
         self.batch_size = int(meta["batch_size"])
         self.caption = meta["caption_key"].replace(".", "_")
+        self.encoders: list[TextEncoder] = []
+
+    def setup(self, device) -> None:
+        """Load the tokenizers and encoders on ``device``; encode the empty prompt."""
+        meta = self.meta
         self.encoders = [
             TextEncoder(e, compute_dtype=meta["compute_dtype"], store_dtype=meta["dtype"],
                         device=device)
             for e in meta["encoders"]
         ]  # fmt: skip
-        self.uncond = self._encode_unique([""])[""]
+        self.uncond = self.encode_unique([""])[""]
         self.start("")
 
-    def start(self, shard: str) -> None:
+    def start(self, shard: str, url: str | None = None) -> None:
         self.shard, self.cache, self.cached_bytes = shard, {}, 0
         self.counts = {"captions": 0, "encoded": 0, "null": 0,
                        "truncated": {e.meta["name"]: [0, 0] for e in self.encoders}}  # fmt: skip
+
+    def finish(self, result: dict) -> None:
+        result["text"] = self.stats()
 
     def stats(self) -> dict:
         """This shard's figures: captions, encoded (distinct), null captions, and per encoder
@@ -179,7 +190,7 @@ class TextStage:
             "truncated": {k: list(v) for k, v in self.counts["truncated"].items()},
         }
 
-    def _encode_unique(self, captions: Sequence[str]) -> dict[str, dict]:
+    def encode_unique(self, captions: Sequence[str]) -> dict[str, dict]:
         """{caption: {column: value}} for distinct captions, in fixed-size forward passes."""
         out: dict[str, dict] = {}
         for lo in range(0, len(captions), self.batch_size):
@@ -193,15 +204,13 @@ class TextStage:
                 out[c] = {k: v[i] for k, v in cols.items()}
         return out
 
-    def process(
-        self, samples: Sequence
-    ) -> tuple[dict[str, np.ndarray | list], list[int], list[str]]:
+    def embed(self, samples: Sequence) -> tuple[dict[str, np.ndarray | list], list[int], list[str]]:
         """(columns aligned with ``samples``, positions of non-finite samples, their reasons)."""
         captions = [(s.cond or {}).get(self.caption) for s in samples]
         texts = ["" if c is None else c for c in captions]
         new = [c for c in dict.fromkeys(texts) if c not in self.cache]
         if new:
-            encoded = self._encode_unique(new)
+            encoded = self.encode_unique(new)
             for c, row in encoded.items():
                 self.counts["encoded"] += 1
                 if self.cached_bytes < CACHE_BYTES:
@@ -240,26 +249,11 @@ class TextStage:
             t = self.counts["truncated"][enc.meta["name"]]
             t[0], t[1] = t[0] + len(cut), t[1] + int(cut.sum())
 
-    def process_batch(self, shard: str, batch: Sequence, rejects: list) -> tuple[list, dict]:
-        """The batch without its non-finite samples (each a row of ``rejects``, or a SampleError
-        with ``on_error=fail``) and the text columns of the samples kept."""
-        from .source import SampleError
-        from .stages import reject_row
-
-        cols, bad, reasons = self.process(batch)
-        if not bad:
-            return list(batch), cols
-        if self.on_error == "fail":
-            s = batch[bad[0]]
-            raise SampleError(f"shard {shard} key {s.key!r}: {reasons[0]}", key=s.key,
-                              index=s.index, reason=reasons[0])  # fmt: skip
-        rejects.extend(reject_row(shard, batch[i].key, batch[i].index, r)
-                       for i, r in zip(bad, reasons))  # fmt: skip
-        keep = np.ones(len(batch), dtype=bool)
-        keep[bad] = False
-        cols = {k: ([x for x, m in zip(v, keep) if m] if isinstance(v, list) else v[keep])
-                for k, v in cols.items()}  # fmt: skip
-        return [s for s, m in zip(batch, keep) if m], cols
+    def process(self, batch: Batch) -> Batch:
+        """The batch with its samples' text columns in ``extras``; a sample whose embedding is
+        not finite is rejected (a SampleError with ``on_error=fail``)."""
+        cols, bad, reasons = self.embed(batch.samples)
+        return replace(batch, extras={**batch.extras, **cols}).reject(bad, reasons, self.on_error)
 
     def uncond_columns(self) -> dict:
         """The empty prompt's row of the text table (``_text/_uncond.parquet``)."""

@@ -20,7 +20,7 @@ given sample indices from a shard's table, row groups chosen by their ``index`` 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from .manifest import TEXT as TEXT_DIR
 from .records import ARROW_TYPES, build_table, tensor_to_numpy, tensor_type
+from .stage import Batch, Stage
 from .text import text_columns
 
 UNCOND = f"{TEXT_DIR}/_uncond.parquet"
@@ -183,3 +184,32 @@ class TextSink:
             self.writer.close()
         finally:
             self.out.remove(self.tmp)
+
+
+class TextWriteStage(Stage):
+    """The last stage with text: each shard's table (a :class:`TextSink`, rows of the samples
+    whose records were written) and, at setup, the dataset's empty-prompt row (``uncond()``: its
+    columns, from the text stage set up before this one)."""
+
+    def __init__(self, out, meta: Mapping, uncond: Callable[[], dict]):
+        self.out, self.meta, self.uncond = out, meta, uncond
+        self.sink: TextSink | None = None
+
+    def setup(self, device) -> None:
+        write_uncond(self.out, build(text_schema(self.meta), self.uncond()))
+
+    def start(self, shard: str, url: str) -> None:
+        self.sink = TextSink(self.out, shard, self.meta)
+
+    def process(self, batch: Batch) -> Batch:
+        self.sink.write(batch.extras, batch.records["index"])
+        return batch
+
+    def finish(self, result: dict) -> None:
+        """Committed with the shard, before its data file and marker (side files)."""
+        self.sink.close()
+        result["side_files"] = [[self.sink.tmp, self.sink.name]]
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()

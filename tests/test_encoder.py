@@ -24,11 +24,13 @@ from jobs.bench import encoder as bench_encoder
 from pipeline import encoder, records
 from pipeline.config import config_hash, process_config
 from pipeline.decoders import ImageDecoder
-from pipeline.encoder import EncoderError, EncodeStage, describe_encoder, latent_shape
+from pipeline.encode_stage import EncodeStage
+from pipeline.encoder import EncoderError, describe_encoder, latent_shape
 from pipeline.manifest import OutputDir
 from pipeline.noise import KeyedNoise
 from pipeline.precompute import JobError, dataset_metadata, run, sample_shape
 from pipeline.source import Sample, iter_shard
+from pipeline.stage import Batch
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -174,7 +176,7 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch, vae_di
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    encoder._hub_snapshot.cache_clear()
+    encoder.hub_snapshot.cache_clear()
     try:
         cfg = make_cfg("encoder=vae", "encoder.model=acme/tiny-sd", "encoder.subfolder=vae",
                        "encoder.revision=main", "source.urls=x.tar", "output.dir=o")  # fmt: skip
@@ -188,7 +190,7 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch, vae_di
         assert encoder.fetch_model(d) == str(snapshot / "vae")
         assert calls[-1][1] == "0123abcd"
     finally:
-        encoder._hub_snapshot.cache_clear()
+        encoder.hub_snapshot.cache_clear()
 
 
 def test_half_precision_overflow_is_rejected_naming_the_remedy(vae_dir, make_cfg):
@@ -197,10 +199,12 @@ def test_half_precision_overflow_is_rejected_naming_the_remedy(vae_dir, make_cfg
     cfg = vae_cfg(make_cfg, vae_dir, "source=arrays", "source.urls=x.tar", "output.dir=o",
                   "encoder.dtype=float16", "encoder.latent=mean")  # fmt: skip
     meta = {**describe_encoder(cfg).describe(), "input_shape": [3, 16, 16]}
-    stage = EncodeStage(meta, device=torch.device("cpu"))
+    stage = EncodeStage(meta)
+    stage.setup(torch.device("cpu"))
     x = pixel_arrays(4, seed=3)
     batch = [Sample(k, i, a * (1e5 if i else 1)) for i, (k, a) in enumerate(x.items())]
-    latents, rejects = stage.process("s-0", batch)
+    out = stage.process(Batch("s-0", batch))
+    latents, rejects = out.samples, out.rejects
     assert [s.key for s in latents] == [batch[0].key]
     assert [r["key"] for r in rejects] == [s.key for s in batch[1:]]
     assert all("encoder.dtype=float32" in r["reason"] for r in rejects), rejects[0]
@@ -373,9 +377,12 @@ def test_cuda_latents_equal_cpu_latents_to_rounding(vae_dir, make_cfg):
     cfg = vae_cfg(make_cfg, vae_dir, "source=arrays", "source.urls=x.tar", "output.dir=o")
     meta = {**describe_encoder(cfg).describe(), "input_shape": [3, 16, 16]}
     batch = [Sample(k, i, a) for i, (k, a) in enumerate(pixel_arrays(6, seed=5).items())]
-    cpu, _ = EncodeStage(meta, device=torch.device("cpu")).process("s", batch)
-    gpu, _ = EncodeStage(meta, device=torch.device("cuda", 0)).process("s", batch)
-    for a, b in zip(cpu, gpu):
+    latents = []
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        stage = EncodeStage(meta)
+        stage.setup(device)
+        latents.append(stage.process(Batch("s", batch)).samples)
+    for a, b in zip(*latents):
         np.testing.assert_allclose(a.array, b.array, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a.std, b.std, rtol=1e-4, atol=1e-5)
 

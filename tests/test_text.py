@@ -248,8 +248,9 @@ def stage_outputs(make_cfg, preset: str, root, *overrides: str):
     # GEMMs round alike and float32 results are bit-equal
     cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", f"text={preset}",
                    f"text.model={root}", "text.batch_size=2", *overrides)  # fmt: skip
-    stage = TextStage(text.describe_text(cfg), device=torch.device("cpu"))
-    cols, bad, _ = stage.process([_Sample(i, c) for i, c in enumerate(PROMPTS)])
+    stage = TextStage(text.describe_text(cfg))
+    stage.setup(torch.device("cpu"))
+    cols, bad, _ = stage.embed([_Sample(i, c) for i, c in enumerate(PROMPTS)])
     assert not bad
 
     def assemble(cols, lead=()):
@@ -352,9 +353,10 @@ def test_t5_encoder_matches_transformers(tmp_path, make_cfg):
     folder = make_t5(tmp_path / "t5")
     cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=t5",
                    f"text.model={folder}", "text.encoders.0.max_length=24")  # fmt: skip
-    stage = TextStage(text.describe_text(cfg), device=torch.device("cpu"))
+    stage = TextStage(text.describe_text(cfg))
+    stage.setup(torch.device("cpu"))
     caps = ["a red cat", None, "boat on the sea"]
-    cols, _, _ = stage.process([_Sample(i, c) for i, c in enumerate(caps)])
+    cols, _, _ = stage.embed([_Sample(i, c) for i, c in enumerate(caps)])
     assert np.array_equal(cols["t5_hidden"], reference(folder, caps, max_length=24))
     assert cols["t5_mask"][0].sum() == 4  # 3 words + EOS; padded positions kept (no mask passed)
 

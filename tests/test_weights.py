@@ -17,8 +17,10 @@ from shards import write_array_shard
 from test_encoder import make_vae, pixel_arrays, vae_cfg
 
 from pipeline import encoder
-from pipeline.encoder import EncoderError, EncodeStage, describe_encoder
+from pipeline.encode_stage import EncodeStage, load_vae
+from pipeline.encoder import EncoderError, describe_encoder
 from pipeline.source import Sample
+from pipeline.stage import Batch
 from pipeline.weights import WeightsError, check_safetensors, load_state_dict
 
 diffusers = pytest.importorskip("diffusers")
@@ -30,11 +32,17 @@ def _meta(make_cfg, folder):
     return {**describe_encoder(cfg).describe(), "input_shape": [3, 16, 16]}
 
 
+def _stage(meta) -> EncodeStage:
+    stage = EncodeStage(meta)
+    stage.setup(torch.device("cpu"))
+    return stage
+
+
 def _encode(stage, arrays):
     batch = [Sample(k, i, a) for i, (k, a) in enumerate(arrays.items())]
-    latents, rejects = stage.process("s", batch)
-    assert not rejects
-    return np.stack([s.array for s in latents])
+    out = stage.process(Batch("s", batch))
+    assert not out.rejects
+    return np.stack([s.array for s in out.samples])
 
 
 def test_loaded_model_equals_diffusers_from_pretrained(tmp_path, make_cfg):
@@ -42,13 +50,13 @@ def test_loaded_model_equals_diffusers_from_pretrained(tmp_path, make_cfg):
     from_pretrained of the same folder: the records of existing configs stay bit-identical."""
     folder = make_vae(tmp_path / "vae", seed=3)
     meta = _meta(make_cfg, folder)
-    ours = encoder.load_vae(str(folder), meta, "float32", torch.device("cpu"))
+    ours = load_vae(str(folder), meta, "float32", torch.device("cpu"))
     ref = diffusers.AutoencoderKL.from_pretrained(folder, use_safetensors=True)
     theirs = {k: v for k, v in ref.state_dict().items() if k in ours.state_dict()}
     assert set(ours.state_dict()) == set(theirs) and len(theirs) > 10
     for k, v in ours.state_dict().items():
         assert torch.equal(v, theirs[k]), k
-    half = encoder.load_vae(str(folder), meta, "float16", torch.device("cpu"))
+    half = load_vae(str(folder), meta, "float16", torch.device("cpu"))
     assert all(p.dtype == torch.float16 for p in half.parameters())
 
 
@@ -60,7 +68,7 @@ def test_weights_replaced_after_load_do_not_reach_the_records(tmp_path, make_cfg
     other = make_vae(tmp_path / "other", seed=1)
     meta = _meta(make_cfg, folder)
     arrays = pixel_arrays(3, seed=5)
-    first = EncodeStage(meta, device=torch.device("cpu"))
+    first = _stage(meta)
     before = _encode(first, arrays)
     target = folder / encoder.WEIGHTS_NAME
     with open(other / encoder.WEIGHTS_NAME, "rb") as src, open(target, "r+b") as dst:
@@ -72,11 +80,11 @@ def test_weights_replaced_after_load_do_not_reach_the_records(tmp_path, make_cfg
     )
     after = _encode(first, arrays)
     np.testing.assert_array_equal(after, before)
-    fresh = EncodeStage(_meta(make_cfg, other), device=torch.device("cpu"))
+    fresh = _stage(_meta(make_cfg, other))
     assert not np.array_equal(_encode(fresh, arrays), before)  # the weights do matter
     # an actor that starts after the replacement refuses to load, naming the file
     with pytest.raises(EncoderError, match=rf"{encoder.WEIGHTS_NAME}: sha256 .* changed since"):
-        EncodeStage(meta, device=torch.device("cpu"))
+        _stage(meta)
 
 
 def test_load_state_dict_reads_the_hashed_bytes_only(tmp_path):

@@ -7,7 +7,7 @@ shards (:func:`jobs.bench.measure.dataset`), at 64 px and 256 px:
 
 * **in-process split** (no Ray): per image, the decode (tar read, JPEG/PNG decode, resize:
   :func:`pipeline.source.iter_shard` with :class:`~pipeline.decoders.ImageDecoder`), the VAE
-  encode (:class:`pipeline.encoder.EncodeStage`), the noise stage (keyed draws, x_t, posterior:
+  encode (:class:`pipeline.encode_stage.EncodeStage`), the noise stage (keyed draws, x_t, posterior:
   :func:`pipeline.stages.compute_records`, ``latent=sample``) and the Parquet encode of the
   records; best of ``--repeats``;
 * **end to end**: ``python -m pipeline.precompute ... encoder=vae ray.num_actors=1`` as a process
@@ -102,11 +102,13 @@ def split(url: str, vae: Path, resolution: int, repeats: int, batch: int = 64) -
 
     from pipeline.config import compose
     from pipeline.decoders import ImageDecoder
-    from pipeline.encoder import EncodeStage, describe_encoder, latent_shape
+    from pipeline.encode_stage import EncodeStage
+    from pipeline.encoder import describe_encoder, latent_shape
     from pipeline.noise import KeyedNoise
     from pipeline.records import build_table, record_schema, writer_options
     from pipeline.schedule import make_schedule
     from pipeline.source import Sample, iter_shard
+    from pipeline.stage import Batch
     from pipeline.stages import RecordOptions, compute_records
 
     torch.set_num_threads(1)
@@ -122,13 +124,14 @@ def split(url: str, vae: Path, resolution: int, repeats: int, batch: int = 64) -
     t_decode, samples = _best(decode, repeats)
     n = len(samples)
     t0 = time.perf_counter()
-    stage = EncodeStage(meta, device=torch.device("cpu"))
+    stage = EncodeStage(meta)
+    stage.setup(torch.device("cpu"))
     t_load = time.perf_counter() - t0
 
     def encode():
         out = []
         for i in range(0, n, batch):
-            out += stage.process("s", samples[i : i + batch])[0]
+            out += stage.process(Batch("s", samples[i : i + batch])).samples
         return out
 
     t_encode, latents = _best(encode, repeats)

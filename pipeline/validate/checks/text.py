@@ -143,8 +143,9 @@ def _recheck(out, t: Mapping, rows: dict, cols, n: int, problems: list) -> dict:
     from ...text_encode import TextStage
 
     pick = sorted(rows, key=lambda c: hashlib.sha256(c.encode()).hexdigest())[:n]
-    stage = TextStage(t, device=torch.device("cpu"))
-    fresh = stage._encode_unique(pick)
+    stage = TextStage(t)
+    stage.setup(torch.device("cpu"))
+    fresh = stage.encode_unique(pick)
     uncond = to_numpy(pq.read_table(out.path(UNCOND), filesystem=out.fs))
     stored = {**{c: rows[c] for c in pick}, "\0uncond": {k: uncond[k][0] for k in cols}}
     fresh["\0uncond"] = stage.uncond
