@@ -73,12 +73,28 @@ COMMITTED = ("ok", "partial")
 OBJECT_STORES = {"s3", "s3a", "gcs", "gs"}  # filesystems whose uploads are atomic
 
 
+# A shard id, as pipeline.source.shard_id makes it: characters of ID_CHARS, not starting or
+# ending with a dot, so never "/", "..", "." or an absolute path. An id read back from disk
+# (the manifest, the markers' names) is checked against it before it names a file.
+ID_CHARS = "A-Za-z0-9._-"
+SHARD_ID = re.compile(r"[A-Za-z0-9_-](?:[A-Za-z0-9._-]*[A-Za-z0-9_-])?")
+
+
+def is_shard_id(value) -> bool:
+    """Whether ``value`` is a shard id :func:`pipeline.source.shard_id` can make."""
+    return isinstance(value, str) and SHARD_ID.fullmatch(value) is not None
+
+
 # A temporary file of this pipeline: "." + the final name + ".tmp-" + 12 hex digits (tmp_name).
 TEMPORARY = re.compile(r"^\.(?P<final>[^/]+)\.tmp-[0-9a-f]{12}$")
 
 
 class OutputWriteError(OSError):
     """Writing or committing a file of the output directory failed; the message names the file."""
+
+
+class OutsideOutputError(ValueError):
+    """A name that does not resolve inside the output directory was about to be deleted."""
 
 
 class CorruptFileError(ValueError):
@@ -149,10 +165,34 @@ class OutputDir:
             self.fs.move(self.path(tmp), self.path(name))
 
     def remove(self, name: str) -> None:
+        """Delete the file ``name`` (relative to the root), the one place the project deletes
+        an output file; :class:`OutsideOutputError` unless it resolves inside the directory."""
+        self.check_inside(name)
         try:
             self.fs.delete_file(self.path(name))
         except FileNotFoundError:
             pass
+
+    def check_inside(self, name: str) -> None:
+        """:class:`OutsideOutputError` unless ``name`` is a normalised relative path (no ``..``,
+        not absolute) that resolves, symbolic links followed on a local filesystem, to a file
+        under the root."""
+        lexical = (
+            isinstance(name, str)
+            and name not in ("", ".")
+            and not name.startswith("/")
+            and posixpath.normpath(name) == name
+            and ".." not in name.split("/")
+        )
+        if lexical and isinstance(self.fs, pafs.LocalFileSystem):
+            root = os.path.realpath(self.root)
+            parent = os.path.realpath(os.path.dirname(self.path(name)))
+            lexical = parent == root or parent.startswith(root.rstrip("/") + "/")
+        if not lexical:
+            raise OutsideOutputError(
+                f"refused to delete {name!r}: it does not resolve inside output.dir="
+                f"{self.display()} (the pipeline deletes only files it wrote there)"
+            )
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a whole file atomically (temporary name, then move)."""
@@ -265,9 +305,24 @@ class OutputDir:
         return [n for n in self.list() if n.endswith(".parquet") and not n.startswith(".")]
 
     def markers_ids(self) -> list[str]:
-        """Ids of the shards that have a marker under _shards/."""
+        """Ids of the shards that have a marker under _shards/ (:class:`CorruptFileError` for a
+        marker whose name is no shard id)."""
         names = (posixpath.basename(n) for n in self.list(SHARDS))
-        return [n[: -len(".json")] for n in names if n.endswith(".json") and n[0] != "."]
+        ids = [n[: -len(".json")] for n in names if n.endswith(".json") and n[0] != "."]
+        for sid in ids:
+            self.check_id(sid, self.marker_name(sid))
+        return ids
+
+    def check_id(self, sid, where: str) -> None:
+        """:class:`CorruptFileError` naming ``where`` (the file it was read from) unless ``sid``
+        is a shard id the driver can make (:data:`SHARD_ID`)."""
+        if not is_shard_id(sid):
+            raise CorruptFileError(
+                f"{self.display(where)} names a shard {str(sid)[:80]!r} that is no shard id "
+                "(letters, digits, '.', '_', '-', no path): it is damaged or was not written by "
+                "this pipeline, and no file is named after its ids; remove it or use another "
+                "output.dir"
+            )
 
     def list_info(self, sub: str = "") -> dict[str, pafs.FileInfo]:
         """Name (relative to the root) -> FileInfo (size, mtime) of the files directly under
@@ -292,6 +347,7 @@ class OutputDir:
             if not base.endswith(".json") or base[0] == ".":
                 continue
             sid = base[: -len(".json")]
+            self.check_id(sid, name)
             body, index_mtime = index.get(sid, (None, None))
             if (
                 body is not None
@@ -351,15 +407,20 @@ class OutputDir:
             manifest.get("shards"), dict
         ):
             raise self._corrupt(MANIFEST, f"not a {MANIFEST_FORMAT} manifest")
+        for sid in manifest["shards"]:
+            self.check_id(sid, MANIFEST)
         return manifest
 
     def own_names(self, manifest: dict | None) -> set[str]:
         """The files of this directory that this pipeline wrote and recorded: the manifest, the
         rejects, every marker and rejects part under _shards/, the data files the markers and the
-        manifest name, and this pipeline's temporary files. Nothing else is ever deleted."""
+        manifest name, and this pipeline's temporary files. Nothing else is ever deleted: ids are
+        checked (:meth:`check_id`), and :meth:`remove` refuses a name outside the directory."""
         names = {MANIFEST, REJECTS}
         names.update(n for n in self.list(SHARDS) if n.endswith((".json", ".jsonl")))
         shards = set((manifest or {}).get("shards", {}))
+        for sid in shards:
+            self.check_id(sid, MANIFEST)
         shards.update(self.markers_ids())
         names.update(self.data_name(s) for s in shards)
         names.update(f"{TEXT}/{s}.parquet" for s in shards)  # text embeddings (text_store)

@@ -41,6 +41,7 @@ import braceexpand
 import numpy as np
 
 from .decoders import DecodeError, check_finite
+from .manifest import ID_CHARS
 from .tarstream import (
     Budget,
     BudgetExceeded,
@@ -409,7 +410,7 @@ def shard_id(url: str) -> str:
         target = (tars or words or [""])[-1]
     path = urlparse(target).path if "://" in target else target
     name = _TAR_SUFFIX.sub("", os.path.basename(path.rstrip("/")))
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
+    name = re.sub(f"[^{ID_CHARS}]", "_", name).strip(".")  # so it matches manifest.SHARD_ID
     return name or "shard-" + hashlib.sha1(url.encode()).hexdigest()[:12]
 
 

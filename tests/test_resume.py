@@ -16,9 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from shards import flip_an_x_t_sign, npy_bytes, write_array_shard, write_tar
 
+from pipeline import resume
 from pipeline.lease import LEASE
-from pipeline.manifest import MANIFEST, OutputDir
+from pipeline.manifest import MANIFEST, CorruptFileError, OutputDir, OutsideOutputError, is_shard_id
 from pipeline.precompute import JobError, run
+from pipeline.source import shard_id
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -216,3 +218,44 @@ def test_markers_carry_the_config_hash_and_the_input_identity(tmp_path, make_cfg
     assert marker["config_hash"] == m["config_hash"]
     st = os.stat(tmp_path / "lat-00.tar")
     assert marker["source_identity"] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def test_ids_read_back_from_disk_never_name_a_file_outside(tmp_path, make_cfg):
+    """A crafted _manifest.json whose shard ids are ``../victim`` and an absolute path used to
+    make output.overwrite=true delete those .parquet files outside output.dir."""
+    args = _job(tmp_path, n_shards=1)
+    run(make_cfg(*args))
+    out = tmp_path / "out"
+    (tmp_path / "victim.parquet").write_bytes(b"a user's file beside output.dir")
+    (tmp_path / "elsewhere").mkdir()
+    absolute = tmp_path / "elsewhere" / "victim2"
+    (tmp_path / "elsewhere" / "victim2.parquet").write_bytes(b"a user's file elsewhere")
+    manifest = json.loads((out / MANIFEST).read_text())
+    for sid in ("../victim", str(absolute)):
+        manifest["shards"][sid] = {"status": "ok", "records": 1}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(JobError, match=r"_manifest.json names a shard '\.\./victim' that is no"):
+        run(make_cfg(*args, "seed=7", "output.overwrite=true"))
+    assert (tmp_path / "victim.parquet").read_bytes() == b"a user's file beside output.dir"
+    assert (tmp_path / "elsewhere" / "victim2.parquet").exists()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing
+    # the same ids handed to the deletion itself (not read through read_manifest)
+    o = OutputDir(str(out))
+    with pytest.raises(CorruptFileError, match="no shard id"):
+        resume.clear(o, manifest)
+    # a marker named after no shard id, and names outside the directory, at the one deletion
+    (out / "_shards" / "a b.json").write_text("{}")
+    with pytest.raises(CorruptFileError, match=r"_shards/a b.json names a shard 'a b'"):
+        o.own_names(None)
+    for name in ("../victim.parquet", str(tmp_path / "victim.parquet"), "a/../../victim.parquet"):
+        with pytest.raises(OutsideOutputError, match="does not resolve inside output.dir"):
+            o.remove(name)
+    (out / "link").symlink_to(tmp_path / "elsewhere")  # a directory link leading outside
+    with pytest.raises(OutsideOutputError):
+        o.remove("link/victim2.parquet")
+    assert (tmp_path / "victim.parquet").exists() and (
+        tmp_path / "elsewhere/victim2.parquet"
+    ).exists()
+    assert not any(map(is_shard_id, ["..", ".", "../x", "/x", "a/b", "x.", ""]))
+    assert all(is_shard_id(shard_id(u)) for u in ["../..", "/x/.tar", "pipe:cat ../a b.tar", "."])
