@@ -209,7 +209,7 @@ class RecordsDir:
 
     def _process(self, file: int) -> dict:
         try:
-            return records.process_metadata(self.footers[file].schema.to_arrow_schema())
+            return records.records_metadata(self.footers[file].schema.to_arrow_schema())
         except ValueError as exc:
             raise ValueError(f"{self.display(self.files[file])}: {exc}") from None
 

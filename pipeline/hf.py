@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import records
 from .dataset import RecordsDir, Unit, table_to_numpy
-from .manifest import OutputDir
+from .manifest import MANIFEST, OutputDir
 
 CACHE_VERSION = 1
 
@@ -229,7 +231,9 @@ def export_hf_parquet(
 
     One output file per input file, same names and row groups, written to a temporary name and
     moved into place. The schema keeps the ``ddpm`` metadata and adds ``datasets``' features.
-    Returns the written file names. Then, e.g.::
+    An ``out`` that is ``dir`` itself or holds records (a manifest of pipeline.precompute, or a
+    records file) is refused: the export would overwrite them. Returns the written file names.
+    Then, e.g.::
 
         datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train")
     """
@@ -239,6 +243,7 @@ def export_hf_parquet(
     schema = features.arrow_schema
     ddpm = (rd.schema.metadata or {}).get(records.METADATA_KEY)
     target = OutputDir(str(out))
+    _refuse_records_target(rd, target)
     target.makedirs()
     written = []
     for i, name in enumerate(rd.files):
@@ -263,3 +268,31 @@ def export_hf_parquet(
         target.commit(tmp, name)
         written.append(posixpath.basename(name))
     return written
+
+
+def _refuse_records_target(rd: RecordsDir, target: OutputDir) -> None:
+    """ValueError when exporting into ``target`` would write over records: it is the records
+    directory itself, or holds a precompute manifest or records files (HF exports may be
+    overwritten)."""
+    same = target.fs.type_name == rd.fs.type_name and _real(target) == _real(rd)
+    why = f"it is the records directory {rd.uri}" if same else None
+    if why is None and target.exists(MANIFEST):
+        why = f"it holds {target.display(MANIFEST)}: a records directory of pipeline.precompute"
+    for name in [] if why else target.data_files():
+        try:
+            with target.fs.open_input_file(target.path(name)) as f:
+                records.records_metadata(pq.read_schema(f))
+        except (pa.ArrowException, OSError, ValueError):
+            continue  # not records (an earlier export, another Parquet file)
+        why = f"{target.display(name)} is a records file"
+        break
+    if why is not None:
+        raise ValueError(
+            f"refused to export into {target.display()}: {why}, and the export would overwrite "
+            "records; export to another directory (e.g. a new folder beside it)"
+        )
+
+
+def _real(d) -> str:
+    """A directory's path with symbolic links resolved on a local filesystem."""
+    return os.path.realpath(d.root) if isinstance(d.fs, pafs.LocalFileSystem) else d.root

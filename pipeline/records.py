@@ -71,6 +71,7 @@ import numpy as np
 import pyarrow as pa
 
 METADATA_KEY = b"ddpm"
+HF_METADATA_KEY = b"huggingface"  # datasets' features, in the schema of an HF export (pipeline.hf)
 FORMAT = "ddpm-records/1"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 ARROW_TYPES = {
@@ -411,6 +412,22 @@ def process_metadata(schema: pa.Schema) -> dict:
             "no 'ddpm' process metadata in this Parquet schema: not written by pipeline.precompute"
         )
     return json.loads(raw)
+
+
+def records_metadata(schema: pa.Schema) -> dict:
+    """:func:`process_metadata` of a file that must be records; ValueError saying what it is
+    otherwise: no such metadata, or a Hugging Face export of records (``pipeline.hf``), which
+    keeps the metadata but holds the tensor columns as nested lists."""
+    meta = process_metadata(schema)
+    lists = [n for n in TENSOR_COLUMNS if n in schema.names and not is_tensor(schema.field(n).type)]
+    if lists or HF_METADATA_KEY in (schema.metadata or {}):
+        raise ValueError(
+            "not records but a Hugging Face datasets export of records (pipeline.hf."
+            f"export_hf_parquet: tensor columns {lists or 'ArrayND'} as nested lists); read it "
+            "with datasets.load_dataset('parquet', ...), or load the records directory it was "
+            "exported from"
+        )
+    return meta
 
 
 # Keys of the process metadata that must agree across every file of one dataset.

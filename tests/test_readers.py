@@ -218,3 +218,35 @@ def test_export_hf_parquet(recdir, reference, tmp_path):
     assert ds.features["x_t"] == datasets.Array3D(shape=SHAPE, dtype="float16")
     np_ds = ds.with_format("numpy")
     check(list(np_ds["key"]), np.asarray(np_ds["x_t"]), reference, dtype=np.float32)
+
+
+def test_export_into_records_is_refused_and_an_export_is_no_records(recdir, tmp_path):
+    """export_hf_parquet(d, d) used to overwrite the records with the datasets layout, and the
+    loader then yielded x_t of shape [4]."""
+    pytest.importorskip("datasets")
+    from pipeline.dataset import PrecomputedDataset
+    from pipeline.hf import export_hf_parquet
+
+    before = {p.name: p.read_bytes() for p in recdir.glob("*.parquet")}
+    other = tmp_path / "other"
+    write_records(other, {"c": 3})
+    (other / "_manifest.json").unlink()  # records files without a manifest: refused too
+    (tmp_path / "link").symlink_to(recdir)
+    for target, why in [
+        (recdir, "it is the records directory"),
+        (tmp_path / "link", "it is the records directory"),
+        (other, r"c\.parquet is a records file"),
+    ]:
+        with pytest.raises(ValueError, match=f"refused to export into .*{why}"):
+            export_hf_parquet(recdir, target)
+    (other / "c.parquet").unlink()
+    (other / "_manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"_manifest\.json: a records directory"):
+        export_hf_parquet(recdir, other)
+    assert {p.name: p.read_bytes() for p in recdir.glob("*.parquet")} == before
+    hf = tmp_path / "hf"
+    assert export_hf_parquet(recdir, hf) == ["a.parquet", "b.parquet"]
+    assert export_hf_parquet(recdir, hf) == ["a.parquet", "b.parquet"]  # over an export: fine
+    with pytest.raises(ValueError, match=r"hf/a\.parquet: not records but a Hugging Face"):
+        PrecomputedDataset(hf)
+    assert len(PrecomputedDataset(recdir)) > 0  # records still load
