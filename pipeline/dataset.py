@@ -593,9 +593,26 @@ class PrecomputedDataset(IterableDataset):
         ]
 
     def _limit(self, plan, worker: int) -> int | None:
+        """With ``drop_uneven``: the records worker ``worker`` of every rank yields (the least
+        any rank has). ValueError with the numbers and the fix when a reader has no row group
+        while the same worker of another rank has records: every rank would drop them all."""
         if not self.drop_uneven:
             return None
-        return min(sum(self.unit_records(u) for u in rank_plan[worker]) for rank_plan in plan)
+        counts = [sum(self.unit_records(u) for u in rank_plan[worker]) for rank_plan in plan]
+        if min(counts) == 0 < max(counts):
+            ranks, workers = len(plan), len(plan[0])
+            per = [[sum(self.unit_records(u) for u in units) for units in p] for p in plan]
+            kept = ranks * sum(min(p[w] for p in per) for w in range(workers))
+            raise ValueError(
+                f"drop_uneven=True with {ranks} rank(s) x {workers} DataLoader worker(s) = "
+                f"{ranks * workers} readers over {len(self.records.units())} row group(s) of "
+                f"{self.records.uri}: a reader without a row group makes every rank drop the "
+                f"records of its worker {worker}, so {kept} of {sum(map(sum, per))} records "
+                "would be yielded. Use fewer DataLoader workers or ranks, write smaller row "
+                "groups (output.rows_per_group) so that every reader gets one, or "
+                "drop_uneven=False"
+            )
+        return min(counts)
 
     # -- iteration ------------------------------------------------------------------------------
 

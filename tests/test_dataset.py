@@ -524,6 +524,28 @@ def test_batches_seeded_and_reshuffled_per_epoch(recdir):
     assert keys_of(rec) == e0
 
 
+def test_drop_uneven_with_more_readers_than_row_groups_is_refused(tmp_path):
+    """World size 4 over one row group used to yield 0 of 40 records on every rank, silently."""
+    root = tmp_path / "one"
+    write_dir(root, {"a": 40}, row_group_size=40)
+    for rank in range(4):
+        ds = PrecomputedDataset(root, columns=["key"], rank=rank, world_size=4, drop_uneven=True)
+        msg = r"4 rank\(s\) x 1 DataLoader worker\(s\) = 4 readers over 1 row group.*0 of 40 rec"
+        with pytest.raises(ValueError, match=msg + r".*output\.rows_per_group.*drop_uneven=False"):
+            list(ds)
+        with pytest.raises(ValueError, match=msg):
+            len(ds)
+    ds = PrecomputedDataset(root, columns=["key"], rank=0, world_size=4)  # the fix it names
+    assert len(list(ds)) == 40
+    write_dir(root, {"a": 40}, row_group_size=10)  # 4 row groups: one per rank
+    ds = PrecomputedDataset(root, columns=["key"], rank=3, world_size=4, drop_uneven=True)
+    assert len(list(ds)) == len(ds) == 10
+    write_dir(root, {"a": 40}, row_group_size=14)  # 3 row groups, 2 ranks x 2 workers
+    ds = PrecomputedDataset(root, columns=["key"], rank=0, world_size=2, drop_uneven=True)
+    with pytest.raises(ValueError, match=r"= 4 readers over 3 row group.*its worker 1"):
+        list(DataLoader(ds, batch_size=None, num_workers=2))
+
+
 def test_batches_drop_uneven_and_drop_last(recdir):
     root, keys = recdir
     counts, seen = {}, []
