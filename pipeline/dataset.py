@@ -103,10 +103,12 @@ stored shape ``[C, H, W]`` (stored dtype, or ``dtype`` when given), ``t`` as an 
 ``posterior_variance``/``posterior_log_variance``/``alpha_bar`` as float32 0-d tensors, ``key``
 as ``str``, ``index`` and ``draw`` as ``int``. Conditioning columns (``source.keep``, see
 :mod:`pipeline.conditioning`): an int64 column such as ``cls`` as an int64 0-d tensor, a null
-(absent member) as -1; string columns (``txt``, ``json``, ``meta_json``) as ``str`` and binary
-ones as ``bytes``, a null as None. ``default_collate`` makes a batch's labels an int64 [B] tensor
-and its strings a list of str; it cannot collate None, so a loader over captions that may be null
-needs ``collate_fn=pipeline.dataset.collate`` (strings and None kept as lists).
+(absent member) as ``null_label`` (default -1; a dataset whose labels with nulls include that
+value is refused, see :mod:`pipeline.labels`); string columns (``txt``, ``json``,
+``meta_json``) as ``str`` and binary ones as ``bytes``, a null as None. ``default_collate`` makes
+a batch's labels an int64 [B] tensor and its strings a list of str; it cannot collate None, so a
+loader over captions that may be null needs ``collate_fn=pipeline.dataset.collate`` (strings and
+None kept as lists).
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import records
+from .labels import DEFAULT_NULL_LABEL, check_null_label, refuse_collisions
 from .manifest import OutputDir
 
 DEFAULT_SHUFFLE_BUFFER = 1024
@@ -240,17 +243,17 @@ class RecordsDir:
             return pf.read_row_group(unit.row_group, columns=list(columns), use_threads=use_threads)
 
 
-def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+def table_to_numpy(table: pa.Table, null_label: int = DEFAULT_NULL_LABEL) -> dict[str, np.ndarray]:
     """Columns of a records table as numpy: tensors [N, *shape] (zero-copy when possible),
     scalars [N], ``key`` and string/binary conditioning columns as object arrays (None for a
-    null), integer conditioning columns as int64 with -1 for a null."""
+    null), integer conditioning columns as int64 with ``null_label`` for a null."""
     out = {}
     for name in table.column_names:
         col = table[name]
         if records.is_tensor(col.type):
             out[name] = records.tensor_to_numpy(col)
         elif pa.types.is_integer(col.type) and col.null_count:
-            out[name] = col.fill_null(-1).to_numpy()
+            out[name] = col.fill_null(null_label).to_numpy()
         else:
             out[name] = col.to_numpy()
     return out
@@ -407,7 +410,9 @@ class PrecomputedDataset(IterableDataset):
     batch_size: yield collated batches of this many records instead of records (see *Batches*;
     use ``DataLoader(ds, batch_size=None)``); drop_last: with ``batch_size``, leave out each
     reader's short last batch; draws: ``"all"`` or ``"cycle"`` (see *Draws over epochs*);
-    num_workers: the DataLoader's ``num_workers``, for an exact ``len()`` (see *Length*).
+    num_workers: the DataLoader's ``num_workers``, for an exact ``len()`` (see *Length*);
+    null_label: what a null integer label (an absent ``cls``) is yielded as, refused when a real
+    label of a column with nulls equals it (:mod:`pipeline.labels`).
     """
 
     def __init__(
@@ -426,6 +431,7 @@ class PrecomputedDataset(IterableDataset):
         drop_last: bool = False,
         draws: str = "all",
         num_workers: int | None = None,
+        null_label: int = DEFAULT_NULL_LABEL,
     ):
         super().__init__()
         self.records = RecordsDir(dir, filesystem)
@@ -461,6 +467,8 @@ class PrecomputedDataset(IterableDataset):
         if draws not in DRAWS:
             raise ValueError(f"draws must be one of {', '.join(DRAWS)}, got {draws!r}")
         self.draws = draws
+        self.null_label = check_null_label(null_label)
+        refuse_collisions(self.records, self.record_columns, self.null_label)
         self.K = int(self.metadata.get("noise", {}).get("draws_per_sample", 1))
         if self.cycling and "draw" not in self.record_columns:
             self.record_columns.append("draw")  # the filter's column, dropped after it
@@ -697,7 +705,8 @@ class PrecomputedDataset(IterableDataset):
             return
 
         def read(unit: Unit) -> dict:
-            block = table_to_numpy(self.records.read(unit, self.record_columns, use_threads))
+            table = self.records.read(unit, self.record_columns, use_threads)
+            block = table_to_numpy(table, self.null_label)
             if self.cycling:
                 block = self._one_draw(unit, block)
             if self.text_columns:  # each record's sample row of its shard's text table

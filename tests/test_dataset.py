@@ -604,6 +604,51 @@ def test_batches_conditioning_columns(tmp_path):
                 assert txt == (None if k % 5 == 0 else f"caption {k}")
 
 
+def _labels_file(path, labels, row_group_size=8):
+    """A records file whose cls column holds ``labels`` (None: an absent member)."""
+    n, shape = len(labels), (3, 4, 4)
+    meta = process_meta(shape)
+    meta["conditioning"] = Conditioning(["cls"]).describe()
+    schema = records.record_schema(shape, "float16", False, meta)
+    i, tens = np.arange(n), np.zeros((n, *shape), np.float32)
+    cols = {"key": [f"k{k:03d}" for k in i], "index": i, "draw": np.zeros(n, np.int32),
+            "t": i.astype(np.int32), "x_t": tens, "epsilon": tens, "posterior_mean": tens,
+            "posterior_variance": np.ones(n, np.float32),
+            "posterior_log_variance": np.zeros(n, np.float32), "alpha_bar": np.ones(n, np.float32),
+            "cls": labels}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(records.build_table(schema, cols), path, row_group_size=row_group_size)
+
+
+def test_a_null_label_is_kept_apart_from_a_real_one(tmp_path):
+    """Labels -1 .. 8 with nulls: the default null_label=-1 would make a missing label and a real
+    -1 the same number, so it is refused, naming the column, a file and a free value; an
+    explicit free null_label keeps them apart; data without that collision loads as before."""
+    both = tmp_path / "both"
+    _labels_file(both / "a.parquet", [None if k % 4 == 0 else k % 10 - 1 for k in range(30)])
+    msg = r"column 'cls' .* real labels equal to null_label=-1 \(e\.g\. in a\.parquet\).*=-2"
+    with pytest.raises(ValueError, match=msg):
+        PrecomputedDataset(both, columns=["key", "cls"])
+    with pytest.raises(ValueError, match=r"null_label=3 .*span -1 to 8"):
+        PrecomputedDataset(both, columns=["cls"], null_label=3)
+    ds = PrecomputedDataset(both, columns=["key", "cls"], shuffle=False, null_label=-2)
+    got = {r["key"]: int(r["cls"]) for r in ds}
+    assert got == {f"k{k:03d}": -2 if k % 4 == 0 else k % 10 - 1 for k in range(30)}
+    assert list(got.values()).count(-1) == 1 and list(got.values()).count(-2) == 8
+    assert len(PrecomputedDataset(both, columns=["key"])) == 30  # cls not read: no question
+    with pytest.raises(ValueError, match="null_label must be an integer"):
+        PrecomputedDataset(both, columns=["cls"], null_label=None)
+    old = tmp_path / "old"  # nulls and labels 0..9: the default -1 as before
+    _labels_file(old / "a.parquet", [None if k % 4 == 0 else k % 10 for k in range(30)])
+    assert sorted({int(r["cls"]) for r in PrecomputedDataset(old, columns=["cls"])}) == [
+        -1,
+        *range(10),
+    ]
+    real = tmp_path / "real"  # real -1 labels and no nulls: nothing to tell apart
+    _labels_file(real / "a.parquet", [k % 3 - 1 for k in range(12)])
+    assert sorted(int(r["cls"]) for r in PrecomputedDataset(real, columns=["cls"])).count(-1) == 4
+
+
 def test_read_ahead_errors_in_order_and_no_thread_left(recdir):
     """The next row group is read in a background thread: a read error surfaces after the
     records before it, and a reader left early leaves no thread behind."""
