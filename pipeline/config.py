@@ -522,3 +522,32 @@ def quote_url_overrides(argv: list[str]) -> list[str]:
             value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
         out.append(f"{key}{sep}{value}" if sep else arg)
     return out
+
+
+def multirun_refusal(argv: list[str]) -> str | None:
+    """Why a command line that asks Hydra for a multirun (``-m``/``--multirun``, also
+    abbreviated, or ``hydra.mode=MULTIRUN``) is refused, None for a single run.
+
+    One command makes one dataset: Hydra's sweeper would write ``multirun.yaml`` into a local
+    sweep directory (the working directory, or a local path named after an ``s3://`` output)
+    and run the jobs one after another in this process, every job into the same output.dir,
+    and a job that stops its process stops the sweep. A loop of commands gives each dataset its
+    own output.dir, exit code and resume."""
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    mode = [a.partition("=")[2] for a in args.overrides if a.lstrip("+~").startswith("hydra.mode=")]
+    if not args.multirun and not any(m.strip("'\"").upper() == "MULTIRUN" for m in mode):
+        return None
+    sweeps = [
+        a
+        for a in args.overrides
+        if "," in a.partition("=")[2] and a.partition("=")[0].lstrip("+~") != "source.urls"
+    ]
+    key, _, values = (sweeps[0] if sweeps else "seed=0,1").partition("=")
+    return (
+        "multirun (-m) is not supported: one command makes one dataset in its own output.dir; "
+        f"run one command per value, e.g. for v in {values.replace(',', ' ')}; do "
+        f"diffusion-precompute ... {key.lstrip('+~')}=$v output.dir=out/{key.lstrip('+~')}-$v; "
+        "done"
+    )

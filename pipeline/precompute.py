@@ -24,7 +24,14 @@ from tqdm import tqdm
 
 from . import __version__, resume, stages
 from .conditioning import Conditioning, class_names
-from .config import config_hash, process_config, quote_url_overrides, register_configs, validate
+from .config import (
+    config_hash,
+    multirun_refusal,
+    process_config,
+    quote_url_overrides,
+    register_configs,
+    validate,
+)
 from .decoders import make_decoder
 from .fs import is_remote
 from .lease import LeaseError, OutputLease
@@ -678,6 +685,10 @@ def main() -> None:
     from .config import CONF_DIR
 
     register_configs()
+    refusal = multirun_refusal(sys.argv[1:])
+    if refusal is not None:  # before Hydra: its sweeper would write multirun/ into the cwd
+        print(f"error: {refusal}", file=sys.stderr)
+        sys.exit(2)
     sys.argv[1:] = quote_url_overrides(sys.argv[1:])
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises a config error instead of exiting 1

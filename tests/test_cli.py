@@ -72,6 +72,33 @@ def test_a_config_error_exits_2_with_one_line(module, args, expected, cwd):
     assert list(cwd.iterdir()) == []  # Hydra wrote no outputs/<date>/<time>/ (nor .hydra/)
 
 
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        ["-m", "seed=0,1"],
+        ["--multirun", "seed=0,1"],
+        ["--multi", "seed=3"],
+        ["hydra.mode=MULTIRUN"],
+    ],
+)
+def test_multirun_is_refused_in_one_line_before_anything_is_written(sweep, tmp_path, cwd):
+    """``-m seed=0,1`` used to exit 0 after writing only seed 0 and to leave multirun/ in the
+    working directory. A sweep is refused (exit 2, one line, the shell loop to use instead);
+    nothing is written, in the cwd or in output.dir."""
+    write_image_shard(tmp_path / "a.tar", 2, size=(8, 8))
+    out = tmp_path / "out"
+    args = ["source=images", f"source.urls={tmp_path}/a.tar", f"output.dir={out}", *sweep]
+    res = _run("pipeline.precompute", *args, cwd=cwd, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: multirun (-m) is not supported")
+    if sweep[-1] == "seed=0,1":
+        assert (
+            "for v in 0 1; do diffusion-precompute ... seed=$v output.dir=out/seed-$v" in lines[0]
+        )
+    assert list(cwd.iterdir()) == [] and not out.exists()
+
+
 def test_stdin_as_a_shard_is_refused_not_read(tmp_path):
     """``source.urls=-`` would make the driver wait on its stdin (WebDataset's "-"); stdin stays
     open here, so reading it would block until the timeout."""
