@@ -52,9 +52,10 @@ conditioning members). Adding a column is one declaration::
                     when=lambda layout: layout.meta.get("schedule", {}).get("family") == "flow",
                     doc="alpha_t^2 / sigma_t^2"))
 
-and the producing stage filling ``columns["snr"]`` (a per-draw column) or, for a per-sample
-column, ``batch.extras["snr"]`` (repeated on the K draws by the noise stage, see
-:mod:`pipeline.stage`).
+and the producing stage filling ``batch.records["snr"]`` (:class:`pipeline.stage.Batch`) with one
+value per record: N*K rows, sample-major, a per-sample value repeated on its K draws (as
+:func:`pipeline.stages.compute_records` does for ``latent_mean``). ``Batch.extras`` holds
+per-sample columns that are not record columns (the text embeddings, stored in ``_text/``).
 
 The shape is a property of a file, not of a dataset: :func:`columns_of` and :func:`record_schema`
 take the file's :class:`Layout` (its sample ``shape``, ``dtype``, options and metadata), and
