@@ -4,20 +4,37 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+STAMP_DEMO := $(VENV)/.installed-demo
 TORCH_CPU := torch==2.13.0
 DEMO_DIR  ?= demo
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup setup-demo test lint demo bench clean
 
+# setup: everything, test tools included (make test, make lint, make bench).
+# setup-demo: only what `make demo` needs (the `demo` extra: no test tools, no model libraries).
+# Each step prints a line with its expected time; pip shows what it downloads.
 setup: $(STAMP)
+setup-demo: $(STAMP_DEMO)
 
 # The CPU build of torch is installed first when the venv has none: a bare torch
 # requirement would pull a multi-GB CUDA build. GPU users install their CUDA torch first.
+define install
+	@echo "[setup 1/3] virtual environment $(VENV) (a few seconds)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[setup 2/3] torch, CPU build ($(TORCH_CPU): about 1 min when not installed yet)"
+	@$(PY) -c "import torch" 2>/dev/null && echo "  torch is installed" || \
+		$(PIP) install "$(TORCH_CPU)"
+	@echo "[setup 3/3] the pipeline with the '$(1)' extra ($(2))"
+	@$(PIP) install -e '.[$(1)]'
+endef
+
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_CPU)"
-	$(PIP) install -q -e '.[dev]'
-	touch $(STAMP)
+	$(call install,dev,ray pyarrow hydra plus test tools and model libraries: about 3 min)
+	@touch $(STAMP) $(STAMP_DEMO)
+
+$(STAMP_DEMO): pyproject.toml
+	$(call install,demo,ray pyarrow hydra scikit-image: about 2 min)
+	@touch $(STAMP_DEMO)
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests jobs
@@ -26,7 +43,7 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
-demo: setup
+demo: setup-demo
 	$(PY) -m pipeline.demo --dir $(DEMO_DIR)
 
 # The whole benchmark (~1 h on 2 cores): the precompute against the floor and the peer, then

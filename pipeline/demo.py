@@ -1,4 +1,8 @@
-"""``make demo``: real photos -> WebDataset shards -> precompute (embedded Ray) -> validation.
+"""``make demo``: real photos through the precompute, the validation and a brief training run.
+
+Photos -> WebDataset shards -> precompute (embedded Ray) -> validation (report.html) -> the
+example trainer (``jobs/train_example.py``) for a few steps, whose model draws ``samples.png``.
+Each step prints a line with its expected time before it starts and its time when done.
 
 The photos are scikit-image's sample images (astronaut, coffee, chelsea, rocket, ...), which
 ship inside the package: no download. Each sample is a random crop (seeded) of one of them,
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,14 +84,61 @@ def write_photo_shards(
     return str(out_dir / f"{prefix}-{{{0:0{width}d}..{num_shards - 1:0{width}d}}}.tar")
 
 
+class _Steps:
+    """``[demo i/n] what (expected time)`` before each step, ``done in S s`` after it."""
+
+    def __init__(self, total: int):
+        self.total, self.i, self.t0 = total, 0, 0.0
+
+    def start(self, what: str, expected: str) -> None:
+        self.i += 1
+        print(f"[demo {self.i}/{self.total}] {what} ({expected} on 2 CPU cores)", flush=True)
+        self.t0 = time.perf_counter()
+
+    def done(self) -> None:
+        print(f"[demo {self.i}/{self.total}] done in {time.perf_counter() - self.t0:.0f} s")
+
+
+def example_trainer() -> Path | None:
+    """``jobs/train_example.py`` of the repository this package runs from (None when the package
+    is installed from a wheel, which has no ``jobs/``)."""
+    path = Path(__file__).resolve().parent.parent / "jobs" / "train_example.py"
+    return path if path.is_file() else None
+
+
+def train_briefly(data: Path, out: Path, steps: int, samples: int) -> int:
+    """Run the example trainer (in this process) for ``steps`` steps and ``samples`` samples."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_example", example_trainer())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--data", str(data), "--out", str(out), "--steps", str(steps)]
+    try:
+        return module.main([*argv, "--samples", str(samples)])
+    except SystemExit as exc:  # its argparse error, already printed: the demo goes on to its end
+        return exc.code if isinstance(exc.code, int) else 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.demo", description=__doc__.split("\n")[0]
+        prog="python -m pipeline.demo",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--dir", default="demo", help="where shards, records and the report go")
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--per-shard", type=int, default=96)
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=4, help="WebDataset shards to write")
+    parser.add_argument("--per-shard", type=int, default=96, help="photo crops per shard")
+    parser.add_argument("--resolution", type=int, default=64, help="source.resolution")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=100,
+        help="steps of the example trainer at the end (0: no training, no samples.png)",
+    )
+    parser.add_argument(
+        "--samples", type=int, default=8, help="samples the trained model draws into samples.png"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the precompute")
     args = parser.parse_args(argv)
 
@@ -93,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     from .precompute import format_summary, run
     from .validate import run_validation
 
+    trainer = example_trainer() if args.train_steps > 0 else None
+    steps = _Steps(4 if trainer else 3)
     root = Path(args.dir).resolve()
+    steps.start(f"writing {args.shards} shards of {args.per_shard} photo crops", "about 5 s")
     urls = write_photo_shards(root / "shards", args.shards, args.per_shard)
-    print(f"[demo] wrote {args.shards} shards of {args.per_shard} photo crops: {urls}")
+    print(f"[demo] shards: {urls}")
+    steps.done()
     out = root / "records"
     cfg = compose(
         [
@@ -109,12 +166,39 @@ def main(argv: list[str] | None = None) -> int:
             *args.overrides,
         ]
     )
+    steps.start("precompute on an embedded Ray: decode, noise, write Parquet", "about 30 s")
     manifest = run(cfg)
     print(format_summary(manifest))
+    steps.done()
+    steps.start("validation of every record, plots and report.html", "about 30 s")
     code = run_validation(str(out))
+    steps.done()
+    python = shlex.quote(sys.executable)  # the venv's python: bare `python` may be another one
+    train = root / "train"
+    report = out / "validation" / "report.html"
+    pictures = [f"[demo] report:  {report} (every plot embedded: open it in a browser)"]
+    if trainer is not None:
+        steps.start(
+            f"example trainer, {args.train_steps} steps, then {args.samples} samples by "
+            "ancestral sampling over every timestep",
+            "about 1 min",
+        )
+        code = max(code, train_briefly(out, train, args.train_steps, args.samples))
+        steps.done()
+        if args.samples > 0:
+            pictures.append(
+                f"[demo] samples: {train / 'samples.png'} (a {args.train_steps}-step model: "
+                "textures, not yet photos)"
+            )
+    elif args.train_steps > 0:
+        print("[demo] no jobs/train_example.py beside this package (a wheel install): no training")
     print(f"[demo] records: {out}")
-    print(f"[demo] validation report: {out / 'validation' / 'report.md'} (plots beside it)")
-    print(f"[demo] next: python jobs/train_example.py --data {out} --out {root / 'train'}")
+    print(*pictures, sep="\n")
+    trainer_path = trainer or "jobs/train_example.py"
+    print(
+        f"[demo] next: {python} {trainer_path} --data {out} --out {train} --steps 1000\n"
+        f"[demo]       {python} -m pipeline.validate {out}"
+    )
     return max(manifest["exit_code"], code)
 
 
