@@ -4,13 +4,21 @@
 code at commit edee8eb, for the first three jobs), and ``full`` over every column of every file
 in schema order (names, Arrow types, values; conditioning included) and the sorted
 ``rejects.jsonl`` rows (computed by the code at commit a4c0f62). Any change to a record, a column's
-type, the column order or a reject, for the same config and input, fails here."""
+type, the column order or a reject, for the same config and input, fails here.
+
+One exception, the VAE's float tensors (every float tensor column of an ``encoder=vae`` job but
+``epsilon``, which is keyed noise): torch's CPU convolutions differ in the last bits from one
+instruction set to another, so a float32 latent is not bit-identical across machines. Their
+names and types stay in ``full``; their values are pinned by their float64 sum and sum of
+squares to 1e-5 relative, 1e-4 absolute (``MOMENTS``), far above the kernels' rounding and far
+below any change of formula. Both were computed by the code at commit 767429d."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -58,20 +66,39 @@ JOBS = {
         [*VAE, "cond-0", "seed=6", "sampling.draws_per_sample=3", "encoder.store_dist=true",
          "output.store_x0=true"],
         None,
-        "e34e8d515482aff3a1b626430c5dd49cd391a830683b89c93eeb7d77e0d7acbb",
+        "70de6611ce78b4b8ebe352f8a1114987fe470eeeed6e3af92109baec05d22b11",
     ),
     "vae-mean-f32": (
         [*VAE, "img-0", "seed=7", "encoder.latent=mean", "output.dtype=float32",
          "sampling.draws_per_sample=2", "encoder.store_dist=true"],
         None,
-        "f75e5ecc156fd595d357b87c4a5dd886ba297a2c570632e414a657adefd54730",
+        "8f8da22d1c7216e1f92d868b3dc00cfef1b850609b5fc3fbcb0d5c2b4328ce7e",
     ),
     "vae-sample": (
         [*VAE, "img-0", "seed=8", "sampling.draws_per_sample=2"],
         None,
-        "023bf6857ea26c34497b11d980fbc760496b1a5e0c17d20189e75e7bd8433e88",
+        "6676b0d80423ff88b2944c35adf85549cb7422821f1b7a367fb2f9b6e1b4860c",
     ),
 }  # fmt: skip
+MOMENTS = {  # (sum, sum of squares) of the machine-dependent columns, by the code at 767429d
+    "vae-mean-f32": {
+        "x_t": (13.975199427921325, 504.5483670066294),
+        "posterior_mean": (13.85594403205323, 496.8493314929274),
+        "latent_mean": (-12.939383566379547, 9.504978383398523),
+        "latent_std": (328.01816564798355, 170.2909803630015),
+    },
+    "vae-sample": {
+        "x_t": (5.317720413208008, 488.48351995503253),
+        "posterior_mean": (5.157678604125977, 481.47111477828366),
+    },
+    "vae-sample-dist": {
+        "x_t": (5.25475937128067, 883.3856072685155),
+        "posterior_mean": (4.961811065673828, 872.4456892542275),
+        "x_0": (-24.591916680336, 362.26553828838576),
+        "latent_mean": (-25.72550332546234, 18.57452911942663),
+        "latent_std": (688.265625, 357.0572898387909),
+    },
+}
 
 
 def _update(h, col: pa.ChunkedArray, name: str) -> None:
@@ -93,14 +120,39 @@ def _digest(out) -> str:
     return h.hexdigest()
 
 
-def _full_digest(out) -> str:
-    """Every column of every file (name, type, values; nulls as JSON) and the rejects."""
+def _machine_dependent(job: str, field: pa.Field) -> bool:
+    """A VAE job's float tensor column other than the keyed noise (see the module docstring)."""
+    dtype = getattr(field.type, "value_type", None)
+    vae = JOBS[job][0][0] == "encoder=vae"
+    return vae and dtype is not None and pa.types.is_floating(dtype) and field.name != "epsilon"
+
+
+def _moments(out, job: str) -> dict[str, tuple[float, float]]:
+    """Float64 sum and sum of squares of each machine-dependent column over every file."""
+    sums: dict[str, list[float]] = {}
+    for path in sorted(out.glob("*.parquet")):
+        table = pq.read_table(path)
+        for field in table.schema:
+            if _machine_dependent(job, field):
+                v = table.column(field.name).combine_chunks().storage.flatten().to_numpy()
+                v = v.astype(np.float64)
+                acc = sums.setdefault(field.name, [0.0, 0.0])
+                acc[0] += float(v.sum())
+                acc[1] += float((v * v).sum())
+    return {name: (a, b) for name, (a, b) in sums.items()}
+
+
+def _full_digest(out, job: str) -> str:
+    """Every column of every file (name, type, values; nulls as JSON) and the rejects; the values
+    of machine-dependent columns are left to :func:`_moments`."""
     h = hashlib.sha256()
     for path in sorted(out.glob("*.parquet")):
         table = pq.read_table(path)
         for field in table.schema:
             h.update(f"{field.name}:{field.type}:{field.nullable}".encode())
             col = table.column(field.name)
+            if _machine_dependent(job, field):
+                continue
             if col.null_count or pa.types.is_binary(col.type) or pa.types.is_string(col.type):
                 h.update(json.dumps(col.to_pylist(), default=bytes.hex).encode())
             else:
@@ -157,5 +209,11 @@ def test_records_are_bit_identical_to_the_previous_code(tmp_path, make_cfg, requ
     assert run(cfg)["exit_code"] == 0
     if expected is not None:
         assert _digest(tmp_path / "o") == expected
-    got = _full_digest(tmp_path / "o")
+    got = _full_digest(tmp_path / "o", job)
     assert got == full, f"{job}: full digest {got}"
+    moments = _moments(tmp_path / "o", job)
+    assert set(moments) == set(MOMENTS.get(job, {})), f"{job}: moments {moments}"
+    for name, pinned in MOMENTS.get(job, {}).items():
+        assert moments[name] == pytest.approx(pinned, rel=1e-5, abs=1e-4), (
+            f"{job}: {name} {moments[name]}"
+        )
