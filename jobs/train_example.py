@@ -5,6 +5,7 @@
     python jobs/train_example.py --data OUT_DIR --steps 300 --out train-out
     python jobs/train_example.py --data /tmp/synth --make-synthetic 4096 --out train-out
     python jobs/train_example.py --data demo/records --cond cls --out train-cond
+    python jobs/train_example.py --data text-records --cond text --out train-text
 
 Reads ``x_t``, ``t``, ``epsilon`` and the posterior columns with
 :class:`pipeline.dataset.PrecomputedDataset` and a DataLoader, trains a few conv layers with a
@@ -45,6 +46,14 @@ given the null label. The gap between the two MSEs is what the label tells the d
 small on images: a K-class label carries at most ln K nats about x_0, so (I-MMSE) it lowers the
 eps MSE per dimension, averaged over uniform t, by at most about
 ``2 ln K / (D min |d ln SNR / d(t/T)|)`` for D = C*H*W dimensions.
+
+Text-conditional (``--cond text``, records made with ``text=clip|sdxl|sd3|flux``): the pooled
+caption embedding (:func:`text_column`, read with its records through the loader's join of the
+text tables) minus the dataset's unconditional embedding (the empty prompt's, stored once in
+``_text/_uncond.parquet``, ``PrecomputedDataset.unconditional()``) goes through a linear layer
+added to the timestep embedding; caption dropout (``--p-uncond``) swaps a record's embedding for
+the unconditional one, as classifier-free-guidance trainers do, instead of a rate baked into the
+cache. The held-out evaluation compares the caption's embedding with the empty prompt's.
 """
 
 from __future__ import annotations
@@ -103,7 +112,13 @@ class TinyDenoiser(nn.Module):
     """
 
     def __init__(
-        self, shape, num_timesteps: int, width: int = 32, emb: int = 64, num_classes: int = 0
+        self,
+        shape,
+        num_timesteps: int,
+        width: int = 32,
+        emb: int = 64,
+        num_classes: int = 0,
+        text_dim: int = 0,
     ):
         super().__init__()
         channels, height, width_px = self.shape = tuple(int(v) for v in shape)
@@ -122,6 +137,14 @@ class TinyDenoiser(nn.Module):
         self.label = nn.Embedding(self.num_classes + 1, emb) if self.num_classes else None
         if self.label is not None:
             nn.init.zeros_(self.label.weight)  # starts as the unconditional model
+        # Text (``text_dim``): a linear map of a caption's pooled embedding; the null condition
+        # is the dataset's unconditional (empty prompt) embedding, a buffer set before training.
+        self.text_dim = int(text_dim)
+        self.text = nn.Linear(self.text_dim, emb) if self.text_dim else None
+        if self.text is not None:
+            nn.init.zeros_(self.text.weight)
+            nn.init.zeros_(self.text.bias)
+            self.register_buffer("null_text", torch.zeros(self.text_dim))
 
     @property
     def null_label(self) -> int:
@@ -140,12 +163,22 @@ class TinyDenoiser(nn.Module):
             )
         return torch.where(y < 0, self.null_label, y)
 
+    def drop(self, y: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """``y`` with the rows where ``dropped`` [B] is true replaced by the null condition."""
+        if self.text is not None:
+            return torch.where(dropped[:, None], self.null_text.to(y.dtype), y)
+        return torch.where(dropped, -1, y)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         e = self.emb(timestep_embedding(t, self.emb_dim, self.num_timesteps))
         if self.label is not None:
             e = e + self.label(self.labels(y, len(x)))
+        if self.text is not None:  # y [B, text_dim]: caption embeddings; None: the null one
+            # centred on the null embedding: the null condition adds the bias alone
+            y = torch.zeros_like(self.null_text) if y is None else y.float() - self.null_text
+            e = e + self.text(y.expand(len(x), -1))
         if self.patch > 1:
             x = F.pixel_unshuffle(x, self.patch)
         h1 = self.inp(x, e)
@@ -258,6 +291,28 @@ def check_label_column(rdir: RecordsDir, column: str) -> None:
         )
 
 
+def text_column(rdir: RecordsDir) -> str:
+    """The caption embedding ``--cond text`` conditions on: the pooled column of the first text
+    encoder that stores one (``clip_pooled``, ``clip_g_pooled`` for sdxl, ``clip_l_pooled`` for
+    sd3 and flux); ValueError naming the fix for records without one."""
+    from pipeline.text import column_names
+
+    meta = rdir.metadata.get("text")
+    if not meta:
+        raise ValueError(
+            f"--cond text: the records in {rdir.uri} have no text embeddings (made without "
+            "text=...): precompute them with text=clip text.model=<folder> (or sdxl, sd3, flux)"
+        )
+    pooled = [column_names(e)["pooled"] for e in meta["encoders"] if "pooled" in e["output"]]
+    if not pooled:
+        names = ", ".join(e["name"] for e in meta["encoders"])
+        raise ValueError(
+            f"--cond text: the text encoders of {rdir.uri} ({names}) store no pooled embedding; "
+            "this example conditions on one: text=clip, sdxl, sd3 or flux"
+        )
+    return pooled[0]
+
+
 def evaluate(
     model,
     ds,
@@ -360,9 +415,11 @@ def train(
 
     ``threads``: torch intra-op threads while training (restored afterwards); None leaves them.
     ``cond``: an int64 conditioning column (``cls``) to train a class-conditional model on, with
-    ``num_classes`` (default: largest label + 1) and label dropout ``p_uncond``; adds ``cond``
-    (the label statistics) and ``curve`` (MSE given the label and given the null label of one
-    fixed evaluation batch, every few steps) to the metrics. ``holdout``: fraction of samples
+    ``num_classes`` (default: largest label + 1) and label dropout ``p_uncond``; or ``"text"``:
+    the pooled caption embedding (:func:`text_column`), dropped with ``p_uncond`` to the stored
+    unconditional embedding (``PrecomputedDataset.unconditional()``, the empty prompt's); adds
+    ``cond`` (the label statistics) and ``curve`` (MSE given the label and given the null label
+    of one fixed evaluation batch, every few steps) to the metrics. ``holdout``: fraction of samples
     left out of training and evaluated on (default 0.1 with ``cond``, else 0: evaluation on the
     training records). With ``out``: the weights go to ``model.safetensors``
     (:func:`save_checkpoint`) and ``samples`` generated samples to ``samples.png``
@@ -380,12 +437,17 @@ def train(
         torch.manual_seed(seed)
         columns = list(COLUMNS)
         scan = None
+        text = cond == "text"
+        label = cond  # the column the model is conditioned on
         if cond or holdout:
             rdir = RecordsDir(data)
-            if cond:
+            if text:
+                label = text_column(rdir)
+                columns.append(label)
+            elif cond:
                 check_label_column(rdir, cond)
                 columns.append(cond)
-            scan = scan_records(rdir, cond, holdout)
+            scan = scan_records(rdir, None if text else cond, holdout)
             if holdout:
                 columns.append("key")
         ds = PrecomputedDataset(
@@ -403,7 +465,7 @@ def train(
             raise ValueError(
                 f"no sample of {data} falls in the held-out fraction {holdout}: raise --holdout"
             )
-        if cond:
+        if cond and not text:
             if scan["max_label"] is None and num_classes is None:
                 raise ValueError(f"every {cond!r} label of {data} is null: nothing to condition on")
             inferred = 0 if scan["max_label"] is None else scan["max_label"] + 1
@@ -415,9 +477,16 @@ def train(
                 )
         train_ds = KeySplit(ds, holdout, held_out=False) if holdout else ds
         eval_ds = KeySplit(ds, holdout, held_out=True) if holdout else ds
+        text_dim = 0
+        if text:
+            null_text = ds.unconditional()[label].float()  # _text/_uncond.parquet
+            text_dim = len(null_text)
         model = TinyDenoiser(
-            shape, schedule.num_timesteps, width=width, num_classes=num_classes or 0
-        )
+            shape, schedule.num_timesteps, width=width, num_classes=num_classes or 0,
+            text_dim=text_dim,
+        )  # fmt: skip
+        if text:
+            model.null_text.copy_(null_text)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=steps, pct_start=0.1
@@ -437,9 +506,9 @@ def train(
             for batch in _loader(train_ds, batch_size, workers):
                 eps = batch["epsilon"]
                 if cond:
-                    y = batch[cond]
+                    y = batch[label]
                     dropped = torch.rand(len(y), generator=drop) < p_uncond
-                    y = torch.where(dropped, -1, y)  # -1: the null label
+                    y = model.drop(y, dropped)  # the null label, or the empty prompt's embedding
                     loss = F.mse_loss(model(batch["x_t"], batch["t"], y), eps)
                 else:
                     loss = F.mse_loss(model(batch["x_t"], batch["t"]), eps)
@@ -452,7 +521,7 @@ def train(
                 step = len(losses)
                 logged = not quiet and (step % log_every == 0 or step == 1)
                 if cond and (logged or step % curve_every == 0 or step == steps):
-                    point = _curve_point(model, curve_batch, cond)
+                    point = _curve_point(model, curve_batch, label)
                     curve["steps"].append(step)
                     curve["mse"].append(point[0])
                     curve["mse_null"].append(point[1])
@@ -482,14 +551,18 @@ def train(
             "num_timesteps": schedule.num_timesteps,
             "final_loss": float(np.mean(losses[-tail:])),
             "final_zero_loss": float(np.mean(zero_losses[-tail:])),
-            "eval": evaluate(model, eval_ds, kl_term, batch_size, eval_batches, cond),
+            "eval": evaluate(model, eval_ds, kl_term, batch_size, eval_batches, label),
             "losses": losses,
             "zero_losses": zero_losses,
         }
         if holdout:
             metrics["holdout"] = holdout
             metrics["held_out_records"] = scan["held_out"]
-        if cond:
+        if text:
+            metrics["cond"] = {"column": "text", "embedding": label, "p_uncond": p_uncond,
+                               "null": "the stored unconditional embedding"}  # fmt: skip
+            metrics["curve"] = curve
+        elif cond:
             metrics["cond"] = {
                 "column": cond,
                 "num_classes": num_classes,
@@ -531,7 +604,9 @@ def save(metrics: dict, out: Path) -> None:
     title = "epsilon-prediction loss"
     if metrics.get("cond"):
         c = metrics["cond"]
-        title += f", conditioned on {c['column']} ({c['num_classes']} classes)"
+        title += f", conditioned on {c.get('embedding', c['column'])}" + (
+            f" ({c['num_classes']} classes)" if "num_classes" in c else ""
+        )
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
@@ -555,6 +630,7 @@ def save_checkpoint(model: TinyDenoiser, path: Path, records_meta: dict) -> None
         "width": model.inp.conv.out_channels,
         "emb": model.emb_dim,
         "num_classes": model.num_classes,
+        "text_dim": model.text_dim,
         "schedule": records_meta["schedule"],
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -570,7 +646,7 @@ def load_checkpoint(path) -> tuple[TinyDenoiser, dict]:
         config = json.loads(f.metadata()["config"])
     model = TinyDenoiser(
         config["shape"], config["num_timesteps"], width=config["width"], emb=config["emb"],
-        num_classes=config["num_classes"],
+        num_classes=config["num_classes"], text_dim=config.get("text_dim", 0),
     )  # fmt: skip
     model.load_state_dict(load_file(str(path)))
     return model.eval(), config
@@ -693,7 +769,16 @@ def report(m: dict) -> str:
         f"   zero predictor: {e['kl_zero']:.4g}   true eps: {e['kl_true_eps']:.2g}"
         f"   ({e['kl_records']} records with t > 0)",
     ]
-    if m.get("cond"):
+    if m.get("cond", {}).get("column") == "text":
+        c = m["cond"]
+        lines += [
+            f"conditioned on the caption embedding {c['embedding']!r}, p_uncond {c['p_uncond']:g} "
+            "(a dropped caption takes the stored unconditional embedding, the empty prompt's)",
+            f"eval MSE given caption: {e['mse']:.4f}   given the empty prompt: {e['mse_null']:.4f}"
+            f"   (same {e['records']} records, x_t, t, eps; empty - caption = "
+            f"{e['mse_gap']:.4f} +- {e['mse_gap_se']:.4f} s.e.)",
+        ]
+    elif m.get("cond"):
         c = m["cond"]
         lines += [
             f"conditioned on {c['column']!r}: {c['num_classes']} classes + the null label, "
@@ -853,7 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cond",
         metavar="COLUMN",
-        help="train a class-conditional model on this int64 conditioning column (e.g. cls)",
+        help="train a class-conditional model on this int64 conditioning column (e.g. cls), or "
+        "'text': on the pooled caption embedding of records made with text=clip|sdxl|sd3|flux",
     )
     p.add_argument(
         "--num-classes",
@@ -893,6 +979,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--num-classes must be >= 1")
     if (args.num_classes is not None or args.p_uncond is not None) and not args.cond:
         p.error("--num-classes and --p-uncond apply to a conditional model: add --cond COLUMN")
+    if args.cond == "text" and (args.make_synthetic or args.num_classes is not None):
+        p.error("--cond text reads the text embeddings of a precompute run (text=clip ...): "
+                "--make-synthetic and --num-classes do not apply")  # fmt: skip
     if args.make_synthetic:
         classes = args.synthetic_classes
         if classes is None:
