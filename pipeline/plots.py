@@ -6,7 +6,9 @@ check's quantity carries the check's verdict and draws the band the check itself
 model (``var_mean_over_t.png``), the schedule, the timestep histogram against the configured
 density (:meth:`pipeline.noise.KeyedNoise.timestep_pmf`), eps per channel on a log scale
 against N(0, 1), a QQ plot of x_T, label histograms, and the noising strip: a few records' x_0
-and their x_t at increasing t (images as pictures, latents per channel).
+and their x_t at increasing t (images as pictures, latents per channel). For latents of an
+encoder whose files are at hand and are the ones the metadata names (the config's and weights'
+sha256), the strip also shows x_0 decoded by that VAE (:func:`vae_decoder`).
 """
 
 from __future__ import annotations
@@ -73,9 +75,80 @@ def write_plots(
         saved.append(name)
 
     ctx = context(report, ds.plan.process)
+    decode, note = vae_decoder(ds.plan.process.get("encoder"))
     for draw in (_moments_over_t, _schedule, _timesteps, _eps, _qq, _labels, _strip):
-        draw(plt, save, ds=ds, schedule=schedule, report=report, ctx=ctx)
+        draw(plt, save, ds=ds, schedule=schedule, report=report, ctx=ctx, decode=decode, note=note)
     return saved
+
+
+def vae_decoder(meta: dict | None) -> tuple[Callable | None, str]:
+    """``(decode, note)`` for the records' encoder (``meta``: the metadata's ``encoder`` entry).
+
+    ``decode(z)`` maps scaled latents ``z`` [N, C, h, w] (what the records hold: ``(latent -
+    shift) * scale``) to images [N, C_in, H, W] in the encoder's input range, ``vae.decode(z /
+    scale + shift)``, with the VAE built from exactly the files whose sha256 the metadata names:
+    a local folder at the recorded path, a remote folder copied as the actors copy it, or a Hub
+    snapshot already in the local cache (never downloaded here). None, with the reason in
+    ``note``, when there is no encoder, diffusers is missing, or the files are not at hand or
+    differ."""
+    if not meta:
+        return None, ""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("diffusers", "safetensors")):
+        return None, "decoded x_0 not drawn: diffusers is not installed (the vae extra)"
+    try:
+        folder = _vae_folder(meta)
+        vae = _load_decoder(folder, meta)
+    except Exception as exc:  # any reason not to draw it is a note on the plot, not a failure
+        return None, f"decoded x_0 not drawn: {type(exc).__name__}: {exc}"
+    scale, shift = float(meta["scaling_factor"]), float(meta["shift_factor"])
+
+    def decode(z: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.asarray(z, np.float32) / scale + shift)
+            return vae.decode(x).sample.double().numpy()
+
+    return decode, f"decoded x_0: {meta['model']} (config and weights sha256 as recorded)"
+
+
+def _vae_folder(meta: dict) -> str:
+    """The local folder of the recorded encoder's files (not verified here: see _load_decoder)."""
+    if meta["location"] != "hub":
+        from .encode_stage import fetch_model
+
+        return fetch_model(meta)
+    import os
+
+    from huggingface_hub import snapshot_download
+
+    root = snapshot_download(
+        repo_id=meta["model"], revision=meta["resolved_revision"], local_files_only=True
+    )
+    return os.path.join(root, meta["subfolder"]) if meta.get("subfolder") else root
+
+
+def _load_decoder(folder: str, meta: dict):
+    """The VAE of ``folder`` from exactly the bytes whose sha256 the metadata records (a
+    WeightsError names a file that differs), float32, eval mode, its encoder half dropped."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from diffusers.models.modeling_utils import no_init_weights
+
+    from .encoder import CONFIG_NAME
+    from .weights import load_state_dict, read_verified
+
+    config = json.loads(read_verified(f"{folder}/{CONFIG_NAME}", meta["config_sha256"]))
+    state = load_state_dict(folder, meta["weights_sha256"])
+    with no_init_weights():
+        vae = AutoencoderKL.from_config(config)
+    vae._fix_state_dict_keys_on_load(state)  # diffusers' renames of deprecated attention keys
+    vae.load_state_dict(state, strict=True)
+    vae.encoder, vae.quant_conv = None, None  # decode() does not use them
+    return vae.eval().requires_grad_(False).float()
 
 
 def _bin_means(ds: DatasetStats, table: np.ndarray) -> np.ndarray:
@@ -247,11 +320,14 @@ def is_latent(process: dict) -> bool:
     return bool(process.get("encoder")) or process.get("source", {}).get("kind") == "arrays"
 
 
-def _strip(plt, save, *, ds, schedule, report, ctx, decode: Callable | None = None, **_):
+def _strip(
+    plt, save, *, ds, schedule, report, ctx, decode: Callable | None = None, note: str = "", **_
+):
     """A few records, one per row: x_0 (stored, or reconstructed from x_t and eps), then x_t =
     sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps with the record's own eps at increasing t, then the
     stored x_t at the record's t. Images from [-1, 1] to pixels; latents per channel (one
-    grey panel per channel, side by side, on [-3, 3])."""
+    grey panel per channel, side by side, on [-3, 3]), preceded by x_0 decoded to pixels when
+    ``decode`` (:func:`vae_decoder`) is given; ``note`` says why it is not."""
     rows = ds.strip.sample()
     shape = ds.plan.shape
     if not len(rows) or len(shape) != 3:
@@ -262,7 +338,9 @@ def _strip(plt, save, *, ds, schedule, report, ctx, decode: Callable | None = No
     latent = is_latent(ds.plan.process)
     norm = ds.plan.process.get("source", {}).get("normalize", True)
     src = "stored" if ds.plan.process.get("store_x0") else "reconstructed"
-    ncol = len(ts) + 2
+    decoded = decode(x0) if latent and decode is not None else None  # [n, C_in, H, W]
+    first = 0 if decoded is None else 1  # the column of x_0 (latent)
+    ncol = len(ts) + 2 + first
     aspect = (shape[0] if latent else 1) * shape[2] / shape[1]  # a panel's width / height
     panel_w = min(22.0, 1.6 * ncol * max(1.0, aspect)) / ncol
     fig, axes = plt.subplots(
@@ -270,8 +348,8 @@ def _strip(plt, save, *, ds, schedule, report, ctx, decode: Callable | None = No
         squeeze=False,
     )  # fmt: skip
 
-    def show(ax, x, title):
-        if latent:  # channels side by side, a thin gap between them
+    def show(ax, x, title, pixels=not latent):
+        if not pixels:  # latent channels side by side, a thin gap between them
             gap = np.full((shape[1], 1), np.nan)
             img = np.concatenate([p for c in x for p in (c, gap)][:-1], axis=1)
             ax.imshow(img, cmap="gray", vmin=-LATENT_RANGE, vmax=LATENT_RANGE)
@@ -284,15 +362,17 @@ def _strip(plt, save, *, ds, schedule, report, ctx, decode: Callable | None = No
         ax.set_yticks([])
 
     for r in range(len(rows)):
-        show(axes[r, 0], x0[r], f"x_0 ({src})")
+        if decoded is not None:
+            show(axes[r, 0], decoded[r], f"x_0 ({src}) decoded by the VAE", pixels=True)
+        show(axes[r, first], x0[r], f"x_0 ({src})")
         for j, tj in enumerate(ts):
             x = np.sqrt(ab[tj]) * x0[r] + np.sqrt(1 - ab[tj]) * eps[r]
-            show(axes[r, 1 + j], x, f"t={tj} (ab={ab[tj]:.2g})")
+            show(axes[r, first + 1 + j], x, f"t={tj} (ab={ab[tj]:.2g})")
         show(axes[r, -1], xt[r], f"stored x_t, t={t_rec[r]}")
     how = "channels side by side on [-3, 3]" if latent else "pixels from [-1, 1]"
     fig.suptitle(
         f"noising strip: x_t = sqrt(ab) x_0 + sqrt(1-ab) eps, each row one record with its own "
-        f"eps ({how})\n{ctx}",
+        f"eps ({how})\n{ctx}" + (f"\n{note}" if note and latent else ""),
         fontsize=9,
     )
     save(fig, "noising_strip.png")

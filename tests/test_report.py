@@ -180,3 +180,103 @@ def test_titles_name_dataset_schedule_encoder_and_verdict(reports):
     c.update(passed=False, severity="error", statistic=7.0, threshold=5.0)
     c["detail"]["statistic_name"] = "max |z|"
     assert plots.verdict_text(c) == "x: FAIL (max |z| 7 vs 5)"
+
+
+# -- the decoded x_0 of latent records ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vae_dataset(tmp_path_factory):
+    """Latent records of a tiny random VAE (images 16 x 16 -> latents 4 x 8 x 8, x_0 stored),
+    the VAE folder and the validated report; write_plots' strip calls are recorded."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from jobs.bench.encoder import TINY
+
+    root = tmp_path_factory.mktemp("vae-report")
+    folder = root / "vae"
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(**TINY, scaling_factor=0.5, shift_factor=0.1).save_pretrained(
+        folder, safe_serialization=True
+    )
+    path = _build(root, "latents", "encoder=vae", f"encoder.model={folder}",
+                  "encoder.latent=mean", "output.store_x0=true")  # fmt: skip
+    calls, strip = [], plots._strip
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return strip(*args, **kw)
+
+    plots._strip = spy
+    try:
+        report = validate.run(validate.load_config([f"output.dir={path}", "progress=false"]))
+    finally:
+        plots._strip = strip
+    return path, folder, report, calls
+
+
+def _strip_figure(kw, decode, note=""):
+    """The strip's matplotlib figure for the recorded call ``kw`` with ``decode``/``note``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    plots._strip(plt, lambda fig, name: figs.append(fig), **{**kw, "decode": decode, "note": note})
+    return figs[0]
+
+
+def test_strip_draws_x0_decoded_by_the_recorded_vae(vae_dataset):
+    import diffusers
+    import torch
+
+    path, folder, report, calls = vae_dataset
+    assert "noising_strip.png" in report["plots"] and len(calls) == 1
+    kw = calls[0]
+    assert kw["decode"] is not None and kw["note"].startswith("decoded x_0: ")
+    ds = kw["ds"]
+    x0, _, _, _ = split_strip(ds.strip.sample().astype(np.float64), ds.plan.shape)
+    assert x0.shape[1:] == (4, 8, 8)
+    vae = diffusers.AutoencoderKL.from_pretrained(folder, use_safetensors=True).eval()
+    with torch.no_grad():  # diffusers' own decode of the unscaled latents
+        want = vae.decode(torch.from_numpy(x0 / 0.5 + 0.1).float()).sample.double().numpy()
+    got = kw["decode"](x0)
+    assert got.shape == (len(x0), 3, 16, 16)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    fig = _strip_figure(kw, kw["decode"], kw["note"])
+    ncol = len({int(round(f * 99)) for f in plots.STRIP_FRACTIONS}) + 3
+    assert len(fig.axes) == len(x0) * ncol
+    first = fig.axes[0]
+    assert first.get_title() == "x_0 (stored) decoded by the VAE"
+    np.testing.assert_allclose(
+        first.images[0].get_array(), np.moveaxis(np.clip((want[0] + 1) / 2, 0, 1), 0, -1),
+        atol=1e-5,
+    )  # fmt: skip
+    assert fig.axes[1].get_title() == "x_0 (stored)"  # then the latent channels, as before
+    assert "decoded x_0: " in fig._suptitle.get_text()
+
+
+def test_strip_without_the_recorded_vae_says_why(vae_dataset, tmp_path):
+    import shutil
+
+    import diffusers
+    import torch
+
+    from jobs.bench.encoder import TINY
+
+    path, folder, report, calls = vae_dataset
+    meta = calls[0]["ds"].plan.process["encoder"]
+    assert plots.vae_decoder(None) == (None, "")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(folder, moved)
+    decode, note = plots.vae_decoder({**meta, "folder": str(tmp_path / "gone")})
+    assert decode is None and "decoded x_0 not drawn: " in note and "does not exist" in note
+    torch.manual_seed(1)  # other weights at the recorded path: not the VAE the records used
+    vae = diffusers.AutoencoderKL(**TINY, scaling_factor=0.5, shift_factor=0.1)
+    vae.save_pretrained(moved, safe_serialization=True)
+    decode, note = plots.vae_decoder({**meta, "folder": str(moved)})
+    assert decode is None and "diffusion_pytorch_model.safetensors: sha256" in note
+    fig = _strip_figure(calls[0], decode, note)
+    assert fig.axes[0].get_title() == "x_0 (stored)" and note in fig._suptitle.get_text()
