@@ -887,6 +887,7 @@ def make_synthetic_records(
                 "posterior_variance": var.reshape(-1).numpy(),
                 "posterior_log_variance": log_var.reshape(-1).numpy(),
                 "alpha_bar": sched.alphas_cumprod[t].astype(np.float32),
+                "snr": sched.snr[t].astype(np.float32),
                 **extra,
             },
         )

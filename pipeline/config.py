@@ -69,9 +69,26 @@ class ScheduleConfig:
 
 
 @dataclass
+class FlowScheduleConfig(ScheduleConfig):
+    """``schedule=flow``: rectified flow on diffusers' training grid (pipeline/process.py)."""
+
+    name: str = "flow"
+    shift: float = 1.0  # static shift (SD3: 3.0)
+    dynamic_shift: bool = False  # Flux: shift exp(mu), mu linear in the latent sequence length
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    patch_size: int = 2  # sequence length = (H / patch_size) (W / patch_size)
+
+
+@dataclass
 class SamplingConfig:
     draws_per_sample: int = 1
     timesteps: str = "uniform"
+    logit_mean: float = 0.0  # logit_normal (SD3): u = sigmoid(logit_mean + logit_std z)
+    logit_std: float = 1.0
+    mode_scale: float = 1.29  # mode (SD3)
 
 
 @dataclass
@@ -79,6 +96,7 @@ class OutputConfig:
     dir: str = MISSING
     dtype: str = "float16"
     store_x0: bool = False
+    targets: list[str] = field(default_factory=list)  # extra targets: v | x_0 | velocity
     rows_per_group: int = 256
     compression: str = "zstd"
     tensor_compression: str = "none"
@@ -174,6 +192,7 @@ def register_configs() -> None:
     cs.store(group="source", name="base_images", node=ImagesSource)
     cs.store(group="source", name="base_arrays", node=ArraysSource)
     cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
+    cs.store(group="schedule", name="base_flow", node=FlowScheduleConfig)
     cs.store(group="ray", name="base_ray", node=RayConfig)
     cs.store(group="encoder", name="base_none", node=NoEncoder)
     cs.store(group="encoder", name="base_vae", node=VaeEncoder)
@@ -243,10 +262,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("compression", "tensor_compression"):
         _need(o[key] in _CODECS, f"output.{key}", f"must be one of {_CODECS}, got {o[key]!r}")
     sch = cfg.schedule
-    _need(sch.name in SCHEDULES, "schedule.name", f"must be one of {SCHEDULES}, got {sch.name!r}")
+    names = (*SCHEDULES, "flow")
+    _need(sch.name in names, "schedule.name", f"must be one of {names}, got {sch.name!r}")
     _need(
         sch.num_timesteps >= 1, "schedule.num_timesteps", f"must be >= 1, got {sch.num_timesteps}"
     )
+    for key, message in process_problems(cfg):
+        _need(False, key, message)
     src = cfg.source
     _need(
         src.kind in ("images", "arrays"),
@@ -334,6 +356,55 @@ def validate(cfg: DictConfig) -> None:
         _need(False, key, message)
 
 
+def family(cfg: DictConfig) -> str:
+    """The process family of a config: ``flow`` for ``schedule=flow``, else ``ddpm``."""
+    return "flow" if cfg.schedule.name == "flow" else "ddpm"
+
+
+def process_problems(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, message) for the values of the forward process (schedule, densities, targets)
+    that do not fit its family (:mod:`pipeline.process`, :mod:`pipeline.noise`)."""
+    from .noise import DENSITIES
+    from .process import FLOW_DEFAULTS, TARGETS, check_flow_config
+
+    fam, sch, s, bad = family(cfg), cfg.schedule, cfg.sampling, []
+    if fam == "flow":
+        if "shift" not in sch:
+            bad.append(("schedule", "name=flow needs the flow schema: use schedule=flow"))
+            return bad
+        bad += check_flow_config({k: sch[k] for k in FLOW_DEFAULTS})
+        if sch.zero_terminal_snr:
+            why = "must be false with schedule=flow: sigma reaches 1 (zero SNR) already"
+            bad.append(("schedule.zero_terminal_snr", why))
+        if sch.params:
+            why = f"must be empty with schedule=flow, got {dict(sch.params)}"
+            bad.append(("schedule.params", why))
+    elif s.timesteps in DENSITIES:
+        bad.append(("sampling.timesteps",
+                    f"{s.timesteps} is a rectified-flow density (SD3): use it with schedule=flow, "
+                    "or uniform|stratified with a DDPM schedule"))  # fmt: skip
+    if not s.logit_std > 0:
+        bad.append(("sampling.logit_std", f"must be > 0, got {s.logit_std}"))
+    for target in cfg.output.targets:
+        if target not in TARGETS:
+            bad.append(("output.targets", f"unknown target {target!r}; allowed: {list(TARGETS)}"))
+        elif fam not in TARGETS[target]:
+            allowed = [k for k, fams in TARGETS.items() if fam in fams]
+            bad.append(("output.targets",
+                        f"{target!r} is not defined for schedule={sch.name} ({fam}); "
+                        f"allowed: {allowed}"))  # fmt: skip
+    if len(set(cfg.output.targets)) != len(cfg.output.targets):
+        bad.append(("output.targets", f"lists a target twice: {list(cfg.output.targets)}"))
+    return bad
+
+
+def targets(cfg: DictConfig) -> tuple[list[str], bool]:
+    """(the extra target columns beyond what the family always writes, store_x0): ``x_0`` in
+    ``output.targets`` is ``output.store_x0``; flow's ``velocity`` is always written."""
+    extra = sorted(set(cfg.output.targets) - {"x_0", "velocity"})
+    return extra, bool(cfg.output.store_x0 or "x_0" in cfg.output.targets)
+
+
 def _validate_encoder(cfg: DictConfig) -> None:
     """The ``encoder`` group's values; what needs the model's config.json (channels, sizes)
     is checked when the driver resolves the model (pipeline/encoder.py)."""
@@ -391,7 +462,15 @@ def process_config(cfg: DictConfig) -> dict:
     if out["source"].get("buckets") is None:  # buckets off: the hash of the square-crop configs
         for key in BUCKET_KEYS:
             out["source"].pop(key, None)
-    out["output"] = {"dtype": cfg.output.dtype, "store_x0": cfg.output.store_x0}
+    from .noise import DENSITIES
+
+    if out["sampling"]["timesteps"] not in DENSITIES:  # a density's parameters, only with it
+        for key in ("logit_mean", "logit_std", "mode_scale"):
+            out["sampling"].pop(key, None)
+    extra, store_x0 = targets(cfg)
+    out["output"] = {"dtype": cfg.output.dtype, "store_x0": store_x0}
+    if extra:  # DDPM without targets: the hash of the configs before output.targets
+        out["output"]["targets"] = extra
     from .encoder import describe_encoder, enabled
 
     if enabled(cfg):  # the model's identity (file hashes), not just its name

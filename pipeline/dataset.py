@@ -99,14 +99,14 @@ are their own.
 Yielded records
 ---------------
 A dict with the requested columns, in the order asked: tensor columns as torch tensors of their
-stored shape ``[C, H, W]`` (stored dtype, or ``dtype`` when given), ``t`` as an int64 0-d tensor,
-``posterior_variance``/``posterior_log_variance``/``alpha_bar`` as float32 0-d tensors, ``key``
-as ``str``, ``index`` and ``draw`` as ``int``. Conditioning columns (``source.keep``, see
-:mod:`pipeline.conditioning`): an int64 column such as ``cls`` as an int64 0-d tensor, a null
-(absent member) as ``null_label`` (default -1; a dataset whose labels with nulls include that
-value is refused, see :mod:`pipeline.labels`); string columns (``txt``, ``json``,
-``meta_json``) as ``str`` and binary ones as ``bytes``, a null as None. ``default_collate`` makes
-a batch's labels an int64 [B] tensor and its strings a list of str; it cannot collate None, so a
+stored shape ``[C, H, W]`` (stored dtype, or ``dtype`` when given), ``t`` as an int64 0-d tensor
+(flow: float32 sigma * T), ``posterior_variance``/``posterior_log_variance``/``alpha_bar`` as
+float32 0-d tensors, ``key`` as ``str``, ``index`` and ``draw`` as ``int``. Conditioning columns
+(``source.keep``, see :mod:`pipeline.conditioning`): an int64 column such as ``cls`` as an int64 0-d
+tensor, a null (absent member) as ``null_label`` (default -1; a dataset whose labels with nulls
+include that value is refused, see :mod:`pipeline.labels`); string columns (``txt``, ``json``,
+``meta_json``) as ``str`` and binary ones as ``bytes``, a null as None. ``default_collate`` makes a
+batch's labels an int64 [B] tensor and its strings a list of str; it cannot collate None, so a
 loader over captions that may be null needs ``collate_fn=pipeline.dataset.collate`` (strings and
 None kept as lists).
 """
@@ -754,7 +754,7 @@ class PrecomputedDataset(IterableDataset):
                 seqs.append(values[rows].tolist())
             elif name in _INT_COLUMNS:
                 seqs.append(values[rows].tolist())
-            elif name == "t":
+            elif name == "t" and values.dtype.kind in "iu":  # DDPM; flow's t is float32 sigma*T
                 seqs.append(torch.from_numpy(values[rows].astype(np.int64)).unbind(0))
             elif (
                 values.ndim > 1

@@ -30,6 +30,7 @@ from .config import (
     process_config,
     quote_url_overrides,
     register_configs,
+    targets,
     validate,
 )
 from .decoders import make_decoder
@@ -48,9 +49,9 @@ from .manifest import (
 from .memory import fit_batch_size, host_memory_share, working_set_per_sample
 from .noise import KeyedNoise
 from .pool import ActorPool, death_cause, placement_problem, pool_size
+from .process import from_config as process_from_config
 from .raysession import RayConnectError, ray_session
 from .records import make_metadata
-from .schedule import make_schedule
 from .source import (
     Sample,
     SampleError,
@@ -125,19 +126,23 @@ def _input_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
 
 
 def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
-    sch = cfg.schedule
-    schedule = make_schedule(
-        sch.name, sch.num_timesteps, zero_terminal_snr=sch.zero_terminal_snr, **sch.params
-    )
+    sch, s = cfg.schedule, cfg.sampling
+    try:  # the grid of this shape is built here: a dynamic shift's shape problem is exit 2
+        proc = process_from_config(OmegaConf.to_container(sch, resolve=True), shape)
+    except ValueError as exc:
+        raise JobError(f"sample shape {list(shape)}: {exc}") from None
     noise = KeyedNoise(
-        cfg.seed, sch.num_timesteps, cfg.sampling.draws_per_sample, cfg.sampling.timesteps
-    )
+        cfg.seed, sch.num_timesteps, s.draws_per_sample, s.timesteps, family=proc.family,
+        logit_mean=s.logit_mean, logit_std=s.logit_std, mode_scale=s.mode_scale,
+    )  # fmt: skip
+    extra, store_x0 = targets(cfg)
     meta = make_metadata(
-        schedule=schedule,
+        schedule=proc,
         noise=noise,
         dtype=cfg.output.dtype,
         shape=shape,
-        store_x0=cfg.output.store_x0,
+        store_x0=store_x0,
+        targets=extra,
         config_hash=chash,
         source=process_config(cfg)["source"],
         library_version=__version__,

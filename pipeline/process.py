@@ -103,7 +103,10 @@ class GaussianProcess:
     """x_t = alpha x_0 + sigma eps on a grid of T points; every table is read-only float64 [T].
 
     ``timesteps``: the model's timestep at each point (DDPM: the index; flow: sigma * T).
-    ``description``: JSON-ready, enough to rebuild the process (:func:`from_description`)."""
+    ``description``: JSON-ready and independent of the sample shape, enough to rebuild the
+    process (:func:`from_description`); ``grid``: what this instance's grid depends on beyond
+    it (flow: the shift, and for a dynamic shift the sequence length and mu) and its hash, the
+    per-file ``grid`` entry of the metadata. ``schedule``: DDPM's :class:`NoiseSchedule`."""
 
     family: str
     num_timesteps: int
@@ -116,6 +119,8 @@ class GaussianProcess:
     snr: np.ndarray = field(repr=False)
     timesteps: np.ndarray = field(repr=False)
     description: dict = field(repr=False, default_factory=dict)
+    grid: dict = field(repr=False, default_factory=dict)
+    schedule: NoiseSchedule | None = field(repr=False, default=None)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -131,9 +136,19 @@ class GaussianProcess:
     def sigmas_sha256(self) -> str:
         return hashlib.sha256(self.sigma.astype("<f8").tobytes()).hexdigest()
 
+    def describe(self) -> dict:
+        """The metadata's ``schedule`` entry (what :func:`pipeline.records.make_metadata` asks)."""
+        return dict(self.description)
+
     def targets(self) -> tuple[str, ...]:
         """The target columns this family defines."""
         return tuple(k for k, fams in TARGETS.items() if self.family in fams)
+
+    def t_column(self, index: np.ndarray) -> np.ndarray:
+        """The record's ``t`` for grid indices [N]: DDPM int32 index, flow float32 sigma * T."""
+        if self.family == "flow":
+            return self.timesteps[index].astype(np.float32)
+        return np.asarray(index).astype(np.int32)
 
 
 def ddpm(schedule: NoiseSchedule) -> GaussianProcess:
@@ -150,12 +165,29 @@ def ddpm(schedule: NoiseSchedule) -> GaussianProcess:
         snr=schedule.snr,
         timesteps=np.arange(schedule.num_timesteps, dtype=np.float64),
         description=schedule.describe(),  # no "family" key: a file without one is DDPM
+        schedule=schedule,
     )
+
+
+def check_flow_config(cfg: dict) -> list[tuple[str, str]]:
+    """(key, message) for every invalid flow schedule value (keys of :data:`FLOW_DEFAULTS`)."""
+    bad = []
+    if not cfg["shift"] > 0:
+        bad.append(("schedule.shift", f"must be > 0, got {cfg['shift']}"))
+    if not cfg["max_seq_len"] > cfg["base_seq_len"]:
+        bad.append(
+            ("schedule.max_seq_len", f"must be > schedule.base_seq_len ({cfg['base_seq_len']}), "
+             f"got {cfg['max_seq_len']}")
+        )  # fmt: skip
+    if not (isinstance(cfg["patch_size"], int) and cfg["patch_size"] >= 1):
+        bad.append(("schedule.patch_size", f"must be an integer >= 1, got {cfg['patch_size']}"))
+    return bad
 
 
 def flow(num_timesteps: int, shape=None, **cfg) -> GaussianProcess:
     """Rectified flow (alpha = 1 - sigma) on diffusers' training grid. ``cfg``: the keys of
-    :data:`FLOW_DEFAULTS`; ``shape`` ([C, H, W]) fixes the sequence length of a dynamic shift."""
+    :data:`FLOW_DEFAULTS`; ``shape`` ([C, H, W]) fixes the sequence length of a dynamic shift
+    (H and W must be multiples of ``patch_size``, as Flux's 2x2 packing needs)."""
     unknown = set(cfg) - set(FLOW_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown flow schedule keys {sorted(unknown)}; allowed: {FLOW_DEFAULTS}")
@@ -163,20 +195,30 @@ def flow(num_timesteps: int, shape=None, **cfg) -> GaussianProcess:
     T = int(num_timesteps)
     if T < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    for key, message in check_flow_config(cfg):
+        raise ValueError(f"{key} {message}")
     desc = {"family": "flow", "name": "flow", "num_timesteps": T, **cfg}
+    desc["t_convention"] = "t = sigma * T (float32), sigma on diffusers' training grid"
     if cfg["dynamic_shift"]:
         if shape is None:
             raise ValueError("schedule.dynamic_shift=true needs the sample shape")
-        n = seq_len(shape, int(cfg["patch_size"]))
+        p = int(cfg["patch_size"])
+        if int(shape[-1]) % p or int(shape[-2]) % p:
+            raise ValueError(
+                f"schedule.patch_size={p} does not divide the sample's height and width "
+                f"{list(shape)[-2:]} (the sequence length of the dynamic shift)"
+            )
+        n = seq_len(shape, p)
         mu = math.log(flow_shift(n, cfg))
         sigma = flow_sigmas(T, mu=mu)
-        desc.update(seq_len=n, mu=mu)
+        grid = {"seq_len": n, "mu": mu, "shift": math.exp(mu)}
     else:
-        if not cfg["shift"] > 0:
-            raise ValueError(f"schedule.shift must be > 0, got {cfg['shift']}")
         sigma = flow_sigmas(T, float(cfg["shift"]))
+        grid = {"shift": float(cfg["shift"])}
     alpha = 1.0 - sigma
     post = general_posterior(alpha, sigma)
+    with np.errstate(divide="ignore"):
+        snr = alpha**2 / sigma**2
     proc = GaussianProcess(
         family="flow",
         num_timesteps=T,
@@ -186,11 +228,14 @@ def flow(num_timesteps: int, shape=None, **cfg) -> GaussianProcess:
         posterior_mean_coef2=post["coef_xt"],
         posterior_variance=post["variance"],
         posterior_log_variance_clipped=post["log_variance_clipped"],
-        snr=alpha**2 / sigma**2,
+        snr=snr,
         timesteps=sigma * T,
     )
-    desc["sigmas_sha256"] = proc.sigmas_sha256
+    grid["sigmas_sha256"] = proc.sigmas_sha256
+    if not cfg["dynamic_shift"]:  # one grid for every shape: the dataset's description pins it
+        desc["sigmas_sha256"] = grid["sigmas_sha256"]
     object.__setattr__(proc, "description", desc)
+    object.__setattr__(proc, "grid", grid)
     return proc
 
 
@@ -211,18 +256,67 @@ def from_config(sch: dict, shape=None) -> GaussianProcess:
     )
 
 
-def from_description(desc: dict, shape=None) -> GaussianProcess:
-    """Rebuild a process from its ``description`` (a file's metadata ``schedule`` entry);
-    ValueError when the rebuilt grid's hash differs (another library version)."""
+def from_description(desc: dict, shape=None, grid: dict | None = None) -> GaussianProcess:
+    """Rebuild a process from its ``description`` (a file's metadata ``schedule`` entry) for
+    samples of ``shape``; ValueError when the rebuilt grid's hash differs from the
+    description's or from the file's ``grid`` entry (another shape or library version)."""
     if desc.get("family", "ddpm") != "flow":
         from .records import schedule_from_metadata
 
         return ddpm(schedule_from_metadata({"schedule": desc}))
     proc = flow(desc["num_timesteps"], shape, **{k: desc[k] for k in FLOW_DEFAULTS})
-    if proc.sigmas_sha256 != desc["sigmas_sha256"]:
-        raise ValueError(
-            f"flow grid rebuilt here does not match the file's sigmas hash "
-            f"({proc.sigmas_sha256[:12]} != {desc['sigmas_sha256'][:12]}): shape or library "
-            "versions differ"
-        )
+    for want in (desc.get("sigmas_sha256"), (grid or {}).get("sigmas_sha256")):
+        if want is not None and proc.sigmas_sha256 != want:
+            raise ValueError(
+                f"flow grid rebuilt here does not match the file's sigmas hash "
+                f"({proc.sigmas_sha256[:12]} != {want[:12]}): shape or library versions differ"
+            )
     return proc
+
+
+def from_metadata(meta: dict, shape=None) -> GaussianProcess:
+    """The process of a file from its metadata (``schedule`` and its ``grid`` entry) and its
+    sample ``shape`` (default the metadata's ``shape``)."""
+    shape = meta.get("shape") if shape is None else shape
+    return from_description(meta["schedule"], shape, meta.get("grid"))
+
+
+class Processes:
+    """The process of each sample shape of a dataset, built once per shape: one grid for all
+    shapes, except Flux's dynamic shift, whose grid follows each file's sequence length."""
+
+    def __init__(self, description: dict):
+        self.description = dict(description)
+        self._by_shape: dict[tuple, GaussianProcess] = {}
+
+    def __call__(self, shape) -> GaussianProcess:
+        key = tuple(int(s) for s in shape) if self.shape_dependent else ()
+        if key not in self._by_shape:
+            self._by_shape[key] = from_description(self.description, key or shape)
+        return self._by_shape[key]
+
+    @property
+    def family(self) -> str:
+        return self.description.get("family", "ddpm")
+
+    @property
+    def shape_dependent(self) -> bool:
+        return self.family == "flow" and bool(self.description["dynamic_shift"])
+
+    def file_metadata(self, meta: dict, shape) -> dict:
+        """A file's metadata: ``meta`` plus, for flow, the ``grid`` of its ``shape``."""
+        if self.family != "flow":
+            return meta
+        return {**meta, "grid": self(shape).grid}
+
+
+def resolve(process, shape) -> GaussianProcess:
+    """A :class:`GaussianProcess` from a process, a :class:`Processes` (for ``shape``) or a DDPM
+    :class:`NoiseSchedule`."""
+    if isinstance(process, GaussianProcess):
+        return process
+    if isinstance(process, Processes):
+        return process(shape)
+    if isinstance(process, NoiseSchedule):
+        return ddpm(process)
+    raise TypeError(f"not a process: {type(process).__name__}")

@@ -8,14 +8,18 @@ column                      type                             meaning
 key                         string                           the sample's WebDataset ``__key__``
 index                       int64                            the sample's ordinal in its shard
 draw                        int32                            draw index, 0 <= draw < K
-t                           int32                            0-based timestep in [0, T)
-x_t                         tensor [C, H, W] (dtype)         sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
+t                           int32 / float32 (flow)           [0, T) index; flow: sigma * T
+sigma                       float32                          flow: the noise level sigma_t
+x_t                         tensor [C, H, W] (dtype)         alpha_t x_0 + sigma_t eps
 epsilon                     tensor [C, H, W] (dtype)         the noise eps ~ N(0, I)
 posterior_mean              tensor [C, H, W] (dtype)         mean of q(x_{t-1} | x_t, x_0)
 posterior_variance          float32                          variance of q(x_{t-1} | x_t, x_0)
 posterior_log_variance      float32                          its clipped log (finite at t = 0)
-alpha_bar                   float32                          ab_t
+alpha_bar                   float32                          DDPM: ab_t
+snr                         float32                          alpha_t^2 / sigma_t^2
 x_0                         tensor [C, H, W] (dtype)         the data, when output.store_x0=true
+velocity                    tensor [C, H, W] (dtype)         flow: eps - x_0 (its target)
+v                           tensor [C, H, W] (dtype)         output.targets=[v]: a_t eps - s_t x_0
 latent_mean                 tensor [C, H, W] (dtype)         encoder.store_dist: (mean - shift) * s
 latent_std                  tensor [C, H, W] (dtype)         encoder.store_dist: std * scale
 cls, txt, json, ...         int64 / string / binary, null    source.keep: the sample's members
@@ -31,7 +35,10 @@ latent's shape, ``x_0 = latent_mean + latent_std * n`` (``latent=sample``) or ``
 
 Tensor columns use Arrow's canonical ``arrow.fixed_shape_tensor`` extension type: row-major, no
 permutation, value type float16 or float32. The schema's key-value metadata holds, under
-``ddpm``, a JSON object describing the process (see :func:`process_metadata`).
+``ddpm``, a JSON object describing the process (see :func:`process_metadata`): its ``schedule``
+entry names the family (no ``family`` key: DDPM; ``flow``: rectified flow, see
+:mod:`pipeline.process`), a flow file's ``grid`` entry the shift of its own grid (a dynamic
+shift depends on the file's shape) and ``targets`` the extra targets (``output.targets``).
 
 The columns are declared once, in :data:`COLUMNS` (see "Column registry" below); the schema, the
 non-finite split of the noise stage, the reserved names of ``source.keep``, the loader's
@@ -40,8 +47,9 @@ conversions and the Hugging Face features all follow from it.
 Column registry
 ---------------
 A :class:`Column` declares one column: ``name``, ``kind`` (``identity`` | ``tensor`` |
-``scalar`` | ``conditioning``), ``dtype`` (an Arrow type name, or ``"output"``: the file's
-``output.dtype``, for tensors), ``per`` (``sample``: one value per input sample, repeated on its K
+``scalar`` | ``conditioning``), ``dtype`` (an Arrow type name, ``"output"``: the file's
+``output.dtype``, for tensors, or a function of the file's :class:`Layout` returning one),
+``per`` (``sample``: one value per input sample, repeated on its K
 draws; ``draw``: one per record), ``nullable``, ``stage`` (the stage that produces it: ``read``,
 ``encode``, ``noise``, ...), ``when`` (a predicate on the file's :class:`Layout`: is the column in
 this file?) and ``finite`` (a non-finite value rejects the sample, see :func:`nonfinite_columns`).
@@ -129,7 +137,7 @@ class Column:
 
     name: str
     kind: str
-    dtype: str
+    dtype: str | Callable[[Layout], str]
     per: str = "draw"
     nullable: bool = False
     stage: str = "noise"
@@ -143,7 +151,7 @@ class Column:
             raise ValueError(f"column {self.name!r}: kind must be one of {KINDS}, got {self.kind}")
         if self.per not in ("sample", "draw"):
             raise ValueError(f"column {self.name!r}: per must be sample or draw, got {self.per}")
-        if self.dtype != "output" and self.dtype not in ARROW_TYPES:
+        if isinstance(self.dtype, str) and self.dtype != "output" and self.dtype not in ARROW_TYPES:
             raise ValueError(f"column {self.name!r}: dtype {self.dtype!r} is not one of "
                              f"{['output', *ARROW_TYPES]}")  # fmt: skip
 
@@ -155,12 +163,16 @@ class Column:
     def rejects_nonfinite(self) -> bool:
         return self.is_tensor if self.finite is None else self.finite
 
+    def dtype_of(self, layout: Layout) -> str:
+        """The Arrow type name of this column in a file of ``layout``."""
+        dtype = self.dtype(layout) if callable(self.dtype) else self.dtype
+        return layout.dtype if dtype == "output" else dtype
+
     def arrow_type(self, layout: Layout) -> pa.DataType:
         if self.is_tensor:
             shape = layout.shape if self.shape is None else self.shape(layout)
-            dtype = layout.dtype if self.dtype == "output" else self.dtype
-            return tensor_type(shape, dtype)
-        return ARROW_TYPES[layout.dtype if self.dtype == "output" else self.dtype]
+            return tensor_type(shape, self.dtype_of(layout))
+        return ARROW_TYPES[self.dtype_of(layout)]
 
     def field(self, layout: Layout) -> pa.Field:
         return pa.field(self.name, self.arrow_type(layout), nullable=self.nullable)
@@ -193,18 +205,43 @@ def _dist(layout: Layout) -> bool:
     return layout.store_dist
 
 
+def family(layout: Layout) -> str:
+    """The process family of a file: ``ddpm`` (no ``family`` in its schedule) or ``flow``."""
+    return (layout.meta.get("schedule") or {}).get("family", "ddpm")
+
+
+def _flow(layout: Layout) -> bool:
+    return family(layout) == "flow"
+
+
+def _ddpm(layout: Layout) -> bool:
+    return family(layout) == "ddpm"
+
+
+def _t_dtype(layout: Layout) -> str:
+    return "float32" if _flow(layout) else "int32"
+
+
+def _v(layout: Layout) -> bool:
+    return "v" in (layout.meta.get("targets") or ())
+
+
 COLUMNS: list[Column | ColumnFamily] = [
     Column("key", "identity", "string", "sample", stage="read", doc="WebDataset __key__"),
     Column("index", "identity", "int64", "sample", stage="read", doc="ordinal in its shard"),
     Column("draw", "identity", "int32", doc="draw index, 0 <= draw < K"),
-    Column("t", "scalar", "int32", doc="0-based timestep in [0, T)"),
-    Column("x_t", "tensor", "output", doc="sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps"),
+    Column("t", "scalar", _t_dtype, doc="DDPM: 0-based timestep in [0, T); flow: sigma * T"),
+    Column("sigma", "scalar", "float32", when=_flow, doc="flow: the noise level sigma_t"),
+    Column("x_t", "tensor", "output", doc="alpha_t x_0 + sigma_t eps"),
     Column("epsilon", "tensor", "output", doc="the noise eps ~ N(0, I)"),
     Column("posterior_mean", "tensor", "output", doc="mean of q(x_{t-1} | x_t, x_0)"),
     Column("posterior_variance", "scalar", "float32", doc="variance of q(x_{t-1} | x_t, x_0)"),
     Column("posterior_log_variance", "scalar", "float32", doc="its clipped log"),
-    Column("alpha_bar", "scalar", "float32", doc="ab_t"),
+    Column("alpha_bar", "scalar", "float32", when=_ddpm, doc="DDPM: ab_t"),
+    Column("snr", "scalar", "float32", doc="alpha_t^2 / sigma_t^2"),
     Column("x_0", "tensor", "output", when=_x0, doc="the data (output.store_x0)"),
+    Column("velocity", "tensor", "output", when=_flow, doc="flow: eps - x_0, its target"),
+    Column("v", "tensor", "output", when=_v, doc="output.targets=[v]: alpha_t eps - sigma_t x_0"),
     Column("latent_mean", "tensor", "output", "sample", stage="encode", when=_dist,
            doc="encoder.store_dist: (mean - shift) * scale"),
     Column("latent_std", "tensor", "output", "sample", stage="encode", when=_dist,
@@ -249,14 +286,19 @@ def columns_of(layout: Layout) -> list[Column]:
     return out
 
 
+_DDPM_LAYOUT = Layout((1,), "float32")  # a DDPM file without options
+
+
 def _names(kind: str, cols: Iterable[Column] | None = None) -> tuple[str, ...]:
     cols = [c for c in COLUMNS if isinstance(c, Column)] if cols is None else cols
-    return tuple(c.name for c in cols if c.kind == kind and c.when is _always)
+    return tuple(c.name for c in cols if c.kind == kind and c.when in (_always, _ddpm))
 
 
-# The tensor and float scalar columns of every file (without options).
+# The tensor and float scalar columns of every DDPM file (without options).
 TENSOR_COLUMNS = _names("tensor")
-SCALAR_COLUMNS = tuple(n for n in _names("scalar") if declared(n).dtype.startswith("float"))
+SCALAR_COLUMNS = tuple(
+    n for n in _names("scalar") if declared(n).dtype_of(_DDPM_LAYOUT).startswith("float")
+)
 DIST_COLUMNS = tuple(c.name for c in COLUMNS if isinstance(c, Column) and c.when is _dist)
 
 
@@ -320,13 +362,16 @@ def make_metadata(
     library_version: str | None = None,
     encoder: Mapping | None = None,
     conditioning: Mapping | None = None,
+    targets: Sequence[str] = (),
 ) -> dict:
     """The ``ddpm`` process description of a dataset (see the module docstring): what a reader
-    needs to interpret and regenerate every record. ``schedule`` is a NoiseSchedule, ``noise`` a
-    KeyedNoise; ``source`` describes the input (decoding, normalisation; the shard URL is added
-    per file); ``encoder`` identifies the VAE of latent records (see :mod:`pipeline.encoder`);
-    ``conditioning`` lists the kept members and their columns' types
-    (:meth:`pipeline.conditioning.Conditioning.describe`)."""
+    needs to interpret and regenerate every record. ``schedule`` is a NoiseSchedule or a
+    :class:`pipeline.process.GaussianProcess` (anything with ``describe()``), ``noise`` a
+    KeyedNoise; ``targets``: the extra target columns (``output.targets`` but ``x_0``, which is
+    ``store_x0``; recorded only when not empty); ``source`` describes the input (decoding,
+    normalisation; the shard URL is added per file); ``encoder`` identifies the VAE of latent
+    records (see :mod:`pipeline.encoder`); ``conditioning`` lists the kept members and their
+    columns' types (:meth:`pipeline.conditioning.Conditioning.describe`)."""
     meta = {
         "format": FORMAT,
         "schedule": schedule.describe(),
@@ -344,6 +389,8 @@ def make_metadata(
         meta["encoder"] = dict(encoder)
     if conditioning is not None:
         meta["conditioning"] = dict(conditioning)
+    if targets:
+        meta["targets"] = sorted(targets)
     return meta
 
 
@@ -434,7 +481,7 @@ def records_metadata(schema: pa.Schema) -> dict:
 # Keys of the process metadata that must agree across every file of one dataset.
 PROCESS_KEYS = (
     "format", "schedule", "noise", "dtype", "shape", "store_x0", "config_hash", "encoder",
-    "conditioning", "text",
+    "conditioning", "text", "targets",
 )  # fmt: skip
 
 
@@ -445,10 +492,16 @@ def same_process(a: Mapping, b: Mapping) -> list[str]:
 
 
 def schedule_from_metadata(meta: Mapping):
-    """Rebuild the NoiseSchedule a file was written with; ValueError if its betas hash differs."""
+    """Rebuild the NoiseSchedule a file was written with; ValueError if its betas hash differs,
+    or if the file is not DDPM (see :func:`process_from_metadata` for every family)."""
     from .schedule import make_schedule
 
     s = meta["schedule"]
+    if s.get("family", "ddpm") != "ddpm":
+        raise ValueError(
+            f"these records are {s['family']!r}, not DDPM: they have no beta schedule; use "
+            "pipeline.records.process_from_metadata"
+        )
     sched = make_schedule(
         s["name"], s["num_timesteps"], zero_terminal_snr=s["zero_terminal_snr"], **s["params"]
     )
@@ -458,6 +511,14 @@ def schedule_from_metadata(meta: Mapping):
             f"({sched.betas_sha256[:12]} != {s['betas_sha256'][:12]}): library versions differ"
         )
     return sched
+
+
+def process_from_metadata(meta: Mapping, shape: Sequence[int] | None = None):
+    """Rebuild the :class:`pipeline.process.GaussianProcess` of a file (any family) from its
+    metadata and sample ``shape`` (default the metadata's; a dynamic shift depends on it)."""
+    from .process import from_metadata
+
+    return from_metadata(dict(meta), shape)
 
 
 def noise_from_metadata(meta: Mapping):

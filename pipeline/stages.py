@@ -38,7 +38,6 @@ from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
 from .prefetch import ReadAhead
 from .records import DTYPES, build_table, nonfinite_columns, writer_options
-from .schedule import NoiseSchedule
 from .source import Reject, Sample, iter_shard
 from .stage import Batch, Stage, reject_row
 from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
@@ -118,17 +117,18 @@ def batches(items: Iterator, size: int, tally: Tally) -> Iterator[list[Sample]]:
 class RecordOptions:
     """What a record holds besides the forward process: the tensors' ``dtype``, ``store_x0``,
     an encoder's ``latent`` mode (sample | mean; None without an encoder) and ``store_dist``,
-    and the conditioning columns (``source.keep``)."""
+    the conditioning columns (``source.keep``) and the extra ``targets``."""
 
     dtype: str
     store_x0: bool = False
     latent: str | None = None
     store_dist: bool = False
     cond_columns: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()  # output.targets beyond x_0 (v); flow always has velocity
 
 
 def compute_records(
-    schedule: NoiseSchedule,
+    process,
     noise: KeyedNoise,
     shard: str,
     samples: Sequence[Sample],
@@ -137,6 +137,13 @@ def compute_records(
     options: RecordOptions,
 ) -> dict[str, np.ndarray | list]:
     """The record columns for a batch of samples (N samples -> N*K rows, sample-major).
+
+    ``process``: the forward process, a :class:`pipeline.process.GaussianProcess`, a
+    :class:`pipeline.process.Processes` (the batch's shape picks its grid: Flux's dynamic shift)
+    or a DDPM :class:`pipeline.schedule.NoiseSchedule`. DDPM records carry ``t`` (int32 index)
+    and ``alpha_bar``; flow records ``t = sigma * T`` (float32), ``sigma`` and the target
+    ``velocity = eps - x_0``. Every record carries ``snr``; ``options.targets`` adds
+    ``v = alpha eps - sigma x_0``.
 
     t and eps are drawn on the CPU from the keyed streams (so they are bit-identical on every
     device); x_t and the posterior mean are computed on ``device``. On CUDA the inputs go through
@@ -155,12 +162,14 @@ def compute_records(
     """
     import torch
 
-    from .diffusion import q_posterior, q_sample
+    from .diffusion import q_posterior, q_sample, v_target, velocity
+    from .process import resolve
 
     latent, dtype = options.latent, options.dtype
     keys = [s.key for s in samples]
     indices = np.array([s.index for s in samples], dtype=np.int64)
     x0 = np.stack([s.array for s in samples])  # [N, C, ...] float32
+    proc = resolve(process, x0.shape[1:])
     K = noise.draws
     digests = noise.digests(shard, keys)
     t = noise.timesteps(digests, shard, indices)  # [N*K]
@@ -178,24 +187,35 @@ def compute_records(
     x0_h, eps_h = torch.from_numpy(x0), torch.from_numpy(eps)
     x0_d, eps_d = to_device(x0_h, device), to_device(eps_h, device)
     t_d = torch.from_numpy(t)
-    x_t = q_sample(schedule, x0_d, t_d, eps_d)  # float32: the posterior uses the unrounded x_t
-    mean, _, _ = q_posterior(schedule, x0_d, x_t, t_d, out_dtype=torch_out)
+    x_t = q_sample(proc, x0_d, t_d, eps_d)  # float32: the posterior uses the unrounded x_t
+    mean, _, _ = q_posterior(proc, x0_d, x_t, t_d, out_dtype=torch_out)
     x_t_h, mean_h = to_host(x_t.to(torch_out)), to_host(mean)
+    targets = {}
+    if proc.family == "flow":
+        targets["velocity"] = to_host(velocity(x0_d, eps_d, out_dtype=torch_out))
+    if "v" in options.targets:
+        targets["v"] = to_host(v_target(proc, x0_d, t_d, eps_d, out_dtype=torch_out))
     synchronize(device)  # the host copies are complete
     cols = {
         "key": [k for k in keys for _ in range(K)],
         "index": np.repeat(indices, K),
         "draw": np.tile(np.arange(K, dtype=np.int32), len(keys)),
-        "t": t.astype(np.int32),
+        "t": proc.t_column(t),
         "x_t": x_t_h.numpy(),
         "epsilon": eps_h.to(torch_out).numpy(),  # torch's float16 cast is ~2.5x numpy's
         "posterior_mean": mean_h.numpy(),
-        "posterior_variance": schedule.posterior_variance[t].astype(np.float32),
-        "posterior_log_variance": schedule.posterior_log_variance_clipped[t].astype(np.float32),
-        "alpha_bar": schedule.alphas_cumprod[t].astype(np.float32),
+        "posterior_variance": proc.posterior_variance[t].astype(np.float32),
+        "posterior_log_variance": proc.posterior_log_variance_clipped[t].astype(np.float32),
+        "snr": proc.snr[t].astype(np.float32),
     }
+    if proc.family == "flow":
+        cols["sigma"] = proc.sigma[t].astype(np.float32)
+    else:
+        cols["alpha_bar"] = proc.schedule.alphas_cumprod[t].astype(np.float32)
     if options.store_x0:
         cols["x_0"] = x0_h.to(torch_out).numpy()
+    for name, value in targets.items():
+        cols[name] = value.numpy()
     if options.store_dist:
         cols["latent_mean"] = torch.from_numpy(z_mean).to(torch_out).numpy()
         cols["latent_std"] = torch.from_numpy(z_std).to(torch_out).numpy()
@@ -233,10 +253,11 @@ def split_nonfinite(cols: dict, draws: int, dtype: str) -> tuple[dict, list[tupl
 
 class NoiseStage(Stage):
     """The forward process for batches of samples: :func:`compute_records` with this actor's
-    schedule, keyed noise, device and record options."""
+    process (a :class:`pipeline.process.Processes`: a grid per shape), keyed noise, device and
+    record options."""
 
-    def __init__(self, *, schedule, noise, options: RecordOptions):
-        self.schedule, self.noise, self.options = schedule, noise, options
+    def __init__(self, *, process, noise, options: RecordOptions):
+        self.processes, self.noise, self.options = process, noise, options
         self.device = None
 
     def setup(self, device: torch.device) -> None:
@@ -246,7 +267,7 @@ class NoiseStage(Stage):
         """The batch with its record columns; samples whose records overflow the output dtype
         are rejects instead (whatever ``on_error``: the input was good)."""
         cols = compute_records(
-            self.schedule,
+            self.processes,
             self.noise,
             batch.shard,
             batch.samples,

@@ -30,7 +30,8 @@ from .device import actor_device, assigned_gpus, resolve_device
 from .fs import identity
 from .manifest import OutputDir
 from .memory import fit_batch_size, host_memory_share, working_set_per_sample
-from .records import noise_from_metadata, record_schema, schedule_from_metadata
+from .process import Processes
+from .records import noise_from_metadata, record_schema
 from .source import shard_id
 from .stage import Batch, Stage, run_chain
 from .stages import (
@@ -67,6 +68,9 @@ class ShardWorker:
         import torch
 
         cfg = self.cfg
+        # Rebuilt from the driver's process description (checks the grid's hash on this node).
+        self.processes = Processes(self.metadata["schedule"])
+        self.processes(self.shape)  # builds this shape's grid now: a hash mismatch fails here
         # Threads from the declared CPU budget, not from the host: oversubscribing cores slows
         # torch's elementwise kernels by an order of magnitude.
         torch.set_num_threads(max(1, int(cfg["ray"]["cpus_per_actor"])))
@@ -109,14 +113,13 @@ class ShardWorker:
             chain.append(EncodeStage(enc, on_error=cfg["on_error"], gpu_share=gpu_share))
         options = RecordOptions(
             dtype=cfg["output"]["dtype"],
-            store_x0=cfg["output"]["store_x0"],
+            store_x0=self.metadata["store_x0"],  # or output.targets has x_0
             latent=enc["latent"] if enc else None,
             store_dist=self.store_dist,
             cond_columns=tuple(self.reader.conditioning.columns),
+            targets=tuple(self.metadata.get("targets", ())),
         )
-        # Rebuilt from the driver's process description (checks the betas hash on this node).
-        schedule = schedule_from_metadata(meta)
-        chain.append(NoiseStage(schedule=schedule, noise=noise, options=options))
+        chain.append(NoiseStage(process=self.processes, noise=noise, options=options))
         chain.append(WriteStage(self.out, self.schema, cfg["output"]))
         if tmeta:
             from .text_store import TextWriteStage
@@ -125,11 +128,13 @@ class ShardWorker:
         return chain
 
     def schema(self, url: str, shard: str):
-        """The Arrow schema of a shard's records file (its metadata names the source file)."""
+        """The Arrow schema of a shard's records file (its metadata names the source file and,
+        for flow, the grid of its shape)."""
         o = self.cfg["output"]
         meta = {**self.metadata, "source": {**self.metadata["source"], "url": url, "shard": shard}}
+        meta = self.processes.file_metadata(meta, self.shape)
         return record_schema(
-            self.shape, o["dtype"], o["store_x0"], meta, store_dist=self.store_dist
+            self.shape, o["dtype"], meta["store_x0"], meta, store_dist=self.store_dist
         )
 
     def info(self) -> dict:

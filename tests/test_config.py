@@ -28,7 +28,7 @@ REQUIRED = ["source.urls=/d/a-{000..009}.tar", "output.dir=/tmp/out"]
 def test_groups_have_the_documented_choices():
     assert GROUPS == {
         "source": ["arrays", "images"],
-        "schedule": ["cosine", "linear", "scaled_linear", "sigmoid"],
+        "schedule": ["cosine", "flow", "linear", "scaled_linear", "sigmoid"],
         "ray": ["cluster", "local"],
     }
 
@@ -123,11 +123,60 @@ def test_stdin_is_not_a_shard(urls):
         ("ray.num_actors=0", "ray.num_actors"),
         ("output.compression=lzma", "output.compression"),
         ("schedule.num_timesteps=0", "schedule.num_timesteps"),
+        ("sampling.timesteps=logit_normal", "sampling.timesteps"),  # DDPM: a flow density
+        ("output.targets=[velocity]", "output.targets"),  # not defined for DDPM
+        ("output.targets=[eps2]", "output.targets"),
+        ("output.targets=[v,v]", "output.targets"),
     ],
 )
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         validate(compose([*REQUIRED, override]))
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("output.targets=[v]", "output.targets"),  # v-prediction is DDPM's
+        ("schedule.shift=0", "schedule.shift"),
+        ("schedule.patch_size=0", "schedule.patch_size"),
+        ("schedule.max_seq_len=100", "schedule.max_seq_len"),
+        ("schedule.zero_terminal_snr=true", "schedule.zero_terminal_snr"),
+        ("sampling.logit_std=0", "sampling.logit_std"),
+    ],
+)
+def test_bad_flow_values_name_their_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(compose([*REQUIRED, "schedule=flow", override]))
+
+
+def test_flow_config_composes_with_the_densities():
+    cfg = compose([*REQUIRED, "schedule=flow", "sampling.timesteps=logit_normal",
+                   "schedule.dynamic_shift=true", "output.targets=[x_0,velocity]"])  # fmt: skip
+    validate(cfg)
+    assert cfg.schedule.shift == 1.0 and cfg.schedule.base_shift == 0.5
+    assert cfg.schedule.max_shift == 1.15 and cfg.schedule.base_seq_len == 256
+    assert cfg.schedule.max_seq_len == 4096 and cfg.schedule.patch_size == 2
+    assert cfg.sampling.logit_std == 1.0 and cfg.sampling.mode_scale == 1.29
+
+
+def test_config_hash_of_ddpm_configs_is_unchanged_by_flow_keys():
+    """Hashes computed by the code before schedule=flow (f65780d): a DDPM output dir written
+    then resumes; the density parameters count only with their density."""
+    assert config_hash(compose(REQUIRED)) == "756fdbfe215ac481"
+    cosine = ["schedule=cosine", "sampling.timesteps=stratified"]
+    assert config_hash(compose([*REQUIRED, *cosine])) == "8917b02d1348893e"
+    x0 = ["output.store_x0=true", "source=arrays"]
+    assert config_hash(compose([*REQUIRED, *x0])) == "07914df98f0456b2"
+    assert config_hash(compose([*REQUIRED, "source=arrays", "output.targets=[x_0]"])) == (
+        "07914df98f0456b2"  # x_0 is store_x0
+    )
+    assert config_hash(compose([*REQUIRED, "sampling.logit_std=2"])) == "756fdbfe215ac481"
+    assert config_hash(compose([*REQUIRED, "output.targets=[v]"])) != "756fdbfe215ac481"
+    flow = config_hash(compose([*REQUIRED, "schedule=flow", "sampling.timesteps=logit_normal"]))
+    assert flow != config_hash(compose([*REQUIRED, "schedule=flow"]))
+    shifted = ["schedule=flow", "sampling.timesteps=logit_normal", "sampling.logit_std=2"]
+    assert config_hash(compose([*REQUIRED, *shifted])) != flow
 
 
 def test_config_hash_ignores_execution_settings_only():

@@ -60,6 +60,7 @@ def write_file(
         "posterior_variance": np.full(n, 0.5, np.float32),
         "posterior_log_variance": np.full(n, np.log(0.5), np.float32),
         "alpha_bar": np.linspace(1, 0, n, dtype=np.float32),
+        "snr": np.linspace(2, 0, n, dtype=np.float32),
     }
     if m["store_x0"]:
         cols["x_0"] = rng.standard_normal(tens)
@@ -585,7 +586,7 @@ def test_batches_conditioning_columns(tmp_path):
             "t": i.astype(np.int32), "x_t": tens, "epsilon": tens, "posterior_mean": tens,
             "posterior_variance": np.ones(n, np.float32),
             "posterior_log_variance": np.zeros(n, np.float32), "alpha_bar": np.ones(n, np.float32),
-            "cls": [None if k % 4 == 0 else int(k) for k in i],
+            "snr": np.ones(n, np.float32), "cls": [None if k % 4 == 0 else int(k) for k in i],
             "txt": [None if k % 5 == 0 else f"caption {k}" for k in i]}  # fmt: skip
     pq.write_table(records.build_table(schema, cols), root / "a.parquet", row_group_size=8)
     columns = ["key", "cls", "txt", "t"]

@@ -55,8 +55,8 @@ def test_dynamic_shift_matches_diffusers_arithmetic(hw):
     s = torch.arange(1, 1001, dtype=torch.float64) / 1000
     ref = sch.time_shift(mu, 1.0, s).numpy()
     p = process.flow(1000, (16, *hw), dynamic_shift=True)
-    assert p.description["seq_len"] == n
-    assert math.isclose(p.description["mu"], mu, rel_tol=1e-12)
+    assert p.grid["seq_len"] == n and "seq_len" not in p.description  # per shape, not per dataset
+    assert math.isclose(p.grid["mu"], mu, rel_tol=1e-12)
     np.testing.assert_allclose(p.sigma, ref, rtol=1e-12)
     # dynamic shift is a static shift exp(mu)
     np.testing.assert_allclose(p.sigma, process.flow(1000, shift=math.exp(mu)).sigma, rtol=1e-12)
@@ -81,10 +81,22 @@ def test_flow_posterior_against_independent_float64(shift):
 
 def test_description_rebuilds_the_process():
     p = process.flow(100, (4, 16, 16), dynamic_shift=True, patch_size=2)
-    q = process.from_description(p.description, (4, 16, 16))
+    q = process.from_description(p.description, (4, 16, 16), p.grid)
     assert q.sigma.tobytes() == p.sigma.tobytes()
-    with pytest.raises(ValueError, match="sigmas hash"):
-        process.from_description(p.description, (4, 32, 32))
+    with pytest.raises(ValueError, match="sigmas hash"):  # the file's grid is of another shape
+        process.from_description(p.description, (4, 32, 32), p.grid)
+    # one description, a grid per shape (aspect-ratio buckets): Processes builds each once
+    procs = process.Processes(p.description)
+    assert procs((4, 16, 16)) is procs((4, 16, 16))
+    assert procs((4, 32, 16)).grid["seq_len"] == 128 and procs.shape_dependent
+    meta = procs.file_metadata({"schedule": p.description, "shape": [4, 32, 16]}, (4, 32, 16))
+    assert process.from_metadata(meta).sigma.tobytes() == procs((4, 32, 16)).sigma.tobytes()
+    with pytest.raises(ValueError, match="patch_size=2 does not divide"):
+        process.flow(100, (4, 15, 16), dynamic_shift=True)
+    static = process.flow(100, shift=3.0)
+    assert static.description["sigmas_sha256"] == static.grid["sigmas_sha256"]
+    one = process.Processes(static.description)
+    assert one((4, 8, 8)) is one((4, 16, 32)) and not one.shape_dependent
     d = process.ddpm(make_schedule("cosine", 100))
     assert process.from_description(d.description).alpha.tobytes() == d.alpha.tobytes()
 

@@ -65,6 +65,7 @@ def write_records(root, sizes: dict[str, int], row_group_size: int = 8) -> None:
             "posterior_variance": rng.random(n, np.float32),
             "posterior_log_variance": rng.random(n, np.float32),
             "alpha_bar": rng.random(n, np.float32),
+            "snr": rng.random(n, np.float32),
         }
         schema = records.record_schema(SHAPE, "float16", False, meta)
         table = records.build_table(schema, cols)

@@ -18,11 +18,12 @@ COND = {"keep": ["cls", "txt"], "require": [], "columns": [
 def test_schema_order_types_and_options():
     base = record_schema((2, 4, 4), "float16", False)
     assert base.names == ["key", "index", "draw", "t", "x_t", "epsilon", "posterior_mean",
-                          "posterior_variance", "posterior_log_variance", "alpha_bar"]  # fmt: skip
+                          "posterior_variance", "posterior_log_variance", "alpha_bar",
+                          "snr"]  # fmt: skip
     assert base.field("x_t").type == records.tensor_type((2, 4, 4), "float16")
     assert base.field("t").type == pa.int32() and not base.field("key").nullable
     full = record_schema((2, 4, 4), "float32", True, {"conditioning": COND}, store_dist=True)
-    assert full.names[10:] == ["x_0", "latent_mean", "latent_std", "cls", "txt"]
+    assert full.names[11:] == ["x_0", "latent_mean", "latent_std", "cls", "txt"]
     assert full.field("cls").nullable and full.field("cls").type == pa.int64()
     assert full.field("latent_std").type == records.tensor_type((2, 4, 4), "float32")
     assert records.file_shape(full) == [2, 4, 4]
@@ -37,7 +38,8 @@ def test_shape_is_the_files():
 
 def test_derived_lists():
     assert records.TENSOR_COLUMNS == ("x_t", "epsilon", "posterior_mean")
-    assert records.SCALAR_COLUMNS == ("posterior_variance", "posterior_log_variance", "alpha_bar")
+    assert records.SCALAR_COLUMNS == (
+        "posterior_variance", "posterior_log_variance", "alpha_bar", "snr")  # fmt: skip
     assert records.DIST_COLUMNS == ("latent_mean", "latent_std")
     assert records.tensor_columns(True, True) == (
         "x_t", "epsilon", "posterior_mean", "x_0", "latent_mean", "latent_std")  # fmt: skip
@@ -61,17 +63,31 @@ def test_split_nonfinite_covers_the_latent_columns():
     assert [d[:2] for d in dropped] == [("k1", 1)] and kept["key"] == ["k0", "k0", "k2", "k2"]
 
 
+def test_flow_and_target_columns_follow_the_metadata():
+    flow = {"schedule": {"family": "flow"}, "dtype": "float16"}
+    schema = record_schema((2, 4, 4), "float16", False, flow)
+    assert schema.names == ["key", "index", "draw", "t", "sigma", "x_t", "epsilon",
+                            "posterior_mean", "posterior_variance", "posterior_log_variance",
+                            "snr", "velocity"]  # fmt: skip
+    assert schema.field("t").type == pa.float32() and schema.field("sigma").type == pa.float32()
+    assert schema.field("velocity").type == records.tensor_type((2, 4, 4), "float16")
+    v = record_schema((2, 4, 4), "float32", True, {"targets": ["v"]})
+    assert v.names[-3:] == ["snr", "x_0", "v"] and v.field("t").type == pa.int32()
+    assert records.nonfinite_columns(["velocity", "v", "snr", "sigma"]) == ("velocity", "v")
+    assert {"sigma", "velocity", "v", "snr"} <= set(records.reserved_names())
+
+
 def test_one_declaration_adds_a_column(monkeypatch):
     monkeypatch.setattr(records, "COLUMNS", list(records.COLUMNS))
-    records.register(Column("snr", "scalar", "float32", when=lambda lay: lay.meta.get("flow")),
+    records.register(Column("lw", "scalar", "float32", when=lambda lay: lay.meta.get("flow")),
                      before="x_0")  # fmt: skip
     plain = record_schema((1, 2, 2), "float16", True, {"dtype": "float16"})
     flow = record_schema((1, 2, 2), "float16", True, {"dtype": "float16", "flow": True})
-    assert "snr" not in plain.names and flow.names[10:12] == ["snr", "x_0"]
-    assert "snr" in records.reserved_names()
-    assert conditioning.config_problems({"keep": ["snr"]})  # a kept member may not take it
+    assert "lw" not in plain.names and flow.names[11:13] == ["lw", "x_0"]
+    assert "lw" in records.reserved_names()
+    assert conditioning.config_problems({"keep": ["lw"]})  # a kept member may not take it
     with pytest.raises(ValueError, match="already declared"):
-        records.register(Column("snr", "scalar", "float32"))
+        records.register(Column("lw", "scalar", "float32"))
     cols = {f.name: np.zeros((3, 1, 2, 2)) if records.is_tensor(f.type) else np.zeros(3)
             for f in flow}  # fmt: skip
     table = records.build_table(flow, {**cols, "key": ["a", "b", "c"]})

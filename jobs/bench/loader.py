@@ -88,6 +88,7 @@ def make_records(out: Path, num_records: int, files: int, rows_per_group: int) -
             "posterior_variance": np.full(n, 0.5, np.float32),
             "posterior_log_variance": np.full(n, np.log(0.5), np.float32),
             "alpha_bar": sched.alphas_cumprod[t].astype(np.float32),
+            "snr": sched.snr[t].astype(np.float32),
         }
         for name in records.TENSOR_COLUMNS:
             cols[name] = rng.standard_normal((n, *SHAPE), dtype=np.float32).astype(np.float16)

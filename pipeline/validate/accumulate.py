@@ -107,7 +107,11 @@ class Accumulator:
         cols = {c: records.tensor_to_numpy(rb.column(c)) for c in records.TENSOR_COLUMNS}
         if self.store_x0:
             cols["x_0"] = records.tensor_to_numpy(rb.column("x_0"))
-        scal = {c: rb.column(c).to_numpy().astype(np.float64) for c in records.SCALAR_COLUMNS}
+        scal = {  # snr: not in files written before it was added
+            c: rb.column(c).to_numpy().astype(np.float64)
+            for c in records.SCALAR_COLUMNS
+            if c in rb.schema.names
+        }
         cost.lap("read")
         self.identities(keys, draw, cols["epsilon"])
         cost.lap("identities_and_hashes")
