@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .device import synchronize, to_device, to_host
-from .encoder import CONFIG_NAME, EncoderError, downsampling_factor, hub_snapshot, require_diffusers
+from .encoder import CONFIG_NAME, EncoderError, downsampling_factor, hub_folder, require_diffusers
 from .source import Sample
 from .stage import Batch, Stage
 from .weights import WeightsError, load_state_dict, read_verified
@@ -49,7 +49,7 @@ def fetch_model(meta: Mapping) -> str:
 
     loc = meta["location"]
     if loc == "hub":
-        root, _ = hub_snapshot(meta["model"], meta["resolved_revision"], meta["subfolder"] or "")
+        root, _ = hub_folder(meta["model"], meta["resolved_revision"], meta["subfolder"] or "")
         folder = os.path.join(root, meta["subfolder"]) if meta["subfolder"] else root
     elif loc == "remote":
         tag = hashlib.sha256(json.dumps(meta["weights_sha256"], sort_keys=True).encode())

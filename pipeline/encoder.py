@@ -26,25 +26,28 @@ Everything here runs on the driver without torch or the model.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 import posixpath
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
-from .weights import WeightsError, check_safetensors
+from .modelfiles import (
+    CONFIG_NAME,
+    ModelFilesError,
+    ModelFolder,
+    hash_weights,
+    hub_snapshot,
+    is_hub_id,
+    subfolder_patterns,
+    weight_files,
+)
 
 log = logging.getLogger(__name__)
 
 ENCODER_CLASS = "diffusers.AutoencoderKL"
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 KINDS = ("none", "vae")
 LATENT_MODES = ("sample", "mean")
 ENCODER_DTYPES = ("float32", "float16", "bfloat16")
@@ -57,10 +60,9 @@ LATENT_GENERATOR = (
 # at float rounding only, like ``batch_size`` of the job.
 LOCATION_FIELDS = ("model", "location", "folder", "revision", "resolved_revision", "subfolder")
 UNHASHED_FIELDS = (*LOCATION_FIELDS, "batch_size")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class EncoderError(ValueError):
+class EncoderError(ModelFilesError):
     """The encoder cannot be used as configured; the message names the model, path and fix."""
 
 
@@ -79,25 +81,10 @@ def require_diffusers() -> None:
         )
 
 
-# -- the model folder and its hashes -------------------------------------------------------------
+# -- the model folder and its hashes (pipeline.modelfiles) ---------------------------------------
 
-
-@dataclass(frozen=True)
-class ModelFolder:
-    """Where the model's files are: ``folder`` (a local path or an fsspec URL) and how it was
-    found (``location``: local | remote | hub; for the Hub the snapshot's commit)."""
-
-    location: str
-    folder: str
-    resolved_revision: str | None = None
-
-    def fs(self):
-        import fsspec
-
-        return fsspec.core.url_to_fs(self.folder)
-
-    def display(self, name: str | None = None) -> str:
-        return self.folder if name is None else posixpath.join(self.folder, name)
+HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, "diffusion_pytorch_model-*.safetensors")
+CONVERT = "AutoencoderKL.from_pretrained(folder, use_safetensors=False).save_pretrained(folder)"
 
 
 def locate(model: str, revision: str | None = None, subfolder: str | None = None) -> ModelFolder:
@@ -117,9 +104,9 @@ def locate(model: str, revision: str | None = None, subfolder: str | None = None
     path = Path(model).expanduser()
     if path.is_dir():
         return ModelFolder("local", str((path / sub).resolve() if sub else path.resolve()))
-    if _HUB_ID.match(model) and not model.startswith((".", "~")):
+    if is_hub_id(model):
         try:
-            root, commit = hub_snapshot(model, revision, sub)
+            root, commit = hub_folder(model, revision, sub)
         except EncoderError as exc:  # owner/name may also have been meant as a relative folder
             raise EncoderError(
                 f"encoder.model={model}: no such local folder ({path.resolve()}), and as a "
@@ -132,114 +119,55 @@ def locate(model: str, revision: str | None = None, subfolder: str | None = None
     )
 
 
-@lru_cache(maxsize=16)
-def hub_snapshot(model: str, revision: str | None, sub: str) -> tuple[str, str]:
-    """(local snapshot folder, commit) of a Hub repo: config.json and safetensors weights only.
-
-    Cached per process: the driver hashes once per job, not at every manifest write."""
+def hub_folder(model: str, revision: str | None, sub: str) -> tuple[str, str]:
+    """(local snapshot folder, commit) of a Hub repo: config.json and safetensors weights only
+    (:func:`pipeline.modelfiles.hub_snapshot`, cached per process)."""
     try:
-        from huggingface_hub import snapshot_download
+        return hub_snapshot(model, revision, subfolder_patterns(sub, HUB_FILES))
     except ImportError as exc:
         raise EncoderError(f"encoder.model={model} is a Hub id: {INSTALL_HINT}") from exc
-    prefix = f"{sub}/" if sub else ""
-    patterns = [prefix + n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME)]
-    patterns.append(prefix + "diffusion_pytorch_model-*.safetensors")  # shards of an index
-    try:
-        root = snapshot_download(repo_id=model, revision=revision, allow_patterns=patterns)
     except Exception as exc:
         raise EncoderError(
             f"encoder.model={model} (revision {revision or 'main'}): cannot fetch it from the "
             f"Hugging Face Hub ({type(exc).__name__}: {exc}); without network, download it "
             f"beforehand (hf download {model}) or give a local folder"
         ) from exc
-    return root, posixpath.basename(str(root).rstrip("/"))
-
-
-_FILE_HASHES: dict = {}  # (protocol, path, size, mtime or etag) -> sha256, per process
-
-
-def file_sha256(fs, path: str) -> str:
-    """sha256 of a file of an fsspec filesystem, cached per process by (path, size, mtime)."""
-    info = fs.info(path)
-    stamp = info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("etag")
-    key = (str(fs.protocol), path, info.get("size"), str(stamp)) if stamp is not None else None
-    if key is not None and key in _FILE_HASHES:
-        return _FILE_HASHES[key]
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if key is not None:
-        _FILE_HASHES[key] = digest
-    return digest
-
-
-def weight_files(names: Sequence[str], read_index, where: str) -> list[str]:
-    """The safetensors files diffusers loads from a folder with these file ``names``:
-    ``diffusion_pytorch_model.safetensors``, or the index and its shards. ``read_index()``
-    returns the index JSON. Pickled weights alone are refused, naming the file and the fix."""
-    names = set(names)
-    if WEIGHTS_NAME in names:
-        return [WEIGHTS_NAME]
-    if INDEX_NAME in names:
-        shards = sorted(set(json.loads(read_index())["weight_map"].values()))
-        missing = [s for s in shards if s not in names]
-        if missing:
-            raise EncoderError(f"{where}: {INDEX_NAME} lists {missing[0]}, which is missing")
-        return [INDEX_NAME, *shards]
-    pickled = sorted(n for n in names if n.endswith(PICKLED_SUFFIXES))
-    if pickled:
-        raise EncoderError(
-            f"{posixpath.join(where, pickled[0])}: pickled weights are refused (unpickling can run "
-            "arbitrary code); only safetensors are loaded. Convert them once, in an environment "
-            "you trust: AutoencoderKL.from_pretrained(folder, use_safetensors=False)"
-            ".save_pretrained(folder) writes diffusion_pytorch_model.safetensors"
-        )
-    other = sorted(n for n in names if n.endswith(".safetensors"))
-    found = f" (found {', '.join(other)}: variants such as .fp16 are not loaded)" if other else ""
-    raise EncoderError(f"{where}: no {WEIGHTS_NAME}{found}")
 
 
 def read_folder(mf: ModelFolder) -> tuple[dict, str, dict[str, str]]:
     """(config.json as a dict, its sha256, {weights file: sha256}) of a model folder."""
-    fs, root = mf.fs()
     try:
-        listing = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        raise EncoderError(f"encoder model folder {mf.display()} does not exist") from None
-    names = [posixpath.basename(str(p).rstrip("/")) for p in listing]
-    if CONFIG_NAME not in names:
-        hint = (
-            " (a pipeline repo: set encoder.subfolder=vae)" if "model_index.json" in names else ""
-        )
-        raise EncoderError(
-            f"{mf.display()}: no {CONFIG_NAME}, not a diffusers model folder{hint}; expected "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
-    with fs.open(posixpath.join(root, CONFIG_NAME), "rb") as f:
-        raw = f.read()
-    config = json.loads(raw)
-    cls = config.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
-        raise EncoderError(
-            f"{mf.display(CONFIG_NAME)} describes a {cls}, not an AutoencoderKL"
-            + (" (a pipeline repo: set encoder.subfolder=vae)" if cls.endswith("Pipeline") else "")
-        )
+        fs, root, names = mf.listing("encoder model")
+        if CONFIG_NAME not in names:
+            hint = (
+                " (a pipeline repo: set encoder.subfolder=vae)"
+                if "model_index.json" in names
+                else ""
+            )
+            raise EncoderError(
+                f"{mf.display()}: no {CONFIG_NAME}, not a diffusers model folder{hint}; expected "
+                f"{CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
+        config, config_sha = mf.read_config(fs, root)
+        cls = config.get("_class_name", "AutoencoderKL")
+        if cls != "AutoencoderKL":
+            raise EncoderError(
+                f"{mf.display(CONFIG_NAME)} describes a {cls}, not an AutoencoderKL"
+                + (
+                    " (a pipeline repo: set encoder.subfolder=vae)"
+                    if cls.endswith("Pipeline")
+                    else ""
+                )
+            )
 
-    def read_index() -> bytes:
-        with fs.open(posixpath.join(root, INDEX_NAME), "rb") as f:
-            return f.read()
+        def read_index() -> bytes:
+            with fs.open(posixpath.join(root, INDEX_NAME), "rb") as f:
+                return f.read()
 
-    files = weight_files(names, read_index, mf.display())
-    weights = {n: file_sha256(fs, posixpath.join(root, n)) for n in files}
-    for n in files:  # a damaged file is refused here, on the driver, before any actor starts
-        if n.endswith(".safetensors"):
-            try:
-                check_safetensors(fs, posixpath.join(root, n), mf.display(n))
-            except WeightsError as exc:
-                raise EncoderError(str(exc)) from None
-    return config, hashlib.sha256(raw).hexdigest(), weights
+        files = weight_files(names, WEIGHTS_NAME, read_index, mf.display(), CONVERT)
+        return config, config_sha, hash_weights(mf, fs, root, files)
+    except ModelFilesError as exc:
+        raise EncoderError(str(exc)) from None
 
 
 # -- identity and shape --------------------------------------------------------------------------

@@ -34,14 +34,22 @@ tokens 2 MiB: K copies would dwarf the latents). The encoding runs on the actor
 
 from __future__ import annotations
 
-import hashlib
-import json
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .encoder import _HUB_ID, ModelFolder, file_sha256, locate
-from .weights import WeightsError, check_safetensors
+from .encoder import locate
+from .modelfiles import (
+    CONFIG_NAME,
+    ModelFilesError,
+    ModelFolder,
+    file_sha256,
+    hash_weights,
+    hub_snapshot,
+    is_hub_id,
+    subfolder_patterns,
+    weight_files,
+)
 
 KINDS = ("none", "clip", "t5", "sdxl", "sd3", "flux")
 PRESETS = ("sdxl", "sd3", "flux")
@@ -49,10 +57,8 @@ OUTPUTS = ("last", "penultimate", "pooled")
 MODEL_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 STORE_DTYPES = ("float16", "float32")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 # The tokenizer files transformers reads (none of them is a pickle; spiece.model is protobuf).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -64,7 +70,7 @@ LOCATION_FIELDS = ("model", "location", "folder", "revision", "resolved_revision
 UNHASHED_FIELDS = (*LOCATION_FIELDS, "batch_size")
 
 
-class TextError(ValueError):
+class TextError(ModelFilesError):
     """A text encoder cannot be used as configured; the message names the key, path and fix."""
 
 
@@ -155,74 +161,42 @@ def assemble(preset: str, emb: Mapping, dims: Mapping | None = None) -> dict:
 # -- identity ------------------------------------------------------------------------------------
 
 
-def _weights(names: set[str], read_index, where: str) -> list[str]:
-    """The safetensors files transformers loads from a folder with these file ``names``."""
-    if WEIGHTS_NAME in names:
-        return [WEIGHTS_NAME]
-    if INDEX_NAME in names:
-        shards = sorted(set(json.loads(read_index())["weight_map"].values()))
-        missing = [s for s in shards if s not in names]
-        if missing:
-            raise TextError(f"{where}: {INDEX_NAME} lists {missing[0]}, which is missing")
-        return [INDEX_NAME, *shards]
-    pickled = sorted(n for n in names if n.endswith(PICKLED_SUFFIXES))
-    if pickled:
-        raise TextError(
-            f"{posixpath.join(where, pickled[0])}: pickled weights are refused (unpickling can run "
-            "arbitrary code); only safetensors are loaded. Convert them once where you trust "
-            "them: <Model>.from_pretrained(folder).save_pretrained(folder) writes model.safetensors"
-        )
-    raise TextError(f"{where}: no {WEIGHTS_NAME} (a transformers text encoder folder)")
-
-
-def _listing(mf: ModelFolder, what: str) -> tuple:
-    fs, root = mf.fs()
-    try:
-        listing = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        raise TextError(f"{what} folder {mf.display()} does not exist") from None
-    return fs, root, {posixpath.basename(str(p).rstrip("/")) for p in listing}
+CONVERT = "<Model>.from_pretrained(folder).save_pretrained(folder)"
 
 
 def hash_model(mf: ModelFolder, key: str) -> dict:
     """config.json (parsed) and the sha256 of it and of every weights file of a text encoder."""
-    fs, root, names = _listing(mf, key)
-    if CONFIG_NAME not in names:
-        hint = " (a pipeline repo: set its subfolder, e.g. text_encoder)" if (
-            "model_index.json" in names) else ""  # fmt: skip
-        raise TextError(f"{key}: {mf.display()} has no {CONFIG_NAME}{hint}")
-    with fs.open(posixpath.join(root, CONFIG_NAME), "rb") as f:
-        raw = f.read()
-    config = json.loads(raw)
-    cls = (config.get("architectures") or [None])[0]
-    if cls not in MODEL_CLASSES:
-        raise TextError(
-            f"{key}: {mf.display(CONFIG_NAME)} describes {cls!r}; text encoders are one of "
-            f"{MODEL_CLASSES}"
-        )
+    try:
+        fs, root, names = mf.listing(key)
+        if CONFIG_NAME not in names:
+            hint = " (a pipeline repo: set its subfolder, e.g. text_encoder)" if (
+                "model_index.json" in names) else ""  # fmt: skip
+            raise TextError(f"{key}: {mf.display()} has no {CONFIG_NAME}{hint}")
+        config, config_sha = mf.read_config(fs, root)
+        cls = (config.get("architectures") or [None])[0]
+        if cls not in MODEL_CLASSES:
+            raise TextError(
+                f"{key}: {mf.display(CONFIG_NAME)} describes {cls!r}; text encoders are one of "
+                f"{MODEL_CLASSES}"
+            )
 
-    def read_index() -> bytes:
-        with fs.open(posixpath.join(root, INDEX_NAME), "rb") as f:
-            return f.read()
+        def read_index() -> bytes:
+            with fs.open(posixpath.join(root, INDEX_NAME), "rb") as f:
+                return f.read()
 
-    files = _weights(names, read_index, mf.display())
-    for n in files:
-        if n.endswith(".safetensors"):
-            try:
-                check_safetensors(fs, posixpath.join(root, n), mf.display(n))
-            except WeightsError as exc:
-                raise TextError(str(exc)) from None
-    return {
-        "class": cls,
-        "config": config,
-        "config_sha256": hashlib.sha256(raw).hexdigest(),
-        "weights_sha256": {n: file_sha256(fs, posixpath.join(root, n)) for n in files},
-    }
+        files = weight_files(names, WEIGHTS_NAME, read_index, mf.display(), CONVERT)
+        weights = hash_weights(mf, fs, root, files)
+    except ModelFilesError as exc:
+        raise TextError(str(exc)) from None
+    return {"class": cls, "config": config, "config_sha256": config_sha, "weights_sha256": weights}
 
 
 def hash_tokenizer(mf: ModelFolder, key: str) -> dict[str, str]:
     """{tokenizer file: sha256} of a tokenizer folder (the files transformers reads)."""
-    fs, root, names = _listing(mf, key)
+    try:
+        fs, root, names = mf.listing(key)
+    except ModelFilesError as exc:
+        raise TextError(str(exc)) from None
     files = sorted(n for n in names if n in TOKENIZER_FILES)
     if "tokenizer.json" not in files and not {"vocab.json", "spiece.model"} & set(files):
         raise TextError(
@@ -261,7 +235,7 @@ def _locate(model, revision, subfolder, key: str) -> ModelFolder:
         )
     if _is_dir(model):
         return locate(model.removeprefix("file://"), revision, subfolder)
-    if _HUB_ID.match(model):
+    if is_hub_id(model):
         return _hub(model, revision, subfolder, key)
     raise TextError(f"{key}={model}: no such folder, and not a Hugging Face Hub id (owner/name)")
 
@@ -274,23 +248,18 @@ def _is_dir(path: str) -> bool:
 
 def _hub(model: str, revision, subfolder, key: str) -> ModelFolder:
     """A Hub snapshot of the encoder's (or tokenizer's) subfolder: config, safetensors and
-    tokenizer files only."""
+    tokenizer files only (:func:`pipeline.modelfiles.hub_snapshot`, cached per process)."""
     from pathlib import Path
 
     sub = (subfolder or "").strip("/")
-    prefix = f"{sub}/" if sub else ""
-    patterns = [prefix + n for n in (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, *TOKENIZER_FILES)]
-    patterns.append(prefix + "model-*.safetensors")
+    names = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, *TOKENIZER_FILES, "model-*.safetensors")
     try:
-        from huggingface_hub import snapshot_download
-
-        root = snapshot_download(repo_id=model, revision=revision, allow_patterns=patterns)
+        root, commit = hub_snapshot(model, revision, subfolder_patterns(sub, names))
     except Exception as exc:
         raise TextError(
             f"{key}={model} (revision {revision or 'main'}): cannot fetch it from the Hugging Face "
             f"Hub ({type(exc).__name__}: {exc}); download it beforehand or give a local folder"
         ) from exc
-    commit = posixpath.basename(str(root).rstrip("/"))
     return ModelFolder("hub", str(Path(root) / sub) if sub else str(root), commit)
 
 

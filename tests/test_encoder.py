@@ -21,7 +21,7 @@ import torch
 from shards import npy_bytes, write_image_shard, write_tar
 
 from jobs.bench import encoder as bench_encoder
-from pipeline import encoder, records
+from pipeline import encoder, modelfiles, records
 from pipeline.config import config_hash, process_config
 from pipeline.decoders import ImageDecoder
 from pipeline.encode_stage import EncodeStage
@@ -176,7 +176,7 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch, vae_di
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    encoder.hub_snapshot.cache_clear()
+    modelfiles.hub_snapshot.cache_clear()
     try:
         cfg = make_cfg("encoder=vae", "encoder.model=acme/tiny-sd", "encoder.subfolder=vae",
                        "encoder.revision=main", "source.urls=x.tar", "output.dir=o")  # fmt: skip
@@ -190,7 +190,7 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch, vae_di
         assert encoder.fetch_model(d) == str(snapshot / "vae")
         assert calls[-1][1] == "0123abcd"
     finally:
-        encoder.hub_snapshot.cache_clear()
+        modelfiles.hub_snapshot.cache_clear()
 
 
 def test_half_precision_overflow_is_rejected_naming_the_remedy(vae_dir, make_cfg):
