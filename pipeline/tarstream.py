@@ -10,11 +10,11 @@ xz/lzma shards by their magic bytes, and reads the tar in one pass with ``tarfil
 What one shard may cost is bounded (:class:`ReadLimits`): a member above ``max_member_bytes``
 (as its header declares it, so a sparse or gzip-bombed member is never read into memory) or with
 a name above ``max_name_bytes`` is refused; compressed shards are inflated in bounded steps; tar
-headers are parsed in linear time and bounded memory (:class:`_StrictTarInfo`); reading and
-decoding a shard may take at most ``shard_timeout_s`` (:class:`Budget`). Hard links, symbolic
-links, devices and FIFOs are refused (never followed); directories and ``__*__`` names are
-skipped. Member names are decoded as UTF-8, bytes that are not UTF-8 escaped into surrogates
-(:func:`printable` and :func:`show_name` write them as ``\\xNN``).
+headers are parsed in linear time and bounded memory (:mod:`pipeline.tarheader`); reading and
+decoding a shard may take at most ``shard_timeout_s`` (:class:`~pipeline.tarheader.Budget`).
+Hard links, symbolic links, devices and FIFOs are refused (never followed); directories and
+``__*__`` names are skipped. Member names are decoded as UTF-8, bytes that are not UTF-8 escaped
+into surrogates (:func:`printable` and :func:`show_name` write them as ``\\xNN``).
 
 A broken stream (cannot open; truncated or corrupt tar, gzip, bz2 or xz; I/O error; ``pipe:``
 command exiting non-zero; ``shard_timeout_s`` exceeded, then the subclass
@@ -31,13 +31,20 @@ import gzip
 import lzma
 import re
 import tarfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 from urllib.parse import urlparse
 
 from .fs import open_input
+from .tarheader import (
+    MAX_SPARSE_SEGMENTS,
+    Budget,
+    BudgetExceeded,
+    StrictTarInfo,
+    discard,
+    read_exact,
+)
 
 # Defaults of ReadLimits and of the config keys source.max_member_bytes, source.shard_timeout_s.
 # 256 MiB: far above any realistic sample member (a 100-megapixel camera JPEG is ~50 MB, a float32
@@ -50,10 +57,6 @@ MAX_MEMBER_BYTES = 256 * 2**20
 MAX_NAME_BYTES = 1024
 # 1 hour: a shard of ~10k samples reads and decodes in minutes on one core.
 SHARD_TIMEOUT_S = 3600.0
-# Not configurable: tar metadata that no real sample tar comes near.
-MAX_HEADER_BYTES = 2**20  # a pax extended header or GNU long name/link (real ones: a path, xattrs)
-MAX_SPARSE_SEGMENTS = 2**16  # data segments in one sparse member's map
-_CHUNK = 2**20  # members are read, skipped and inflated in steps of this many bytes
 
 
 @dataclass(frozen=True)
@@ -102,240 +105,6 @@ class ShardReadError(IOError):
 class ShardTimeoutError(ShardReadError):
     """Reading and decoding the shard took more than ``ReadLimits.shard_timeout_s`` (a
     ShardReadError like any stream fault; retrying it is likely to time out again)."""
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """tarfile's header parsing, made strict and bounded for untrusted streams.
-
-    Strict: tarfile ends an archive silently at an empty, truncated or invalid header after the
-    first member (a shard cut at a member boundary, a corrupt header): raise instead. Only a zero
-    block (the end-of-archive marker) ends it. Bounded: a GNU long name/link or pax extended
-    header above :data:`MAX_HEADER_BYTES` is skipped unread, and a malformed pax header ignored
-    (its member gets a ``problem``); pax records are parsed in linear time (CPython < 3.11.10
-    backtracks quadratically and keeps a copy per bogus record, CVE-2024-6232); a sparse map
-    above :data:`MAX_SPARSE_SEGMENTS` entries is a corrupt header (ShardReadError).
-    ``problem``: why the member must be rejected, found while parsing its headers.
-    """
-
-    problem: str | None = None
-
-    @classmethod
-    def frombuf(cls, buf, encoding, errors):
-        try:
-            return super().frombuf(buf, encoding, errors)
-        except tarfile.EOFHeaderError:
-            raise
-        except tarfile.HeaderError as exc:  # tarfile turns this one into ReadError
-            raise tarfile.SubsequentHeaderError(f"bad tar header: {exc}") from None
-
-    def _next_header(self, tar) -> _StrictTarInfo:
-        try:
-            following = self.fromtarfile(tar)
-        except tarfile.HeaderError as exc:
-            raise tarfile.SubsequentHeaderError(str(exc)) from None
-        following.offset = self.offset
-        return following
-
-    def _skip_oversized(self, tar, what: str) -> tuple[_StrictTarInfo, bytes]:
-        """Skip this header's data but its first MAX_HEADER_BYTES; the next member, flagged."""
-        head = _read_exact(tar.fileobj, MAX_HEADER_BYTES)
-        _discard(tar.fileobj, self._block(self.size) - MAX_HEADER_BYTES)
-        following = self._next_header(tar)
-        following.problem = (
-            f"{what} of {self.size} bytes (more than {MAX_HEADER_BYTES}) precedes the member"
-        )
-        return following, head
-
-    def _proc_gnulong(self, tar):
-        if self.size <= MAX_HEADER_BYTES:
-            return super()._proc_gnulong(tar)
-        link = self.type == tarfile.GNUTYPE_LONGLINK
-        following, head = self._skip_oversized(tar, f"GNU long {'link ' if link else ''}name")
-        value = tarfile.nts(head, tar.encoding, tar.errors)  # cut: the member is rejected
-        if link:
-            following.linkname = value
-        else:
-            following.name = value
-        return following
-
-    def _proc_pax(self, tar):
-        if self.size > MAX_HEADER_BYTES:
-            return self._skip_oversized(tar, "pax extended header")[0]
-        buf = _read_exact(tar.fileobj, self._block(self.size))[: self.size]
-        try:
-            records = _pax_records(buf)
-        except tarfile.HeaderError as exc:  # its extent is known: the stream is still in step
-            following = self._next_header(tar)
-            following.problem = f"a bad pax extended header ({exc}) precedes the member"
-            return following
-        global_ = self.type == tarfile.XGLTYPE
-        pax_headers = tar.pax_headers if global_ else tar.pax_headers.copy()
-        for keyword, value in records:
-            if keyword == b"hdrcharset":
-                pax_headers["hdrcharset"] = value.decode("utf-8", "replace")
-        encoding = tar.encoding if pax_headers.get("hdrcharset") == "BINARY" else "utf-8"
-        offsets, sizes = [], []  # GNU sparse 0.0 repeats these two keywords
-        for raw_keyword, raw_value in records:
-            keyword = self._decode_pax_field(raw_keyword, "utf-8", "utf-8", tar.errors)
-            if keyword in tarfile.PAX_NAME_FIELDS:
-                value = self._decode_pax_field(raw_value, encoding, tar.encoding, tar.errors)
-            else:
-                value = self._decode_pax_field(raw_value, "utf-8", "utf-8", tar.errors)
-            pax_headers[keyword] = value
-            if keyword in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
-                (offsets if keyword == "GNU.sparse.offset" else sizes).append(_pax_int(value))
-        following = self._next_header(tar)
-        sparse_version = (pax_headers.get("GNU.sparse.major"), pax_headers.get("GNU.sparse.minor"))
-        if "GNU.sparse.map" in pax_headers:  # GNU sparse 0.1
-            numbers = [_pax_int(x) for x in pax_headers["GNU.sparse.map"].split(",")]
-            following.sparse = list(zip(numbers[::2], numbers[1::2]))
-        elif "GNU.sparse.size" in pax_headers:  # GNU sparse 0.0
-            following.sparse = list(zip(offsets, sizes))
-        elif sparse_version == ("1", "0"):
-            self._proc_gnusparse_10(following, pax_headers, tar)
-        if not global_:
-            following._apply_pax_info(pax_headers, tar.encoding, tar.errors)
-            if "size" in pax_headers:  # the next header is after the size the pax header says
-                offset = following.offset_data
-                if following.isreg() or following.type not in tarfile.SUPPORTED_TYPES:
-                    offset += following._block(following.size)
-                tar.offset = offset
-        return following
-
-    def _proc_gnusparse_10(self, following, pax_headers, tar):
-        """GNU sparse 1.0: the map is text at the start of the member's data."""
-        numbers, buf, count = [], b"", None
-        while count is None or len(numbers) < 2 * count:
-            while b"\n" not in buf:
-                if len(buf) > 64:
-                    raise tarfile.SubsequentHeaderError("bad GNU sparse map: a number too long")
-                block = tar.fileobj.read(tarfile.BLOCKSIZE)
-                if not block:
-                    raise tarfile.ReadError("unexpected end of data in a GNU sparse map")
-                buf += block
-            line, buf = buf.split(b"\n", 1)
-            if count is None:
-                count = _pax_int(line)
-                _check_sparse_count(count)
-            else:
-                numbers.append(_pax_int(line))
-        following.offset_data = tar.fileobj.tell()
-        following.sparse = list(zip(numbers[::2], numbers[1::2]))
-
-    def _proc_sparse(self, tar):
-        """Old GNU sparse: the map is in the header and in extension blocks of 21 entries."""
-        structs, extended, size = self._sparse_structs
-        del self._sparse_structs
-        while extended:
-            _check_sparse_count(len(structs) + 21)
-            buf = _read_exact(tar.fileobj, tarfile.BLOCKSIZE)
-            for pos in range(0, 21 * 24, 24):
-                try:
-                    offset = tarfile.nti(buf[pos : pos + 12])
-                    numbytes = tarfile.nti(buf[pos + 12 : pos + 24])
-                except ValueError:
-                    break
-                if offset and numbytes:
-                    structs.append((offset, numbytes))
-            extended = bool(buf[504])
-        self.sparse = structs
-        self.offset_data = tar.fileobj.tell()
-        tar.offset = self.offset_data + self._block(self.size)
-        self.size = size
-        return self
-
-
-def _check_sparse_count(count: int) -> None:
-    if not 0 <= count <= MAX_SPARSE_SEGMENTS:
-        msg = f"GNU sparse map of {count} entries (at most {MAX_SPARSE_SEGMENTS} are read)"
-        raise tarfile.SubsequentHeaderError(msg)
-
-
-def _pax_int(text) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise tarfile.SubsequentHeaderError(f"bad number in a pax or sparse header: {text!r:.40}")
-    return value
-
-
-def _pax_records(buf: bytes) -> list[tuple[bytes, bytes]]:
-    """(keyword, value) of the ``"<length> <keyword>=<value>\\n"`` records of a pax header, in
-    order, in linear time; parsing stops where no length prefix follows (the NUL padding)."""
-    records, pos = [], 0
-    while True:
-        match = _PAX_LENGTH.match(buf, pos)
-        if match is None:
-            return records
-        end = pos + int(match.group(1))
-        keyword, equals, value = buf[match.end() : end - 1].partition(b"=")
-        if end > len(buf) or end - pos < 5 or not keyword or not equals or buf[end - 1] != 0x0A:
-            raise tarfile.InvalidHeaderError(f"bad record at byte {pos}")
-        records.append((keyword, value))
-        pos = end
-
-
-_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
-
-
-def _read_exact(fileobj, size: int, budget: Budget | None = None) -> bytes:
-    """``size`` bytes of ``fileobj``, read in steps of at most :data:`_CHUNK` (the deadline is
-    checked between steps); ReadError if the stream ends first."""
-    if size <= _CHUNK:
-        data = fileobj.read(size) if size > 0 else b""
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data")
-        return data
-    parts, left = [], size
-    while left > 0:
-        part = fileobj.read(min(left, _CHUNK))
-        if not part:
-            raise tarfile.ReadError("unexpected end of data")
-        parts.append(part)
-        left -= len(part)
-        if budget is not None:
-            budget.check()
-    return b"".join(parts)
-
-
-def _discard(fileobj, size: int, budget: Budget | None = None) -> None:
-    """Read and drop ``size`` bytes in bounded steps; stop quietly where the stream ends (tarfile
-    reports it when it looks for the next header)."""
-    while size > 0:
-        part = fileobj.read(min(size, _CHUNK))
-        if not part:
-            return
-        size -= len(part)
-        if budget is not None:
-            budget.check()
-
-
-class BudgetExceeded(Exception):
-    """Raised by :meth:`Budget.check`; the reader turns it into a :class:`ShardTimeoutError`."""
-
-
-class Budget:
-    """Time the source spends on one shard (``limit`` seconds, None: no bound): running, not
-    suspended at a ``yield`` (the caller calls :meth:`pause` before it yields, :meth:`resume`
-    after)."""
-
-    def __init__(self, limit: float | None):
-        self.limit, self.spent, self.since = limit, 0.0, time.monotonic()
-
-    def pause(self) -> None:
-        self.spent += time.monotonic() - self.since
-
-    def resume(self) -> None:
-        self.since = time.monotonic()
-
-    def check(self) -> None:
-        if self.limit is not None and self.spent + time.monotonic() - self.since > self.limit:
-            raise BudgetExceeded(
-                f"reading and decoding took more than source.shard_timeout_s={self.limit:g} s; "
-                "raise it (or null: no limit) if the shard is legitimately slow, e.g. a slow pipe"
-            )
 
 
 def _open(url: str):
@@ -455,10 +224,10 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo, budget: Budget) ->
     if fileobj.tell() != info.offset_data:
         fileobj.seek(info.offset_data)  # forward only: tarfile raises StreamError otherwise
     if not info.issparse():
-        return _read_exact(fileobj, info.size, budget)
+        return read_exact(fileobj, info.size, budget)
     out = bytearray(info.size)  # the holes are zeros; the data segments follow one another
     for offset, size in _sparse_segments(info):
-        out[offset : offset + size] = _read_exact(fileobj, size, budget)
+        out[offset : offset + size] = read_exact(fileobj, size, budget)
     return bytes(out)
 
 
@@ -478,7 +247,7 @@ def iter_members(url: str, limits: ReadLimits, budget: Budget) -> Iterator[Membe
         with tarfile.open(
             fileobj=stream,
             mode="r|",
-            tarinfo=_StrictTarInfo,
+            tarinfo=StrictTarInfo,
             encoding="utf-8",
             errors="surrogateescape",
         ) as tar:
@@ -498,7 +267,7 @@ def iter_members(url: str, limits: ReadLimits, budget: Budget) -> Iterator[Membe
                     if info.problem is not None:
                         reason += f" ({info.problem})"
                     reading = name
-                    _discard(tar.fileobj, tar.offset - 1 - tar.fileobj.tell(), budget)
+                    discard(tar.fileobj, tar.offset - 1 - tar.fileobj.tell(), budget)
                     reading = None
                     yield Member(name, None, reason, True)
                     continue
@@ -510,7 +279,7 @@ def iter_members(url: str, limits: ReadLimits, budget: Budget) -> Iterator[Membe
                     data = _read_member(tar, info, budget)
                 else:
                     data = None
-                    _discard(tar.fileobj, tar.offset - 1 - tar.fileobj.tell(), budget)
+                    discard(tar.fileobj, tar.offset - 1 - tar.fileobj.tell(), budget)
                 reading = None
                 yield Member(name, data, problem, False)
         raw, closing = None, raw
