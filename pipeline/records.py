@@ -54,15 +54,16 @@ draws; ``draw``: one per record), ``nullable``, ``stage`` (the stage that produc
 ``encode``, ``noise``, ...), ``when`` (a predicate on the file's :class:`Layout`: is the column in
 this file?) and ``finite`` (a non-finite value rejects the sample, see :func:`nonfinite_columns`).
 A :class:`ColumnFamily` declares columns whose names come from the process metadata (the kept
-conditioning members). Adding a column is one declaration::
+conditioning members). Adding a column is one declaration (docs/architecture.md has the
+whole example)::
 
-    register(Column("snr", "scalar", "float32", "draw", stage="noise",
-                    when=lambda layout: layout.meta.get("schedule", {}).get("family") == "flow",
-                    doc="alpha_t^2 / sigma_t^2"))
+    register(Column("x0_mean", "scalar", "float32", "sample", stage="mean",
+                    when=lambda layout: bool(layout.meta.get("x0_mean")),
+                    doc="the sample's mean value"))
 
-and the producing stage filling ``batch.records["snr"]`` (:class:`pipeline.stage.Batch`) with one
-value per record: N*K rows, sample-major, a per-sample value repeated on its K draws (as
-:func:`pipeline.stages.compute_records` does for ``latent_mean``). ``Batch.extras`` holds
+and the producing stage filling ``batch.records["x0_mean"]`` (:class:`pipeline.stage.Batch`)
+with one value per record: N*K rows, sample-major, a per-sample value repeated on its K draws
+(as :func:`pipeline.stages.compute_records` does for ``latent_mean``). ``Batch.extras`` holds
 per-sample columns that are not record columns (the text embeddings, stored in ``_text/``).
 
 The shape is a property of a file, not of a dataset: :func:`columns_of` and :func:`record_schema`
