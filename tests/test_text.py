@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from shards import npy_bytes, write_tar
-from textmodels import make_clip, make_flux_root, make_sd3_root, make_sdxl_root, make_t5
 
+from jobs.bench.textmodels import make_clip, make_flux_root, make_sd3_root, make_sdxl_root, make_t5
 from pipeline import text
 from pipeline.dataset import PrecomputedDataset
 from pipeline.manifest import OutputDir
@@ -474,3 +474,24 @@ def test_train_example_cond_text(clip_dir, ray_session, tmp_path):
     te.make_synthetic_records(tmp_path / "plain", 64, shape=(1, 4, 4), num_timesteps=100, files=1)
     with pytest.raises(ValueError, match="no text embeddings"):
         te.text_column(te.RecordsDir(tmp_path / "plain"))
+
+
+def test_bench_storage_arithmetic_and_tiny_throughput(tmp_path):
+    """jobs/bench/text.py: the per-sample bytes of the real presets follow from the column
+    declaration (CLIP-L 77x768 float16 = 118272 B, T5-XXL 256x4096 = 2 MiB), and the in-process
+    scenario encodes every distinct caption once."""
+    from jobs.bench import text as bench
+
+    st = bench.storage()
+    clip = st["clip (CLIP-L)"]["columns"]
+    assert clip["clip_hidden"] == {"shape": [77, 768], "bytes": 77 * 768 * 2}
+    assert clip["clip_mask"]["bytes"] == 77 and clip["clip_pooled"]["bytes"] == 768 * 2
+    t5 = st["t5 (T5-XXL, 256)"]
+    assert t5["columns"]["t5_hidden"]["bytes"] == 256 * 4096 * 2 == 2 << 20
+    assert t5["latent_bytes"] == 4 * 64 * 64 * 2 and t5["ratio_to_latent"] > 64
+    assert set(st["sd3"]["columns"]) == {"clip_l_hidden", "clip_l_pooled", "clip_l_mask",
+                                         "clip_g_hidden", "clip_g_pooled", "clip_g_mask",
+                                         "t5_hidden", "t5_mask"}  # fmt: skip
+    r = bench.in_process(tmp_path, "clip", 64, repeats=1)
+    assert r["distinct"]["encoded"] == 64 and r["repeated_x8"]["encoded"] == 8
+    assert r["distinct"]["captions_per_s"] > 0

@@ -1,6 +1,8 @@
 """Tiny random text encoders and tokenizers saved into a folder (no download): CLIPTextModel,
 CLIPTextModelWithProjection and T5EncoderModel with a word-level tokenizer of a small vocabulary
-built with the ``tokenizers`` library, wrapped in ``PreTrainedTokenizerFast``."""
+built with the ``tokenizers`` library, wrapped in ``PreTrainedTokenizerFast``; and diffusers-style
+pipeline roots of them (sdxl, sd3, flux). Used by tests/test_text.py and :mod:`jobs.bench.text`
+(one home)."""
 
 from __future__ import annotations
 
