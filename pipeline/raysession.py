@@ -2,7 +2,8 @@
 
 ``ray.address``:
 
-* ``null``: always a new embedded Ray of this process (``ray.init(address="local")``). A bare
+* ``null``: always a new embedded Ray of this process (``ray.init(address="local")``), whose
+  processes end with the driver even when it is SIGKILLed (:mod:`pipeline.reaper`). A bare
   ``ray.init()`` would join whatever ``/tmp/ray/ray_current_cluster`` names (a ``ray start``
   cluster that may be long dead, where it retries forever, or another embedded run, which takes
   its Ray down when it ends); ``"local"`` never does.
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
+
+from . import reaper
 
 
 class RayConnectError(RuntimeError):
@@ -39,7 +42,9 @@ def ray_session(address: str | None, **init_kwargs) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         where = "null (a new embedded Ray)" if address is None else address
         raise RayConnectError(f"cannot start or join Ray (ray.address={where}): {exc}") from exc
+    watcher = reaper.start() if address is None else None  # an embedded Ray: ends with us
     try:
         yield
     finally:
         ray.shutdown()
+        reaper.stop(watcher)

@@ -40,3 +40,101 @@ def test_two_default_runs_at_once_beside_a_dead_cluster_both_succeed(tmp_path):
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out
         assert "records: 4" in out
+
+
+DRIVER = """
+import os, sys, time
+import ray
+from pipeline.raysession import ray_session
+
+with ray_session(None, num_cpus=1):
+    ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+    print(ray._private.worker._global_node.get_session_dir_path(), flush=True)
+    time.sleep(600)
+"""
+
+
+def _session_processes(name: str) -> list[int]:
+    """Pids of running processes whose command line names the Ray session ``name``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if name.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the watcher reads /proc (Linux)")
+def test_an_embedded_ray_goes_away_with_its_sigkilled_driver(tmp_path):
+    """Two agents of a SIGKILLed driver's Ray (ray::DashboardAgent, ray::RuntimeEnvAgent) were
+    alive 10 s later (a minute, measured). Every process below the driver, noted before the kill
+    by pid and start time, and every process naming its session, must be gone within 10 s."""
+    import signal
+    import time
+
+    from pipeline import reaper
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], env=env, cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        session = os.path.basename(proc.stdout.readline().strip())
+        assert session.startswith("session_"), session
+        time.sleep(1.5)  # the watcher notes the processes once a second
+        noted = reaper.descendants(proc.pid)
+        names = {
+            pid: open(f"/proc/{pid}/cmdline", "rb").read()[:300].rstrip(b"\0") for pid in noted
+        }
+        assert any(b"raylet" in n for n in names.values())
+        assert any(b"DashboardAgent" in n for n in names.values()), names
+        assert set(_session_processes(session)) <= set(noted)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (reaper._alive(noted) or _session_processes(session)):
+        time.sleep(0.25)
+    left = {pid: names[pid] for pid in reaper._alive(noted)}
+    assert not left and not _session_processes(session), left
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the watcher reads /proc (Linux)")
+@pytest.mark.parametrize("clean", [False, True])
+def test_the_watcher_reaps_a_dead_drivers_descendants_only_when_not_told_done(clean):
+    """A stand-in driver (a shell) with a grandchild that ignores SIGTERM: killed driver ->
+    SIGTERM, then SIGKILL after the grace; a clean shutdown (DONE written) signals nothing."""
+    import signal
+    import time
+
+    from pipeline import reaper
+
+    script = "sh -c 'trap \"\" TERM; sleep 60' & sleep 60 & wait"
+    driver = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-I", reaper.__file__, str(driver.pid)], stdin=subprocess.PIPE
+    )
+    kids: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 10
+        while len(reaper.descendants(driver.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kids = reaper.descendants(driver.pid)
+        assert len(kids) >= 3, kids
+        time.sleep(2 * reaper.POLL_S)  # noted by the watcher
+        if clean:
+            watcher.stdin.write(reaper.DONE)
+        driver.kill()  # the driver's death closes the pipe (here: closed by hand)
+        driver.wait()
+        watcher.stdin.close()
+        watcher.wait(timeout=reaper.GRACE_S + 10)
+        assert watcher.returncode == 0
+        assert bool(reaper._alive(kids)) == clean
+    finally:
+        for pid in reaper._alive(kids):
+            os.kill(pid, signal.SIGKILL)
