@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+DEVICES = ("auto", "cuda", "cpu")  # ray.device
+
 
 def resolve_device(requested: str, gpu_ids: Sequence, cuda_available: bool) -> torch.device:
     """The torch device for an actor, from the GPU ids Ray assigned it.
