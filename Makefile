@@ -21,7 +21,7 @@ setup-demo: $(STAMP_DEMO)
 define install
 	@echo "[setup 1/3] virtual environment $(VENV) (a few seconds)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "[setup 2/3] torch, CPU build ($(TORCH_CPU): about 1 min when not installed yet)"
+	@echo "[setup 2/3] torch, CPU build ($(TORCH_CPU): 1-3 min when not installed yet)"
 	@$(PY) -c "import torch" 2>/dev/null && echo "  torch is installed" || \
 		$(PIP) install "$(TORCH_CPU)"
 	@echo "[setup 3/3] the pipeline with the '$(1)' extra ($(2))"
@@ -29,11 +29,11 @@ define install
 endef
 
 $(STAMP): pyproject.toml
-	$(call install,dev,ray pyarrow hydra plus test tools and model libraries: about 3 min)
+	$(call install,dev,ray pyarrow hydra plus test tools and model libraries: 3-5 min)
 	@touch $(STAMP) $(STAMP_DEMO)
 
 $(STAMP_DEMO): pyproject.toml
-	$(call install,demo,ray pyarrow hydra scikit-image: about 2 min)
+	$(call install,demo,ray pyarrow hydra scikit-image: 2-4 min)
 	@touch $(STAMP_DEMO)
 
 lint: setup

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         steps.start(
             f"example trainer, {args.train_steps} steps, then {args.samples} samples by "
             "ancestral sampling over every timestep",
-            "about 1 min",
+            "1-2 min",
         )
         code = max(code, train_briefly(out, train, args.train_steps, args.samples))
         steps.done()
