@@ -154,6 +154,7 @@ class TextEncoderConfig:
     max_length: int = 77
     output: list[str] = field(default_factory=lambda: ["last"])  # last | penultimate | pooled
     attention_mask: bool = False  # pass the tokenizer's mask to the model
+    length_bucket: int = 0  # > 0 (needs attention_mask): pad to a multiple of it, not max_length
 
 
 @dataclass

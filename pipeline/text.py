@@ -279,7 +279,7 @@ def describe_text(cfg) -> dict:
         hidden, pooled = _dims(m["class"], m["config"])
         if "pooled" in e.output and not pooled:
             raise TextError(f"{key}.output: {m['class']} has no pooled output; use last")
-        encoders.append({
+        entry = {
             "name": e.name,
             "class": f"transformers.{m['class']}",
             "model": str(model),
@@ -298,7 +298,10 @@ def describe_text(cfg) -> dict:
             "attention_mask": bool(e.attention_mask),
             "hidden_size": hidden,
             "pooled_size": pooled,
-        })  # fmt: skip
+        }  # fmt: skip
+        if e.length_bucket:  # only when set: the identity of existing configs is unchanged
+            entry["length_bucket"] = int(e.length_bucket)
+        encoders.append(entry)
     return {
         "kind": t.kind,
         "preset": t.kind if t.kind in PRESETS else None,
@@ -375,6 +378,14 @@ def problems(cfg) -> list[tuple[str, str]]:
             out.append((f"{key}.output", "last and penultimate share <name>_hidden: pick one"))
         if e.max_length < 1:
             out.append((f"{key}.max_length", f"must be >= 1, got {e.max_length}"))
+        if e.length_bucket < 0:
+            out.append((f"{key}.length_bucket", f"must be >= 0, got {e.length_bucket}"))
+        elif e.length_bucket and not e.attention_mask:
+            out.append((
+                f"{key}.length_bucket",
+                "needs attention_mask: true (without the mask the padded positions change the "
+                "embedding, so every caption is padded to max_length); set it or use 0",
+            ))  # fmt: skip
         if not str(e.name).isidentifier():
             out.append((f"{key}.name", f"must be an identifier (a column prefix), got {e.name!r}"))
     return out

@@ -495,3 +495,44 @@ def test_bench_storage_arithmetic_and_tiny_throughput(tmp_path):
     r = bench.in_process(tmp_path, "clip", 64, repeats=1)
     assert r["distinct"]["encoded"] == 64 and r["repeated_x8"]["encoded"] == 8
     assert r["distinct"]["captions_per_s"] > 0
+
+
+def test_length_buckets_with_the_attention_mask(tmp_path, make_cfg):
+    """T5 given the mask, length_bucket=8, max_length=24: captions are grouped by their padded
+    length (8, 16 or 24 tokens) and the positions computed drop accordingly; every stored
+    position below the bucket equals transformers' full-length masked computation (float32
+    rounding), those beyond are zeros; a caption's bytes do not depend on its neighbours; the
+    option is refused without the mask."""
+    from pipeline.text_encode import TextStage
+
+    folder = make_t5(tmp_path / "t5")
+    base = ["source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=t5",
+            f"text.model={folder}", "text.encoders.0.max_length=24",
+            "text.batch_size=4"]  # fmt: skip
+    cfg = make_cfg(*base, "text.encoders.0.attention_mask=true", "text.encoders.0.length_bucket=8")
+    meta = text.describe_text(cfg)
+    assert meta["encoders"][0]["length_bucket"] == 8
+    plain = text.describe_text(make_cfg(*base, "text.encoders.0.attention_mask=true"))
+    assert "length_bucket" not in plain["encoders"][0]  # unset: the identity is unchanged
+    caps = ["a red cat", " ".join(["small"] * 10), "boat on the sea", " ".join(["sky"] * 30)]
+    stage = TextStage(meta)
+    stage.setup(torch.device("cpu"))
+    cols, _, _ = stage.embed([_Sample(i, c) for i, c in enumerate(caps)])
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.T5EncoderModel.from_pretrained(folder).eval()
+    t = tok(caps, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(t.input_ids, attention_mask=t.attention_mask).last_hidden_state.numpy()
+    got = cols["t5_hidden"]
+    for i, n in enumerate([4, 11, 5, 31]):  # tokens incl. EOS; bucket = ceil to 8, <= 24
+        b = min(-(-n // 8) * 8, 24)
+        np.testing.assert_allclose(got[i, :b], want[i, :b], rtol=1e-5, atol=1e-5)
+        assert not got[i, b:].any() and cols["t5_mask"][i].sum() == min(n, 24)
+    enc = stage.encoders[0]
+    before = enc.positions
+    stage.start("other")
+    alone = stage.embed([_Sample(0, caps[0])])[0]
+    assert enc.positions - before == 4 * 8  # one pass of 4 rows x 8 tokens, not 24
+    assert np.array_equal(alone["t5_hidden"][0], got[0])  # the same bytes with other neighbours
+    bad = make_cfg(*base, "text.encoders.0.length_bucket=8")
+    assert any("needs attention_mask" in m for _, m in text.problems(bad))

@@ -9,7 +9,8 @@ and the storage and FLOP arithmetic of the real encoders.
   TextStage` embedding batches of 64 samples whose captions are all distinct (random word
   sequences of 3-40 words: no cache hit, some truncated), best of ``--repeats``: captions/s, and
   with every caption repeated 8 times in a shard (class-label-like data: the per-shard cache).
-  Model loading (verified bytes) is timed apart.
+  Model loading (verified bytes) is timed apart. And the tiny T5 given the attention mask at
+  ``max_length=256``: every caption padded to 256 against ``length_bucket=16``.
 * **end to end**: the pipeline (embedded Ray, one actor, one CPU) on the same arrays shards with
   ``text=none`` and ``text=clip``: the actor's own seconds per shard (the markers' ``seconds``),
   so the text stage's cost inside an actor; and the bytes per sample of each column of the text
@@ -103,8 +104,9 @@ class _Sample:
         self.key, self.index, self.cond = f"k{i:06d}", i, {"txt": caption}
 
 
-def in_process(models: Path, kind: str, n: int, repeats: int) -> dict:
-    """Captions/s of :class:`TextStage` on one thread (module docstring)."""
+def in_process(models: Path, kind: str, n: int, repeats: int, extra: tuple = ()) -> dict:
+    """Captions/s of :class:`TextStage` on one thread (module docstring); ``extra``: more
+    overrides (they replace the tiny max_length ones)."""
     import torch
 
     from pipeline.config import compose
@@ -112,8 +114,9 @@ def in_process(models: Path, kind: str, n: int, repeats: int) -> dict:
     from pipeline.text_encode import TextStage
 
     torch.set_num_threads(1)
+    lengths = [] if extra else length_overrides(kind)
     cfg = compose(["source.urls=x", "output.dir=x", f"text={kind}",
-                   f"text.model={tiny_model(models, kind)}", *length_overrides(kind)])  # fmt: skip
+                   f"text.model={tiny_model(models, kind)}", *lengths, *extra])  # fmt: skip
     meta = describe_text(cfg)
     t0 = time.perf_counter()
     stage = TextStage(meta)
@@ -132,7 +135,17 @@ def in_process(models: Path, kind: str, n: int, repeats: int) -> dict:
         stats = stage.stats()
         out[label] = {"seconds": best, "captions_per_s": n / best, "encoded": stats["encoded"],
                       "truncated": stats["truncated"]}  # fmt: skip
+    out["positions"] = {e.meta["name"]: e.positions for e in stage.encoders}
     return out
+
+
+def length_buckets(models: Path, n: int, repeats: int) -> dict:
+    """The tiny T5 given the attention mask at max_length 256, every caption padded to 256
+    against ``length_bucket=16``: captions/s and token positions computed."""
+    base = ("text.encoders.0.max_length=256", "text.encoders.0.attention_mask=true")
+    return {f"bucket_{b}": in_process(models, "t5", n, repeats,
+                                      (*base, f"text.encoders.0.length_bucket={b}"))
+            for b in (0, 16)}  # fmt: skip
 
 
 def column_bytes(out_dir: Path) -> dict:
@@ -305,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:5s}: {r['distinct']['captions_per_s']:7.1f} captions/s distinct, "
               f"{r['repeated_x8']['captions_per_s']:7.1f} with each caption 8x; "
               f"load {r['load_s']:.2f} s")  # fmt: skip
+    result["length_buckets"] = length_buckets(models, n, args.repeats)
+    for k, r in result["length_buckets"].items():
+        print(f"t5 masked, max_length 256, {k}: {r['distinct']['captions_per_s']:.1f} captions/s "
+              f"distinct, {r['positions']['t5']} positions computed")  # fmt: skip
     if not args.no_e2e:
         shards, per = (2, 128) if args.quick else (4, 512)
         result["end_to_end"] = end_to_end(work, models, shards, per, args.repeats)
