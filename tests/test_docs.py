@@ -120,3 +120,16 @@ def test_readme_module_map_names_existing_modules():
     assert len(names) > 10, "README.md's module map was not found"
     missing = [n for n in names if not (ROOT / "pipeline" / n).exists()]
     assert not missing, f"README.md's module map names modules that do not exist: {missing}"
+
+
+def test_readme_module_map_lists_every_module():
+    text = README.read_text()
+    named = set(re.findall(r"`([\w/]+\.py|\w+/)`", text))
+    pkg = ROOT / "pipeline"
+    modules = [p.name for p in pkg.glob("*.py") if p.name != "__init__.py"]
+    modules += [p.name + "/" for p in pkg.iterdir() if (p / "__init__.py").exists()]
+    missing = sorted(m for m in modules if m not in named)
+    assert not missing, (
+        f"pipeline modules missing from README.md's module map: {missing}; add a row "
+        "(`module.py` | its one responsibility)"
+    )
