@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -229,3 +230,62 @@ def file_suffix(bucket: Sequence[int]) -> str:
     """``[H, W]`` -> ``"HxW"``: the bucket part of a data file's name,
     ``<shard>.<H>x<W>.parquet``."""
     return f"{int(bucket[0])}x{int(bucket[1])}"
+
+
+# -- storage: one file per (shard, bucket) --------------------------------------------------------
+
+BUCKET_FILE = re.compile(r"^(?P<shard>.+)\.(?P<h>\d+)x(?P<w>\d+)\.parquet$")
+
+
+def describe_buckets(source: Mapping, sample_shape=None) -> list[dict] | None:
+    """The metadata's ``buckets`` entry: ``[{"size": [H, W], "shape": [C, ...]}, ...]`` in grid
+    order, the record shape of each bucket (``sample_shape([C, H, W]) -> shape``: the encoder's
+    latent shape; default the pixels themselves); None when buckets are off."""
+    grid = Grid.from_source(source)
+    if grid is None:
+        return None
+    out = []
+    for h, w in grid.sizes:
+        pixels = [int(source["channels"]), h, w]
+        shape = pixels if sample_shape is None else sample_shape(pixels)
+        out.append({"size": [h, w], "shape": [int(s) for s in shape]})
+    return out
+
+
+def largest_shape(buckets: Sequence[Mapping]) -> list[int]:
+    """The sample shape of most elements among ``buckets`` (:func:`describe_buckets`): what a
+    worker plans its memory for."""
+    return list(max((b["shape"] for b in buckets), key=lambda s: (math.prod(s), list(s))))
+
+
+def data_names_by_shard(names, shards) -> dict[str, list[str]]:
+    """Of the file ``names`` of an output directory, the data files of each of ``shards``: its
+    ``<shard>.parquet`` and its bucket files ``<shard>.<H>x<W>.parquet`` (one pass over
+    ``names``). A name that is the plain data file of one shard (``a.64x64`` beside ``a``) is
+    that shard's."""
+    shards = set(shards)
+    out: dict[str, list[str]] = {}
+    for n in sorted(names):
+        if n.endswith(".parquet") and n[: -len(".parquet")] in shards:
+            out.setdefault(n[: -len(".parquet")], []).append(n)
+            continue
+        m = BUCKET_FILE.match(n)
+        if m is not None and m["shard"] in shards:
+            out.setdefault(m["shard"], []).append(n)
+    return out
+
+
+def bucket_table(summaries: Mapping[str, Mapping], buckets: Sequence[Mapping]) -> list[dict]:
+    """The manifest's bucket table: per configured bucket (``buckets``: the metadata's entry) its
+    ``size`` [H, W], record ``shape``, ``records`` and ``files`` over the committed shards'
+    markers (``summaries``: shard id -> marker summary, each listing its ``files``)."""
+    rows = {tuple(b["size"]): {**b, "records": 0, "files": 0} for b in buckets}
+    for summary in summaries.values():
+        for f in summary.get("files") or ():
+            row = rows.setdefault(
+                tuple(f["bucket"]),
+                {"size": list(f["bucket"]), "shape": f.get("shape"), "records": 0, "files": 0},
+            )
+            row["records"] += int(f.get("records", 0))
+            row["files"] += 1
+    return [rows[k] for k in sorted(rows, key=lambda hw: (hw[0] / hw[1], hw[0]))]

@@ -6,6 +6,8 @@
       <shard_id>.parquet            records of one input shard (committed by rename)
       _text/<shard_id>.parquet      its text embeddings, one row per sample (text=..., text_store)
       _text/_uncond.parquet         the empty prompt's embedding, once per dataset
+      <shard_id>.<H>x<W>.parquet    with aspect-ratio buckets: its records of bucket H x W, one
+                                    file per bucket the shard uses (pipeline/buckets.py)
       _shards/<shard_id>.json       the shard's commit marker: its summary (written last)
       _shards/<shard_id>.rejects.jsonl   the shard's rejected samples
       _shards/_index.seg-<n>.jsonl  during a run: markers committed since the last periodic write
@@ -13,12 +15,16 @@
       rejects.jsonl                 every rejected sample / failed shard, one JSON per line
       validation/                   report of pipeline.validate
 
-A shard counts as done when its marker exists; the marker is written after its Parquet file and
+A shard counts as done when its marker exists; the marker is written after its Parquet files and
 rejects are in place, so a reader never sees a shard half-committed. The marker records the
 file's size (``bytes``) and ``checksum`` (``"sha256:<hex>"`` of its bytes): resume redoes a shard
 whose file fails them and the validator's ``completeness`` fails it, naming the file; its
 ``side_files`` ({name: {bytes, checksum}}) do the same for the shard's text table. Markers
 written before checksums existed have none: their files are checked by size (or row count).
+A bucketed shard's marker lists its ``files`` instead (``name``, ``bucket`` [H, W], ``shape``,
+``records``, ``bytes``, ``checksum`` each; ``bytes`` and ``records`` are then the sums): all of
+them are in place before the marker is written, so a shard killed between two of its bucket files
+has no marker and none of its files is trusted (:func:`shard_files` reads both forms).
 On a file system every write goes to a temporary name first and is then moved into place. On
 an object store (``s3://``, ``gs://``) an object becomes visible only when its upload completes,
 so a killed writer leaves nothing behind, while a "move" is a copy (S3 CopyObject: 5 GB at most)
@@ -100,6 +106,19 @@ class OutsideOutputError(ValueError):
 class CorruptFileError(ValueError):
     """A file of the output directory is not what this pipeline writes (not JSON, wrong shape);
     the message names the file and the fix."""
+
+
+def shard_files(shard: str, summary: dict) -> list[dict]:
+    """The data files a committed shard's marker (or manifest entry) records, each as ``{"name",
+    "records", "bytes", "checksum"}`` (a bucketed shard's also ``bucket`` and ``shape``): its
+    ``files`` list, or for an unbucketed marker its one file (``bytes``/``checksum`` None when
+    the marker predates them)."""
+    files = summary.get("files")
+    if files is not None:
+        return [dict(f) for f in files]
+    name = summary.get("file") or OutputDir.data_name(shard)
+    return [{"name": name, "records": summary.get("records"), "bytes": summary.get("bytes"),
+             "checksum": summary.get("checksum")}]  # fmt: skip
 
 
 def is_temporary(name: str) -> bool:
@@ -426,5 +445,10 @@ class OutputDir:
         names.update(f"{TEXT}/{s}.parquet" for s in shards)  # text embeddings (text_store)
         names.add(f"{TEXT}/_uncond.parquet")
         listed = self.list() + self.list(SHARDS) + self.list(TEXT)
+        from .buckets import data_names_by_shard  # bucket files <shard>.<H>x<W>.parquet
+
+        top = [n for n in listed if "/" not in n]
+        for found in data_names_by_shard(top, shards).values():
+            names.update(found)
         names.update(n for n in listed if is_temporary(n))
         return {n for n in names if self.exists(n)}

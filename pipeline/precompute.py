@@ -23,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from . import __version__, resume, stages
+from .buckets import bucket_table, data_names_by_shard, describe_buckets, largest_shape
+from .buckets import config_problems as bucket_problems
 from .conditioning import Conditioning, class_names
 from .config import (
     config_hash,
@@ -79,11 +81,35 @@ def sample_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     are loaded); JobError when the input does not fit the model (channels, size)."""
     from . import encoder
 
+    buckets = bucket_shapes(cfg)
+    if buckets is not None:  # aspect-ratio buckets: the largest of their shapes
+        return largest_shape(buckets)
     shape = _input_shape(cfg, urls)
     if not encoder.enabled(cfg):
         return shape
     try:
         return encoder.latent_shape(encoder.describe_encoder(cfg).config, shape)
+    except encoder.EncoderError as exc:
+        raise JobError(f"encoder.model={cfg.encoder.model}: {exc}") from None
+
+
+def bucket_shapes(cfg: DictConfig) -> list[dict] | None:
+    """The aspect-ratio buckets and the record shape of each (:func:`describe_buckets`; the
+    latent's with ``encoder=vae``); None when ``source.buckets`` is null. With an encoder every
+    bucket must be a whole number of its latent cells (the downsampling factor f): JobError
+    naming ``source.bucket_step`` (auto) or ``source.buckets`` otherwise."""
+    from . import encoder
+
+    source = OmegaConf.to_container(cfg.source, resolve=True)
+    if source.get("kind") != "images" or source.get("buckets") is None:
+        return None
+    if not encoder.enabled(cfg):
+        return describe_buckets(source)
+    config = encoder.describe_encoder(cfg).config
+    for key, message in bucket_problems(source, patch=encoder.downsampling_factor(config)):
+        raise JobError(f"{key}: {message} (encoder.model={cfg.encoder.model})")
+    try:
+        return describe_buckets(source, lambda pixels: encoder.latent_shape(config, pixels))
     except encoder.EncoderError as exc:
         raise JobError(f"encoder.model={cfg.encoder.model}: {exc}") from None
 
@@ -148,6 +174,7 @@ def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
         library_version=__version__,
         encoder=_encoder_metadata(cfg, shape),
         conditioning=Conditioning.from_source(cfg.source).describe(),
+        buckets=bucket_shapes(cfg),
     )
     from . import text
 
@@ -343,7 +370,12 @@ class JobState:
             totals.update(partial=self.done["partial"], failed=0, pending=len(self.open))
             for key in ("samples", "records", "rejected", "bytes"):
                 totals[key] = self.done[key]
+        buckets = {}
+        if final and self.metadata.get("buckets") is not None:  # records and files per bucket
+            table = bucket_table(self.summaries, self.metadata["buckets"])
+            buckets = {"buckets": table}
         return {
+            **buckets,
             "format": MANIFEST_FORMAT,
             "library_version": __version__,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -402,10 +434,11 @@ class JobState:
             _remove_temporaries(self.out)
         except OSError as exc:  # the output became unwritable: the manifest write will say so
             log.warning("cannot clean up %s: %s", self.out.display(), exc)
+        names = data_names_by_shard(self.out.list(), [s.id for s in self.shards])
         for s in self.shards:
             if s.id in self.summaries:
                 continue
-            for name in (self.out.data_name(s.id), self.out.rejects_name(s.id)):
+            for name in [*names.get(s.id, ()), self.out.rejects_name(s.id)]:
                 try:
                     self.out.remove(name)
                 except OSError as exc:

@@ -22,12 +22,22 @@ velocity                    tensor [C, H, W] (dtype)         flow: eps - x_0 (it
 v                           tensor [C, H, W] (dtype)         output.targets=[v]: a_t eps - s_t x_0
 latent_mean                 tensor [C, H, W] (dtype)         encoder.store_dist: (mean - shift) * s
 latent_std                  tensor [C, H, W] (dtype)         encoder.store_dist: std * scale
+original_size               fixed_size_list<int32>[2]        buckets: [H, W] of the decoded image
+crop_top_left               fixed_size_list<int32>[2]        buckets: [y, x] in resized pixels
+target_size                 fixed_size_list<int32>[2]        buckets: [H, W] of the bucket
+flipped                     bool                             buckets: mirrored (source.flip)
 cls, txt, json, ...         int64 / string / binary, null    source.keep: the sample's members
 ==========================  ===============================  =====================================
 
 The conditioning columns (``source.keep``, :mod:`pipeline.conditioning`) are nullable (null: the
 member was absent) and repeat the sample's values on each of its K draws; the metadata's
 ``conditioning`` entry lists them with their types.
+
+With aspect-ratio buckets (``source.buckets``, :mod:`pipeline.buckets`) each record carries
+SDXL's micro-conditioning (``original_size``, ``crop_top_left``, ``target_size``, ``flipped``) and
+a shard's records are written as one file per bucket used, each of its own shape [C, H, W]
+(:func:`file_shape`); the metadata's ``shape`` is then the largest sample shape of the dataset
+and ``buckets`` lists every bucket with its sample shape.
 
 With an encoder (``encoder=vae``) x_0 is a VAE latent (:mod:`pipeline.encoder`): [C, H, W] is the
 latent's shape, ``x_0 = latent_mean + latent_std * n`` (``latent=sample``) or ``latent_mean``
@@ -87,6 +97,7 @@ DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.floa
 ARROW_TYPES = {
     "string": pa.string(), "binary": pa.binary(), "int64": pa.int64(), "int32": pa.int32(),
     "float32": pa.float32(), "float64": pa.float64(), "bool": pa.bool_(),
+    "int32[2]": pa.list_(pa.int32(), 2),
 }  # fmt: skip
 KINDS = ("identity", "tensor", "scalar", "conditioning")
 
@@ -227,6 +238,11 @@ def _v(layout: Layout) -> bool:
     return "v" in (layout.meta.get("targets") or ())
 
 
+def _bucketed(layout: Layout) -> bool:
+    """Aspect-ratio buckets are on (``source.buckets``, :mod:`pipeline.buckets`)."""
+    return (layout.meta.get("source") or {}).get("buckets") is not None
+
+
 COLUMNS: list[Column | ColumnFamily] = [
     Column("key", "identity", "string", "sample", stage="read", doc="WebDataset __key__"),
     Column("index", "identity", "int64", "sample", stage="read", doc="ordinal in its shard"),
@@ -247,6 +263,15 @@ COLUMNS: list[Column | ColumnFamily] = [
            doc="encoder.store_dist: (mean - shift) * scale"),
     Column("latent_std", "tensor", "output", "sample", stage="encode", when=_dist,
            doc="encoder.store_dist: std * scale"),
+    # SDXL's micro-conditioning, with aspect-ratio buckets (pipeline/buckets.py)
+    Column("original_size", "conditioning", "int32[2]", "sample", stage="read", when=_bucketed,
+           finite=False, doc="[H, W] of the decoded image"),
+    Column("crop_top_left", "conditioning", "int32[2]", "sample", stage="read", when=_bucketed,
+           finite=False, doc="[y, x] of the crop in the resized image's pixels"),
+    Column("target_size", "conditioning", "int32[2]", "sample", stage="read", when=_bucketed,
+           finite=False, doc="[H, W] of the bucket"),
+    Column("flipped", "conditioning", "bool", "sample", stage="read", when=_bucketed,
+           finite=False, doc="mirrored horizontally (source.flip=random)"),
     ColumnFamily("cls, txt, json, ... (source.keep)", _conditioning),
 ]  # fmt: skip
 
@@ -364,6 +389,7 @@ def make_metadata(
     encoder: Mapping | None = None,
     conditioning: Mapping | None = None,
     targets: Sequence[str] = (),
+    buckets: Sequence[Mapping] | None = None,
 ) -> dict:
     """The ``ddpm`` process description of a dataset (see the module docstring): what a reader
     needs to interpret and regenerate every record. ``schedule`` is a NoiseSchedule or a
@@ -372,7 +398,9 @@ def make_metadata(
     ``store_x0``; recorded only when not empty); ``source`` describes the input (decoding,
     normalisation; the shard URL is added per file); ``encoder`` identifies the VAE of latent
     records (see :mod:`pipeline.encoder`); ``conditioning`` lists the kept members and their
-    columns' types (:meth:`pipeline.conditioning.Conditioning.describe`)."""
+    columns' types (:meth:`pipeline.conditioning.Conditioning.describe`); ``buckets`` the
+    aspect-ratio buckets and their sample shapes (:func:`pipeline.buckets.describe_buckets`;
+    ``shape`` is then the largest of them)."""
     meta = {
         "format": FORMAT,
         "schedule": schedule.describe(),
@@ -392,6 +420,8 @@ def make_metadata(
         meta["conditioning"] = dict(conditioning)
     if targets:
         meta["targets"] = sorted(targets)
+    if buckets is not None:
+        meta["buckets"] = [dict(b) for b in buckets]
     return meta
 
 
@@ -482,7 +512,7 @@ def records_metadata(schema: pa.Schema) -> dict:
 # Keys of the process metadata that must agree across every file of one dataset.
 PROCESS_KEYS = (
     "format", "schedule", "noise", "dtype", "shape", "store_x0", "config_hash", "encoder",
-    "conditioning", "text", "targets",
+    "conditioning", "text", "targets", "buckets",
 )  # fmt: skip
 
 

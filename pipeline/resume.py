@@ -7,8 +7,9 @@
 * Resume: a committed shard (its marker) is kept only when its marker comes from this config,
   its input URL is the one ``source.urls`` names now (else refused: two inputs would mix under
   one shard id), its input is unchanged since (size and mtime or etag; else it is redone), and
-  its Parquet file exists with the marker's size in bytes and checksum (sha256 of its bytes;
-  else it is redone: a truncated, flipped or rewritten file differs), and so do its side files
+  its Parquet file (each of a bucketed shard's files) exists with the marker's size in bytes
+  and checksum (sha256 of its bytes; else it is redone: a truncated, flipped or rewritten file
+  differs), and so do its side files
   (the text embedding table ``_text/<shard>.parquet``: ``side_files`` of the marker). Markers
   written before checksums existed are checked by size only (by row count when they lack the
   size too). Each redo is logged.
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .fs import identities
 from .lease import LEASE
-from .manifest import COMMITTED, SHARDS, OutputDir
+from .manifest import COMMITTED, SHARDS, OutputDir, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def committed_shards(
             why = _stale_sides(out, markers[sid], files)
         if why is not None:
             log.warning("shard %s is redone: %s", sid, why)
-            names = (out.marker_name(sid), out.data_name(sid), out.rejects_name(sid))
+            data = [f["name"] for f in shard_files(sid, markers[sid])]
+            names = (out.marker_name(sid), *data, out.rejects_name(sid))  # marker first
             for name in (*names, *_sides(markers[sid])):
                 out.remove(name)
             del markers[sid]
@@ -147,24 +149,34 @@ def _stale(out: OutputDir, sid: str, marker: dict, files: dict, inputs: dict) ->
     before, now = marker.get("source_identity"), inputs.get(marker["url"])
     if before is not None and now is not None and before != now:
         return f"its input {marker['url']} changed since it was committed ({before} -> {now})"
-    name = out.data_name(sid)
+    for entry in shard_files(sid, marker):  # a bucketed shard: each of its files
+        why = _stale_file(out, entry, files)
+        if why is not None:
+            return why
+    return None
+
+
+def _stale_file(out: OutputDir, entry: dict, files: dict) -> str | None:
+    """Why one data file of a committed shard fails its marker's entry (``name``, ``bytes``,
+    ``checksum``, ``records``: :func:`pipeline.manifest.shard_files`), or None."""
+    name = entry["name"]
     info = files.get(name)
     if info is None:
         return f"its file {out.display(name)} is missing"
-    if marker.get("bytes") is not None:
-        if info.size != marker["bytes"]:
-            says = marker["bytes"]
+    if entry.get("bytes") is not None:
+        if info.size != entry["bytes"]:
+            says = entry["bytes"]
             return f"its file {out.display(name)} has {info.size} bytes, its marker says {says}"
-        if marker.get("checksum") is None:  # a marker of an older version: its size only
+        if entry.get("checksum") is None:  # a marker of an older version: its size only
             return None
         try:
             got = out.checksum(name)
         except OSError as exc:
             return f"its file {out.display(name)} is unreadable ({exc})"
-        if got != marker["checksum"]:
+        if got != entry["checksum"]:
             return (
                 f"its file {out.display(name)} has checksum {got[:19]}, its marker says "
-                f"{str(marker['checksum'])[:19]} (changed since it was committed)"
+                f"{str(entry['checksum'])[:19]} (changed since it was committed)"
             )
         return None
     try:  # a marker without its file's size: the footer's row count
@@ -172,7 +184,7 @@ def _stale(out: OutputDir, sid: str, marker: dict, files: dict, inputs: dict) ->
             rows = pq.read_metadata(f).num_rows
     except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid for a damaged footer
         return f"its file {out.display(name)} is unreadable ({exc})"
-    if rows != marker.get("records"):
-        says = marker.get("records")
+    if rows != entry.get("records"):
+        says = entry.get("records")
         return f"its file {out.display(name)} has {rows} rows, its marker says {says}"
     return None

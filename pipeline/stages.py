@@ -38,7 +38,7 @@ from .manifest import OutputDir, OutputWriteError
 from .noise import KeyedNoise
 from .prefetch import ReadAhead
 from .records import DTYPES, build_table, nonfinite_columns, writer_options
-from .source import Reject, Sample, iter_shard
+from .source import Reject, Sample, iter_shard, shard_id
 from .stage import Batch, Stage, reject_row
 from .tarstream import ReadLimits, ShardReadError, ShardTimeoutError
 
@@ -72,16 +72,19 @@ class ReadStage:
 
     def __init__(self, cfg: dict, shape: Sequence[int], batch_size: int):
         self.source, self.on_error = cfg["source"], cfg["on_error"]
-        self.shape = shape
+        self.shape, self.seed = shape, cfg["seed"]
         self.conditioning = Conditioning.from_source(self.source)  # kept members -> Sample.cond
         self.limits = ReadLimits.from_source(self.source)  # member size, name length, time
         self.depth = read_ahead(cfg) * batch_size  # samples decoded ahead (0: inline)
 
     def read(self, url: str):
         """A context manager over the shard's :class:`Sample`/:class:`Reject` items."""
+        from .buckets import Bucketing  # keyed crops and flips: on (seed, shard, key)
+
+        bucketing = Bucketing.from_source(self.source, self.seed, shard_id(url))
         items = iter_shard(
             url,
-            make_decoder(self.source, self.shape),
+            make_decoder(self.source, self.shape, bucketing),
             on_error=self.on_error,
             limits=self.limits,
             conditioning=self.conditioning,
@@ -92,25 +95,27 @@ class ReadStage:
 
 
 def batches(items: Iterator, size: int, tally: Tally) -> Iterator[list[Sample]]:
-    """``items`` in batches of ``size`` samples; rejects go to ``tally``. A stream fault
-    (:class:`ShardReadError`) is recorded in ``tally.read_error`` after the last full batch and
-    ends the shard: the samples read before it are still yielded."""
-    batch: list[Sample] = []
+    """``items`` in batches of ``size`` samples of one shape (aspect-ratio buckets: a batch per
+    bucket fills up, each bucket's samples in tar order; the partial batches at the end in order
+    of their first sample); rejects go to ``tally``. A stream fault (:class:`ShardReadError`) is
+    recorded in ``tally.read_error`` after the last full batch and ends the shard: the samples
+    read before it are still yielded."""
+    pending: dict[tuple, list[Sample]] = {}  # shape -> its batch filling up
     try:
         for item in items:
             tally.samples += 1
             if isinstance(item, Reject):
                 tally.rejects.append(reject_row(tally.shard, item.key, item.index, item.reason))
                 continue
+            batch = pending.setdefault(item.array.shape, [])
             batch.append(item)
             if len(batch) >= size:
                 yield batch
-                batch = []
+                del pending[item.array.shape]
     except ShardReadError as exc:
         tally.read_error = str(exc)
         tally.retryable = not isinstance(exc, ShardTimeoutError)
-    if batch:
-        yield batch
+    yield from sorted(pending.values(), key=lambda b: b[0].index)
 
 
 @dataclass(frozen=True)
@@ -313,10 +318,18 @@ class ParquetSink:
     """One shard's records into a temporary Parquet file of ``out``; :meth:`close` leaves it
     complete under :attr:`tmp`, :meth:`abort` removes it. Errors name the final file."""
 
-    def __init__(self, out: OutputDir, shard: str, schema: pa.Schema, output_cfg: dict):
+    def __init__(
+        self,
+        out: OutputDir,
+        shard: str,
+        schema: pa.Schema,
+        output_cfg: dict,
+        name: str | None = None,
+    ):
         self.out, self.schema = out, schema
-        self.name = out.data_name(shard)
+        self.name = out.data_name(shard) if name is None else name  # or a bucket's file
         self.tmp = out.tmp_name(self.name)
+        self.records = 0
         options = writer_options(
             schema, output_cfg["compression"], output_cfg["tensor_compression"]
         )
@@ -333,6 +346,7 @@ class ParquetSink:
             self.rows.write(table)
         except OSError as exc:
             raise self.error(exc) from exc
+        self.records += table.num_rows
         return table.num_rows
 
     def close(self) -> None:
@@ -351,31 +365,81 @@ class ParquetSink:
 
 
 class WriteStage(Stage):
-    """The records of each shard into its Parquet file (a :class:`ParquetSink` per shard).
+    """The records of each shard into its Parquet file(s).
 
-    ``schema(url, shard)`` gives the shard's Arrow schema (its metadata names the source file);
-    ``finish`` puts the file's final and temporary names and the record count in the result."""
+    Unbucketed: one :class:`ParquetSink` ``<shard>.parquet`` per shard, opened at ``start``.
+    With aspect-ratio buckets (``bucketed``): one per bucket the shard uses,
+    ``<shard>.<H>x<W>.parquet`` (:func:`pipeline.buckets.file_suffix` of the batch's
+    ``target_size``), opened at that bucket's first batch with the schema of its sample shape; a
+    batch holds one bucket (:func:`batches` groups by shape).
 
-    def __init__(self, out: OutputDir, schema, output_cfg: dict):
+    ``schema(url, shard, shape)`` gives a file's Arrow schema (its metadata names the source
+    file); ``finish`` puts the files' final and temporary names and the record counts in the
+    result: ``file`` and ``tmp``, or bucketed ``tmp`` None and ``files``, one ``{"name", "tmp",
+    "bucket", "shape", "records"}`` per bucket used, in grid order (by aspect ratio)."""
+
+    def __init__(self, out: OutputDir, schema, output_cfg: dict, *, shape, bucketed=False):
         self.out, self.schema, self.output_cfg = out, schema, output_cfg
-        self.sink: ParquetSink | None = None
+        self.shape, self.bucketed = [int(d) for d in shape], bool(bucketed)
+        self.sinks: dict = {}
         self.records = 0
 
     def start(self, shard: str, url: str) -> None:
-        self.sink = ParquetSink(self.out, shard, self.schema(url, shard), self.output_cfg)
-        self.records = 0
+        self.shard, self.url, self.sinks, self.records = shard, url, {}, 0
+        if not self.bucketed:
+            schema = self.schema(url, shard, self.shape)
+            self.sinks[None] = ParquetSink(self.out, shard, schema, self.output_cfg)
 
     def process(self, batch: Batch) -> Batch:
-        self.records += self.sink.write(batch.records)
+        self.records += self._sink(batch.records).write(batch.records)
         return batch
 
+    def _sink(self, cols: dict) -> ParquetSink:
+        if not self.bucketed:
+            return self.sinks[None]
+        sizes = {tuple(s) for s in cols["target_size"]}
+        if len(sizes) != 1:
+            raise ValueError(f"shard {self.shard}: a batch of buckets {sorted(sizes)}")
+        bucket = sizes.pop()
+        if bucket not in self.sinks:
+            from .buckets import file_suffix
+
+            shape = list(cols["x_t"].shape[1:])
+            self.sinks[bucket] = ParquetSink(
+                self.out,
+                self.shard,
+                self.schema(self.url, self.shard, shape),
+                self.output_cfg,
+                name=f"{self.shard}.{file_suffix(bucket)}.parquet",
+            )
+        return self.sinks[bucket]
+
     def finish(self, result: dict) -> None:
-        self.sink.close()
-        result.update(file=self.sink.name, tmp=self.sink.tmp, records=self.records)
+        for sink in self.sinks.values():
+            sink.close()
+        result["records"] = self.records
+        if not self.bucketed:
+            sink = self.sinks[None]
+            result.update(file=sink.name, tmp=sink.tmp)
+            return
+        order = sorted(self.sinks.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0]))
+        files = [
+            {"name": s.name, "tmp": s.tmp, "bucket": list(b), "records": s.records,
+             "shape": [int(d) for d in s.schema.field("x_t").type.shape]}
+            for b, s in order
+        ]  # fmt: skip
+        result.update(tmp=None, files=files)
 
     def abort(self) -> None:
-        if self.sink is not None:
-            self.sink.abort()
+        for sink in self.sinks.values():
+            sink.abort()
+
+
+def temporaries(result: dict) -> list[str]:
+    """The temporary data files of a worker's result (one, or one per bucket)."""
+    if result.get("files") is not None:
+        return [f["tmp"] for f in result["files"]]
+    return [result["tmp"]]
 
 
 def commit(out: OutputDir, result: dict) -> dict:
@@ -384,35 +448,47 @@ def commit(out: OutputDir, result: dict) -> dict:
     ``checksum``, and ``side_files``: {name: {bytes, checksum}} of the shard's other files, the
     ``result["side_files"]`` [tmp, name] pairs). Returns the marker's summary. On
     failure the temporary file is removed and an :class:`OutputWriteError` names the file."""
-    shard, name = result["shard"], result["file"]
+    shard = result["shard"]
+    name = result.get("file") or f"{shard}.<H>x<W>.parquet"
     rejects = list(result["rejects"])
     if result["error"] is not None:
         rejects.append(reject_row(shard, None, None, f"shard read error: {result['error']}"))
     dropped = ("tmp", "rejects", "shard", "retryable", "side_files")
     summary = {k: v for k, v in result.items() if k not in dropped}
+    files = [dict(f) for f in result.get("files") or ()]
     try:
         out.write_jsonl(out.rejects_name(shard), rejects)
-        summary["checksum"] = out.checksum(result["tmp"])  # what resume and validation verify
+        if "files" in result:  # what resume and validation verify
+            for f in files:
+                f["checksum"] = out.checksum(f["tmp"])
+        else:
+            summary["checksum"] = out.checksum(result["tmp"])
         sides = {}
         for tmp, side in result.get("side_files", ()):  # per-sample tables (text embeddings)
             sides[side] = {"bytes": out.size(tmp), "checksum": out.checksum(tmp)}
             out.commit(tmp, side)
         if sides:
             summary["side_files"] = sides
-        out.commit(result["tmp"], name)
-        summary["bytes"] = out.size(name)
-        out.write_json(out.marker_name(shard), summary)
+        if "files" in result:  # every bucket file in place before the marker
+            for f in files:
+                out.commit(f.pop("tmp"), f["name"])
+                f["bytes"] = out.size(f["name"])
+            summary["files"] = files
+            summary["bytes"] = sum(f["bytes"] for f in files)
+        else:
+            out.commit(result["tmp"], name)
+            summary["bytes"] = out.size(name)
+        out.write_json(out.marker_name(shard), summary)  # the commit point
     except OSError as exc:  # not committed: the driver retries, then removes what is left
-        quietly(out.remove, result["tmp"])
-        for tmp, _ in result.get("side_files", ()):
-            quietly(out.remove, tmp)
+        discard(out, result)
         raise OutputWriteError(f"cannot write {out.display(name)}: {exc}") from exc
     return summary
 
 
 def discard(out: OutputDir, result: dict) -> None:
     """Drop an uncommitted shard's temporary files (a partial attempt that will be retried)."""
-    quietly(out.remove, result["tmp"])
+    for tmp in temporaries(result):
+        quietly(out.remove, tmp)
     for tmp, _ in result.get("side_files", ()):
         quietly(out.remove, tmp)
 

@@ -26,6 +26,7 @@ import os
 import time
 
 from . import __version__
+from .buckets import COLUMNS as BUCKET_COLUMNS
 from .device import actor_device, assigned_gpus, resolve_device
 from .fs import identity
 from .manifest import OutputDir
@@ -91,6 +92,9 @@ class ShardWorker:
         self.store_dist = bool(enc and enc["store_dist"])
         self.out = OutputDir(cfg["output"]["dir"])
         self.reader = ReadStage(cfg, enc["input_shape"] if enc else self.shape, self.batch_size)
+        # aspect-ratio buckets: SDXL's micro-conditioning per record, a file per bucket
+        self.bucketed = self.metadata.get("buckets") is not None
+        self.bucket_columns = tuple(BUCKET_COLUMNS) if self.bucketed else ()
         self.chain = self.stages(noise)
         for stage in self.chain:
             stage.setup(self.device)
@@ -116,26 +120,30 @@ class ShardWorker:
             store_x0=self.metadata["store_x0"],  # or output.targets has x_0
             latent=enc["latent"] if enc else None,
             store_dist=self.store_dist,
-            cond_columns=tuple(self.reader.conditioning.columns),
+            cond_columns=(*self.reader.conditioning.columns, *self.bucket_columns),
             targets=tuple(self.metadata.get("targets", ())),
         )
         chain.append(NoiseStage(process=self.processes, noise=noise, options=options))
-        chain.append(WriteStage(self.out, self.schema, cfg["output"]))
+        chain.append(
+            WriteStage(
+                self.out, self.schema, cfg["output"], shape=self.shape, bucketed=self.bucketed
+            )
+        )
         if tmeta:
             from .text_store import TextWriteStage
 
             chain.append(TextWriteStage(self.out, tmeta, text.uncond_columns))
         return chain
 
-    def schema(self, url: str, shard: str):
-        """The Arrow schema of a shard's records file (its metadata names the source file and,
-        for flow, the grid of its shape)."""
+    def schema(self, url: str, shard: str, shape=None):
+        """The Arrow schema of a shard's records file of sample ``shape`` (default the
+        dataset's; a bucket's with aspect-ratio buckets): its metadata names the source file and,
+        for flow, the grid of its shape."""
         o = self.cfg["output"]
+        shape = self.shape if shape is None else [int(s) for s in shape]
         meta = {**self.metadata, "source": {**self.metadata["source"], "url": url, "shard": shard}}
-        meta = self.processes.file_metadata(meta, self.shape)
-        return record_schema(
-            self.shape, o["dtype"], meta["store_x0"], meta, store_dist=self.store_dist
-        )
+        meta = self.processes.file_metadata(meta, shape)
+        return record_schema(shape, o["dtype"], meta["store_x0"], meta, store_dist=self.store_dist)
 
     def info(self) -> dict:
         """Where this worker runs: for logs and the GPU-pinning tests."""
