@@ -536,3 +536,33 @@ def test_length_buckets_with_the_attention_mask(tmp_path, make_cfg):
     assert np.array_equal(alone["t5_hidden"][0], got[0])  # the same bytes with other neighbours
     bad = make_cfg(*base, "text.encoders.0.length_bucket=8")
     assert any("needs attention_mask" in m for _, m in text.problems(bad))
+
+
+def test_a_non_finite_embedding_is_a_reject_with_its_reason(tmp_path, make_cfg):
+    """A CLIP whose final layer norm is scaled by 1e6 overflows float16 storage: each sample
+    becomes a reject naming the columns and the fix; with on_error=fail the first one raises."""
+    from pipeline.source import Sample, SampleError
+    from pipeline.stage import Batch
+    from pipeline.text_encode import TextStage
+
+    folder = make_clip(tmp_path / "clip")
+    model = transformers.CLIPTextModel.from_pretrained(folder)
+    norm = next(p for n, p in model.named_parameters() if n.endswith("final_layer_norm.weight"))
+    with torch.no_grad():
+        norm.mul_(1e6)
+    model.save_pretrained(folder, safe_serialization=True)
+    cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float16", "text=clip",
+                   f"text.model={folder}", "text.encoders.0.max_length=16")  # fmt: skip
+    meta = text.describe_text(cfg)
+    samples = [Sample(f"k{i}", i, np.zeros((1, 2, 2), "f4"), cond={"txt": c})
+               for i, c in enumerate(["a red cat", None])]  # fmt: skip
+    stage = TextStage(meta)
+    stage.setup(torch.device("cpu"))
+    out = stage.process(Batch("s", samples))
+    assert len(out) == 0 and [r["key"] for r in out.rejects] == ["k0", "k1"]
+    assert "text embedding not finite (clip_hidden" in out.rejects[0]["reason"]
+    assert "float32" in out.rejects[0]["reason"]
+    strict = TextStage(meta, on_error="fail")
+    strict.setup(torch.device("cpu"))
+    with pytest.raises(SampleError, match="not finite"):
+        strict.process(Batch("s", samples))
