@@ -8,9 +8,9 @@ STAMP_DEMO := $(VENV)/.installed-demo
 TORCH_CPU := torch==2.13.0
 DEMO_DIR  ?= demo
 
-.PHONY: setup setup-demo test lint demo bench clean
+.PHONY: setup setup-demo test test-fast check lint demo bench clean
 
-# setup: everything, test tools included (make test, make lint, make bench).
+# setup: everything, test tools included (make test, make check, make bench).
 # setup-demo: only what `make demo` needs (the `demo` extra: no test tools, no model libraries).
 # Each step prints a line with its expected time; pip shows what it downloads.
 setup: $(STAMP)
@@ -36,12 +36,23 @@ $(STAMP_DEMO): pyproject.toml
 	$(call install,demo,ray pyarrow hydra scikit-image: 2-4 min)
 	@touch $(STAMP_DEMO)
 
-lint: setup
+# Tests: `make test` runs everything (CI; the 15 slowest are listed); `make test-fast` the unit
+# tier: no test that starts a process (Ray, a subprocess, an embedded job: marked `integration`
+# at collection by tests/fixtures/tiers.py) and none marked `slow`.
+PYTEST := $(PY) -m pytest -q --durations=15
+
+test: setup
+	$(PYTEST)
+
+test-fast: setup
+	$(PYTEST) -m "not integration and not slow"
+
+# Lint and formatting, apart from the tests so that a formatting nit never hides a test result.
+check: setup
 	$(VENV)/bin/ruff check pipeline tests jobs
 	$(VENV)/bin/ruff format --check pipeline tests jobs
 
-test: lint
-	$(PY) -m pytest -q
+lint: check
 
 demo: setup-demo
 	$(PY) -m pipeline.demo --dir $(DEMO_DIR)

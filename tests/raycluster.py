@@ -320,7 +320,7 @@ def release_when_done(request) -> None:
         stop_shared()
 
 
-# -- shards, records and faults ---------------------------------------------------------------
+# -- held shards and jobs in flight ---------------------------------------------------------
 
 GATECAT = '''\
 """gatecat.py GATE URL: stream the shard at URL (a path or fsspec URL) to stdout, but stop in the
@@ -341,20 +341,6 @@ out.flush()
 '''
 
 
-def write_shards(directory: Path, n: int, samples: int = 20, shape=(4, 16, 16)) -> list[Path]:
-    """``lat-00.tar`` ... : ``samples`` arrays each (big enough that a shard half-read has
-    written records: the tar stream is read in 10 KiB records)."""
-    from shards import write_array_shard
-
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = directory / f"lat-{i:02d}.tar"
-        write_array_shard(path, samples, shape=shape, seed=i, key_prefix=f"k{i}_")
-        paths.append(path)
-    return paths
-
-
 def gated(url: str, gate: Path) -> str:
     """A ``pipe:`` URL reading ``url`` through :data:`GATECAT` held by ``gate`` (same shard id)."""
     script = gate.parent / "gatecat.py"
@@ -365,37 +351,6 @@ def gated(url: str, gate: Path) -> str:
 
 def urls_override(urls: list[str]) -> str:
     return "source.urls=[" + ",".join(f"'{u}'" for u in urls) + "]"
-
-
-def read_records(out: str, filesystem=None) -> dict[str, dict]:
-    """file name -> {column: numpy} of every committed file of an output directory."""
-    import pyarrow.parquet as pq
-
-    from pipeline import records
-    from pipeline.manifest import OutputDir
-
-    d = OutputDir(str(out), filesystem)
-    res = {}
-    for name in d.data_files():
-        with d.fs.open_input_file(d.path(name)) as fh:
-            table = pq.read_table(fh)
-        res[name] = {
-            col: records.tensor_to_numpy(table.column(col))
-            if col in (*records.TENSOR_COLUMNS, "x_0")
-            else table.column(col).to_numpy(zero_copy_only=False)
-            for col in table.column_names
-        }
-    return res
-
-
-def assert_same_records(got: dict, want: dict) -> None:
-    import numpy as np
-
-    assert sorted(got) == sorted(want), f"files {sorted(got)} != {sorted(want)}"
-    for name in want:
-        assert sorted(got[name]) == sorted(want[name]), name
-        for col in want[name]:
-            np.testing.assert_array_equal(got[name][col], want[name][col], err_msg=f"{name}:{col}")
 
 
 def open_files(pid: int) -> list[str]:
@@ -459,29 +414,3 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]
         out, err = proc.communicate()
         raise AssertionError(f"job did not finish in {timeout} s:\n{out}\n{err}") from None
     return proc.returncode, out, err
-
-
-# The precompute arguments of the cluster tests; the shape is given so that the driver never
-# reads a held shard to learn it.
-JOB_ARGS = [
-    "source=arrays", "source.shape=[4,16,16]", "seed=1", "progress=false", "batch_size=2",
-    "output.rows_per_group=2",
-]  # fmt: skip
-NUM_SHARDS = 4
-_clean: dict | None = None
-
-
-def clean_data(tmp_path_factory) -> dict:
-    """NUM_SHARDS local shards and the records of a clean run of them with JOB_ARGS (run once
-    per session, with the session's local Ray): {"root": dir of lat-XX.tar, "clean": records}."""
-    global _clean
-    if _clean is None:
-        from pipeline.config import compose
-        from pipeline.precompute import run
-
-        root = tmp_path_factory.mktemp("cluster-shards")
-        write_shards(root, NUM_SHARDS)
-        urls = f"source.urls={root}/lat-{{00..{NUM_SHARDS - 1:02d}}}.tar"
-        assert run(compose([*JOB_ARGS, urls, f"output.dir={root}/clean"]))["exit_code"] == 0
-        _clean = {"root": root, "clean": read_records(root / "clean")}
-    return _clean

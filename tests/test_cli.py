@@ -3,34 +3,14 @@ the key (no traceback), nothing is written to the working directory, stdin is ne
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from fixtures.runner import clean_env, run_python
 from shards import write_image_shard
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HYDRA_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def _run(module: str, *args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture
@@ -65,7 +45,7 @@ def cwd(tmp_path) -> Path:
     ],
 )
 def test_a_config_error_exits_2_with_one_line(module, args, expected, cwd):
-    res = _run(module, *args, cwd=cwd)
+    res = run_python("-m", module, *args, cwd=cwd)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr
@@ -88,7 +68,7 @@ def test_multirun_is_refused_in_one_line_before_anything_is_written(sweep, tmp_p
     write_image_shard(tmp_path / "a.tar", 2, size=(8, 8))
     out = tmp_path / "out"
     args = ["source=images", f"source.urls={tmp_path}/a.tar", f"output.dir={out}", *sweep]
-    res = _run("pipeline.precompute", *args, cwd=cwd, timeout=120)
+    res = run_python("-m", "pipeline.precompute", *args, cwd=cwd, timeout=120)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: multirun (-m) is not supported")
@@ -108,7 +88,7 @@ def test_stdin_as_a_shard_is_refused_not_read(tmp_path):
             [sys.executable, "-m", "pipeline.precompute", "source=arrays", "source.urls=-"]
             + [f"output.dir={tmp_path / 'out'}", "progress=false"],
             cwd=tmp_path,
-            env=_env(),
+            env=clean_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -130,7 +110,8 @@ def test_a_job_and_its_validation_write_nothing_to_the_working_directory(tmp_pat
     shard.parent.mkdir()
     write_image_shard(shard, 4, size=(12, 10))
     out = tmp_path / "out"
-    res = _run(
+    res = run_python(
+        "-m",
         "pipeline.precompute",
         f"source.urls={shard}",
         "source.resolution=8",
@@ -140,7 +121,8 @@ def test_a_job_and_its_validation_write_nothing_to_the_working_directory(tmp_pat
         cwd=cwd,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = _run(
+    res = run_python(
+        "-m",
         "pipeline.validate",
         f"output.dir={out}",
         "progress=false",
@@ -188,15 +170,13 @@ def test_the_driver_never_imports_torch(tmp_path):
 
     write_image_shard(tmp_path / "img-0.tar", 3, size=(12, 10))
     write_array_shard(tmp_path / "arr-0.tar", 3, shape=(2, 4, 4))
-    res = subprocess.run(
-        [sys.executable, "-c", _DRIVER_WITHOUT_TORCH]
-        + [str(tmp_path / "img-{0..0}.tar"), str(tmp_path / "arr-0.tar"), str(tmp_path)],
+    res = run_python(
+        "-c",
+        _DRIVER_WITHOUT_TORCH,
+        str(tmp_path / "img-{0..0}.tar"),
+        str(tmp_path / "arr-0.tar"),
+        str(tmp_path),
         cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert (tmp_path / "images" / "img-0.parquet").exists()
@@ -207,10 +187,12 @@ def test_a_missing_shard_or_an_empty_pattern_exits_2_at_once(tmp_path, cwd):
     """Refused on the driver before Ray starts, naming the first missing path or the pattern."""
     out = f"output.dir={tmp_path / 'out'}"
     t0 = time.perf_counter()
-    res = _run("pipeline.precompute", "source=arrays", f"source.urls={tmp_path}/a-{{0..1}}.tar",
-               out, cwd=cwd)  # fmt: skip
+    res = run_python("-m", "pipeline.precompute", "source=arrays",
+                     f"source.urls={tmp_path}/a-{{0..1}}.tar", out, cwd=cwd)  # fmt: skip
     assert res.returncode == 2 and f"shard {tmp_path}/a-0.tar does not exist" in res.stderr
-    res = _run("pipeline.precompute", f"source.urls={tmp_path}/crops-*.tar", out, cwd=cwd)
+    res = run_python(
+        "-m", "pipeline.precompute", f"source.urls={tmp_path}/crops-*.tar", out, cwd=cwd
+    )
     assert res.returncode == 2 and f"'{tmp_path}/crops-*.tar' matches no file" in res.stderr
     assert time.perf_counter() - t0 < 30  # two interpreter starts; no Ray, no retries
 
@@ -220,9 +202,9 @@ def test_an_actor_no_node_can_hold_is_refused_naming_the_resources(tmp_path, cwd
     ray.actor_start_timeout_s), naming what is asked, what the node has and the override."""
     write_image_shard(tmp_path / "img-0.tar", 2, size=(16, 16))
     t0 = time.perf_counter()
-    res = _run("pipeline.precompute", f"source.urls={tmp_path}/img-0.tar", "source.resolution=8",
-               f"output.dir={tmp_path / 'out'}", "ray.gpus_per_actor=1", "progress=false",
-               cwd=cwd, timeout=120)  # fmt: skip
+    res = run_python("-m", "pipeline.precompute", f"source.urls={tmp_path}/img-0.tar",
+                     "source.resolution=8", f"output.dir={tmp_path / 'out'}",
+                     "ray.gpus_per_actor=1", "progress=false", cwd=cwd, timeout=120)  # fmt: skip
     elapsed = time.perf_counter() - t0
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "each actor asks for 1 CPU and 1 GPU" in res.stderr and " 0 GPU" in res.stderr
@@ -236,6 +218,8 @@ def test_validate_takes_the_directory_as_a_positional_argument(tmp_path, cwd):
     assert positional_dir(["it's"]) == ["output.dir='it\\'s'"]
     assert positional_dir(["output.dir=/o", "x=1"]) == ["output.dir=/o", "x=1"]
     assert positional_dir(["--help"]) == ["--help"]
-    res = _run("pipeline.validate", str(tmp_path / "no-records"), "plots=false", cwd=cwd)
+    res = run_python(
+        "-m", "pipeline.validate", str(tmp_path / "no-records"), "plots=false", cwd=cwd
+    )
     assert res.returncode == 2 and "no-records" in res.stderr, res.stderr
     assert "grammar" not in res.stderr.lower() and "mismatched input" not in res.stderr

@@ -12,18 +12,9 @@ import os
 
 import pytest
 import yaml
-from raycluster import (
-    JOB_ARGS,
-    ROOT,
-    assert_same_records,
-    clean_data,
-    finish,
-    gated,
-    read_records,
-    urls_override,
-    wait_for,
-    writing_actors,
-)
+from fixtures.dataset import JOB_ARGS
+from fixtures.records import assert_same_records, read_records
+from raycluster import ROOT, finish, gated, urls_override, wait_for, writing_actors
 
 ARGS = JOB_ARGS
 
@@ -32,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("cluster_release")  # conftest: the shared 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_session):
-    return clean_data(tmp_path_factory)
+def data(small_dataset):
+    return small_dataset
 
 
 @pytest.mark.cluster

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 
 import pytest
+from fixtures.runner import run_python
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
@@ -199,17 +198,10 @@ def test_config_hash_ignores_execution_settings_only():
         assert config_hash(compose([*REQUIRED, other])) != base, other
 
 
-def _cli(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.precompute", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def test_cli_cfg_job_and_help_work_like_hydra():
-    res = _cli(
+    res = run_python(
+        "-m",
+        "pipeline.precompute",
         "--cfg",
         "job",
         "source.urls=/d/train-{000000..000099}.tar",
@@ -219,7 +211,7 @@ def test_cli_cfg_job_and_help_work_like_hydra():
     assert res.returncode == 0, res.stderr
     job = OmegaConf.create(res.stdout)
     assert job.source.urls == "/d/train-{000000..000099}.tar" and job.schedule.name == "cosine"
-    res = _cli("--help")
+    res = run_python("-m", "pipeline.precompute", "--help")
     assert (
         res.returncode == 0
         and "source:   images | arrays" in res.stdout
@@ -228,7 +220,21 @@ def test_cli_cfg_job_and_help_work_like_hydra():
 
 
 def test_cli_typo_fails_before_ray_starts():
-    res = _cli("source.urls=/x.tar", "output.dir=/tmp/o", "output.dtyp=float16", timeout=60)
+    res = run_python(
+        "-m",
+        "pipeline.precompute",
+        "source.urls=/x.tar",
+        "output.dir=/tmp/o",
+        "output.dtyp=float16",
+        timeout=60,
+    )
     assert res.returncode == 2 and "output.dtyp" in res.stderr and "Traceback" not in res.stderr
-    res = _cli("source.urls=/x.tar", "output.dir=/tmp/o", "output.dtype=int8", timeout=60)
+    res = run_python(
+        "-m",
+        "pipeline.precompute",
+        "source.urls=/x.tar",
+        "output.dir=/tmp/o",
+        "output.dtype=int8",
+        timeout=60,
+    )
     assert res.returncode == 2 and "output.dtype" in res.stderr

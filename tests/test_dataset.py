@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import tracemalloc
-import zlib
 from collections import Counter
 
 import fsspec
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
+from fixtures.records import process_meta, write_records, write_records_file
 from torch.utils.data import DataLoader
 
 from pipeline import records
@@ -23,67 +23,10 @@ from pipeline.dataset import PrecomputedDataset, RecordsDir, collate
 from pipeline.schedule import make_schedule
 
 
-def process_meta(shape, dtype="float16", store_x0=False, seed=0, schedule="linear", T=100):
-    return {
-        "format": records.FORMAT,
-        "schedule": make_schedule(schedule, T).describe(),
-        "noise": {"seed": seed, "sampler": "uniform", "draws_per_sample": 1},
-        "dtype": dtype,
-        "shape": list(shape),
-        "store_x0": store_x0,
-        "source": {"url": "synthetic", "shard": None},
-        "config_hash": f"test-{schedule}-{seed}",
-    }
-
-
-def write_file(
-    path, shard, n, *, shape=(3, 4, 4), dtype="float16", row_group_size=8, draws=1, **meta
-):
-    """A records file of ``n`` rows, keys ``f"{shard}-{i:05d}"``; x_t[i] is filled with i. With
-    ``draws=K``: n/K samples of K adjacent draws each (sample i // K, draw i % K), as the
-    pipeline writes them; keys are then per sample."""
-    m = process_meta(shape, dtype, **meta)
-    m["source"]["shard"] = shard
-    m["noise"]["draws_per_sample"] = draws
-    schema = records.record_schema(shape, dtype, m["store_x0"], m)
-    rng = np.random.default_rng(zlib.crc32(shard.encode()))
-    i = np.arange(n)
-    tens = (n, *shape)
-    cols = {
-        "key": [f"{shard}-{k // draws:05d}" for k in i],
-        "index": i // draws,
-        "draw": (i % draws).astype(np.int32),
-        "t": (i % 100).astype(np.int32),
-        "x_t": np.broadcast_to(i.reshape(-1, *([1] * len(shape))), tens).astype(np.float32),
-        "epsilon": rng.standard_normal(tens),
-        "posterior_mean": rng.standard_normal(tens),
-        "posterior_variance": np.full(n, 0.5, np.float32),
-        "posterior_log_variance": np.full(n, np.log(0.5), np.float32),
-        "alpha_bar": np.linspace(1, 0, n, dtype=np.float32),
-        "snr": np.linspace(2, 0, n, dtype=np.float32),
-    }
-    if m["store_x0"]:
-        cols["x_0"] = rng.standard_normal(tens)
-    pq.write_table(records.build_table(schema, cols), path, row_group_size=row_group_size)
-    return cols["key"]
-
-
-def write_dir(root, sizes: dict[str, int], **kw) -> list[str]:
-    """One file per shard (``{shard}.parquet``) plus the manifest files a real run leaves."""
-    root.mkdir(parents=True, exist_ok=True)
-    keys = []
-    for shard, n in sizes.items():
-        keys += write_file(root / f"{shard}.parquet", shard, n, **kw)
-    (root / "_shards").mkdir(exist_ok=True)
-    (root / "_manifest.json").write_text("{}")
-    (root / ".tmp-partial.parquet.tmp-123").write_text("junk")  # ignored: temporary name
-    return keys
-
-
 @pytest.fixture
 def recdir(tmp_path):
     """3 files, row groups of 8: 5 + 7 + 2 = 14 units of uneven sizes, 100 records."""
-    keys = write_dir(tmp_path / "recs", {"a": 37, "b": 50, "c": 13})
+    keys = write_records(tmp_path / "recs", {"a": 37, "b": 50, "c": 13})
     return tmp_path / "recs", keys
 
 
@@ -150,7 +93,7 @@ def test_drop_uneven_equalises_every_worker(recdir):
 
 
 def test_single_file_spreads_over_row_groups(tmp_path):
-    keys = write_dir(tmp_path / "one", {"big": 64}, row_group_size=8)
+    keys = write_records(tmp_path / "one", {"big": 64}, row_group_size=8)
     got = []
     for rank in range(4):
         part = keys_of(
@@ -231,7 +174,7 @@ class CountingHandler(pafs.FSSpecHandler):
 
 
 def test_reads_only_requested_columns(tmp_path):
-    write_dir(tmp_path / "r", {"a": 256}, shape=(3, 16, 16), dtype="float32", row_group_size=64)
+    write_records(tmp_path / "r", {"a": 256}, shape=(3, 16, 16), dtype="float32", row_group_size=64)
     handler = CountingHandler()
     fs = pafs.PyFileSystem(handler)
 
@@ -250,7 +193,7 @@ def test_reads_only_requested_columns(tmp_path):
 
 
 def test_record_types_and_dtype_cast(tmp_path):
-    write_dir(tmp_path / "r", {"a": 20}, store_x0=True)
+    write_records(tmp_path / "r", {"a": 20}, store_x0=True)
     ds = PrecomputedDataset(tmp_path / "r", shuffle=False)
     r = next(iter(ds))
     assert list(r) == ds.records.column_names  # file column order by default
@@ -335,7 +278,7 @@ def test_shuffle_mixes_across_row_groups(recdir):
 def test_bounded_memory_on_a_large_file(tmp_path):
     """One row group plus the shuffle buffer, never the file (32 MiB of x_t here)."""
     n, shape, rg, buf = 8192, (1, 32, 32), 128, 256
-    write_dir(tmp_path / "big", {"big": n}, shape=shape, dtype="float32", row_group_size=rg)
+    write_records(tmp_path / "big", {"big": n}, shape=shape, dtype="float32", row_group_size=rg)
     record_bytes = 4 * int(np.prod(shape))
     ds = PrecomputedDataset(tmp_path / "big", columns=["x_t", "t"], shuffle_buffer=buf)
 
@@ -368,15 +311,15 @@ def test_bounded_memory_on_a_large_file(tmp_path):
 def test_refuses_mixed_processes(tmp_path):
     root = tmp_path / "mixed"
     root.mkdir()
-    write_file(root / "s1.parquet", "s1", 10, seed=0)
-    write_file(root / "s2.parquet", "s2", 10, seed=7)
+    write_records_file(root / "s1.parquet", "s1", 10, seed=0)
+    write_records_file(root / "s2.parquet", "s2", 10, seed=7)
     with pytest.raises(ValueError) as exc:
         PrecomputedDataset(root)
     msg = str(exc.value)
     assert "s1.parquet" in msg and "s2.parquet" in msg and "noise" in msg and "config_hash" in msg
     assert "schedule" not in msg.split("differ in")[1].split("(")[0]
 
-    write_file(root / "s2.parquet", "s2", 10, schedule="cosine")
+    write_records_file(root / "s2.parquet", "s2", 10, schedule="cosine")
     with pytest.raises(ValueError, match=r"s1\.parquet and .*s2\.parquet differ in schedule"):
         PrecomputedDataset(root)
 
@@ -384,7 +327,7 @@ def test_refuses_mixed_processes(tmp_path):
 def test_refuses_files_without_process_metadata(tmp_path):
     root = tmp_path / "foreign"
     root.mkdir()
-    write_file(root / "a.parquet", "a", 4)
+    write_records_file(root / "a.parquet", "a", 4)
     pq.write_table(pa.table({"x": [1, 2]}), root / "b.parquet")
     with pytest.raises(ValueError, match=r"b\.parquet: no 'ddpm' process metadata"):
         PrecomputedDataset(root)
@@ -472,7 +415,7 @@ def assert_same_batches(got, want):
 def test_batches_equal_collated_records(tmp_path, workers, kw):
     """Same records, same order, same batches as record mode + collate, every column."""
     root = tmp_path / "r"
-    write_dir(root, {"a": 37, "b": 50, "c": 13}, store_x0=True)
+    write_records(root, {"a": 37, "b": 50, "c": 13}, store_x0=True)
     got = batches_of(root, workers, 7, **kw)
     want = batches_of(root, workers, 7, collate_fn=collate, **kw)
     assert_same_batches(got, want)
@@ -528,7 +471,7 @@ def test_batches_seeded_and_reshuffled_per_epoch(recdir):
 def test_drop_uneven_with_more_readers_than_row_groups_is_refused(tmp_path):
     """World size 4 over one row group used to yield 0 of 40 records on every rank, silently."""
     root = tmp_path / "one"
-    write_dir(root, {"a": 40}, row_group_size=40)
+    write_records(root, {"a": 40}, row_group_size=40)
     for rank in range(4):
         ds = PrecomputedDataset(root, columns=["key"], rank=rank, world_size=4, drop_uneven=True)
         msg = r"4 rank\(s\) x 1 DataLoader worker\(s\) = 4 readers over 1 row group.*0 of 40 rec"
@@ -538,10 +481,10 @@ def test_drop_uneven_with_more_readers_than_row_groups_is_refused(tmp_path):
             len(ds)
     ds = PrecomputedDataset(root, columns=["key"], rank=0, world_size=4)  # the fix it names
     assert len(list(ds)) == 40
-    write_dir(root, {"a": 40}, row_group_size=10)  # 4 row groups: one per rank
+    write_records(root, {"a": 40}, row_group_size=10)  # 4 row groups: one per rank
     ds = PrecomputedDataset(root, columns=["key"], rank=3, world_size=4, drop_uneven=True)
     assert len(list(ds)) == len(ds) == 10
-    write_dir(root, {"a": 40}, row_group_size=14)  # 3 row groups, 2 ranks x 2 workers
+    write_records(root, {"a": 40}, row_group_size=14)  # 3 row groups, 2 ranks x 2 workers
     ds = PrecomputedDataset(root, columns=["key"], rank=0, world_size=2, drop_uneven=True)
     with pytest.raises(ValueError, match=r"= 4 readers over 3 row group.*its worker 1"):
         list(DataLoader(ds, batch_size=None, num_workers=2))
@@ -723,7 +666,7 @@ def _simulated_count(ds, world_size, workers, monkeypatch):
 )
 def test_len_is_exact_per_rank(tmp_path, world_size, workers, kw, monkeypatch):
     root = tmp_path / "r"
-    write_dir(root, {"a": 39, "b": 51, "c": 12}, draws=3)  # row groups of 8 split samples
+    write_records(root, {"a": 39, "b": 51, "c": 12}, draws=3)  # row groups of 8 split samples
     ds = PrecomputedDataset(root, columns=["key"], num_workers=workers, seed=4, **kw)
     for epoch in range(4):
         ds.set_epoch(epoch)
@@ -767,7 +710,7 @@ def test_len_without_workers_matches_records(recdir):
 def test_draws_cycle_yields_draw_e_mod_k(tmp_path, shuffle):
     K = 3
     root = tmp_path / "r"
-    write_dir(root, {"a": 39, "b": 51, "c": 12}, draws=K)  # 34 samples
+    write_records(root, {"a": 39, "b": 51, "c": 12}, draws=K)  # 34 samples
     full = {
         (r["key"], r["draw"]): r["epsilon"].clone()
         for r in PrecomputedDataset(root, columns=["key", "draw", "epsilon"], shuffle=False)
@@ -814,7 +757,7 @@ def test_draws_cycle_with_one_draw_is_all_and_bad_values(recdir):
 
 def test_draws_cycle_refuses_files_in_another_order(tmp_path):
     root = tmp_path / "r"
-    write_dir(root, {"a": 12}, draws=2)
+    write_records(root, {"a": 12}, draws=2)
     table = pq.read_table(root / "a.parquet")
     order = np.r_[np.arange(0, 12, 2), np.arange(1, 12, 2)]  # draw-major: not the writer's
     pq.write_table(table.take(order), root / "a.parquet", row_group_size=8)

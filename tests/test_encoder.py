@@ -14,10 +14,11 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures.records import read_records
+from fixtures.runner import run_python
 from shards import npy_bytes, write_image_shard, write_tar
 
 from jobs.bench import encoder as bench_encoder
@@ -62,21 +63,6 @@ def pixel_arrays(n: int, seed: int, shape=(3, 16, 16)) -> dict[str, np.ndarray]:
 
 def write_pixels(path, arrays: dict[str, np.ndarray]) -> None:
     write_tar(path, [(f"{k}.npy", npy_bytes(a)) for k, a in arrays.items()])
-
-
-def read_dir(path) -> dict[str, dict]:
-    """file name -> {column: numpy} of every committed file (tensor columns [N, *shape])."""
-    out = OutputDir(str(path))
-    res = {}
-    for name in out.data_files():
-        table = pq.read_table(out.path(name))
-        res[name] = {
-            c: records.tensor_to_numpy(table.column(c))
-            if isinstance(table.schema.field(c).type, pa.FixedShapeTensorType)
-            else table.column(c).to_numpy(zero_copy_only=False)
-            for c in table.column_names
-        }
-    return res
 
 
 def vae_cfg(make_cfg, vae_dir, *overrides):
@@ -241,7 +227,7 @@ def arrays_job(ray_session, tmp_path_factory, vae_dir):
 def test_sampled_latents_are_the_keyed_draw(arrays_job, vae_dir):
     m, inputs = arrays_job["manifest"], arrays_job["inputs"]
     assert m["exit_code"] == 0, m["shards"]
-    files = read_dir(arrays_job["tmp"] / "out")
+    files = read_records(arrays_job["tmp"] / "out")
     vae = load_vae(vae_dir)
     noise = KeyedNoise(11, 1000, draws=2)
     for name, cols in files.items():
@@ -360,7 +346,7 @@ def test_images_mean_mode_matches_an_independent_encode(ray_session, tmp_path, v
                   "output.dtype=float32", "output.store_x0=true", "batch_size=3")  # fmt: skip
     m = run(cfg)
     assert m["exit_code"] == 0 and m["totals"]["records"] == 5
-    cols = read_dir(tmp_path / "out")["img-00.parquet"]
+    cols = read_records(tmp_path / "out")["img-00.parquet"]
     assert cols["x_t"].shape == (5, 4, 16, 16) and "latent_mean" not in cols
     pixels = [s.array for s in iter_shard(f"{tmp_path}/img-00.tar", ImageDecoder(32))]
     with torch.no_grad():
@@ -452,7 +438,7 @@ def test_latent_scale_on_real_records_matches_the_stored_x0(arrays_job):
     for ordinal, shard in enumerate(sorted(m["shards"])):
         ds.add(scan_shard(out, shard, plan), ordinal)
     (check,) = latent_scale(ds)
-    x0 = np.concatenate([cols["x_0"] for cols in read_dir(arrays_job["tmp"] / "out").values()])
+    x0 = np.concatenate([cols["x_0"] for cols in read_records(arrays_job["tmp"] / "out").values()])
     got = [r["std"] for r in check.detail["per_channel"]]
     np.testing.assert_allclose(got, x0.std(axis=(0, 2, 3)), rtol=1e-4)
     means = [r["mean"] for r in check.detail["per_channel"]]
@@ -466,8 +452,6 @@ def test_latent_scale_on_real_records_matches_the_stored_x0(arrays_job):
 def test_default_path_does_not_import_diffusers(tmp_path, vae_dir):
     """diffusers is imported only where a VAE is loaded (an actor's setup), not by the driver:
     neither for encoder=none nor to hash an encoder=vae model."""
-    import subprocess
-    import sys
 
     code = (
         "import sys\n"
@@ -479,7 +463,7 @@ def test_default_path_does_not_import_diffusers(tmp_path, vae_dir):
         "assert 'diffusers' not in sys.modules, 'diffusers imported'\n"
         "assert 'safetensors' not in sys.modules, 'safetensors imported'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from fixtures.runner import run_python
 from shards import write_image_shard
 
 from pipeline import executor, validate
@@ -70,8 +69,8 @@ def test_auto_is_local_without_a_ray_and_ray_with_one(ray_session):
     assert executor.choose("auto", "auto") == executor.choose("ray", None) == "ray"
     assert executor.choose("local", "auto") == "local"
     code = "from pipeline.executor import choose; print(choose('auto', None))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "local"
+    out = run_python("-c", code)
+    assert out.returncode == 0 and out.stdout.strip() == "local", out.stderr
 
 
 def test_local_pool_and_ray_tasks_give_the_same_report(dataset, ray_session):
@@ -131,6 +130,6 @@ def test_a_program_read_from_stdin_validates_on_ray_or_is_told_why_not(dataset):
         "print(executor.choose('auto', None))\n"
         f"sys.exit(validate.main(['output.dir={dataset}', 'progress=false', 'executor=local']))\n"
     )
-    res = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True)
+    res = run_python("-", input=code)
     assert res.stdout.splitlines()[0] == "ray"
     assert res.returncode == 2 and "set executor=ray" in res.stderr

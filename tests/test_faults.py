@@ -19,18 +19,9 @@ import re
 import signal
 
 import pytest
-from raycluster import (
-    JOB_ARGS,
-    NUM_SHARDS,
-    assert_same_records,
-    clean_data,
-    finish,
-    gated,
-    read_records,
-    urls_override,
-    wait_for,
-    writing_actors,
-)
+from fixtures.dataset import JOB_ARGS, NUM_SHARDS
+from fixtures.records import assert_same_records, read_records
+from raycluster import finish, gated, urls_override, wait_for, writing_actors
 
 from pipeline.config import compose
 from pipeline.precompute import JobError, run
@@ -42,8 +33,8 @@ pytestmark = pytest.mark.usefixtures("cluster_release")  # conftest: the shared 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, ray_session):
-    return clean_data(tmp_path_factory)
+def data(small_dataset):
+    return small_dataset
 
 
 def held(data, gate, ids=range(N)) -> list[str]:

@@ -8,13 +8,12 @@ provide the dependencies (``--no-deps``), ``PYTHONPATH`` the installed package.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fixtures.runner import clean_env, run_python
 from shards import write_image_shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,12 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 def _pip(*args: str) -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    pip = ("-m", "pip", "--disable-pip-version-check", "--no-input", "-q")
+    res = run_python(*pip, *args, env=clean_env(pythonpath=None))
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -51,17 +46,8 @@ def site(tmp_path_factory) -> Path:
 
 
 def _run(site: Path, cwd: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PYTHONPATH"] = str(site)  # not the repository: the installed package only
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    # PYTHONPATH: not the repository, the installed package only
+    return run_python(*args, cwd=cwd, env=clean_env(pythonpath=site), timeout=timeout)
 
 
 def test_the_wheel_holds_the_configs(site):

@@ -3,10 +3,8 @@ driver's check that one sample fits in an actor."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from fixtures.runner import run_python
 
 from pipeline.memory import (
     DEVICE_BYTES_PER_ELEMENT,
@@ -36,4 +34,5 @@ def test_working_set_and_host_share():
 def test_importing_it_does_not_import_torch():
     """The driver imports this module; torch is the actors' cost only."""
     code = "import sys, pipeline.memory; assert 'torch' not in sys.modules"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    res = run_python("-c", code)
+    assert res.returncode == 0, res.stderr

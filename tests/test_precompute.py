@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from fixtures.records import read_records
 from shards import npy_bytes, write_array_shard, write_image_shard, write_tar
 
 from pipeline import records
@@ -28,24 +29,6 @@ def _arrays(tmp_path, n_shards=3, n=10, shape=(2, 4, 4)):
             tmp_path / f"lat-{i:02d}.tar", n, shape=shape, seed=i, key_prefix=f"k{i}_"
         )
     return f"{tmp_path}/lat-{{00..{n_shards - 1:02d}}}.tar"
-
-
-def _read_dir(path) -> dict[str, dict]:
-    """file name -> {column: numpy} for every committed file."""
-    out = OutputDir(str(path))
-    res = {}
-    for name in out.data_files():
-        table = pq.read_table(out.path(name))
-        cols = {}
-        for col in table.column_names:
-            c = table.column(col)
-            cols[col] = (
-                records.tensor_to_numpy(c)
-                if col in (*records.TENSOR_COLUMNS, "x_0")
-                else c.to_numpy(zero_copy_only=False)
-            )
-        res[name] = cols
-    return res
 
 
 def test_record_values_schema_and_metadata(tmp_path, make_cfg):
@@ -75,7 +58,7 @@ def test_record_values_schema_and_metadata(tmp_path, make_cfg):
     assert meta["source"]["shard"] == "lat-00" and meta["source"]["url"].endswith("lat-00.tar")
     assert meta["shape"] == [2, 4, 4] and meta["dtype"] == "float32" and meta["config_hash"]
 
-    cols = _read_dir(tmp_path / "out")["lat-00.parquet"]
+    cols = read_records(tmp_path / "out")["lat-00.parquet"]
     t = cols["t"].astype(np.int64)
     ab = sched.alphas_cumprod[t][:, None, None, None]
     x0, eps = cols["x_0"].astype(np.float64), cols["epsilon"].astype(np.float64)
@@ -129,7 +112,7 @@ def test_output_identical_across_actors_batches_and_order(tmp_path, make_cfg):
             "read_ahead=2",  # decoded by a reader thread: same records
         )
     )
-    a, b = _read_dir(tmp_path / "a"), _read_dir(tmp_path / "b")
+    a, b = read_records(tmp_path / "a"), read_records(tmp_path / "b")
     assert sorted(a) == sorted(b) and len(a) == 4
     for name in a:
         for col in a[name]:
@@ -141,7 +124,7 @@ def test_resume_skips_committed_shards_and_equals_clean_run(tmp_path, make_cfg):
     args = ["source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out"]
     run(make_cfg(*args))
     out = OutputDir(str(tmp_path / "out"))
-    clean = _read_dir(tmp_path / "out")
+    clean = read_records(tmp_path / "out")
     # simulate a run killed while lat-01 was in flight: no marker, a temporary file left behind
     out.remove(out.marker_name("lat-01"))
     out.remove("lat-01.parquet")
@@ -152,7 +135,7 @@ def test_resume_skips_committed_shards_and_equals_clean_run(tmp_path, make_cfg):
     assert manifest["exit_code"] == 0 and manifest["totals"]["ok"] == 3
     assert {n: os.stat(out.path(n)).st_mtime_ns for n in before} == before  # untouched
     assert [n for n in out.list() if ".tmp-" in n] == [".notes.tmp-mine"]
-    resumed = _read_dir(tmp_path / "out")
+    resumed = read_records(tmp_path / "out")
     for name in clean:
         for col in clean[name]:
             np.testing.assert_array_equal(clean[name][col], resumed[name][col])
@@ -301,7 +284,7 @@ def test_images_end_to_end(tmp_path, make_cfg):
         )
     )
     assert m["exit_code"] == 0 and m["totals"]["records"] == 12
-    cols = _read_dir(tmp_path / "out")["img-01.parquet"]
+    cols = read_records(tmp_path / "out")["img-01.parquet"]
     assert cols["x_t"].shape == (6, 3, 16, 16) and cols["x_t"].dtype == np.float16
     assert cols["x_0"].min() >= -1 and cols["x_0"].max() <= 1
 

@@ -31,57 +31,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from fixtures.records import write_records
 
 from pipeline import records
-from pipeline.schedule import make_schedule
 
 SHAPE = (3, 4, 4)
-
-
-def write_records(root, sizes: dict[str, int], row_group_size: int = 8) -> None:
-    """float16 records, one file per shard, plus the non-record files a real run leaves."""
-    root.mkdir(parents=True)
-    for s, (shard, n) in enumerate(sizes.items()):
-        meta = {
-            "format": records.FORMAT,
-            "schedule": make_schedule("linear", 50).describe(),
-            "noise": {"seed": 3, "sampler": "uniform", "draws_per_sample": 1},
-            "dtype": "float16",
-            "shape": list(SHAPE),
-            "store_x0": False,
-            "source": {"url": f"{shard}.tar", "shard": shard},
-            "config_hash": "readers",
-        }
-        rng = np.random.default_rng(s)
-        tens = (n, *SHAPE)
-        cols = {
-            "key": [f"{shard}-{i:04d}" for i in range(n)],
-            "index": np.arange(n),
-            "draw": np.zeros(n, np.int32),
-            "t": rng.integers(0, 50, n).astype(np.int32),
-            "x_t": rng.standard_normal(tens),
-            "epsilon": rng.standard_normal(tens),
-            "posterior_mean": rng.standard_normal(tens),
-            "posterior_variance": rng.random(n, np.float32),
-            "posterior_log_variance": rng.random(n, np.float32),
-            "alpha_bar": rng.random(n, np.float32),
-            "snr": rng.random(n, np.float32),
-        }
-        schema = records.record_schema(SHAPE, "float16", False, meta)
-        table = records.build_table(schema, cols)
-        pq.write_table(table, root / f"{shard}.parquet", row_group_size=row_group_size)
-    (root / "_shards").mkdir()
-    for shard in sizes:
-        (root / "_shards" / f"{shard}.json").write_text('{"status": "ok"}')
-    (root / "_manifest.json").write_text("{}")
-    (root / "rejects.jsonl").write_text("")
-    (root / ".a.parquet.tmp-0123").write_bytes(b"partial")
 
 
 @pytest.fixture(scope="module")
 def recdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("readers") / "out"
-    write_records(root, {"a": 21, "b": 12})
+    write_records(root, {"a": 21, "b": 12}, shape=SHAPE, x_t="normal", T=50, seed=3)
     return root
 
 

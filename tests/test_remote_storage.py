@@ -17,18 +17,9 @@ import time
 
 import pytest
 import yaml
-from raycluster import (
-    JOB_ARGS,
-    ROOT,
-    assert_same_records,
-    clean_data,
-    finish,
-    gated,
-    read_records,
-    shared_cluster,
-    urls_override,
-    wait_for,
-)
+from fixtures.dataset import JOB_ARGS
+from fixtures.records import assert_same_records, read_records
+from raycluster import ROOT, finish, gated, shared_cluster, urls_override, wait_for
 
 from pipeline.manifest import OutputDir
 
@@ -115,11 +106,9 @@ def test_object_store_writes_in_place(aws_env):
 
 
 @pytest.mark.cluster
-def test_s3_job_killed_then_resumed_equals_clean_run(
-    request, s3, aws_env, ray_session, tmp_path_factory, tmp_path
-):
+def test_s3_job_killed_then_resumed_equals_clean_run(request, s3, aws_env, small_dataset, tmp_path):
     cluster = shared_cluster(request, workers=0)  # one node is enough here
-    data = clean_data(tmp_path_factory)
+    data = small_dataset
     for p in sorted(data["root"].glob("lat-*.tar")):
         s3["client"].upload_file(str(p), BUCKET, f"shards/{p.name}")
     clean = data["clean"]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
 import sys
 
 import pytest
+from fixtures.runner import run_python
 
 from pipeline.validate.checks import CHECKS
 
@@ -24,7 +24,8 @@ def test_the_package_imports_no_scipy():
     code = (
         "import sys, pipeline.validate, pipeline.validate.scan; assert 'scipy' not in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    res = run_python("-c", code)
+    assert res.returncode == 0, res.stderr
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
-import sys
 
 import fsspec
 import numpy as np
 import pytest
 import torch
+from fixtures.runner import run_python
 from shards import write_array_shard
 from test_encoder import make_vae, pixel_arrays, vae_cfg
 
@@ -128,11 +127,10 @@ def test_vae_cut_in_half_is_refused_on_the_driver_in_one_line(tmp_path):
     weights = folder / encoder.WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     write_array_shard(tmp_path / "a.tar", 2, shape=(3, 16, 16))
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline.precompute", "source=arrays", "encoder=vae",
-         f"encoder.model={folder}", f"source.urls={tmp_path}/a.tar",
-         f"output.dir={tmp_path}/out", "progress=false"],
-        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    res = run_python(
+        "-m", "pipeline.precompute", "source=arrays", "encoder=vae", f"encoder.model={folder}",
+        f"source.urls={tmp_path}/a.tar", f"output.dir={tmp_path}/out", "progress=false",
+        cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 2, res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
