@@ -20,6 +20,7 @@ import numpy as np
 
 from .manifest import OutputDir
 from .records import noise_from_metadata
+from .validate.checks import variance_preservation as vp
 from .validate.measures import DatasetStats, split_strip
 
 STRIP_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # t / (T - 1) of the strip's columns
@@ -159,36 +160,39 @@ def _bin_means(ds: DatasetStats, table: np.ndarray) -> np.ndarray:
         return num / den
 
 
-# (item quantity, y label, the model as a function of (alpha_bar [T], x_0 figures))
+# (item quantity, y label, the model as a function of (alpha [T], sigma [T], x_0 figures))
 _MOMENTS = (
-    ("E[x_t^2] - (ab E[x_0^2] + 1 - ab)", "E[x_t^2]", lambda ab, f: ab * f["m2"] + 1 - ab),
-    ("E[x_t] - sqrt(ab) E[x_0]", "E[x_t]", lambda ab, f: np.sqrt(ab) * f["mean"]),
-    ("E[x_t eps] - sqrt(1-ab)", "E[x_t eps]", lambda ab, f: np.sqrt(1 - ab)),
+    (vp.Q_VAR, "E[x_t^2]", lambda a, s, f: a * a * f["m2"] + s * s),
+    (vp.Q_MEAN, "E[x_t]", lambda a, s, f: a * f["mean"]),
+    (vp.Q_EPS, "E[x_t eps]", lambda a, s, f: s),
 )
 
 
 def _moments_over_t(plt, save, *, ds, schedule, report, ctx, **_):
     """variance_preservation's quantities per t-bin (channels averaged): the measured value, the
-    model (curve over t, and per bin over its records' t) and the check's band (model +-
-    tolerance, from ``detail["bands"]``); failed bins as red crosses."""
+    model (curve over t, for rectified flow over sigma, and per bin over its records' t) and
+    the check's band (model +- tolerance, from ``detail["bands"]``); failed bins as red
+    crosses."""
     c = _check(report, "variance_preservation")
     if c is None or not c["detail"].get("bands"):
         return
-    C, ab = ds.plan.shape[0], schedule.alphas_cumprod
+    C, alpha, sigma = ds.plan.shape[0], schedule.alpha, schedule.sigma
     fig0 = c["detail"].get("x0", {}).get(str(C))
     bands = c["detail"]["bands"]
     panels = [m for m in _MOMENTS if any(b["quantity"] == m[0] for b in bands)]
-    t = np.arange(len(ab))
-    t_mean = _bin_means(ds, t.astype(np.float64))
+    flow = schedule.family == "flow"
+    t = sigma if flow else np.arange(len(alpha), dtype=np.float64)  # the x axis
+    x_name = "sigma" if flow else "t (0-based)"
+    t_mean = _bin_means(ds, t)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
     for ax, (quantity, label, model) in zip(axes[0], panels):
-        curve = model(ab, fig0)  # E[x_0] figures exist wherever their bands do
+        curve = model(alpha, sigma, fig0)  # E[x_0] figures exist wherever their bands do
         per_bin = _bin_means(ds, curve)
         ax.plot(t, curve, "-", color="C1", lw=1, label="model")
         for band in (b for b in bands if b["quantity"] == quantity):
             b, m, tol, ok = band["bin"], per_bin[band["bin"]], band["tolerance"], band["passed"]
             ax.fill_between(
-                [band["t_lo"], band["t_hi"] - 1 + 1e-9], m - tol, m + tol, color="C1",
+                [t[band["t_lo"]], t[band["t_hi"] - 1] + 1e-9], m - tol, m + tol, color="C1",
                 alpha=0.25, lw=0, label="model +- tolerance",
             )  # fmt: skip
             y = m + band["value"] - band["expected"]
@@ -196,7 +200,7 @@ def _moments_over_t(plt, save, *, ds, schedule, report, ctx, **_):
                 ax.plot(t_mean[b], y, "o", color="C0", ms=5, label="measured (per t-bin)")
             else:
                 ax.plot(t_mean[b], y, "X", color="red", ms=10, label="failed bin")
-        ax.set(xlabel="t (0-based)", ylabel=f"{label} (channels averaged)", title=f"{label} vs t")
+        ax.set(xlabel=x_name, ylabel=f"{label} (channels averaged)", title=f"{label} vs {x_name}")
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
@@ -204,7 +208,7 @@ def _moments_over_t(plt, save, *, ds, schedule, report, ctx, **_):
     zs = sorted({round(b["threshold_z"], 2) for b in bands})
     z = f"{zs[0]:.3g}" if len(zs) == 1 else f"{zs[0]:.3g}..{zs[-1]:.3g} (Student t: few records)"
     fig.suptitle(f"{verdict_text(c)}; band: model +- {z} SE\n{ctx}", fontsize=10)
-    save(fig, "var_mean_over_t.png")
+    save(fig, "var_mean_over_sigma.png" if flow else "var_mean_over_t.png")
 
 
 def _schedule(plt, save, *, schedule, report, ctx, **_):
@@ -333,7 +337,7 @@ def _strip(
     if not len(rows) or len(shape) != 3:
         return
     x0, eps, xt, t_rec = split_strip(rows.astype(np.float64), shape)
-    T, ab = ds.T, schedule.alphas_cumprod
+    T, ab, al, sg = ds.T, schedule.alphas_cumprod, schedule.alpha, schedule.sigma
     ts = sorted({int(round(f * (T - 1))) for f in STRIP_FRACTIONS})
     latent = is_latent(ds.plan.process)
     norm = ds.plan.process.get("source", {}).get("normalize", True)
@@ -366,12 +370,12 @@ def _strip(
             show(axes[r, 0], decoded[r], f"x_0 ({src}) decoded by the VAE", pixels=True)
         show(axes[r, first], x0[r], f"x_0 ({src})")
         for j, tj in enumerate(ts):
-            x = np.sqrt(ab[tj]) * x0[r] + np.sqrt(1 - ab[tj]) * eps[r]
+            x = al[tj] * x0[r] + sg[tj] * eps[r]
             show(axes[r, first + 1 + j], x, f"t={tj} (ab={ab[tj]:.2g})")
         show(axes[r, -1], xt[r], f"stored x_t, t={t_rec[r]}")
     how = "channels side by side on [-3, 3]" if latent else "pixels from [-1, 1]"
     fig.suptitle(
-        f"noising strip: x_t = sqrt(ab) x_0 + sqrt(1-ab) eps, each row one record with its own "
+        f"noising strip: x_t = alpha_t x_0 + sigma_t eps, each row one record with its own "
         f"eps ({how})\n{ctx}" + (f"\n{note}" if note and latent else ""),
         fontsize=9,
     )

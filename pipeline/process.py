@@ -140,6 +140,32 @@ class GaussianProcess:
         """The metadata's ``schedule`` entry (what :func:`pipeline.records.make_metadata` asks)."""
         return dict(self.description)
 
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """alpha_t^2 [T] (DDPM's alpha_bar: the schedule's own table)."""
+        return self.schedule.alphas_cumprod if self.schedule is not None else self.alpha**2
+
+    def terminal(self) -> dict[str, float]:
+        """Figures at the noisiest grid point: what is left of x_0 in x_T (keys of
+        :meth:`pipeline.schedule.NoiseSchedule.terminal`)."""
+        if self.schedule is not None:
+            return self.schedule.terminal()
+        a, s = float(self.alpha[-1]), float(self.sigma[-1])
+        return {"alpha_bar_T": a * a, "mean_shift": a, "variance_ratio": s * s,
+                "snr_T": float(self.snr[-1])}  # fmt: skip
+
+    def grid_index(self, t: np.ndarray) -> np.ndarray:
+        """Grid indices int64 [N] of stored ``t`` values [N]; -1 where a value is not on the grid
+        (DDPM: an integer in [0, T); flow: float32(sigma_i * T) exactly)."""
+        t = np.asarray(t)
+        T = self.num_timesteps
+        if self.family != "flow":
+            i = t.astype(np.int64)
+            return np.where((i == t) & (i >= 0) & (i < T), i, -1)
+        ts = self.timesteps.astype(np.float32)
+        i = np.clip(np.searchsorted(ts, t.astype(np.float32)), 0, T - 1)
+        return np.where(ts[i] == t, i, -1)
+
     def targets(self) -> tuple[str, ...]:
         """The target columns this family defines."""
         return tuple(k for k, fams in TARGETS.items() if self.family in fams)

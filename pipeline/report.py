@@ -30,6 +30,23 @@ REPORT_FORMAT = "ddpm-validation/1"
 CONSOLE_ITEMS = 3  # failed items printed per check; the rest are in report.md
 
 
+def schedule_summary(desc: dict) -> dict:
+    """The report's figures of the process: name, T and DDPM's zero_terminal_snr, or flow's
+    family, shift and dynamic shift."""
+    keys = ("name", "num_timesteps", "zero_terminal_snr", "family", "shift", "dynamic_shift")
+    return {k: desc[k] for k in keys if k in desc}
+
+
+def schedule_text(sch: dict) -> str:
+    """``linear T=1000 (zero_terminal_snr=False)``; ``flow T=1000 (shift=3.0)`` or
+    ``flow T=1000 (dynamic shift)``."""
+    if sch.get("family") == "flow":
+        how = "dynamic shift" if sch.get("dynamic_shift") else f"shift={sch.get('shift')}"
+    else:
+        how = f"zero_terminal_snr={sch.get('zero_terminal_snr')}"
+    return f"{sch['name']} T={sch['num_timesteps']} ({how})"
+
+
 def dataset_summary(manifest: dict, ds: DatasetStats, noise) -> dict:
     """The report's ``summary`` block: what was validated (shards, records, process)."""
     p, t = ds.plan.process, manifest.get("totals", {})
@@ -38,7 +55,7 @@ def dataset_summary(manifest: dict, ds: DatasetStats, noise) -> dict:
         "scanned_shards": len(ds.shards),
         "records": int(ds.t_hist.sum()),
         **{k: t.get(k) for k in ("samples", "rejected")},
-        "schedule": {k: p["schedule"][k] for k in ("name", "num_timesteps", "zero_terminal_snr")},
+        "schedule": schedule_summary(p["schedule"]),
         **{"sampler": noise.sampler, "draws_per_sample": noise.draws, "seed": noise.seed},
         **{k: p[k] for k in ("dtype", "shape", "store_x0")},
         "source_kind": ds.source_kind or p.get("source", {}).get("kind"),
@@ -175,8 +192,7 @@ def format_markdown(report: dict) -> str:
         "",
         f"**{'PASSED' if report['passed'] else 'FAILED'}** (exit code {report['exit_code']}); "
         f"{s['records']} records in {s['scanned_shards']} of {s['shards']} shards; schedule "
-        f"{sch['name']} T={sch['num_timesteps']} (zero_terminal_snr="
-        f"{sch['zero_terminal_snr']}), sampler {s['sampler']}, K={s['draws_per_sample']}, "
+        f"{schedule_text(sch)}, sampler {s['sampler']}, K={s['draws_per_sample']}, "
         f"{s['dtype']} {s['shape']}, store_x0={s['store_x0']}, source {s['source_kind']}.",
         "",
         "| check | verdict | statistic | value | limit | summary |",
@@ -255,8 +271,7 @@ def format_html(report: dict, images: Mapping[str, bytes]) -> str:
         f"<h1>Validation of <code>{e(report['dataset'])}</code></h1>",
         f'<p><span class="{word[:4]}">{word}</span> (exit code {report["exit_code"]}); '
         f"{s['records']} records in {s['scanned_shards']} of {s['shards']} shards; schedule "
-        f"{e(str(sch['name']))} T={sch['num_timesteps']} (zero_terminal_snr="
-        f"{sch['zero_terminal_snr']}), sampler {e(str(s['sampler']))}, "
+        f"{e(schedule_text(sch))}, sampler {e(str(s['sampler']))}, "
         f"K={s['draws_per_sample']}, {e(str(s['dtype']))} {e(str(s['shape']))}, "
         f"store_x0={s['store_x0']}, source {e(str(s['source_kind']))}.</p>",
     ]

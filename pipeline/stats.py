@@ -428,17 +428,38 @@ class Reservoir:
 # -- tests on accumulated counts -----------------------------------------------------------
 
 
-def chi2_binned(hist: np.ndarray, nbins: int) -> tuple[float, float, int, np.ndarray]:
-    """Chi-square of a length-T histogram of t against uniform t, in ``nbins`` ranges.
+def chi2_binned(
+    hist: np.ndarray, nbins: int, pmf: np.ndarray | None = None
+) -> tuple[float, float, int, np.ndarray]:
+    """Chi-square of a length-T histogram of t against uniform t, in ``nbins`` ranges; with
+    ``pmf`` ([T], summing to 1: a non-uniform density such as SD3's logit-normal) against it,
+    in up to ``nbins`` ranges of about equal probability (:func:`quantile_edges`).
     Returns (statistic, p-value, degrees of freedom, observed counts)."""
     T, n = len(hist), int(hist.sum())
-    edges = np.floor(np.linspace(0, T, nbins + 1)).astype(np.int64)
+    if pmf is None:
+        edges = np.floor(np.linspace(0, T, nbins + 1)).astype(np.int64)
+        exp = n * np.diff(edges) / T
+    else:
+        edges = quantile_edges(pmf, nbins)
+        exp = n * np.add.reduceat(pmf, edges[:-1]) / pmf.sum()
     obs = np.add.reduceat(hist, edges[:-1]).astype(np.float64)
-    exp = n * np.diff(edges) / T
     from scipy import stats as sps  # on the driver; a scan task's import stays light
 
     res = sps.chisquare(obs, exp)
-    return float(res.statistic), float(res.pvalue), nbins - 1, obs
+    return float(res.statistic), float(res.pvalue), len(obs) - 1, obs
+
+
+def quantile_edges(pmf: np.ndarray, nbins: int) -> np.ndarray:
+    """Edges [k + 1] (0 ... T) of at most ``nbins`` ranges of the grid, each of probability
+    about 1 / nbins under ``pmf`` and none of probability 0."""
+    cdf = np.cumsum(pmf) / pmf.sum()
+    cut = np.searchsorted(cdf, np.arange(1, nbins) / nbins, side="right") + 1
+    edges = np.unique(np.concatenate([[0], np.clip(cut, 1, len(pmf) - 1), [len(pmf)]]))
+    # each range up to the last ends where the cdf has passed its quantile: mass > 0; the last
+    # has none when the density ends before the grid does, and joins the one before
+    if len(edges) > 2 and pmf[edges[-2] :].sum() <= 0:
+        edges = np.delete(edges, -2)
+    return edges
 
 
 def shared_chi2(pos_sum, pos_n) -> tuple[float, float, int]:

@@ -31,7 +31,7 @@ def test_finite_rows_from_float16_exponent_bits():
 def test_features_are_named_not_indexed():
     from pipeline.validate.features import REC, Cell
 
-    assert REC.weights(xt_eps=1, sqrt_1mab=-1).tolist() == [0, 0, 1, 0, 0, -1]
+    assert REC.weights(xt_eps=1, sqrt_1mab=-1).tolist() == [0, 0, 1, 0, 0, -1, 0]
     with pytest.raises(KeyError, match="no feature 'x_t'"):
         REC.weights(x_t=1)
     v = {n: np.full(3, float(i)) for i, n in enumerate(REC.names)}

@@ -137,6 +137,7 @@ def _refresh(cols, sched, eps32=None, t_xt=None):
         alpha_bar=sched.alphas_cumprod[tn].astype(np.float32),
         posterior_variance=sched.posterior_variance[tn].astype(np.float32),
         posterior_log_variance=sched.posterior_log_variance_clipped[tn].astype(np.float32),
+        snr=sched.snr[tn].astype(np.float32),
     )
 
 

@@ -2,9 +2,14 @@
 
 Each Parquet batch of a shard (:func:`pipeline.validate.scan.scan_shard` reads them) adds to
 the shard's :class:`pipeline.validate.measures.Stats`: mergeable moments and co-moments per
-t-bin x channel, reservoirs, noise hashes, and the record-consistency counts (each stored x_t and
-posterior value recomputed from x_0, eps and the float64 schedule tables, within the rounding of
-the stored dtype, :mod:`pipeline.validate.rounding`).
+t-bin x channel, reservoirs, noise hashes, and the record-consistency counts (each stored x_t,
+posterior and target value recomputed from x_0, eps and the float64 tables of the process,
+within the rounding of the stored dtype, :mod:`pipeline.validate.rounding`).
+
+Every statistic is stated in alpha_t and sigma_t (x_t = alpha_t x_0 + sigma_t eps), so one scan
+serves both families (:mod:`pipeline.process`): DDPM (alpha = sqrt(ab), sigma = sqrt(1 - ab))
+and rectified flow (alpha = 1 - sigma). t-bins are over the grid index (DDPM's t; flow's stored
+t = sigma * T is mapped back to its index, and a value off the grid counts as out of range).
 
 Cost (docs/benchmark.md, "Validation cost"): the scan reads only the columns it checks, casts
 each tensor to float64 once per cache-sized chunk of records (:data:`CHUNK_ELEMENTS`) and
@@ -32,7 +37,7 @@ from .condscan import CondScan
 from .cost import Cost
 from .features import CROSS, REC, X0REC
 from .measures import ShardStats, Stats, strip_item
-from .plan import CHUNK_ELEMENTS, ScanPlan, bin_of_t, scan_columns, seed_of
+from .plan import CHUNK_ELEMENTS, TARGETS, ScanPlan, bin_of_t, scan_columns, seed_of
 from .rounding import finite_rows, half_ulp, op_tol
 
 # The axes of the (eps, x_0, x_t) cross-product matrices.
@@ -52,10 +57,10 @@ class _Rows:
     draw: np.ndarray
     t: np.ndarray
     bn: np.ndarray  # t-bin
-    ab: np.ndarray  # alpha_bar
-    a: np.ndarray  # sqrt(alpha_bar)
-    sg: np.ndarray  # sqrt(1 - alpha_bar)
-    av: np.ndarray  # bool: x_0 known (stored, or reconstructable at this alpha_bar)
+    ab: np.ndarray  # alpha_t^2 (DDPM: alpha_bar)
+    a: np.ndarray  # alpha_t
+    sg: np.ndarray  # sigma_t
+    av: np.ndarray  # bool: x_0 known (stored, or reconstructable at this alpha_t^2)
 
 
 @dataclass
@@ -76,9 +81,11 @@ class Accumulator:
     def __init__(self, st: ShardStats, plan: ScanPlan):
         p = plan.process
         self.st, self.plan = st, plan
-        self.sched = records.schedule_from_metadata(p)
+        grid = {"grid": st.meta["grid"]} if "grid" in st.meta else {}  # flow: this file's grid
+        self.proc = records.process_from_metadata({**p, **grid}, plan.shape)
+        self.ab = self.proc.alphas_cumprod  # alpha^2; DDPM: the schedule's alpha_bar table
         self.noise = records.noise_from_metadata(p)
-        self.T, self.K = self.sched.num_timesteps, self.noise.draws
+        self.T, self.K = self.proc.num_timesteps, self.noise.draws
         self.dtype, self.store_x0 = p["dtype"], bool(p["store_x0"])
         self.C, self.P = plan.shape[0], plan.P
         self.tbin = bin_of_t(plan.edges, self.T)
@@ -103,13 +110,14 @@ class Accumulator:
         keys = rb.column("key").to_pylist()
         index = rb.column("index").to_numpy()
         draw = rb.column("draw").to_numpy().astype(np.int64)
-        t = rb.column("t").to_numpy().astype(np.int64)
+        t = self.proc.grid_index(rb.column("t").to_numpy())  # -1: not on the grid
         cols = {c: records.tensor_to_numpy(rb.column(c)) for c in records.TENSOR_COLUMNS}
-        if self.store_x0:
-            cols["x_0"] = records.tensor_to_numpy(rb.column("x_0"))
-        scal = {  # snr: not in files written before it was added
+        for c in ("x_0", *TARGETS):
+            if c in rb.schema.names:
+                cols[c] = records.tensor_to_numpy(rb.column(c))
+        scal = {  # snr: not in files written before it was added; sigma: flow
             c: rb.column(c).to_numpy().astype(np.float64)
-            for c in records.SCALAR_COLUMNS
+            for c in (*records.SCALAR_COLUMNS, "sigma")
             if c in rb.schema.names
         }
         cost.lap("read")
@@ -137,6 +145,7 @@ class Accumulator:
         if len(t):
             self.s.t_hist += np.bincount(t, minlength=self.T)
             self.scalar_consistency(keys, draw, t, scal)
+            self.terminal(t, cols)
             cost.lap("consistency")
             self.tensors(keys, draw, t, cols)
             self.reservoirs(t, cols)
@@ -185,15 +194,58 @@ class Accumulator:
     def scalar_consistency(self, keys, draw, t, scal) -> None:
         """Scalar columns (float32): |stored - table[t]| <= 1 float32 ulp of the table value
         (its rounding is half an ulp; one more allows one float32 operation)."""
-        s = self.sched
+        s = self.proc
         for name, table in (
-            ("alpha_bar", s.alphas_cumprod),
+            ("alpha_bar", self.ab),
+            ("sigma", s.sigma),
+            ("snr", s.snr),
             ("posterior_variance", s.posterior_variance),
             ("posterior_log_variance", s.posterior_log_variance_clipped),
         ):
+            if name not in scal:
+                continue
             exp = table[t]
             tol = np.abs(np.spacing(np.abs(exp).astype(np.float32))).astype(np.float64)
             self._tally(name, np.abs(scal[name] - exp) / tol, keys, draw, t)
+
+    def terminal(self, t, cols) -> None:
+        """Where alpha_t = 0 (flow's sigma = 1, a zero-terminal-SNR DDPM's last step) x_t is
+        eps exactly: 0 x_0 + 1 eps in any arithmetic, then the same rounding."""
+        at = self.proc.alpha[t] == 0.0
+        if not at.any():
+            return
+        xt, ep = cols["x_t"][at], cols["epsilon"][at]
+        same = (xt.reshape(len(xt), -1) == ep.reshape(len(ep), -1)).all(axis=1)
+        self.s.counts["terminal_checked"] += int(at.sum())
+        self.s.counts["terminal_mismatch"] += int((~same).sum())
+
+    def targets(self, sl, f, cols, a, sg, x0) -> dict:
+        """[r] worst |error| / tolerance of each stored target of the chunk ``sl`` (f: its
+        float64 values [r, C, P]): ``velocity = eps - x_0`` and ``v = alpha eps - sigma x_0``
+        from the stored x_0 when there is one, else from identities without x_0 (exact for
+        every record): ``x_t + alpha velocity = (alpha + sigma) eps`` and ``sigma x_t + alpha v
+        = (alpha^2 + sigma^2) eps``. Tolerance as for x_t: half an ulp of every stored operand
+        times its coefficient plus float32 roundoffs of the terms."""
+        out, r = {}, sl.stop - sl.start
+        xt, ep = f["x_t"], f["epsilon"]
+        tx, te = op_tol(cols["x_t"][sl], xt, 4), op_tol(cols["epsilon"][sl], ep, 8)
+        t0 = None if x0 is None else op_tol(cols["x_0"][sl], x0, 4)
+        for name in (n for n in TARGETS if n in f):
+            y, ty = f[name], op_tol(cols[name][sl], f[name], 4)
+            if name == "velocity":
+                if x0 is not None:
+                    err, tol = y - (ep - x0), ty + te + t0
+                else:
+                    err = xt + a * y - (a + sg) * ep
+                    tol = tx + a * ty + (a + sg) * te
+            else:  # v
+                if x0 is not None:
+                    err, tol = y - (a * ep - sg * x0), ty + a * te + sg * t0
+                else:
+                    err = sg * xt + a * y - (a * a + sg * sg) * ep
+                    tol = sg * tx + a * ty + (a * a + sg * sg) * te
+            out[name] = (np.abs(err) / tol).reshape(r, -1).max(axis=1)
+        return out
 
     def tensors(self, keys, draw, t, cols) -> None:
         """The tensor identities and the moments of one batch, in one pass over its records in
@@ -209,16 +261,17 @@ class Accumulator:
         arithmetic). The bound is gathered per operand (half ulp + k float32 roundoffs of its
         magnitude, then times its coefficient): the same sum, reassociated.
         """
-        cost, sc, plan = self.cost, self.sched, self.plan
+        cost, sc, plan = self.cost, self.proc, self.plan
         B, C, P = len(t), self.C, self.P
         R = max(1, CHUNK_ELEMENTS // (C * P))
-        ab, a = sc.alphas_cumprod[t], sc.sqrt_alphas_cumprod[t]
-        sg, bn = sc.sqrt_one_minus_alphas_cumprod[t], self.tbin[t]
+        ab, a = self.ab[t], sc.alpha[t]
+        sg, bn = sc.sigma[t], self.tbin[t]
         c1, c2 = sc.posterior_mean_coef1[t], sc.posterior_mean_coef2[t]
         av = np.ones(B, dtype=bool) if self.store_x0 else ab >= plan.recon_min_alpha_bar
         with np.errstate(invalid="ignore", divide="ignore"):
             g, q = c1 / a + c2, c1 * sg / a  # pm = g x_t - q eps with x_0 reconstructed
         ratio_xt, ratio_pm = np.zeros(B), np.zeros(B)
+        ratio_tg = {n: np.zeros(B) for n in TARGETS if n in cols}
         mom = {v: np.zeros((4, B, C)) for v in ("epsilon", "x_t", "x_0")}  # mean, M2, M3, M4
         xe = np.zeros((B, C))  # sum of (x_t - mean)(eps - mean) per row
         cr = np.zeros((B, C, 3, 3))  # (eps, x_0, x_t) cross-products per row (rows av)
@@ -254,6 +307,10 @@ class Accumulator:
                 tol += qk * op_tol(ke[1], ke[0], 8)
                 err = kp[0] - (gk * kx[0] - qk * ke[0])
                 ratio_pm[i + np.flatnonzero(k)] = (np.abs(err) / tol).reshape(len(tol), -1).max(1)
+            if ratio_tg:
+                x0s = f["x_0"] if self.store_x0 else None
+                for name, v in self.targets(sl, f, cols, col(a), col(sg), x0s).items():
+                    ratio_tg[name][sl] = v
             cost.lap("consistency")
             e_ep = self._row_moments(ep, mom["epsilon"][:, sl])
             e_xt = self._row_moments(xt, mom["x_t"][:, sl])
@@ -289,6 +346,8 @@ class Accumulator:
             self.prev = (e_ep[-1].copy(), dm[-1].copy(), norm2[sl.stop - 1])
             cost.lap("adjacent_correlation")
         recs = _Rows(keys, draw, t, bn, ab, a, sg, av)
+        for name, ratio in ratio_tg.items():
+            self._tally(name, ratio, keys, draw, t)
         self._fold(recs, _Sums(ratio_xt, ratio_pm, mom, xe, cr, pos))
         cost.lap("moments")
         self._adjacent(norm2, dots)
@@ -340,6 +399,7 @@ class Accumulator:
             "ab": per_record(rows.ab),
             "sqrt_ab": per_record(rows.a),
             "sqrt_1mab": per_record(rows.sg),
+            "s2": per_record(rows.sg * rows.sg),
         }
         st.rec.update(REC.stack(feats).reshape(-1, len(REC)), rcells)
         if av.any():
@@ -393,12 +453,11 @@ class Accumulator:
         if self.store_x0:
             x0, keep = cols["x_0"], slice(None)
         else:
-            ab = self.sched.alphas_cumprod[t]
-            keep = ab >= self.plan.recon_min_alpha_bar
+            keep = self.ab[t] >= self.plan.recon_min_alpha_bar
             if not keep.any():
                 return
             shape = (-1,) + (1,) * (cols["x_t"].ndim - 1)
-            a, s1 = np.sqrt(ab[keep]).reshape(shape), np.sqrt(1 - ab[keep]).reshape(shape)
+            a, s1 = self.proc.alpha[t][keep].reshape(shape), self.proc.sigma[t][keep].reshape(shape)
             x0 = (cols["x_t"][keep].astype(np.float64) - s1 * cols["epsilon"][keep]) / a
         st.strip.update(strip_item(x0, cols["epsilon"][keep], cols["x_t"][keep], t[keep]))
 

@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
         if e.get("status") in COMMITTED and OutputDir.data_name(k) in present
     ]
     try:
-        schedule = records.schedule_from_metadata(process)
+        schedule = records.process_from_metadata(process)  # a GaussianProcess, either family
         noise = records.noise_from_metadata(process)
         records.check_dtype(process["dtype"])
         ds = DatasetStats(make_plan(cfg, process, len(to_scan)), entries)

@@ -48,8 +48,9 @@ class Features:
 
 
 # Per record and channel (the last channel index averages the channels): mean(x_t),
-# mean(x_t^2), mean(x_t eps), and the record's alpha_bar, sqrt(alpha_bar), sqrt(1 - alpha_bar).
-REC = Features(("xt_mean", "xt_ms", "xt_eps", "ab", "sqrt_ab", "sqrt_1mab"))
+# mean(x_t^2), mean(x_t eps), and the record's alpha_t^2 (``ab``: DDPM's alpha_bar), alpha_t
+# (``sqrt_ab``), sigma_t (``sqrt_1mab``) and sigma_t^2 (``s2``) of x_t = alpha_t x_0 + sigma_t eps.
+REC = Features(("xt_mean", "xt_ms", "xt_eps", "ab", "sqrt_ab", "sqrt_1mab", "s2"))
 # Per record and channel where x_0 is known: mean(x_0), mean(x_0^2).
 X0REC = Features(("x0_mean", "x0_ms"))
 # Elementwise co-moments of these tensors per (t-bin, channel) cell.

@@ -37,6 +37,16 @@ def split_strip(rows: np.ndarray, shape) -> tuple[np.ndarray, ...]:
     return x0, eps, xt, rows[:, -1].astype(np.int64)
 
 
+def t_pmf(process: dict) -> np.ndarray | None:
+    """P(grid index) [T] of a non-uniform timestep density (SD3's logit_normal, mode: see
+    :meth:`pipeline.noise.KeyedNoise.timestep_pmf`); None for uniform and stratified."""
+    from .. import records
+    from ..noise import DENSITIES
+
+    noise = records.noise_from_metadata(process)
+    return noise.timestep_pmf() if noise.sampler in DENSITIES else None
+
+
 class Stats:
     """The mergeable statistics of a set of records: one shard (filled by the scan of
     :func:`pipeline.validate.scan.scan_shard`), or the whole dataset (the merge of its shards).
@@ -160,6 +170,7 @@ class DatasetStats(Stats):
         self.source_kind = None
         self.cost: Counter = Counter()  # seconds per scan part, summed over the shards
         self.wall: dict[str, float] = {}  # the driver's phases (pipeline.validate.driver.run)
+        self.t_pmf = t_pmf(plan.process)  # None: uniform over the grid
 
     def add(self, st: ShardStats, ordinal: int) -> None:
         """Fold in one shard's :class:`ShardStats` (what ``scan_shard`` returned); ``ordinal``
@@ -183,7 +194,7 @@ class DatasetStats(Stats):
         summ["rejected_fraction"] = float(entry.get("rejected") or 0) / samples
         nb = min(self.plan.bins, int(s.t_hist.sum() // 5))
         if nb >= 2:
-            summ["t_chi2"] = chi2_binned(s.t_hist, nb)[:3]
+            summ["t_chi2"] = chi2_binned(s.t_hist, nb, self.t_pmf)[:3]
         if len(s.eps_res) >= 20:
             from scipy import stats as sps  # driver only: scan tasks never import scipy
 

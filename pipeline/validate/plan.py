@@ -18,8 +18,10 @@ from .. import records
 U32 = 2.0**-24  # float32 unit roundoff: relative error bound of one float32 operation
 CHUNK_ELEMENTS = 1 << 17  # values per tensor in one chunk of the scan (1 MiB as float64)
 
-# The stored values checked record by record against the schedule (record_consistency).
-CONSISTENCY = ("alpha_bar", "posterior_variance", "posterior_log_variance", "x_t", "posterior_mean")
+# The stored values checked record by record against the process (record_consistency).
+CONSISTENCY = ("alpha_bar", "sigma", "snr", "posterior_variance", "posterior_log_variance", "x_t",
+               "posterior_mean", "velocity", "v")  # fmt: skip
+TARGETS = ("velocity", "v")  # the target columns checked record by record
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ class Context:
     ``ds``: the merged statistics of the scan; ``out``: the output directory (to name paths in
     messages; a check reads no file: what it holds is in ``inventory``); ``manifest``: its
     ``_manifest.json``; ``schedule`` and ``noise``: the process rebuilt from the manifest
-    (:class:`pipeline.schedule.NoiseSchedule`, :class:`pipeline.noise.KeyedNoise`); ``cfg``: the
-    validator's config (conf/validate.yaml), where a check finds its own keys.
+    (:class:`pipeline.process.GaussianProcess` of either family,
+    :class:`pipeline.noise.KeyedNoise`); ``cfg``: the validator's config (conf/validate.yaml),
+    where a check finds its own keys.
     """
 
     ds: DatasetStats

@@ -21,12 +21,14 @@ X0, XT = CROSS.index("x0"), CROSS.index("xt")
 
 def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: float) -> Check:
     """x_t in the top t-bin against the model (errors) and against N(0, I) (warnings); the
-    schedule's terminal figures: sqrt(alpha_bar_T) > max_shift is a warning naming the remedy."""
+    schedule's terminal figures: alpha_T (DDPM: sqrt(alpha_bar_T)) > max_shift is a warning
+    naming the remedy; where alpha_t = 0 (flow's sigma = 1), x_T equals eps exactly, record by
+    record (an error otherwise)."""
     p, C, b = ds.plan, ds.plan.shape[0], ds.plan.bins - 1
     term, fig, where = schedule.terminal(), x0_figures(ds), f"{bin_label(p, b)}, all channels"
     shift = litem(
         "schedule",
-        "terminal mean shift sqrt(alpha_bar_T)",
+        "terminal mean shift alpha_T = sqrt(alpha_bar_T)",
         term["mean_shift"],
         max_shift,
         "warning",
@@ -61,7 +63,7 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
                     where,
                     "E[x_T^2] vs model",
                     v2,
-                    ab * f["m2"] + 1 - ab,
+                    ab * f["m2"] + cell["s2"],
                     math.hypot(se2, ab * f["se_m2"]),
                     records=n,
                 ),
@@ -92,10 +94,21 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
         )
     extra = {
         "terminal": term,
+        "exact_terminal": [ds.counts["terminal_checked"], ds.counts["terminal_mismatch"]],
         "window": [p.edges[b], p.edges[b + 1]],
         "records": n,
         "threshold_mean_shift": max_shift,
     }
+    if ds.counts["terminal_checked"]:
+        model.append(
+            litem(
+                "records at alpha_t = 0",
+                "x_T != eps (bytes)",
+                ds.counts["terminal_mismatch"],
+                0,
+                checked=ds.counts["terminal_checked"],
+            )
+        )
     fams = [[shift], model, normal]
     return verdict(NAME, fams, z=z, correct=correct, notes=notes, extra=extra)
 

@@ -13,15 +13,21 @@ from ..verdict import Check, Highlight, verdict, zitem
 from .context import Context
 
 NAME = "variance_preservation"
+# The quantities of its items (the report's plots find their bands by them).
+Q_EPS = "E[x_t eps] - sigma"
+Q_VAR = "E[x_t^2] - (alpha^2 E[x_0^2] + sigma^2)"
+Q_MEAN = "E[x_t] - alpha E[x_0]"
 
 
 def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
-    """Per t-bin and channel, records as the unit (the pixels of one image are correlated):
+    """Per t-bin and channel, records as the unit (the pixels of one image are correlated),
+    stated in alpha_t and sigma_t so that DDPM (alpha^2 = ab, sigma^2 = 1 - ab) and rectified
+    flow (alpha = 1 - sigma) share it:
 
-    * E[mean(x_t^2)] = E[ab] E[x_0^2] + 1 - E[ab], i.e. Var(x_t) = ab Var(x_0) + 1 - ab with the
-      mean sqrt(ab) E[x_0]; SE: spread across records (+) E[ab] SE(E[x_0^2]);
-    * E[mean(x_t eps)] = E[sqrt(1 - ab)]: the noise enters x_t with the right coefficient;
-    * E[mean(x_t)] = E[sqrt(ab)] E[x_0];
+    * E[mean(x_t^2)] = E[alpha^2] E[x_0^2] + E[sigma^2], i.e. Var(x_t) = alpha^2 Var(x_0) +
+      sigma^2 with the mean alpha E[x_0]; SE: spread across records (+) E[alpha^2] SE(E[x_0^2]);
+    * E[mean(x_t eps)] = E[sigma]: the noise enters x_t with the right coefficient;
+    * E[mean(x_t)] = E[alpha] E[x_0];
     * reconstructed x_0 only: E[x_0^2] per bin equals the pooled value (t is independent of x_0).
     """
     p, C = ds.plan, ds.plan.shape[0]
@@ -33,16 +39,16 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
             continue
         where = f"{bin_label(p, b)}, " + ("all channels" if c == C else f"channel {c}")
         v, se = cell.linear(xt_eps=1, sqrt_1mab=-1)
-        items.append(zitem(where, "E[x_t eps] - sqrt(1-ab)", v, 0.0, se, records=n))
+        items.append(zitem(where, Q_EPS, v, 0.0, se, records=n))
         if c not in fig:
             continue
         f = fig[c]
-        v, se = cell.linear(xt_ms=1, ab=1 - f["m2"])
+        v, se = cell.linear(xt_ms=1, ab=-f["m2"], s2=-1)
         items.append(
             zitem(
                 where,
-                "E[x_t^2] - (ab E[x_0^2] + 1 - ab)",
-                v - 1,
+                Q_VAR,
+                v,
                 0.0,
                 math.hypot(se, cell["ab"] * f["se_m2"]),
                 records=n,
@@ -52,7 +58,7 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
         items.append(
             zitem(
                 where,
-                "E[x_t] - sqrt(ab) E[x_0]",
+                Q_MEAN,
                 v,
                 0.0,
                 math.hypot(se, cell["sqrt_ab"] * f["se_mean"]),
@@ -74,14 +80,15 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
             )
         if c == C:  # the variance form, for the report: a mixture over the bin's t
             ab = cell["ab"]
-            pred = ab * f["var"] + 1 - ab + cell.var("sqrt_ab") * f["mean"] ** 2
+            pred = ab * f["var"] + cell["s2"] + cell.var("sqrt_ab") * f["mean"] ** 2
             table.append(
                 {
                     "bin": b,
                     "t_lo": p.edges[b],
                     "t_hi": p.edges[b + 1],
                     "records": n,
-                    "alpha_bar": ab,
+                    "alpha_bar": ab,  # alpha_t^2
+                    "sigma": cell["sqrt_1mab"],
                     "var_x_t": float(np.mean(ds.xt.var(ddof=0)[b])),
                     "var_x_t_model": pred,
                     "mean_x_t": cell["xt_mean"],
@@ -103,14 +110,14 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
                     "data",
                     "Var(x_0)",
                     f"data is not unit-variance (Var(x_0) = {v0:.3g}): the identity holds in its "
-                    "general form Var(x_t) = ab Var(x_0) + 1 - ab; Var(x_t) = 1 only for "
-                    "unit-variance data",
+                    "general form Var(x_t) = alpha^2 Var(x_0) + sigma^2; for DDPM Var(x_t) = 1 "
+                    "only for unit-variance data",
                 )
             )
     else:
         notes.append(
             "no x_0 (not stored, no record with ab above the reconstruction threshold): only "
-            "E[x_t eps] = sqrt(1-ab) checked"
+            "E[x_t eps] = sigma checked"
         )
     extra = {"per_bin": table, "x0": {str(k): v for k, v in fig.items()}}
     check = verdict(NAME, [items], z=z, correct=correct, notes=notes, extra=extra)

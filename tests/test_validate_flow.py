@@ -1,0 +1,234 @@
+"""pipeline.validate on rectified-flow records: clean runs pass, the five planted flow defects of
+issue 19 are caught. Defects are planted as in tests/test_validate.py: the Parquet files are
+rewritten consistently (every column derived from the altered values recomputed, the metadata and
+commit markers left claiming the configured process), with ``max_consistency_records=0`` so that
+the statistics and the record-by-record arithmetic must find them without the keyed regeneration.
+
+Datasets: 4 shards x 48 arrays [4, 8, 8] x 2 draws, schedule=flow shift 3, logit_normal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from shards import write_array_shard
+from test_validate import _copy, _drop_x0, _failed, _read, _recommit, _validate, _write
+
+from pipeline import records
+from pipeline.config import compose
+from pipeline.diffusion import q_posterior, q_sample, velocity
+from pipeline.noise import KeyedNoise
+from pipeline.precompute import run as precompute
+from pipeline.process import flow
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+FLOW = ["schedule=flow", "schedule.shift=3.0", "sampling.timesteps=logit_normal"]
+
+
+def _build(root, name, *overrides, shards=4, n=48):
+    src = root / f"{name}-src"
+    src.mkdir()
+    for i in range(shards):
+        write_array_shard(src / f"sh-{i}.tar", n, shape=(4, 8, 8), seed=i, key_prefix=f"k{i}_")
+    cfg = compose(
+        ["progress=false", "source=arrays", f"source.urls={src}/sh-{{0..{shards - 1}}}.tar",
+         f"output.dir={root / name}", "sampling.draws_per_sample=2", "output.rows_per_group=40",
+         "ray.num_actors=1", *FLOW, *overrides]
+    )  # fmt: skip
+    assert precompute(cfg)["exit_code"] == 0
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """a: the dataset defects are planted in; u: a coarse grid (T = 20, uniform t), many
+    records at sigma = 1."""
+    root = tmp_path_factory.mktemp("validate_flow")
+    return {
+        "a": _build(root, "a", "seed=3", "output.store_x0=true"),
+        "u": _build(root, "u", "seed=4", "schedule.num_timesteps=20", "sampling.timesteps=uniform",
+                    shards=2),
+    }  # fmt: skip
+
+
+@pytest.fixture
+def base(datasets):
+    return datasets["a"]
+
+
+def _refresh(cols, proc, k):
+    """Recompute every derived column of flow records at grid indices ``k`` of ``proc`` as the
+    worker does (float32 arithmetic, then the stored dtype)."""
+    out = torch.float16 if cols["x_t"].dtype == np.float16 else torch.float32
+    x0 = torch.from_numpy(cols["x_0"].astype(np.float32))
+    eps = torch.from_numpy(cols["epsilon"].astype(np.float32))
+    kt = torch.from_numpy(k)
+    x_t = q_sample(proc, x0, kt, eps)
+    mean, _, _ = q_posterior(proc, x0, x_t, kt, out_dtype=out)
+    cols.update(
+        t=proc.t_column(k),
+        sigma=proc.sigma[k].astype(np.float32),
+        x_t=x_t.to(out).numpy(),
+        posterior_mean=mean.numpy(),
+        posterior_variance=proc.posterior_variance[k].astype(np.float32),
+        posterior_log_variance=proc.posterior_log_variance_clipped[k].astype(np.float32),
+        snr=proc.snr[k].astype(np.float32),
+        velocity=velocity(x0, eps, out_dtype=out).numpy(),
+    )
+
+
+def _plant(root, shards, fn):
+    """Apply fn(cols, proc, shard) to the named shards (proc: the file's own process, k its
+    records' grid indices in cols["k"]), rewrite them, re-commit (size and checksum)."""
+    for shard in shards:
+        path = root / f"{shard}.parquet"
+        schema, cols = _read(path)
+        proc = records.process_from_metadata(records.process_metadata(schema))
+        cols["k"] = proc.grid_index(cols["t"])
+        assert (cols["k"] >= 0).all()
+        fn(cols, proc, shard)
+        del cols["k"]
+        _write(path, schema, cols)
+        _recommit(root, shard)
+    return root
+
+
+ALL = ["sh-0", "sh-1", "sh-2", "sh-3"]
+
+
+def _swap_weights(cols, proc, shard):
+    """x_t = sigma x_0 + (1 - sigma) eps: the two weights swapped."""
+    swapped = flow(proc.num_timesteps, shift=3.0)
+    object.__setattr__(swapped, "alpha", proc.sigma)
+    object.__setattr__(swapped, "sigma", proc.alpha)
+    x0 = torch.from_numpy(cols["x_0"].astype(np.float32))
+    eps = torch.from_numpy(cols["epsilon"].astype(np.float32))
+    x_t = q_sample(swapped, x0, torch.from_numpy(cols["k"]), eps)
+    out = torch.from_numpy(cols["x_t"]).dtype
+    mean, _, _ = q_posterior(proc, x0, x_t, torch.from_numpy(cols["k"]), out_dtype=out)
+    cols.update(x_t=x_t.to(out).numpy(), posterior_mean=mean.numpy())
+
+
+def _shift_twice(cols, proc, shard):
+    """The shift applied to the already shifted grid: shift 3 twice is shift 9."""
+    _refresh(cols, flow(proc.num_timesteps, shift=9.0), cols["k"])
+
+
+def _velocity_sign(cols, proc, shard):
+    cols["velocity"] = -cols["velocity"]
+
+
+def _uniform_sigma(cols, proc, shard):
+    """sigma drawn with the uniform sampler from the same keyed bits."""
+    noise = KeyedNoise(3, proc.num_timesteps, draws=2, sampler="uniform", family="flow")
+    d = noise.digests(shard, list(dict.fromkeys(cols["key"])))
+    k = noise.timesteps(d, shard, sorted(set(cols["index"].tolist())))
+    _refresh(cols, proc, k.astype(np.int64))
+
+
+def _other_shift(cols, proc, shard):
+    """This shard's writer used shift 1 (as if its config had been another)."""
+    _refresh(cols, flow(proc.num_timesteps, shift=1.0), cols["k"])
+
+
+def test_clean_flow_dataset_passes_with_and_without_x0(base, tmp_path):
+    report, checks = _validate(base)
+    assert report["exit_code"] == 0, _failed(checks)
+    consistency = checks["record_consistency"]["detail"]["items"]
+    checked = {i["quantity"].split(":")[0] for i in consistency if i.get("checked")}
+    assert {"x_t", "posterior_mean", "velocity", "sigma", "snr"} <= checked
+    assert report["summary"]["schedule"]["family"] == "flow"
+    d = _drop_x0(_copy(base, tmp_path / "d"))
+    report, checks = _validate(d)
+    assert report["exit_code"] == 0, _failed(checks)
+
+
+def test_x_T_is_eps_exactly_at_sigma_1(datasets, tmp_path):
+    report, checks = _validate(datasets["u"])
+    assert report["exit_code"] == 0, _failed(checks)
+    exact = checks["convergence"]["detail"]["exact_terminal"]
+    assert exact[0] >= 5 and exact[1] == 0  # records at sigma = 1, x_T == eps for every one
+
+    def nudge(cols, proc, shard):  # one x_T value one float16 step away from its eps
+        i = int(np.flatnonzero(cols["k"] == proc.num_timesteps - 1)[0])
+        cols["x_t"][i, 0, 0, 0] = np.nextafter(cols["x_t"][i, 0, 0, 0], np.float16(9))
+
+    d = _plant(_copy(datasets["u"], tmp_path / "d"), ["sh-0"], nudge)
+    _, checks = _validate(d)
+    assert _failed(checks) == {"convergence"}
+    item = next(i for i in checks["convergence"]["detail"]["items"] if not i["passed"])
+    assert item["quantity"] == "x_T != eps (bytes)" and item["value"] == 1
+
+
+@pytest.mark.parametrize("store_x0", [True, False])
+def test_weights_swapped(base, tmp_path, store_x0):
+    d = _plant(_copy(base, tmp_path / "d"), ALL, _swap_weights)
+    if not store_x0:
+        _drop_x0(d)
+    _, checks = _validate(d)
+    assert "variance_preservation" in _failed(checks)
+    bad = [i for i in checks["variance_preservation"]["detail"]["items"] if not i["passed"]]
+    assert any(i["quantity"] == "E[x_t eps] - sigma" for i in bad)
+    if store_x0:
+        assert "record_consistency" in _failed(checks)
+
+
+def test_shift_applied_twice(base, tmp_path):
+    d = _plant(_copy(base, tmp_path / "d"), ALL, _shift_twice)
+    _, checks = _validate(d)
+    assert "record_consistency" in _failed(checks)
+    off = next(
+        i for i in checks["record_consistency"]["detail"]["items"]
+        if i["quantity"] == "records with t out of range values"
+    )  # fmt: skip
+    assert off["value"] >= 0.95 * 4 * 48 * 2  # sigma * T off the configured grid (a few coincide)
+
+
+@pytest.mark.parametrize("store_x0", [True, False])
+def test_velocity_sign_flipped(base, tmp_path, store_x0):
+    d = _plant(_copy(base, tmp_path / "d"), ["sh-2"], _velocity_sign)
+    if not store_x0:
+        _drop_x0(d)
+    _, checks = _validate(d)
+    assert _failed(checks) == {"record_consistency"}
+    item = next(
+        i for i in checks["record_consistency"]["detail"]["items"]
+        if i["quantity"].startswith("velocity")
+    )  # fmt: skip
+    assert item["value"] == 2 * 48 and item["checked"] == 4 * 2 * 48
+    assert item["worst"]["shard"] == "sh-2"
+
+
+def test_uniform_sigma_when_logit_normal_configured(base, tmp_path):
+    d = _plant(_copy(base, tmp_path / "d"), ALL, _uniform_sigma)
+    _, checks = _validate(d)
+    assert _failed(checks) == {"timestep_distribution"}
+    # and the keyed regeneration names it record by record when asked
+    _, checks = _validate(d, "max_consistency_records=200")
+    assert "keyed_noise" in _failed(checks)
+
+
+def test_one_shard_with_another_shift(base, tmp_path):
+    d = _plant(_copy(base, tmp_path / "d"), ["sh-1"], _other_shift)
+    _, checks = _validate(d)
+    assert "record_consistency" in _failed(checks)
+    bad = {
+        i["where"] for i in checks["timestep_distribution"]["detail"]["items"] if not i["passed"]
+    }
+    assert bad <= {"shard sh-1", "overall"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_clean_flow_runs_have_no_false_alarm(tmp_path, seed):
+    """20 seeds, small datasets (2 shards x 24 samples x 2 draws), alternating the densities,
+    dynamic shift and x_0 storage: every check passes."""
+    extra = [
+        f"seed={100 + seed}",
+        f"sampling.timesteps={('logit_normal', 'mode', 'uniform', 'stratified')[seed % 4]}",
+        f"output.store_x0={'true' if seed % 2 else 'false'}",
+        *(["schedule.dynamic_shift=true"] if seed % 5 == 0 else []),
+    ]
+    d = _build(tmp_path, "c", *extra, shards=2, n=24)
+    report, checks = _validate(d, "max_consistency_records=50")
+    assert report["exit_code"] == 0, {k: checks[k]["detail"]["items"] for k in _failed(checks)}
