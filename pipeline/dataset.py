@@ -85,6 +85,25 @@ in a DataLoader worker, as ``default_collate`` does): one copy per record less t
 ``default_collate``, and no per-record Python work, which is the fast way to train (see
 ``docs/benchmark.md``, "Training loader").
 
+Aspect-ratio buckets
+--------------------
+A dataset made with ``source.buckets`` holds files of several sample shapes, one per bucket
+(``<shard>.<H>x<W>.parquet``, :mod:`pipeline.buckets`). Units are dealt as above, whatever their
+bucket, so every record is still yielded exactly once per epoch across ranks and workers. Each
+reader keeps one shuffle buffer per bucket (their sizes share ``shuffle_buffer`` in proportion to
+the reader's records of each bucket) and, with ``batch_size``, one batch per bucket filling up:
+**a batch never mixes shapes**, as with the bucket samplers of kohya's sd-scripts and
+SimpleTuner. Batches come out as they fill, so the epoch's unit order (seeded by ``(seed,
+epoch)``) shuffles them across buckets and the buffers shuffle records within each bucket. At the
+end of the epoch each bucket's short batch is yielded (in the order the buckets were first met)
+or, with ``drop_last=True``, left out. In record mode the records come in the same order, each
+with its own shape (``default_collate`` cannot batch them: use ``batch_size``).
+``drop_uneven=True`` then makes every rank yield the same number of *batches* per DataLoader
+worker (the least any rank has; the last batches of the others are dropped), since short batches
+per bucket make equal record counts give unequal steps. The micro-conditioning columns
+``original_size``, ``crop_top_left`` and ``target_size`` come as int32 ``[2]`` tensors (``[B,
+2]`` in a batch), ``flipped`` as a bool tensor.
+
 Memory
 ------
 Only the requested columns are read (Parquet column projection), one row group at a time. A
@@ -114,6 +133,7 @@ None kept as lists).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import posixpath
 import warnings
@@ -196,6 +216,27 @@ class RecordsDir:
                 )
         self.metadata: dict = {k: ref[k] for k in records.PROCESS_KEYS if k in ref}
         self.sources: dict[str, dict] = {n: m.get("source", {}) for n, m in zip(self.files, metas)}
+        # each file's sample shape: one per file, several per dataset with aspect-ratio buckets
+        self.shapes: list[tuple] = [
+            tuple(records.file_shape(f.schema.to_arrow_schema())) for f in self.footers
+        ]
+
+    def bucket_of(self, file: int) -> str | None:
+        """``"HxW"``, the bucket of file number ``file`` (``<shard>.<H>x<W>.parquet``), or None
+        for a dataset without buckets."""
+        from .buckets import BUCKET_FILE
+
+        m = BUCKET_FILE.match(self.files[file]) if self.metadata.get("buckets") else None
+        return f"{m['h']}x{m['w']}" if m else None
+
+    def shard_of(self, file: int) -> str:
+        """The shard id of file number ``file`` (``<shard>.parquet`` or, with buckets,
+        ``<shard>.<H>x<W>.parquet``)."""
+        from .buckets import BUCKET_FILE
+
+        name = self.files[file]
+        m = BUCKET_FILE.match(name) if self.metadata.get("buckets") else None
+        return m["shard"] if m else name[: -len(".parquet")]
 
     def display(self, name: str) -> str:
         return posixpath.join(self.uri.rstrip("/"), name)
@@ -252,6 +293,11 @@ def table_to_numpy(table: pa.Table, null_label: int = DEFAULT_NULL_LABEL) -> dic
         col = table[name]
         if records.is_tensor(col.type):
             out[name] = records.tensor_to_numpy(col)
+        elif pa.types.is_fixed_size_list(col.type):  # buckets' [H, W] pairs: an [N, 2] array
+            flat = pa.concat_arrays(col.chunks).flatten() if col.num_chunks else []
+            out[name] = np.asarray(flat, dtype=col.type.value_type.to_pandas_dtype()).reshape(
+                -1, col.type.list_size
+            )
         elif pa.types.is_integer(col.type) and col.null_count:
             out[name] = col.fill_null(null_label).to_numpy()
         else:
@@ -561,6 +607,9 @@ class PrecomputedDataset(IterableDataset):
         plan = self.plan(world_size, workers)
         total = 0
         for worker in range(workers):
+            if self.batch_size is not None and self.bucketed:
+                total += self._bucket_batches(plan, worker)[rank]
+                continue
             n = self._limit(plan, worker)
             if n is None:
                 n = sum(self.unit_records(u) for u in plan[rank][worker])
@@ -600,6 +649,25 @@ class PrecomputedDataset(IterableDataset):
             for r in range(world_size)
         ]
 
+    @property
+    def bucketed(self) -> bool:
+        """The files have more than one sample shape (aspect-ratio buckets)."""
+        return len(set(self.records.shapes)) > 1
+
+    def _bucket_batches(self, plan, worker: int) -> list[int]:
+        """Per rank, the batches worker ``worker`` yields with buckets: a batch per
+        ``batch_size`` records of a bucket, plus each bucket's short one unless ``drop_last``;
+        with ``drop_uneven`` the least of any rank on every rank."""
+        counts = []
+        for rank_plan in plan:
+            per: dict = {}
+            for u in rank_plan[worker]:
+                key = self.records.shapes[u.file]
+                per[key] = per.get(key, 0) + self.unit_records(u)
+            full = [divmod(n, self.batch_size) for n in per.values()]
+            counts.append(sum(f + (1 if r and not self.drop_last else 0) for f, r in full))
+        return [min(counts)] * len(counts) if self.drop_uneven else counts
+
     def _limit(self, plan, worker: int) -> int | None:
         """With ``drop_uneven``: the records worker ``worker`` of every rank yields (the least
         any rank has). ValueError with the numbers and the fix when a reader has no row group
@@ -635,14 +703,18 @@ class PrecomputedDataset(IterableDataset):
                 "DataLoader's num_workers"
             )
         plan = self.plan(world_size, num_workers)
-        limit = self._limit(plan, worker)
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
         pieces = self._pieces(plan[rank][worker], rng, use_threads=info is None)
+        if self.batch_size and self.bucketed:  # a batch per bucket (see *Aspect-ratio buckets*)
+            batches = self._bucket_batches(plan, worker)[rank] if self.drop_uneven else None
+            yield from itertools.islice(self._bucketed(pieces, info is not None), batches)
+            return
+        limit = self._limit(plan, worker)
         batcher = None
         if self.batch_size:
             batcher = _Batcher(self.columns, self.batch_size, self.dtype, shared=info is not None)
         count = 0
-        for block, rows in pieces:
+        for _, block, rows in pieces:
             if limit is not None and count + _len(rows) > limit:
                 rows = _head(rows, limit - count)
             if batcher is None:
@@ -658,47 +730,63 @@ class PrecomputedDataset(IterableDataset):
             if last is not None:
                 yield last
 
+    def _bucketed(self, pieces, shared: bool) -> Iterator[dict]:
+        """Batches of one shape each: a :class:`_Batcher` per bucket, its short batch at the end
+        unless ``drop_last``."""
+        batchers: dict[tuple, _Batcher] = {}
+        for key, block, rows in pieces:
+            batcher = batchers.get(key)
+            if batcher is None:
+                batcher = batchers[key] = _Batcher(
+                    self.columns, self.batch_size, self.dtype, shared
+                )
+            yield from batcher.add(block, rows)
+            del block, rows
+        if not self.drop_last:
+            for batcher in batchers.values():
+                last = batcher.finish()
+                if last is not None:
+                    yield last
+
     def _pieces(self, units: Sequence[Unit], rng: np.random.Generator, use_threads: bool):
-        """The epoch's records as (column block, rows) pieces, in order: ``rows`` is a slice of
-        an Arrow block (no shuffle) or an index array into the shuffle buffer's storage. A piece
-        is valid until the next one is asked for (the storage is then overwritten).
+        """The epoch's records as (shape, column block, rows) pieces, in order: ``shape`` is the
+        sample shape of the block's file (its bucket), ``rows`` a slice of an Arrow block (no
+        shuffle) or an index array into the shuffle buffer's storage. A piece is valid until the
+        next one is asked for (the storage is then overwritten).
 
         The shuffle buffer: each row group read is merged with the buffer, a random part of the
         union (``rng.permutation``) is emitted, the rest kept. The records stay where they were
         written: a row group is copied once into free slots of a storage of ``shuffle_buffer`` +
         the largest row group, and the buffer is a list of slots in its (random) order, so a
-        record is copied twice (into the storage, out of it into the block or batch yielded)."""
+        record is copied twice (into the storage, out of it into the block or batch yielded).
+        With several shapes (buckets) there is one buffer per shape, of ``shuffle_buffer`` times
+        its share of the reader's rows (:func:`_quotas`)."""
         blocks = self._read_ahead(units, use_threads)
+        shapes = self.records.shapes
         if not self.shuffle:
-            for block in blocks:
-                yield block, slice(0, len(block[self.columns[0]]))
+            for unit, block in blocks:
+                yield shapes[unit.file], block, slice(0, len(block[self.columns[0]]))
                 del block  # before the next read ahead is started
             return
-        largest = max((u.num_rows for u in units), default=0)
-        cap = self.shuffle_buffer + largest
-        storage = None
-        free = np.arange(cap)  # free slots of the storage
-        kept = free[:0]  # the buffer: its records' slots, in buffer order
-        for block in blocks:
-            n = len(block[self.columns[0]])
-            if storage is None:
-                storage = {k: np.empty((cap, *v.shape[1:]), v.dtype) for k, v in block.items()}
-            new, free = free[:n], free[n:]
-            for k, v in block.items():
-                storage[k][new] = v
+        quota = _quotas(units, shapes, self.shuffle_buffer)
+        buffers: dict[tuple, _Buffer] = {}
+        for unit, block in blocks:
+            key = shapes[unit.file]
+            buf = buffers.get(key)
+            if buf is None:
+                largest = max(u.num_rows for u in units if shapes[u.file] == key)
+                buf = buffers[key] = _Buffer(block, quota[key], largest)
+            out = buf.add(block, rng)
             del block
-            union = np.concatenate([kept, new])
-            order = rng.permutation(len(union))
-            emit = max(len(union) - self.shuffle_buffer, 0)
-            out, kept = union[order[:emit]], union[order[emit:]]
-            if emit:
-                yield storage, out
-            free = np.concatenate([free, out])
-        for i in range(0, len(kept), max(largest, 1)):  # the rest, already in random order
-            yield storage, kept[i : i + max(largest, 1)]
+            if len(out):
+                yield key, buf.storage, out
+        for key, buf in buffers.items():  # the rest, already in random order
+            step = max(buf.largest, 1)
+            for i in range(0, len(buf.kept), step):
+                yield key, buf.storage, buf.kept[i : i + step]
 
-    def _read_ahead(self, units: Sequence[Unit], use_threads: bool) -> Iterator[dict]:
-        """Numpy column blocks of the units, in order; the next unit is read in a background
+    def _read_ahead(self, units: Sequence[Unit], use_threads: bool) -> Iterator[tuple]:
+        """(unit, numpy column block) of the units, in order; the next unit is read in a background
         thread while the current one is copied and yielded (pyarrow's read releases the GIL), so
         that reading and the rest overlap when a core is free."""
         if not units:
@@ -710,7 +798,7 @@ class PrecomputedDataset(IterableDataset):
             if self.cycling:
                 block = self._one_draw(unit, block)
             if self.text_columns:  # each record's sample row of its shard's text table
-                shard = self.records.files[unit.file][: -len(".parquet")]
+                shard = self.records.shard_of(unit.file)
                 block.update(self.text.rows(shard, block["index"], self.text_columns))
                 if "index" not in self.columns:
                     del block["index"]
@@ -718,12 +806,12 @@ class PrecomputedDataset(IterableDataset):
 
         with ThreadPoolExecutor(1, thread_name_prefix="records-read-ahead") as pool:
             ahead = pool.submit(read, units[0])
-            for unit in units[1:]:
+            for prev, unit in zip(units, units[1:]):
                 block = ahead.result()
                 ahead = pool.submit(read, unit)
-                yield block
+                yield prev, block
                 del block
-            yield ahead.result()
+            yield units[-1], ahead.result()
 
     def _one_draw(self, unit: Unit, block: dict) -> dict:
         """The rows of the epoch's draw (``draws="cycle"``); ValueError when the file's draws
@@ -774,6 +862,43 @@ class PrecomputedDataset(IterableDataset):
         names = self.columns
         for row in zip(*seqs):
             yield dict(zip(names, row))
+
+
+class _Buffer:
+    """One shuffle buffer (see :meth:`PrecomputedDataset._pieces`): a storage of ``size`` +
+    ``largest`` slots allocated like ``block``'s columns, the kept records' slots in buffer
+    order."""
+
+    def __init__(self, block: dict, size: int, largest: int):
+        cap = size + largest
+        self.size, self.largest = size, largest
+        self.storage = {k: np.empty((cap, *v.shape[1:]), v.dtype) for k, v in block.items()}
+        self.free = np.arange(cap)  # free slots of the storage
+        self.kept = self.free[:0]  # the buffer: its records' slots, in buffer order
+
+    def add(self, block: dict, rng: np.random.Generator) -> np.ndarray:
+        """Merge ``block`` into the buffer; returns the slots emitted (valid until the next
+        call)."""
+        n = len(next(iter(block.values())))
+        new, self.free = self.free[:n], self.free[n:]
+        for k, v in block.items():
+            self.storage[k][new] = v
+        union = np.concatenate([self.kept, new])
+        order = rng.permutation(len(union))
+        emit = max(len(union) - self.size, 0)
+        out, self.kept = union[order[:emit]], union[order[emit:]]
+        self.free = np.concatenate([self.free, out])
+        return out
+
+
+def _quotas(units: Sequence[Unit], shapes: Sequence[tuple], total: int) -> dict[tuple, int]:
+    """Shape -> its shuffle buffer's size: ``total`` split in proportion to the rows of each
+    shape among ``units`` (all of it with one shape)."""
+    rows: dict[tuple, int] = {}
+    for u in units:
+        rows[shapes[u.file]] = rows.get(shapes[u.file], 0) + u.num_rows
+    whole = sum(rows.values()) or 1
+    return {k: total if len(rows) == 1 else total * n // whole for k, n in rows.items()}
 
 
 def _len(rows: slice | np.ndarray) -> int:

@@ -19,6 +19,13 @@ recorded in the metadata), ``cls`` becomes a ``ClassLabel`` with those names (it
 the integer labels; ``ds.features["cls"].int2str`` names them); a label outside the names is
 refused, naming ``source.class_names`` and the file.
 
+Aspect-ratio buckets: ``datasets``' ``ArrayND`` has one shape per column, so a bucketed dataset
+(``source.buckets``) is one ``datasets`` config per bucket. :func:`export_hf_parquet` writes
+each bucket's files under ``out/<H>x<W>/`` and a ``README.md`` whose ``configs`` list names them
+(the Hub's dataset card format: ``load_dataset(out, "512x768")``), and logs that it did;
+:func:`to_hf_dataset` takes ``bucket="HxW"`` and refuses a bucketed directory without it, naming
+the buckets.
+
 Note: ``datasets``' numpy/torch formatting returns float16 ``ArrayND`` columns as float32.
 Tensor ranks 2 to 5 are supported (``[C, H, W]`` is rank 3).
 """
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -41,6 +49,7 @@ from .dataset import RecordsDir, Unit, table_to_numpy
 from .manifest import MANIFEST, OutputDir
 
 CACHE_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def _import_datasets():
@@ -186,6 +195,7 @@ def to_hf_dataset(
     cache_dir: str | None = None,
     filesystem=None,
     num_proc: int | None = None,
+    bucket: str | None = None,
     **from_generator_kwargs,
 ):
     """The records of ``dir`` as a ``datasets.Dataset`` with ArrayND tensor features.
@@ -194,13 +204,17 @@ def to_hf_dataset(
     (``cache_dir``, default ``~/.cache/huggingface/datasets``); a later call on the same,
     unchanged files and columns reuses it. Refuses mixed processes like PrecomputedDataset.
     ``num_proc`` splits the files over processes; other keywords go to ``Dataset.from_generator``.
+    ``bucket``: ``"HxW"``, the one aspect-ratio bucket to load (required for a bucketed
+    directory: a ``datasets.Dataset`` has one shape per column).
     """
     datasets = _import_datasets()
     rd = RecordsDir(dir, filesystem)
+    files = _bucket_files(rd, bucket)
     cols = _columns(rd, columns)
-    features = hf_features(rd.schema, cols)
+    schema = rd.footers[files[0]].schema.to_arrow_schema()
+    features = hf_features(schema, cols)
     names = class_names(rd.schema)
-    paths = [rd.path(i) for i in range(len(rd.files))]
+    paths = [rd.path(i) for i in files]
     ds = datasets.Dataset.from_generator(
         _examples,
         features=features,
@@ -213,10 +227,28 @@ def to_hf_dataset(
             "names": names and tuple(names),  # a tuple: lists are sharded over num_proc
         },
         num_proc=num_proc if num_proc and len(paths) > 1 else None,
-        fingerprint=_fingerprint(rd, cols),
+        fingerprint=_fingerprint(rd, cols + ([f"bucket={bucket}"] if bucket else [])),
         **from_generator_kwargs,
     )
     return ds
+
+
+def _bucket_files(rd: RecordsDir, bucket: str | None) -> list[int]:
+    """The numbers of the files of ``bucket`` (all files without buckets); ValueError naming the
+    buckets when a bucketed directory gets none or an unknown one."""
+    buckets = sorted({b for i in range(len(rd.files)) if (b := rd.bucket_of(i))})
+    if not buckets:
+        if bucket is not None:
+            raise ValueError(f"bucket={bucket!r}: {rd.uri} has no aspect-ratio buckets")
+        return list(range(len(rd.files)))
+    files = [i for i in range(len(rd.files)) if rd.bucket_of(i) == bucket]
+    if not files:
+        raise ValueError(
+            f"{rd.uri} holds aspect-ratio buckets, each of its own shape, and a datasets.Dataset "
+            f"has one shape per column: pass bucket= one of {buckets}"
+            + (f" (got {bucket!r})" if bucket is not None else "")
+        )
+    return files
 
 
 def export_hf_parquet(
@@ -236,17 +268,26 @@ def export_hf_parquet(
     Then, e.g.::
 
         datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train")
+
+    With aspect-ratio buckets, one ``datasets`` config per bucket: the files of bucket ``HxW``
+    go to ``HxW/<name>`` (returned with that prefix) and ``README.md`` lists the configs
+    (``load_dataset(out, "HxW")``).
     """
     rd = RecordsDir(dir, filesystem)
     cols = _columns(rd, columns)
-    features = hf_features(rd.schema, cols)
-    schema = features.arrow_schema
     ddpm = (rd.schema.metadata or {}).get(records.METADATA_KEY)
     target = OutputDir(str(out))
     _refuse_records_target(rd, target)
     target.makedirs()
-    written = []
-    for i, name in enumerate(rd.files):
+    written, configs = [], {}
+    for i, file in enumerate(rd.files):
+        bucket = rd.bucket_of(i)
+        name = file if bucket is None else f"{bucket}/{file}"
+        if bucket is not None and bucket not in configs:
+            target.makedirs(bucket)
+            configs[bucket] = rd.shapes[i]
+        features = hf_features(rd.footers[i].schema.to_arrow_schema(), cols)
+        schema = features.arrow_schema
         file_meta = rd.footers[i].schema.to_arrow_schema().metadata or {}
         meta = {
             **(schema.metadata or {}),
@@ -266,8 +307,28 @@ def export_hf_parquet(
                     table.replace_schema_metadata(meta), row_group_size=unit.num_rows or None
                 )
         target.commit(tmp, name)
-        written.append(posixpath.basename(name))
+        written.append(name if bucket is not None else posixpath.basename(name))
+    if configs:
+        target.write_bytes("README.md", _card(configs).encode())
+        log.warning(
+            "%s holds %d aspect-ratio buckets: exported as one datasets config per bucket "
+            "(%s), listed in %s; load one with datasets.load_dataset(%r, %r)",
+            rd.uri, len(configs), ", ".join(sorted(configs)), target.display("README.md"),
+            target.display(), sorted(configs)[0],
+        )  # fmt: skip
     return written
+
+
+def _card(configs: dict) -> str:
+    """A dataset card whose YAML header declares one ``datasets`` config per bucket."""
+    lines = ["---", "configs:"]
+    for bucket in sorted(configs, key=lambda b: tuple(int(x) for x in b.split("x"))):
+        lines += [f"- config_name: {bucket}", f"  data_files: {bucket}/*.parquet"]
+    lines += ["---", "", "Precomputed diffusion records with aspect-ratio buckets: one config "
+              "per bucket, since a datasets Array3D has one shape.", "", "| config | sample "
+              "shape |", "|---|---|"]  # fmt: skip
+    lines += [f"| {b} | {list(configs[b])} |" for b in sorted(configs)]
+    return "\n".join(lines) + "\n"
 
 
 def _refuse_records_target(rd: RecordsDir, target: OutputDir) -> None:
