@@ -37,12 +37,16 @@ def ray_session(address: str | None, **init_kwargs) -> Iterator[None]:
         yield
         return
     options = {"include_dashboard": False, "logging_level": logging.WARNING, **init_kwargs}
+    watcher = reaper.start() if address is None else None  # an embedded Ray: ends with us
     try:
         ray.init(address="local" if address is None else address, **options)
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        reaper.stop(watcher)
         where = "null (a new embedded Ray)" if address is None else address
         raise RayConnectError(f"cannot start or join Ray (ray.address={where}): {exc}") from exc
-    watcher = reaper.start() if address is None else None  # an embedded Ray: ends with us
+    except BaseException:
+        reaper.stop(watcher)
+        raise
     try:
         yield
     finally:

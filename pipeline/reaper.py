@@ -5,15 +5,17 @@ parent), but the raylet's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgen
 raylet's death, then hang reporting it to the GCS, which is gone too: measured here, both were
 still alive a minute after the driver was SIGKILLed.
 
-:func:`start` launches this file as a small watcher process in a session of its own (so a
-terminal's Ctrl-C or a process-group kill aimed at the driver does not reach it). It notes, once
-a second, every process descending from the driver, by pid and start time; the driver holds the
-write end of a pipe whose read end is the watcher's stdin. When the driver ends in any way, the
-pipe closes: the watcher sends SIGTERM to the processes it noted that still run with the same
-start time (a reused pid is never signalled), waits ``grace`` seconds, SIGKILLs what is left and
-exits; after a clean ``ray.shutdown()`` the driver tells it so and it signals nothing. Only
-descendants of the driver are touched, never another Ray of the machine; ``ray
-stop`` is never used. Only the standard library is imported (the watcher starts in ~50 ms).
+:func:`start`, called just before ``ray.init``, launches this file as a small watcher process
+in a session of its own (so a terminal's Ctrl-C or a process-group kill aimed at the driver does
+not reach it). It notes, once a second, every process descending from the driver by pid and
+start time, except the processes the driver had started before (and theirs): so the Ray's. The
+driver holds the write end of a pipe whose read end is the watcher's stdin. When the driver
+ends in any way, the pipe closes: the watcher sends SIGTERM to the processes it noted that
+still run with the same start time (a reused pid is never signalled), waits ``grace`` seconds,
+SIGKILLs what is left and exits; after a clean ``ray.shutdown()`` (or a failed ``ray.init``)
+the driver tells it so and it signals nothing. Only descendants of the driver are touched, never
+another Ray of the machine; ``ray stop`` is never used. Only the standard library is imported
+(the watcher starts in ~50 ms).
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ def _stat(pid: int) -> tuple[int, int] | None:
     return int(fields[1]), int(fields[19])
 
 
-def descendants(root: int) -> dict[int, int]:
-    """pid -> start time of every running process below ``root`` (``root`` excluded)."""
+def _start(pid: int) -> int | None:
+    st = _stat(pid)
+    return None if st is None else st[1]
+
+
+def descendants(root: int, skip=()) -> dict[int, int]:
+    """pid -> start time of every running process below ``root`` (``root`` excluded), leaving
+    out the processes of ``skip`` and everything below them."""
     children: dict[int, list[int]] = {}
     starts: dict[int, int] = {}
     for name in os.listdir("/proc"):
@@ -55,7 +63,7 @@ def descendants(root: int) -> dict[int, int]:
     found, todo = {}, [root]
     while todo:
         for child in children.get(todo.pop(), ()):
-            if child not in found:
+            if child not in found and child not in skip:
                 found[child] = starts[child]
                 todo.append(child)
     return found
@@ -94,8 +102,10 @@ def _signal(pid: int, sig: int) -> None:
 DONE = b"done\n"  # what the driver writes after a clean shutdown: nothing to reap
 
 
-def watch(driver: int, poll: float = POLL_S) -> list[int]:
-    """The watcher's loop (stdin: the pipe from the driver); returns the pids it signalled."""
+def watch(driver: int, before: dict[int, int] | None = None, poll: float = POLL_S) -> list[int]:
+    """The watcher's loop (stdin: the pipe from the driver); returns the pids it signalled.
+    ``before``: the driver's descendants when it started the watcher (pid -> start time), not
+    the Ray's: neither they nor their own descendants are ever signalled."""
     import selectors
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -103,9 +113,9 @@ def watch(driver: int, poll: float = POLL_S) -> list[int]:
     sel = selectors.DefaultSelector()
     sel.register(sys.stdin.buffer, selectors.EVENT_READ)
     received = b""
+    skip = {os.getpid()} | {p for p, start in (before or {}).items() if _start(p) == start}
     while True:
-        noted.update(descendants(driver))
-        noted.pop(os.getpid(), None)
+        noted.update(descendants(driver, skip=skip))
         if sel.select(timeout=poll):
             data = os.read(sys.stdin.fileno(), 1 << 12)
             received += data
@@ -122,8 +132,9 @@ def start() -> subprocess.Popen | None:
     death."""
     if not os.path.isdir("/proc/self"):
         return None
+    before = [f"{pid}:{start}" for pid, start in descendants(os.getpid()).items()]
     return subprocess.Popen(
-        [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid())],
+        [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), *before],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
@@ -145,4 +156,4 @@ def stop(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]))
+    watch(int(sys.argv[1]), dict(tuple(map(int, a.split(":"))) for a in sys.argv[2:]))

@@ -108,24 +108,36 @@ def test_an_embedded_ray_goes_away_with_its_sigkilled_driver(tmp_path):
 @pytest.mark.parametrize("clean", [False, True])
 def test_the_watcher_reaps_a_dead_drivers_descendants_only_when_not_told_done(clean):
     """A stand-in driver (a shell) with a grandchild that ignores SIGTERM: killed driver ->
-    SIGTERM, then SIGKILL after the grace; a clean shutdown (DONE written) signals nothing."""
+    SIGTERM, then SIGKILL after the grace; a clean shutdown (DONE written) signals nothing; a
+    child the driver had before the watcher started (not the Ray's) is never signalled."""
     import signal
     import time
 
     from pipeline import reaper
 
-    script = "sh -c 'trap \"\" TERM; sleep 60' & sleep 60 & wait"
+    script = "sleep 60 & sleep 0.5; sh -c 'trap \"\" TERM; sleep 60' & sleep 60 & wait"
     driver = subprocess.Popen(["sh", "-c", script], start_new_session=True)
-    watcher = subprocess.Popen(
-        [sys.executable, "-I", reaper.__file__, str(driver.pid)], stdin=subprocess.PIPE
-    )
     kids: dict[int, int] = {}
     try:
         deadline = time.monotonic() + 10
-        while len(reaper.descendants(driver.pid)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while len(reaper.descendants(driver.pid)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        before = {  # the first sleep 60: older than the watcher
+            p: st
+            for p, st in reaper.descendants(driver.pid).items()
+            if open(f"/proc/{p}/cmdline", "rb").read() == b"sleep\x0060\x00"
+        }
+        assert len(before) == 1, before
+        watcher = subprocess.Popen(
+            [sys.executable, "-I", reaper.__file__, str(driver.pid)]
+            + [f"{p}:{s}" for p, s in before.items()],
+            stdin=subprocess.PIPE,
+        )
+        while len(reaper.descendants(driver.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)  # 3 sleeps and the trapping shell
         kids = reaper.descendants(driver.pid)
-        assert len(kids) >= 3, kids
+        assert len(kids) >= 4, kids
         time.sleep(2 * reaper.POLL_S)  # noted by the watcher
         if clean:
             watcher.stdin.write(reaper.DONE)
@@ -134,7 +146,9 @@ def test_the_watcher_reaps_a_dead_drivers_descendants_only_when_not_told_done(cl
         watcher.stdin.close()
         watcher.wait(timeout=reaper.GRACE_S + 10)
         assert watcher.returncode == 0
-        assert bool(reaper._alive(kids)) == clean
+        ray_like = {p: s for p, s in kids.items() if p not in before and p != watcher.pid}
+        assert bool(reaper._alive(ray_like)) == clean
+        assert reaper._alive(before) == list(before)  # older than the watcher: left alone
     finally:
         for pid in reaper._alive(kids):
             os.kill(pid, signal.SIGKILL)
