@@ -566,3 +566,43 @@ def test_a_non_finite_embedding_is_a_reject_with_its_reason(tmp_path, make_cfg):
     strict.setup(torch.device("cpu"))
     with pytest.raises(SampleError, match="not finite"):
         strict.process(Batch("s", samples))
+
+
+def test_sd3_preset_end_to_end(tmp_path, ray_session):
+    """text=sd3 through the pipeline (three encoders, 16 + 16 + 24 tokens, K = 2): the loader's
+    columns assemble into exactly what the in-process stage computes for the same captions
+    (itself bit-equal to diffusers above), and the validator's text check passes."""
+    from pipeline.config import compose
+    from pipeline.text_encode import TextStage
+    from pipeline.validate import load_config
+    from pipeline.validate import run as validate
+
+    root = make_sd3_root(tmp_path / "sd3")
+    caps = write_captioned(tmp_path / "a-0.tar", 0)
+    lengths = ["text.encoders.0.max_length=16", "text.encoders.1.max_length=16",
+               "text.encoders.2.max_length=24"]  # fmt: skip
+    cfg = compose(["progress=false", "source=arrays", f"source.urls=[{tmp_path}/a-0.tar]",
+                   f"output.dir={tmp_path}/out", "output.dtype=float32",
+                   "sampling.draws_per_sample=2", "text=sd3", f"text.model={root}",
+                   "ray.num_actors=1", *lengths])  # fmt: skip
+    assert run(cfg)["exit_code"] == 0
+    names = ["clip_l_hidden", "clip_l_pooled", "clip_g_hidden", "clip_g_pooled", "t5_hidden"]
+    ds = PrecomputedDataset(tmp_path / "out", columns=["key", *names], shuffle=False)
+    recs = list(ds)
+    assert len(recs) == 2 * len(caps)
+    stage = TextStage(text.describe_text(cfg))
+    stage.setup(torch.device("cpu"))
+    keys = sorted(caps)
+    cols, _, _ = stage.embed([_Sample(i, caps[k]) for i, k in enumerate(keys)])
+    want = text.assemble("sd3", {n: torch.from_numpy(cols[n]) for n in names})
+    for r in recs:
+        i = keys.index(r["key"])
+        got = text.assemble("sd3", {n: r[n] for n in names})
+        assert got["prompt_embeds"].shape == (16 + 24, 80)
+        assert torch.equal(got["prompt_embeds"], want["prompt_embeds"][i])
+        assert torch.equal(got["pooled_prompt_embeds"], want["pooled_prompt_embeds"][i])
+    report = validate(load_config([f"output.dir={tmp_path}/out", "plots=false",
+                                   "progress=false", "executor=local", "workers=1",
+                                   "text_recheck=3"]))  # fmt: skip
+    check = {c["name"]: c for c in report["checks"]}
+    assert check["text"]["passed"] and check["completeness"]["passed"], check["text"]
