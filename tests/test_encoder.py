@@ -25,13 +25,11 @@ from jobs.bench import encoder as bench_encoder
 from pipeline import encoder, modelfiles, records
 from pipeline.config import config_hash, process_config
 from pipeline.decoders import ImageDecoder
-from pipeline.encode_stage import EncodeStage
 from pipeline.encoder import EncoderError, describe_encoder, latent_shape
 from pipeline.manifest import OutputDir
 from pipeline.noise import KeyedNoise
 from pipeline.precompute import JobError, dataset_metadata, run, sample_shape
-from pipeline.source import Sample, iter_shard
-from pipeline.stage import Batch
+from pipeline.source import iter_shard
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -177,24 +175,6 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch, vae_di
         assert calls[-1][1] == "0123abcd"
     finally:
         modelfiles.hub_snapshot.cache_clear()
-
-
-def test_half_precision_overflow_is_rejected_naming_the_remedy(vae_dir, make_cfg):
-    """float16 on the CPU: pixel values beyond 65504 overflow; most of the batch -> the reason
-    names encoder.dtype=float32."""
-    cfg = vae_cfg(make_cfg, vae_dir, "source=arrays", "source.urls=x.tar", "output.dir=o",
-                  "encoder.dtype=float16", "encoder.latent=mean")  # fmt: skip
-    meta = {**describe_encoder(cfg).describe(), "input_shape": [3, 16, 16]}
-    stage = EncodeStage(meta)
-    stage.setup(torch.device("cpu"))
-    x = pixel_arrays(4, seed=3)
-    batch = [Sample(k, i, a * (1e5 if i else 1)) for i, (k, a) in enumerate(x.items())]
-    out = stage.process(Batch("s-0", batch))
-    latents, rejects = out.samples, out.rejects
-    assert [s.key for s in latents] == [batch[0].key]
-    assert [r["key"] for r in rejects] == [s.key for s in batch[1:]]
-    assert all("encoder.dtype=float32" in r["reason"] for r in rejects), rejects[0]
-    assert "3 of 4 samples of its batch overflowed in float16" in rejects[0]["reason"]
 
 
 # -- records (Ray) --------------------------------------------------------------------------------
@@ -355,22 +335,6 @@ def test_images_mean_mode_matches_an_independent_encode(ray_session, tmp_path, v
     meta = dataset_metadata(cfg, [4, 16, 16], m["config_hash"])
     assert meta["encoder"]["input_shape"] == [3, 32, 32]
     assert json.loads(json.dumps(meta)) == meta  # JSON-serialisable, as the Parquet footer needs
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_latents_equal_cpu_latents_to_rounding(vae_dir, make_cfg):
-    cfg = vae_cfg(make_cfg, vae_dir, "source=arrays", "source.urls=x.tar", "output.dir=o")
-    meta = {**describe_encoder(cfg).describe(), "input_shape": [3, 16, 16]}
-    batch = [Sample(k, i, a) for i, (k, a) in enumerate(pixel_arrays(6, seed=5).items())]
-    latents = []
-    for device in (torch.device("cpu"), torch.device("cuda", 0)):
-        stage = EncodeStage(meta)
-        stage.setup(device)
-        latents.append(stage.process(Batch("s", batch)).samples)
-    for a, b in zip(*latents):
-        np.testing.assert_allclose(a.array, b.array, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(a.std, b.std, rtol=1e-4, atol=1e-5)
 
 
 # -- validation: latent_scale ---------------------------------------------------------------------
