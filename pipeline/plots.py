@@ -77,7 +77,7 @@ def write_plots(
 
     ctx = context(report, ds.plan.process)
     decode, note = vae_decoder(ds.plan.process.get("encoder"))
-    for draw in (_moments_over_t, _schedule, _timesteps, _eps, _qq, _labels, _strip):
+    for draw in (_moments_over_t, _schedule, _timesteps, _eps, _qq, _labels, _buckets, _strip):
         draw(plt, save, ds=ds, schedule=schedule, report=report, ctx=ctx, decode=decode, note=note)
     return saved
 
@@ -317,6 +317,20 @@ def _labels(plt, save, *, report, ctx, **_):
         if len(labels) > 40:
             ax.set_xticks([])
         save(fig, f"hist_{col}.png")
+
+
+def _buckets(plt, save, *, report, ctx, **_):
+    """Records per aspect-ratio bucket (the ``buckets`` check's histogram), by aspect ratio."""
+    check = _check(report, "buckets")
+    hist = (check or {}).get("detail", {}).get("histogram") or []
+    if not hist:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, min(14, 0.45 * len(hist))), 3.8))
+    ax.bar([h["bucket"] for h in hist], [h["records"] for h in hist])
+    ax.set(xlabel="bucket H x W (by aspect ratio H/W)", ylabel="records")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.set_title(f"aspect-ratio buckets: {verdict_text(check)}\n{ctx}", fontsize=9)
+    save(fig, "hist_buckets.png")
 
 
 def is_latent(process: dict) -> bool:

@@ -213,10 +213,18 @@ def format_markdown(report: dict) -> str:
             lines.append(f"- **{i['severity']}** {describe(i)}")
         if c["name"] == "variance_preservation" and c["detail"].get("per_bin"):
             lines += _per_bin_table(c["detail"]["per_bin"])
+        if c["name"] == "buckets" and c["detail"].get("histogram"):
+            lines += ["", "| bucket (H x W) | records | share |", "|---|---|---|"]
+            lines += [_row(*r) for r in _bucket_rows(c["detail"]["histogram"])]
         lines.append("")
     if report.get("plots"):
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in report["plots"]]
     return "\n".join(lines) + "\n"
+
+
+def _bucket_rows(hist: list[dict]) -> list[list]:
+    """The ``buckets`` check's histogram as table rows: bucket, records, share."""
+    return [[h["bucket"], f"{h['records']}", f"{100 * h['share']:.1f}%"] for h in hist]
 
 
 def _per_bin_table(rows: list[dict]) -> list[str]:
@@ -298,6 +306,9 @@ def format_html(report: dict, images: Mapping[str, bytes]) -> str:
                 for r in c["detail"]["per_bin"]
             ]  # fmt: skip
             out += _html_table(head, rows)
+        if c["name"] == "buckets" and c["detail"].get("histogram"):
+            rows = _bucket_rows(c["detail"]["histogram"])
+            out += _html_table(["bucket (H x W)", "records", "share"], rows)
     if images:
         out.append("<h2>Plots</h2>")
         for name, png in images.items():

@@ -28,11 +28,12 @@ import functools
 import hashlib
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .. import records
+from .bucketscan import BucketScan
 from .condscan import CondScan
 from .cost import Cost
 from .features import CROSS, REC, X0REC
@@ -88,6 +89,9 @@ class Accumulator:
         self.T, self.K = self.proc.num_timesteps, self.noise.draws
         self.dtype, self.store_x0 = p["dtype"], bool(p["store_x0"])
         self.C, self.P = plan.shape[0], plan.P
+        self.base = plan  # the dataset's shape: the positional statistics' (pos_sum, strip)
+        self.positional = True  # False while a file of another shape is read (buckets)
+        self.buckets = BucketScan(p)  # aspect-ratio buckets' columns, when the dataset has them
         self.tbin = bin_of_t(plan.edges, self.T)
         self.s = st.stats = Stats(plan, plan.seed, st.shard)
         self.columns = scan_columns(plan)
@@ -102,6 +106,20 @@ class Accumulator:
         rng = np.random.Generator(np.random.PCG64(seed_of(plan.seed, st.shard, "keyed")))
         quota = min(plan.consistency_quota, st.num_rows)
         self.keyed_rows = set(rng.choice(st.num_rows, size=quota, replace=False).tolist())
+
+    def use_file(self, shape) -> None:
+        """The next batches come from a file of sample ``shape`` (aspect-ratio buckets: one per
+        bucket): the keyed noise is regenerated at that shape, the moments count its pixels,
+        and only a file of the dataset's shape adds to the statistics per tensor position
+        (``pos_sum``, the plots' strip of whole records); consecutive-record correlations do
+        not pair records across files."""
+        shape = tuple(int(s) for s in shape)
+        if shape != self.plan.shape:
+            process = {**self.base.process, "shape": list(shape)}
+            self.plan = replace(self.base, process=process)
+            self.C, self.P = self.plan.shape[0], self.plan.P
+            self.prev, self._first_prev_norm2 = None, np.nan
+        self.positional = shape == self.base.shape
 
     # -- per batch -------------------------------------------------------------------------
     def batch(self, rb, row0: int) -> None:
@@ -124,6 +142,7 @@ class Accumulator:
         self.identities(keys, draw, cols["epsilon"])
         cost.lap("identities_and_hashes")
         self.cond.batch(rb, keys)
+        self.buckets.batch(rb, keys, draw, self.plan.shape)
         cost.lap("conditioning")
         self.regenerate(keys, index, draw, t, cols["epsilon"], row0)
         cost.lap("keyed_regeneration")
@@ -414,8 +433,9 @@ class Accumulator:
             means = CROSS.stack({"eps": me[av], "x0": m0[0], "xt": mx[av]})
             cells_av = cells.reshape(B, C)[av].reshape(-1)
             st.cross.add_parts(P, means.reshape(-1, len(CROSS)), sums.cr[av], cells_av)
-        st.pos_sum += sums.pos.reshape(-1)
-        st.pos_n += B
+        if self.positional:
+            st.pos_sum += sums.pos.reshape(-1)
+            st.pos_n += B
 
     def _adjacent(self, norm2, dots) -> None:
         """Correlations of consecutive records' eps from their centred norms and dot products
@@ -459,7 +479,8 @@ class Accumulator:
             shape = (-1,) + (1,) * (cols["x_t"].ndim - 1)
             a, s1 = self.proc.alpha[t][keep].reshape(shape), self.proc.sigma[t][keep].reshape(shape)
             x0 = (cols["x_t"][keep].astype(np.float64) - s1 * cols["epsilon"][keep]) / a
-        st.strip.update(strip_item(x0, cols["epsilon"][keep], cols["x_t"][keep], t[keep]))
+        if self.positional:  # whole records of the dataset's shape
+            st.strip.update(strip_item(x0, cols["epsilon"][keep], cols["x_t"][keep], t[keep]))
 
     def finish(self) -> ShardStats:
         st = self.st
@@ -472,4 +493,5 @@ class Accumulator:
             "keys_without_K_draws": wrong,
         }
         st.cond = self.cond.summary()
+        st.buckets = self.buckets.summary()
         return st

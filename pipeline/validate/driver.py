@@ -20,6 +20,7 @@ from dataclasses import asdict
 from omegaconf import DictConfig, OmegaConf
 
 from .. import records
+from ..buckets import data_names_by_shard
 from ..manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, CorruptFileError, OutputDir
 from ..report import REPORT_FORMAT, dataset_summary, write_report
 from ..validate_config import check_values
@@ -87,11 +88,9 @@ def run(cfg: DictConfig) -> dict:
     out, manifest = open_dataset(cfg.output.dir)
     process = manifest["process"]
     entries = manifest.get("shards", {})
-    present = set(out.data_files())
+    present = data_names_by_shard(out.data_files(), entries)  # one file, or one per bucket
     to_scan = [
-        k
-        for k, e in sorted(entries.items())
-        if e.get("status") in COMMITTED and OutputDir.data_name(k) in present
+        k for k, e in sorted(entries.items()) if e.get("status") in COMMITTED and k in present
     ]
     try:
         schedule = records.process_from_metadata(process)  # a GaussianProcess, either family

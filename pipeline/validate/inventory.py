@@ -16,7 +16,8 @@ from ..manifest import REJECTS, SHARDS, TEXT, OutputDir
 
 # The fields of a commit marker that the ``completeness`` check compares with the manifest and
 # with the files (size and checksum of the data file and of its side files: the text table).
-MARKER_FIELDS = ("status", "records", "config_hash", "bytes", "checksum", "side_files")
+# A bucketed shard's marker lists its data ``files`` (name, bytes, checksum, records each).
+MARKER_FIELDS = ("status", "records", "config_hash", "bytes", "checksum", "side_files", "files")
 
 
 def read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
@@ -31,11 +32,22 @@ def read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
         return None, str(exc)
 
 
-def file_check(out: OutputDir, name: str, marker: dict | None) -> dict:
+def file_check(out: OutputDir, names, marker: dict | None) -> dict:
     """The committed file as found, for ``completeness`` to compare with its marker: its
     ``bytes``, and its ``checksum`` when the marker records one (a marker of an older version
     has none: the file is then checked by size only); ``error`` when it cannot be read; and
-    ``side_files`` {name: what :func:`_side_check` found} of the side files the marker names."""
+    ``side_files`` {name: what :func:`_side_check` found} of the side files the marker names.
+    A bucketed shard (its marker lists ``files``): ``files`` {name: what :func:`_side_check`
+    found} of each of its data files ``names``, instead of ``bytes`` and ``checksum``."""
+    if isinstance(names, str):
+        names = [names]
+    if marker is not None and marker.get("files") is not None:
+        found: dict = {"files": {n: _side_check(out, n) for n in names}}
+        sides = marker.get("side_files") or {}
+        if sides:
+            found["side_files"] = {n: _side_check(out, n) for n in sorted(sides)}
+        return found
+    name = names[0] if names else None
     try:
         found = {"bytes": out.size(name)}
         if marker is not None and marker.get("checksum") is not None:

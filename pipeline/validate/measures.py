@@ -149,6 +149,7 @@ class ShardStats:
     file_check: dict = field(default_factory=dict)  # the file's bytes and checksum (file_check)
     ids: dict = field(default_factory=dict)
     cond: dict = field(default_factory=dict)  # CondScan.summary(): kept columns' figures
+    buckets: dict = field(default_factory=dict)  # BucketScan.summary(): aspect-ratio buckets
     cost: dict = field(default_factory=dict)  # seconds per part of the scan (Cost)
 
 
@@ -171,6 +172,7 @@ class DatasetStats(Stats):
         self.cost: Counter = Counter()  # seconds per scan part, summed over the shards
         self.wall: dict[str, float] = {}  # the driver's phases (pipeline.validate.driver.run)
         self.t_pmf = t_pmf(plan.process)  # None: uniform over the grid
+        self.buckets: dict = {}  # BucketScan summaries merged (aspect-ratio buckets)
 
     def add(self, st: ShardStats, ordinal: int) -> None:
         """Fold in one shard's :class:`ShardStats` (what ``scan_shard`` returned); ``ordinal``
@@ -188,6 +190,11 @@ class DatasetStats(Stats):
         self.source_kind = self.source_kind or st.meta.get("source", {}).get("kind")
         summ["ids"], summ["eps"] = st.ids, s.eps.total().summary()
         summ["cond"] = st.cond
+        if st.buckets:
+            from .bucketscan import merge
+
+            summ["buckets"] = st.buckets.get("counts", {})
+            merge(self.buckets, st.buckets)
         summ["keyed_mismatches"] = s.counts["t_mismatch"] + s.counts["eps_mismatch"]
         entry = self.entries.get(st.shard, {})
         samples = max(1, int(entry.get("samples") or 0))

@@ -23,37 +23,68 @@ from .plan import ScanPlan
 UNSCANNABLE = {"dtype", "shape", "schedule", "noise", "store_x0"}
 
 
+def shard_names(out: OutputDir, shard: str, marker: dict | None, plan: ScanPlan) -> list[str]:
+    """The data files of a shard: those its marker lists (a bucketed shard's ``files``), else
+    ``<shard>.parquet``, or with buckets and no readable marker its bucket files as listed."""
+    if marker is not None and marker.get("files") is not None:
+        return [f["name"] for f in marker["files"]]
+    if plan.process.get("buckets") is None:
+        return [OutputDir.data_name(shard)]
+    from ..buckets import data_names_by_shard
+
+    return data_names_by_shard(out.list(), [shard]).get(shard, [])
+
+
 def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
     """Read one committed shard batch by batch and return its statistics. Never raises for a
-    bad file: the error is returned in ``ShardStats.error`` (reported by ``completeness``)."""
+    bad file: the error is returned in ``ShardStats.error`` (reported by ``completeness``). A
+    bucketed shard's files (one per bucket, each of its own shape) are read in turn into one
+    accumulator (:meth:`Accumulator.use_file`)."""
     t0 = time.perf_counter()
-    name = OutputDir.data_name(shard)
-    st = ShardStats(shard=shard, file=out.display(name))
-    st.marker, st.marker_error = read_marker(out, shard)
-    st.file_check = file_check(out, name, st.marker)
+    marker, marker_error = read_marker(out, shard)
+    names = shard_names(out, shard, marker, plan)
+    shown = out.display(names[0]) if len(names) == 1 else out.display(f"{shard}.<bucket>.parquet")
+    st = ShardStats(shard=shard, file=shown)
+    st.marker, st.marker_error = marker, marker_error
+    st.file_check = file_check(out, names, st.marker)
     try:
-        with out.fs.open_input_file(out.path(name)) as fh:
-            pf = pq.ParquetFile(fh)
-            st.num_rows = pf.metadata.num_rows
-            st.meta = records.process_metadata(pf.schema_arrow)
-            st.meta_problems = records.same_process(st.meta, plan.process)
-            if st.meta.get("source", {}).get("shard", shard) != shard:
-                st.meta_problems.append("source.shard")
-            if UNSCANNABLE & set(st.meta_problems):
-                raise ValueError(
-                    f"process metadata differs from the manifest in {st.meta_problems}: not scanned"
-                )
-            acc = Accumulator(st, plan)
-            have = set(pf.schema_arrow.names)
-            cols = [c for c in acc.columns if c in have]  # a missing one: KeyError below
-            rows = max(1, plan.batch_elements // max(1, acc.C * acc.P))
+        if not names:
+            raise FileNotFoundError(f"no data file of shard {shard} in {out.display()}")
+        files = []
+        for name in names:
+            fh = out.fs.open_input_file(out.path(name))
+            files.append((name, fh, pq.ParquetFile(fh)))
+        try:
+            st.num_rows = sum(pf.metadata.num_rows for _, _, pf in files)
+            acc = None
             row0 = 0
-            acc.cost.lap("open")
-            for rb in pf.iter_batches(batch_size=rows, columns=cols, use_threads=False):
-                acc.batch(rb, row0)
-                row0 += rb.num_rows
+            for name, _, pf in files:
+                meta = records.process_metadata(pf.schema_arrow)
+                problems = records.same_process(meta, plan.process)
+                if meta.get("source", {}).get("shard", shard) != shard:
+                    problems.append("source.shard")
+                st.meta = st.meta or meta
+                st.meta_problems += [p for p in problems if p not in st.meta_problems]
+                if UNSCANNABLE & set(problems):
+                    raise ValueError(
+                        f"{out.display(name)}: process metadata differs from the manifest in "
+                        f"{problems}: not scanned"
+                    )
+                if acc is None:
+                    acc = Accumulator(st, plan)
+                acc.use_file(records.file_shape(pf.schema_arrow))
+                have = set(pf.schema_arrow.names)
+                cols = [c for c in acc.columns if c in have]  # a missing one: KeyError below
+                rows = max(1, plan.batch_elements // max(1, acc.C * acc.P))
+                acc.cost.lap("open")
+                for rb in pf.iter_batches(batch_size=rows, columns=cols, use_threads=False):
+                    acc.batch(rb, row0)
+                    row0 += rb.num_rows
             acc.finish()
             st.cost = dict(acc.cost.seconds)
+        finally:
+            for _, fh, _ in files:
+                fh.close()
     except Exception as exc:  # reported, not raised: one bad shard must not stop the others
         st.error = f"{type(exc).__name__}: {exc}"
     st.seconds = time.perf_counter() - t0

@@ -16,6 +16,7 @@ the module to :data:`CHECKS`. When it needs a statistic the scan does not gather
 from __future__ import annotations
 
 from . import (
+    buckets,
     completeness,
     conditioning,
     convergence,
@@ -42,6 +43,7 @@ CHECKS = (
     convergence,
     timestep_distribution,
     conditioning,
+    buckets,
     latent_scale,
     text,
 )

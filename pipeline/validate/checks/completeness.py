@@ -56,6 +56,18 @@ def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
     or None; a marker without a checksum (an older version's) is checked by size only."""
     marker, found = scanned.get("marker") or {}, scanned.get("file_check") or {}
     name = out.display(OutputDir.data_name(shard))
+    for f in marker.get("files") or ():  # a bucketed shard: each of its files
+        got = (found.get("files") or {}).get(f["name"]) or {}
+        if got.get("missing") or got.get("error"):
+            continue  # reported as a missing or unreadable file
+        if got.get("bytes") != f.get("bytes") or got.get("checksum") != f.get("checksum"):
+            return (
+                f"{out.display(f['name'])}: {got.get('bytes')} bytes, checksum "
+                f"{str(got.get('checksum'))[:19]}; its commit marker says {f.get('bytes')} "
+                f"bytes, {str(f.get('checksum'))[:19]} (rewritten or damaged since its commit)"
+            )
+    if marker.get("files") is not None:
+        return _sides_changed(out, marker, found)
     if found.get("error"):
         return None  # an unreadable file is reported as such
     if marker.get("bytes") is not None and found.get("bytes") != marker["bytes"]:
@@ -65,6 +77,10 @@ def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
             f"{name}: checksum {str(found.get('checksum'))[:19]}, its commit marker says "
             f"{marker['checksum'][:19]} (rewritten or damaged since it was committed)"
         )
+    return _sides_changed(out, marker, found)
+
+
+def _sides_changed(out: OutputDir, marker: dict, found: dict) -> str | None:
     for side, want in sorted((marker.get("side_files") or {}).items()):
         got = (found.get("side_files") or {}).get(side) or {}
         if got.get("missing") or got.get("error"):
@@ -79,8 +95,10 @@ def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
 
 
 def _side_problems(out: OutputDir, scanned: dict) -> tuple[list[str], list[str]]:
-    """(missing, unreadable) side files of a committed shard (its text embedding table)."""
-    found = (scanned.get("file_check") or {}).get("side_files") or {}
+    """(missing, unreadable) side files of a committed shard (its text embedding table) and
+    bucket files (a bucketed shard's data files)."""
+    check = scanned.get("file_check") or {}
+    found = {**(check.get("files") or {}), **(check.get("side_files") or {})}
     missing = [out.display(n) for n, f in sorted(found.items()) if f.get("missing")]
     bad = [f"{out.display(n)}: {f['error']}" for n, f in sorted(found.items()) if f.get("error")]
     return missing, bad
@@ -162,9 +180,12 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
         notes.append(f"{out.display(REJECTS)} not found")
         if any(e.get("rejected") for e in shards.values()):
             prob["rejects.jsonl lines != rejected"].append(f"{out.display(REJECTS)} missing")
-    prob["files not in the manifest"] += [
-        out.display(n) for n in inv.data_files if n[:-8] not in committed
-    ]
+    owned = set()  # the data files of the committed shards: as their markers list them
+    for k in committed:
+        marker = (ds.shards.get(k) or {}).get("marker") or {}
+        files = marker.get("files")
+        owned.update([f["name"] for f in files] if files is not None else [OutputDir.data_name(k)])
+    prob["files not in the manifest"] += [out.display(n) for n in inv.data_files if n not in owned]
     prob["files not in the manifest"] += [
         out.display(OutputDir.marker_name(m)) for m in sorted(markers - set(shards))
     ]

@@ -1,0 +1,116 @@
+"""The validator on a bucketed dataset (one file per shard and bucket): every check passes on a
+clean one, per-pixel identities hold in every bucket, completeness counts a shard's records
+across its bucket files, and the ``buckets`` check catches a target_size that is not a bucket
+and a crop offset outside the image; the report has the bucket histogram as a table and a plot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_bucket_output import BUCKETS, bucket_shards
+
+from pipeline import validate
+from pipeline.config import compose
+from pipeline.manifest import OutputDir
+from pipeline.precompute import run
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """3 shards x 16 images of aspects 0.25..4, K=2, x_0 stored, random crop and flip."""
+    tmp = tmp_path_factory.mktemp("vb")
+    urls = bucket_shards(tmp, n_shards=3, n=16)
+    cfg = compose(["progress=false", urls, f"output.dir={tmp}/o", *BUCKETS, "source.flip=random",
+                   "source.crop=random", "sampling.draws_per_sample=2", "output.store_x0=true",
+                   "schedule.num_timesteps=100"])  # fmt: skip
+    assert run(cfg)["exit_code"] == 0
+    return tmp / "o"
+
+
+def _validate(path, *overrides):
+    cfg = validate.load_config([f"output.dir={path}", "progress=false", "plots=false", *overrides])
+    report = validate.run(cfg)
+    return report, {c["name"]: c for c in report["checks"]}
+
+
+def test_a_clean_bucketed_dataset_passes_every_check(clean, tmp_path):
+    report, checks = _validate(clean, "plots=true", f"output.report_dir={tmp_path}/rep")
+    failed = {n: c["summary"] for n, c in checks.items() if not c["passed"]}
+    assert not failed and report["exit_code"] == 0
+    b = checks["buckets"]
+    assert b["severity"] == "info"
+    hist = {h["bucket"]: h["records"] for h in b["detail"]["histogram"]}
+    assert sum(hist.values()) == report["summary"]["records"] == 96
+    assert len([n for n in hist.values() if n]) >= 3
+    assert b["detail"]["flip"]["samples"] == 48
+    # completeness counted each shard's rows across its bucket files
+    assert checks["completeness"]["statistic"] == 0
+    # every record's x_t recomputed from its x_0 and eps, in every bucket
+    rc = checks["record_consistency"]
+    assert rc["passed"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| bucket (H x W) | records | share |" in md
+    assert "hist_buckets.png" in report["plots"]
+
+
+def _plant(src, dst, column, value):
+    """A copy of ``src`` where the first record of the first 32x32 file has ``column`` =
+    ``value``, re-committed (its marker's size and checksum updated)."""
+    shutil.copytree(src, dst)
+    out = OutputDir(str(dst))
+    name = sorted(p.name for p in dst.glob("*.32x32.parquet"))[0]
+    table = pq.read_table(dst / name)
+    col = table[column].to_pylist()
+    col[0] = value
+    i = table.schema.get_field_index(column)
+    table = table.set_column(i, table.schema.field(i), pa.array(col, table.schema.field(i).type))
+    pq.write_table(table, dst / name)
+    shard = name.split(".")[0]
+    marker = out.read_json(out.marker_name(shard))
+    for f in marker["files"]:
+        if f["name"] == name:
+            f.update(bytes=out.size(name), checksum=out.checksum(name))
+    out.write_json(out.marker_name(shard), marker)
+    manifest = json.loads((dst / "_manifest.json").read_text())
+    manifest["shards"][shard]["files"] = marker["files"]
+    (dst / "_manifest.json").write_text(json.dumps(manifest))
+    return name
+
+
+def test_the_buckets_check_catches_a_target_size_that_is_no_bucket(clean, tmp_path):
+    name = _plant(clean, tmp_path / "d", "target_size", [24, 40])
+    _, checks = _validate(tmp_path / "d")
+    b = checks["buckets"]
+    assert not b["passed"]
+    bad = {i["quantity"]: i for i in b["detail"]["items"] if not i["passed"]}
+    assert bad["target_size not a configured bucket"]["value"] == 1
+    assert "target_size [24, 40]" in bad["target_size not a configured bucket"]["examples"][0]
+    assert "record in the file of another bucket" not in bad  # unknown bucket: not counted twice
+    assert checks["completeness"]["passed"], name  # re-committed: only the defect is wrong
+
+
+def test_the_buckets_check_catches_a_crop_offset_outside_the_image(clean, tmp_path):
+    _plant(clean, tmp_path / "d", "crop_top_left", [0, 500])
+    _, checks = _validate(tmp_path / "d")
+    bad = {i["quantity"]: i for i in checks["buckets"]["detail"]["items"] if not i["passed"]}
+    assert set(bad) == {"crop outside the resized image"}
+    assert "crop_top_left [0, 500]" in bad["crop outside the resized image"]["examples"][0]
+
+
+def test_completeness_names_a_missing_and_a_stray_bucket_file(clean, tmp_path):
+    d = shutil.copytree(clean, tmp_path / "d")
+    marker = json.loads((d / "_shards" / "b-1.json").read_text())
+    gone = marker["files"][0]["name"]
+    (d / gone).unlink()
+    (d / "b-2.640x16.parquet").write_bytes((d / marker["files"][1]["name"]).read_bytes())
+    _, checks = _validate(d)
+    c = checks["completeness"]
+    bad = {i["quantity"]: i for i in c["detail"]["items"] if not i["passed"]}
+    assert any(gone in e for e in bad["missing files"]["examples"])
+    assert any("b-2.640x16.parquet" in e for e in bad["files not in the manifest"]["examples"])
