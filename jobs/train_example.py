@@ -1,4 +1,4 @@
-"""Example: train a small epsilon-prediction denoiser on precomputed DDPM records.
+"""Example: train a small denoiser on precomputed records: eps-, v- or velocity-prediction.
 
 ::
 
@@ -6,6 +6,15 @@
     python jobs/train_example.py --data /tmp/synth --make-synthetic 4096 --out train-out
     python jobs/train_example.py --data demo/records --cond cls --out train-cond
     python jobs/train_example.py --data text-records --cond text --out train-text
+    python jobs/train_example.py --data flow-records --objective flow --out train-flow
+
+``--objective`` (:mod:`pipeline.targets`): ``eps`` regresses ``epsilon`` (the default, described
+below), ``v`` the v-prediction target ``v`` (records made with ``output.targets=[v]``), ``flow``
+the rectified-flow ``velocity`` = eps - x_0 (records made with ``schedule=flow``; the model's
+timestep is the stored t = sigma * T, samples by Euler steps down the flow grid). The loss is
+MSE(prediction, target) against the zero predictor E[target^2]; the held-out loss is reported
+per objective, and the variational-bound term below uses the general posterior with the x_0 the
+prediction implies.
 
 Reads ``x_t``, ``t``, ``epsilon`` and the posterior columns with
 :class:`pipeline.dataset.PrecomputedDataset` and a DataLoader, trains a few conv layers with a
@@ -73,7 +82,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipeline import records
 from pipeline.dataset import PrecomputedDataset, RecordsDir
+from pipeline.targets import OBJECTIVES, Objective, euler_sample
 
 COLUMNS = ["x_t", "t", "epsilon", "posterior_mean", "posterior_variance"]
 
@@ -316,10 +327,11 @@ def text_column(rdir: RecordsDir) -> str:
 def evaluate(
     model,
     ds,
-    kl_term: PosteriorKL,
+    kl_term,
     batch_size: int,
     batches: int,
     label: str | None = None,
+    target: str = "epsilon",
 ) -> dict:
     """MSE, zero-predictor MSE and the L_{t-1} KL (model, zero predictor, true eps).
 
@@ -334,7 +346,7 @@ def evaluate(
         for i, batch in enumerate(_loader(ds, batch_size, 0, drop_last=False)):
             if i >= batches:
                 break
-            eps = batch["epsilon"]
+            eps = batch[target]  # the objective's target (epsilon, v or velocity)
             if label is None:
                 eps_hat = model(batch["x_t"], batch["t"])
             else:
@@ -366,11 +378,11 @@ def evaluate(
     return out
 
 
-def _curve_point(model, batch: dict, label: str) -> tuple[float, float]:
+def _curve_point(model, batch: dict, label: str, target: str) -> tuple[float, float]:
     """(MSE given the labels, MSE given the null label) of one fixed batch."""
     model.eval()
     with torch.no_grad():
-        x, t, eps = batch["x_t"], batch["t"], batch["epsilon"]
+        x, t, eps = batch["x_t"], batch["t"], batch[target]
         cond = F.mse_loss(model(x, t, batch[label]), eps).item()
         null = F.mse_loss(model(x, t, None), eps).item()
     model.train()
@@ -408,6 +420,7 @@ def train(
     p_uncond: float = 0.1,
     holdout: float | None = None,
     samples: int = 16,
+    objective: str = "eps",
 ) -> dict:
     """Train TinyDenoiser for ``steps`` steps on the records in ``data``; returns the metrics
     (``losses`` per step, ``zero_losses`` = E[eps^2] of each batch, ``final_loss`` and
@@ -423,7 +436,8 @@ def train(
     left out of training and evaluated on (default 0.1 with ``cond``, else 0: evaluation on the
     training records). With ``out``: the weights go to ``model.safetensors``
     (:func:`save_checkpoint`) and ``samples`` generated samples to ``samples.png``
-    (:func:`save_samples`; 0: none), beside ``loss.png`` and ``metrics.json``.
+    (:func:`save_samples`; 0: none), beside ``loss.png`` and ``metrics.json``. ``objective``:
+    eps | v | flow (:class:`pipeline.targets.Objective`), the column the loss regresses.
     """
     if holdout is None:
         holdout = 0.1 if cond else 0.0
@@ -439,8 +453,8 @@ def train(
         scan = None
         text = cond == "text"
         label = cond  # the column the model is conditioned on
+        rdir = RecordsDir(data)
         if cond or holdout:
-            rdir = RecordsDir(data)
             if text:
                 label = text_column(rdir)
                 columns.append(label)
@@ -450,10 +464,14 @@ def train(
             scan = scan_records(rdir, None if text else cond, holdout)
             if holdout:
                 columns.append("key")
+        goal = Objective(objective, records.process_from_metadata(rdir.metadata))
+        goal.check(rdir.column_names, str(data))
+        target = goal.column
+        columns += [] if target in columns else [target]
         ds = PrecomputedDataset(
             data, columns=columns, dtype=torch.float32, seed=seed, shuffle_buffer=shuffle_buffer
         )
-        schedule = ds.schedule()
+        schedule = goal.process
         shape = ds.metadata["shape"]
         train_records = ds.num_records - (scan["held_out"] if scan else 0)
         if train_records < batch_size:
@@ -491,7 +509,9 @@ def train(
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=steps, pct_start=0.1
         )
-        kl_term = PosteriorKL(schedule)
+        # DDPM eps: Ho et al.'s model mean; otherwise the general posterior with the implied x_0
+        ddpm_eps = objective == "eps" and schedule.family == "ddpm"
+        kl_term = PosteriorKL(schedule.schedule) if ddpm_eps else goal.posterior_kl
         losses, zero_losses = [], []
         curve = None
         if cond:
@@ -504,7 +524,7 @@ def train(
         while len(losses) < steps:
             ds.set_epoch(epoch)
             for batch in _loader(train_ds, batch_size, workers):
-                eps = batch["epsilon"]
+                eps = batch[target]
                 if cond:
                     y = batch[label]
                     dropped = torch.rand(len(y), generator=drop) < p_uncond
@@ -521,7 +541,7 @@ def train(
                 step = len(losses)
                 logged = not quiet and (step % log_every == 0 or step == 1)
                 if cond and (logged or step % curve_every == 0 or step == steps):
-                    point = _curve_point(model, curve_batch, label)
+                    point = _curve_point(model, curve_batch, label, target)
                     curve["steps"].append(step)
                     curve["mse"].append(point[0])
                     curve["mse_null"].append(point[1])
@@ -548,10 +568,12 @@ def train(
             "records": ds.num_records,
             "shape": shape,
             "schedule": ds.metadata["schedule"]["name"],
+            "objective": objective,
+            "target": target,
             "num_timesteps": schedule.num_timesteps,
             "final_loss": float(np.mean(losses[-tail:])),
             "final_zero_loss": float(np.mean(zero_losses[-tail:])),
-            "eval": evaluate(model, eval_ds, kl_term, batch_size, eval_batches, label),
+            "eval": evaluate(model, eval_ds, kl_term, batch_size, eval_batches, label, target),
             "losses": losses,
             "zero_losses": zero_losses,
         }
@@ -576,7 +598,7 @@ def train(
             out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(model, out / "model.safetensors", ds.metadata)
             if samples:
-                metrics["samples"] = save_samples(model, schedule, ds.metadata, out, samples, seed)
+                metrics["samples"] = save_samples(model, goal, ds.metadata, out, samples, seed)
             save(metrics, out)
         return metrics
 
@@ -592,16 +614,24 @@ def save(metrics: dict, out: Path) -> None:
     k = max(1, len(losses) // 20)
     smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(losses, alpha=0.35, label="MSE(eps_hat, eps) per step")
+    y = {"epsilon": "eps", "v": "v", "velocity": "u"}.get(metrics.get("target"), "eps")
+    ax.plot(losses, alpha=0.35, label=f"MSE({y}_hat, {y}) per step")
     ax.plot(np.arange(k - 1, len(losses)), smooth, label=f"moving mean ({k} steps)")
-    ax.axhline(np.mean(metrics["zero_losses"]), color="k", ls="--", label="predict zeros: E[eps^2]")
+    ax.axhline(
+        np.mean(metrics["zero_losses"]), color="k", ls="--", label=f"predict zeros: E[{y}^2]"
+    )
+    if "eval" in metrics:
+        where = "held-out" if metrics.get("holdout") else "eval"
+        ax.axhline(metrics["eval"]["mse"], color="C3", ls=":", label=f"{where} MSE")
     curve = metrics.get("curve")
     if curve:
         where = "held-out" if metrics.get("holdout") else "training"
         ax.plot(curve["steps"], curve["mse_null"], "s-", ms=4, lw=2.5, alpha=0.6,
                 label=f"{where} batch, null label")  # fmt: skip
         ax.plot(curve["steps"], curve["mse"], "o-", ms=2, lw=1, label=f"{where} batch, true label")
-    title = "epsilon-prediction loss"
+    title = {"epsilon": "epsilon", "v": "v", "velocity": "velocity (rectified flow)"}.get(
+        metrics.get("target"), "epsilon"
+    ) + "-prediction loss"
     if metrics.get("cond"):
         c = metrics["cond"]
         title += f", conditioned on {c.get('embedding', c['column'])}" + (
@@ -713,9 +743,26 @@ def sample_grid(samples: torch.Tensor, pixels: bool) -> np.ndarray:
     return grid
 
 
-def save_samples(model, schedule, meta: dict, out: Path, n: int, seed: int = 0) -> dict:
+class _EpsModel:
+    """A v-prediction model seen as an eps-prediction one (for :func:`ancestral_sample`)."""
+
+    def __init__(self, model, goal):
+        self.model, self.goal, self.shape = model, goal, model.shape
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def __call__(self, x, t, labels=None):
+        return self.goal.x0_eps(x, t, self.model(x, t, labels))[1]
+
+
+def save_samples(model, goal, meta: dict, out: Path, n: int, seed: int = 0) -> dict:
     """``n`` samples of ``model`` (a conditional model: labels 0, 1, ... in turn) drawn with
-    :func:`ancestral_sample`, saved as ``samples.png`` in ``out``; returns their summary."""
+    :func:`ancestral_sample` (eps, v: through the eps the prediction implies) or for ``flow`` by
+    Euler steps (:func:`pipeline.targets.euler_sample`), saved as ``samples.png`` in ``out``;
+    ``goal``: the :class:`pipeline.targets.Objective`. Returns their summary."""
+    schedule = goal.process
     import matplotlib
 
     matplotlib.use("Agg")
@@ -726,7 +773,11 @@ def save_samples(model, schedule, meta: dict, out: Path, n: int, seed: int = 0) 
     if model.num_classes:
         labels = torch.arange(n) % model.num_classes
     start = time.perf_counter()
-    samples = ancestral_sample(model, schedule, n, labels, seed=seed, clip=pixels)
+    if goal.name == "flow":
+        samples = euler_sample(model, schedule, n, labels, seed=seed)
+    else:
+        net = model if goal.name == "eps" else _EpsModel(model, goal)
+        samples = ancestral_sample(net, schedule, n, labels, seed=seed, clip=pixels)
     seconds = time.perf_counter() - start
     grid = sample_grid(samples, pixels)
     scale = max(1.0, 256 / grid.shape[0])
@@ -736,7 +787,8 @@ def save_samples(model, schedule, meta: dict, out: Path, n: int, seed: int = 0) 
     ax.imshow(grid, interpolation="nearest")
     ax.set_axis_off()
     what = "pixels" if pixels else "latents (first channels, min..max per sample)"
-    title = f"{n} ancestral samples, {meta['schedule']['name']} T={schedule.num_timesteps}, {what}"
+    how = "Euler" if goal.name == "flow" else "ancestral"
+    title = f"{n} {how} samples, {meta['schedule']['name']} T={schedule.num_timesteps}, {what}"
     if labels is not None:
         title += (
             f"\nclass labels {', '.join(str(int(v)) for v in labels[: model.num_classes])}, ..."
@@ -763,10 +815,12 @@ def report(m: dict) -> str:
         f"{m['steps']} steps in {m['seconds']:.1f} s ({m['epochs']} epochs)",
         f"train loss (last 10%):  {m['final_loss']:.4f}"
         f"   zero predictor: {m['final_zero_loss']:.4f}",
-        f"eval MSE:               {e['mse']:.4f}   zero predictor: {e['zero_mse']:.4f}"
+        f"eval MSE ({m.get('objective', 'eps')}):"
+        + " " * max(1, 9 - len(m.get("objective", "eps")))
+        + f"{e['mse']:.4f}   zero predictor: {e['zero_mse']:.4f}"
         f"   ({e['records']} records, {where})",
         f"L_(t-1) KL, nats/dim:   {e['kl']:.4g} ({e['kl'] / ln2:.4g} bits/dim)"
-        f"   zero predictor: {e['kl_zero']:.4g}   true eps: {e['kl_true_eps']:.2g}"
+        f"   zero predictor: {e['kl_zero']:.4g}   true target: {e['kl_true_eps']:.2g}"
         f"   ({e['kl_records']} records with t > 0)",
     ]
     if m.get("cond", {}).get("column") == "text":
@@ -916,6 +970,11 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Defaults)
     p.add_argument("--data", required=True, help="records directory (path or URI)")
+    p.add_argument(
+        "--objective", choices=OBJECTIVES, default="eps",
+        help="what the model predicts: eps (epsilon), v (v, records with output.targets=[v]) or "
+        "flow (velocity = eps - x_0, records with schedule=flow)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument(
         "--out",
@@ -1004,6 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
             p_uncond=0.1 if args.p_uncond is None else args.p_uncond,
             holdout=args.holdout,
             samples=args.samples,
+            objective=args.objective,
         )
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         p.error(str(exc))

@@ -572,8 +572,14 @@ class PrecomputedDataset(IterableDataset):
                 for k, v in out.items()}  # fmt: skip
 
     def schedule(self):
-        """The NoiseSchedule the records were made with, rebuilt from the metadata."""
+        """The NoiseSchedule DDPM records were made with, rebuilt from the metadata
+        (ValueError for rectified-flow records: see :meth:`process`)."""
         return records.schedule_from_metadata(self.metadata)
+
+    def process(self):
+        """The :class:`pipeline.process.GaussianProcess` of the records (DDPM or rectified
+        flow), rebuilt from the metadata: alpha_t, sigma_t, the posterior and snr tables."""
+        return records.process_from_metadata(self.metadata)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's shuffle and, with ``draws="cycle"``, its draw (call on every rank

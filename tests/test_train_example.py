@@ -258,3 +258,53 @@ def test_cli_cond(te, tiny, labelled, tmp_path, capsys):
         with pytest.raises(SystemExit):
             te.main([*argv, "--steps", "1", "--out", str(tmp_path / "err")])
         assert message in capsys.readouterr().err
+
+
+# -- objectives: v on DDPM records with output.targets=[v], flow on schedule=flow records --------
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, ray_session):
+    """Records made by the real precompute from 16x16 noise images: flow (shift 3,
+    logit_normal) and DDPM with the v target (T=100)."""
+    from shards import write_image_shard
+
+    from pipeline.config import compose
+    from pipeline.precompute import run
+
+    root = tmp_path_factory.mktemp("objectives")
+    for i in range(2):
+        write_image_shard(root / f"i-{i}.tar", 96, size=(16, 16), seed=5 + i, key_prefix=f"i{i}_")
+    jobs = {
+        "flow": ["schedule=flow", "schedule.shift=3.0", "sampling.timesteps=logit_normal"],
+        "v": ["schedule.num_timesteps=100", "output.targets=[v]"],
+    }
+    for name, args in jobs.items():
+        src = ["source=images", "source.resolution=16", f"source.urls={root}/i-{{0..1}}.tar"]
+        cfg = compose(["progress=false", f"output.dir={root / name}", "ray.num_actors=1", *src,
+                       "sampling.draws_per_sample=2", *args])  # fmt: skip
+        assert run(cfg)["exit_code"] == 0
+    return {k: root / k for k in jobs}
+
+
+@pytest.mark.parametrize("objective", ["flow", "v"])
+def test_each_objective_trains_on_its_target_and_reports_held_out_loss(
+    te, made, tmp_path, objective
+):
+    m = te.train(made[objective], steps=150, batch_size=32, quiet=True, holdout=0.25, samples=4,
+                 out=tmp_path / "o", objective=objective, threads=1)  # fmt: skip
+    target = {"flow": "velocity", "v": "v"}[objective]
+    assert m["objective"] == objective and m["target"] == target
+    e = m["eval"]
+    assert e["records"] > 0 and e["mse"] < 0.95 * e["zero_mse"], e  # held-out records
+    assert e["kl_true_eps"] < 0.1 * e["kl_zero"]  # the true target implies the stored posterior
+    assert m["samples"]["finite"] and (tmp_path / "o" / "samples.png").exists()
+    assert f"eval MSE ({objective})" in te.report(m)
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["target"] == target
+
+
+def test_an_objective_the_records_do_not_hold_is_refused(te, made, tiny):
+    with pytest.raises(ValueError, match=r"output\.targets=\[v\]"):
+        te.train(tiny, steps=1, objective="v", quiet=True, samples=0)
+    with pytest.raises(ValueError, match="schedule=flow"):
+        te.train(made["v"], steps=1, objective="flow", quiet=True, samples=0)
