@@ -559,6 +559,7 @@ def _labels_file(path, labels, row_group_size=8):
             "t": i.astype(np.int32), "x_t": tens, "epsilon": tens, "posterior_mean": tens,
             "posterior_variance": np.ones(n, np.float32),
             "posterior_log_variance": np.zeros(n, np.float32), "alpha_bar": np.ones(n, np.float32),
+            "snr": np.ones(n, np.float32),
             "cls": labels}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(records.build_table(schema, cols), path, row_group_size=row_group_size)
