@@ -16,10 +16,10 @@ from .buckets import describe_buckets, largest_shape
 from .conditioning import Conditioning
 from .config import process_config, targets
 from .decoders import make_decoder
+from .description import make_metadata
 from .errors import JobError
 from .noise import KeyedNoise
 from .process import from_config as process_from_config
-from .records import make_metadata
 from .source import Sample, iter_shard, missing_local_shards
 from .tarstream import ReadLimits, ShardReadError
 

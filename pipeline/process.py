@@ -287,7 +287,7 @@ def from_description(desc: dict, shape=None, grid: dict | None = None) -> Gaussi
     samples of ``shape``; ValueError when the rebuilt grid's hash differs from the
     description's or from the file's ``grid`` entry (another shape or library version)."""
     if desc.get("family", "ddpm") != "flow":
-        from .records import schedule_from_metadata
+        from .description import schedule_from_metadata
 
         return ddpm(schedule_from_metadata({"schedule": desc}))
     proc = flow(desc["num_timesteps"], shape, **{k: desc[k] for k in FLOW_DEFAULTS})

@@ -27,12 +27,13 @@ import time
 
 from . import __version__
 from .buckets import COLUMNS as BUCKET_COLUMNS
+from .description import noise_from_metadata
 from .device import actor_device, assigned_gpus, resolve_device
 from .fs import identity
 from .manifest import OutputDir
 from .memory import fit_batch_size, host_memory_share, working_set_per_sample
 from .process import Processes
-from .records import noise_from_metadata, record_schema
+from .records import record_schema
 from .source import shard_id
 from .stage import Batch, Stage, run_chain
 from .stages import (
