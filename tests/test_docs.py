@@ -133,3 +133,13 @@ def test_readme_module_map_lists_every_module():
         f"pipeline modules missing from README.md's module map: {missing}; add a row "
         "(`module.py` | its one responsibility)"
     )
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_repository_paths_exist(page):
+    """A path of this repository named in the docs (`pipeline/...`, `jobs/...`, `tests/...`,
+    `docs/...`, `conf/...`) exists: a module that moved is renamed in its docs too."""
+    text = page.read_text()
+    paths = re.findall(r"`((?:pipeline|jobs|tests|docs|conf)/[\w./-]+)`", text)
+    missing = sorted({p for p in paths if not (ROOT / p.rstrip("/")).exists()})
+    assert not missing, f"{page.relative_to(ROOT)} names paths that do not exist: {missing}"
