@@ -232,3 +232,31 @@ def test_clean_flow_runs_have_no_false_alarm(tmp_path, seed):
     d = _build(tmp_path, "c", *extra, shards=2, n=24)
     report, checks = _validate(d, "max_consistency_records=50")
     assert report["exit_code"] == 0, {k: checks[k]["detail"]["items"] for k in _failed(checks)}
+
+
+def test_dynamic_shift_follows_each_bucket_files_shape(tmp_path):
+    """Aspect-ratio buckets + Flux's dynamic shift: each file's grid is its own shape's (seq_len
+    = (H/2)(W/2) of its latent-free image shape), its records' sigma lie on that grid, and the
+    validator rebuilds the grid per file and passes."""
+    import pyarrow.parquet as pq
+    from test_bucket_output import BUCKETS, bucket_shards
+
+    urls = bucket_shards(tmp_path, n_shards=2, n=12)
+    cfg = compose(["progress=false", urls, f"output.dir={tmp_path}/o", *BUCKETS, "schedule=flow",
+                   "schedule.dynamic_shift=true", "sampling.draws_per_sample=2",
+                   "output.store_x0=true"])  # fmt: skip
+    assert precompute(cfg)["exit_code"] == 0
+    seen = {}
+    for path in sorted((tmp_path / "o").glob("*.parquet")):
+        schema = pq.read_schema(path)
+        meta, shape = records.process_metadata(schema), records.file_shape(schema)
+        n = (shape[1] // 2) * (shape[2] // 2)
+        assert meta["grid"]["seq_len"] == n
+        proc = records.process_from_metadata(meta, shape)
+        sigma = pq.read_table(path, columns=["sigma"]).column(0).to_numpy()
+        k = proc.grid_index(pq.read_table(path, columns=["t"]).column(0).to_numpy())
+        assert (k >= 0).all() and (proc.sigma[k].astype(np.float32) == sigma).all()
+        seen[n] = meta["grid"]["mu"]
+    assert len(seen) >= 2 and len(set(seen.values())) == len(seen)  # one mu per shape
+    report, checks = _validate(tmp_path / "o")
+    assert report["exit_code"] == 0, _failed(checks)

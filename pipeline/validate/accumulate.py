@@ -82,8 +82,7 @@ class Accumulator:
     def __init__(self, st: ShardStats, plan: ScanPlan):
         p = plan.process
         self.st, self.plan = st, plan
-        grid = {"grid": st.meta["grid"]} if "grid" in st.meta else {}  # flow: this file's grid
-        self.proc = records.process_from_metadata({**p, **grid}, plan.shape)
+        self.proc = records.process_from_metadata(p, plan.shape)  # per file: use_file
         self.ab = self.proc.alphas_cumprod  # alpha^2; DDPM: the schedule's alpha_bar table
         self.noise = records.noise_from_metadata(p)
         self.T, self.K = self.proc.num_timesteps, self.noise.draws
@@ -107,13 +106,19 @@ class Accumulator:
         quota = min(plan.consistency_quota, st.num_rows)
         self.keyed_rows = set(rng.choice(st.num_rows, size=quota, replace=False).tolist())
 
-    def use_file(self, shape) -> None:
+    def use_file(self, shape, grid: dict | None = None) -> None:
         """The next batches come from a file of sample ``shape`` (aspect-ratio buckets: one per
-        bucket): the keyed noise is regenerated at that shape, the moments count its pixels,
+        bucket) and, for flow, of that file's ``grid`` entry (a dynamic shift's grid follows the
+        file's sequence length: the process is rebuilt for it, its hash checked): the keyed
+        noise is regenerated at that shape, the moments count its pixels,
         and only a file of the dataset's shape adds to the statistics per tensor position
         (``pos_sum``, the plots' strip of whole records); consecutive-record correlations do
         not pair records across files."""
         shape = tuple(int(s) for s in shape)
+        if grid is not None or shape != self.plan.shape:
+            extra = {"grid": grid} if grid is not None else {}
+            self.proc = records.process_from_metadata({**self.base.process, **extra}, shape)
+            self.ab = self.proc.alphas_cumprod
         if shape != self.plan.shape:
             process = {**self.base.process, "shape": list(shape)}
             self.plan = replace(self.base, process=process)

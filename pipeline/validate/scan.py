@@ -72,7 +72,7 @@ def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
                     )
                 if acc is None:
                     acc = Accumulator(st, plan)
-                acc.use_file(records.file_shape(pf.schema_arrow))
+                acc.use_file(records.file_shape(pf.schema_arrow), meta.get("grid"))
                 have = set(pf.schema_arrow.names)
                 cols = [c for c in acc.columns if c in have]  # a missing one: KeyError below
                 rows = max(1, plan.batch_elements // max(1, acc.C * acc.P))
