@@ -115,10 +115,34 @@ def shard_files(shard: str, summary: dict) -> list[dict]:
     the marker predates them)."""
     files = summary.get("files")
     if files is not None:
-        return [dict(f) for f in files]
-    name = summary.get("file") or OutputDir.data_name(shard)
-    return [{"name": name, "records": summary.get("records"), "bytes": summary.get("bytes"),
-             "checksum": summary.get("checksum")}]  # fmt: skip
+        out = [dict(f) for f in files]
+    else:
+        name = summary.get("file") or OutputDir.data_name(shard)
+        out = [{"name": name, "records": summary.get("records"), "bytes": summary.get("bytes"),
+                "checksum": summary.get("checksum")}]  # fmt: skip
+    for entry in out:
+        check_own_file(shard, entry.get("name"))
+    return out
+
+
+def check_own_file(shard: str, name, side: bool = False) -> None:
+    """:class:`CorruptFileError` naming the shard's marker unless ``name``, read from it, is a
+    file name the driver makes for ``shard``: ``<shard>.parquet`` or ``<shard>.<H>x<W>.parquet``
+    (``side``: its text table ``_text/<shard>.parquet``). Resume deletes the files a marker
+    names, so a damaged or crafted marker must not name any other file."""
+    from .buckets import BUCKET_FILE
+
+    if side:
+        ok = name == f"{TEXT}/{shard}.parquet"
+    else:
+        m = BUCKET_FILE.match(name) if isinstance(name, str) else None
+        ok = name == OutputDir.data_name(shard) or (m is not None and m["shard"] == shard)
+    if not ok:
+        raise CorruptFileError(
+            f"{OutputDir.marker_name(shard)} names a file {str(name)[:80]!r} that is not one of "
+            f"shard {shard!r}: it is damaged or was not written by this pipeline, and no file is "
+            "deleted by it; remove it (its shard is then redone) or use another output.dir"
+        )
 
 
 def is_temporary(name: str) -> bool:

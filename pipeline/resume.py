@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .fs import identities
 from .lease import LEASE
-from .manifest import COMMITTED, SHARDS, OutputDir, shard_files
+from .manifest import COMMITTED, SHARDS, OutputDir, check_own_file, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -99,32 +99,36 @@ def committed_shards(
             )
     todo = [sid for sid in markers if sid in urls]
     files = out.list_info() if todo else {}
-    for sub in sorted({posixpath.dirname(n) for sid in todo for n in _sides(markers[sid])} - {""}):
+    for sub in sorted({posixpath.dirname(n) for s in todo for n in _sides(s, markers[s])} - {""}):
         files.update(out.list_info(sub))  # one listing per directory of side files (_text/)
     inputs = identities(markers[sid]["url"] for sid in todo)
     for sid in todo:
         why = _stale(out, sid, markers[sid], files, inputs)
         if why is None:
-            why = _stale_sides(out, markers[sid], files)
+            why = _stale_sides(out, sid, markers[sid], files)
         if why is not None:
             log.warning("shard %s is redone: %s", sid, why)
             data = [f["name"] for f in shard_files(sid, markers[sid])]
             names = (out.marker_name(sid), *data, out.rejects_name(sid))  # marker first
-            for name in (*names, *_sides(markers[sid])):
+            for name in (*names, *_sides(sid, markers[sid])):
                 out.remove(name)
             del markers[sid]
     return markers
 
 
-def _sides(marker: dict) -> dict:
+def _sides(sid: str, marker: dict) -> dict:
     """{name: {bytes, checksum}} of a shard's side files (its text embedding table) recorded by
-    its marker (:func:`pipeline.stages.commit`); {} for a shard without them."""
-    return marker.get("side_files") or {}
+    its marker (:func:`pipeline.stages.commit`); {} for a shard without them. A name that is no
+    side file of the shard is refused (:func:`pipeline.manifest.check_own_file`)."""
+    sides = marker.get("side_files") or {}
+    for name in sides:
+        check_own_file(sid, name, side=True)
+    return sides
 
 
-def _stale_sides(out: OutputDir, marker: dict, files: dict) -> str | None:
+def _stale_sides(out: OutputDir, sid: str, marker: dict, files: dict) -> str | None:
     """Why a shard's side files fail what its marker recorded (missing, size, checksum)."""
-    for name, want in sorted(_sides(marker).items()):
+    for name, want in sorted(_sides(sid, marker).items()):
         info = files.get(name)
         if info is None:
             return f"its file {out.display(name)} is missing"

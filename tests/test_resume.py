@@ -257,5 +257,18 @@ def test_ids_read_back_from_disk_never_name_a_file_outside(tmp_path, make_cfg):
     assert (tmp_path / "victim.parquet").exists() and (
         tmp_path / "elsewhere/victim2.parquet"
     ).exists()
+    # file names read back from a marker: resume deletes them when the shard is redone
+    (out / "_shards" / "a b.json").unlink()
+    marker = json.loads((out / "_shards" / "lat-00.json").read_text())
+    (out / "mine.parquet").write_bytes(b"a user's file in output.dir")
+    for crafted in (
+        {"file": "mine.parquet"},
+        {"files": [{"name": "../victim.parquet", "bytes": 1}]},
+        {"side_files": {"_text/other.parquet": {"bytes": 1}}},
+    ):
+        (out / "_shards" / "lat-00.json").write_text(json.dumps({**marker, **crafted}))
+        with pytest.raises(CorruptFileError, match=r"_shards/lat-00\.json names a file '"):
+            resume.committed_shards(o, {"lat-00": marker["url"]}, marker["config_hash"])
+    assert (out / "mine.parquet").exists() and (out / "lat-00.parquet").exists()
     assert not any(map(is_shard_id, ["..", ".", "../x", "/x", "a/b", "x.", ""]))
     assert all(is_shard_id(shard_id(u)) for u in ["../..", "/x/.tar", "pipe:cat ../a b.tar", "."])
