@@ -136,16 +136,18 @@ class TextTables:
             pf = pq.ParquetFile(f, metadata=meta)
             table = pf.read_row_groups(groups, columns=["index", *columns])
         have = np.asarray(table.column("index").to_numpy())
-        pos = np.searchsorted(have, indices)
+        # rows in write order: sorted by index, or per aspect-ratio bucket (batches by bucket)
+        order = np.argsort(have, kind="stable")
+        pos = np.searchsorted(have[order], indices)
         pos_ok = np.minimum(pos, max(len(have) - 1, 0))
-        if len(have) == 0 or np.any(have[pos_ok] != indices):
+        if len(have) == 0 or np.any(have[order][pos_ok] != indices):
             missing = sorted(set(indices.tolist()) - set(have.tolist()))[:3]
             raise ValueError(
                 f"{self.display(table_name(shard))} has no text embeddings for sample index "
                 f"{missing}: the table does not match its records; rerun the job"
             )
         cols = to_numpy(table.select(list(columns)))
-        return {k: v[pos] for k, v in cols.items()}
+        return {k: v[order[pos]] for k, v in cols.items()}
 
     def uncond(self, columns: Sequence[str]) -> dict[str, np.ndarray]:
         """The empty prompt's row (``_text/_uncond.parquet``)."""

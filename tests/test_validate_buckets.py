@@ -114,3 +114,41 @@ def test_completeness_names_a_missing_and_a_stray_bucket_file(clean, tmp_path):
     bad = {i["quantity"]: i for i in c["detail"]["items"] if not i["passed"]}
     assert any(gone in e for e in bad["missing files"]["examples"])
     assert any("b-2.640x16.parquet" in e for e in bad["files not in the manifest"]["examples"])
+
+
+def test_text_embeddings_with_buckets_validate_and_load_by_shard(tmp_path):
+    """Captions with buckets: the text check reads a shard's records across its bucket files,
+    and the loader joins each bucket file's records to its shard's text table."""
+    from shards import encode_image, random_image, write_tar
+    from test_bucket_output import SIZES
+
+    from jobs.bench.textmodels import make_clip
+    from pipeline.dataset import PrecomputedDataset
+
+    clip = make_clip(tmp_path / "clip")
+    members = []
+    for i in range(10):
+        w, h = SIZES[i % len(SIZES)]
+        members.append((f"t{i:03d}.png", encode_image(random_image((w, h), seed=i), "png")))
+        members.append((f"t{i:03d}.txt", f"a photo number {i % 3}".encode()))
+    write_tar(tmp_path / "c-0.tar", members)
+    cfg = compose(["progress=false", f"source.urls={tmp_path}/c-0.tar", f"output.dir={tmp_path}/o",
+                   *BUCKETS, "text=clip", f"text.model={clip}", "text.encoders.0.max_length=16",
+                   "ray.num_actors=1"])  # fmt: skip
+    assert run(cfg)["exit_code"] == 0
+    assert len(list((tmp_path / "o").glob("c-0.*x*.parquet"))) >= 3
+    report, checks = _validate(tmp_path / "o")
+    assert checks["text"]["passed"] and checks["buckets"]["passed"], checks["text"]["summary"]
+    ds = PrecomputedDataset(tmp_path / "o", columns=["key", "txt", "clip_pooled"], shuffle=False)
+    pooled = {}
+    for r in ds:
+        pooled.setdefault(r["txt"], []).append(r["clip_pooled"])
+    assert len(pooled) == 3 and sum(map(len, pooled.values())) == 10
+    for same in pooled.values():  # one caption, one embedding, whatever the bucket
+        assert all(torch_equal(same[0], x) for x in same)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

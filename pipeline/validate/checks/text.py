@@ -27,8 +27,10 @@ import hashlib
 from collections.abc import Mapping
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ...buckets import data_names_by_shard
 from ...text import column_names, embedding_columns
 from ...text_store import UNCOND, table_name, to_numpy
 from ..verdict import Check, litem, verdict
@@ -63,6 +65,7 @@ def check_text(out, meta: Mapping, shards, recheck: int = 16) -> dict:
     trunc = {e["name"]: [0, 0] for e in t["encoders"]}
     norms: dict[str, list] = {c: [] for c in value_cols}
     recheck_rows: dict[str, dict] = {}
+    data = data_names_by_shard(out.data_files(), shards)  # one file, or one per bucket
     for shard in shards:
         name = table_name(shard)
         if not out.exists(name):
@@ -70,8 +73,10 @@ def check_text(out, meta: Mapping, shards, recheck: int = 16) -> dict:
             continue
         table = pq.read_table(out.path(name), filesystem=out.fs)
         cols = to_numpy(table)
-        rec = pq.read_table(out.path(out.data_name(shard)), filesystem=out.fs,
-                            columns=["index", caption_col])  # fmt: skip
+        rec = pa.concat_tables(
+            pq.read_table(out.path(n), filesystem=out.fs, columns=["index", caption_col])
+            for n in data.get(shard) or [out.data_name(shard)]
+        )
         rec_index = rec.column("index").to_numpy()
         captions = dict(zip(rec_index.tolist(), rec.column(caption_col).to_pylist()))
         if sorted(cols["index"].tolist()) != sorted(captions):
