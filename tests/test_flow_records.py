@@ -152,3 +152,29 @@ def test_undefined_targets_and_shapes_exit_2_naming_the_key(tmp_path, overrides,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert key in proc.stderr + proc.stdout
+
+
+def test_loader_and_hf_export_carry_the_flow_columns_with_their_types(tmp_path, make_cfg):
+    """PrecomputedDataset yields flow's t as float32 sigma * T (not truncated to an int), sigma,
+    snr and velocity; the Hugging Face export types them from the registry."""
+    pytest.importorskip("datasets")
+    import torch
+
+    from pipeline.dataset import PrecomputedDataset
+    from pipeline.hf import to_hf_dataset
+
+    schema, c = _run(tmp_path, make_cfg, "schedule=flow", "schedule.shift=3.0")
+    ds = PrecomputedDataset(tmp_path / "o", shuffle=False)
+    r = next(iter(ds))
+    assert r["t"].dtype == torch.float32 and r["sigma"].dtype == torch.float32
+    assert r["velocity"].shape == (3, 8, 8) and r["snr"].dtype == torch.float32
+    assert float(r["t"]) == float(c["t"][0]) and float(r["t"]) != int(float(r["t"]))
+    assert ds.process().family == "flow" and ds.process().sigma[-1] == 1.0
+    hf = to_hf_dataset(tmp_path / "o", ["t", "sigma", "snr", "velocity"],
+                       cache_dir=str(tmp_path / "hf"))  # fmt: skip
+    f = hf.features
+    assert f["t"].dtype == "float32" and f["sigma"].dtype == "float32"
+    assert f["snr"].dtype == "float32" and f["velocity"].shape == (3, 8, 8)
+    row = hf.with_format("numpy")[0]
+    np.testing.assert_array_equal(row["velocity"], c["velocity"][0])
+    assert row["t"] == c["t"][0]
