@@ -215,15 +215,20 @@ def _schedule(plt, save, *, schedule, report, ctx, **_):
     sch = report["summary"]["schedule"]
     t = np.arange(schedule.num_timesteps)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    flow = getattr(schedule, "family", "ddpm") == "flow"  # sigma_t on the grid, linear
     with np.errstate(divide="ignore"):
-        a1.plot(t, schedule.alphas_cumprod, label=sch["name"])
+        a1.plot(t, schedule.sigma if flow else schedule.alphas_cumprod, label=sch["name"])
         a2.plot(t, schedule.snr, label=sch["name"])
-    a1.set(yscale="log", xlabel="t (0-based)", ylabel="alpha_bar_t", title="alpha_bar_t")
-    a2.set(yscale="log", xlabel="t (0-based)", ylabel="SNR(t)", title="SNR(t) = ab / (1 - ab)")
+    if flow:
+        a1.set(xlabel="grid index (t = sigma T)", ylabel="sigma_t", title="sigma_t")
+    else:
+        a1.set(yscale="log", xlabel="t (0-based)", ylabel="alpha_bar_t", title="alpha_bar_t")
+    a2.set(yscale="log", xlabel="t (0-based)", ylabel="SNR(t)", title="SNR = alpha^2 / sigma^2")
     for a in (a1, a2):
         a.grid(True, which="both", alpha=0.3)
         a.legend()
-    fig.suptitle(f"noise schedule {sch['name']}: alpha_bar_t and SNR(t)\n{ctx}", fontsize=10)
+    what = "sigma_t" if flow else "alpha_bar_t"
+    fig.suptitle(f"noise schedule {sch['name']}: {what} and SNR(t)\n{ctx}", fontsize=10)
     save(fig, "schedule.png")
 
 
