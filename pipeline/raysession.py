@@ -40,7 +40,7 @@ def ray_session(address: str | None, **init_kwargs) -> Iterator[None]:
     watcher = reaper.start() if address is None else None  # an embedded Ray: ends with us
     try:
         ray.init(address="local" if address is None else address, **options)
-    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+    except Exception as exc:  # Ray raises a bare Exception when its node times out starting
         reaper.stop(watcher)
         where = "null (a new embedded Ray)" if address is None else address
         raise RayConnectError(f"cannot start or join Ray (ray.address={where}): {exc}") from exc

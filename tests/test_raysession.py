@@ -152,3 +152,27 @@ def test_the_watcher_reaps_a_dead_drivers_descendants_only_when_not_told_done(cl
     finally:
         for pid in reaper._alive(kids):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.integration  # the watcher is a process (ray.init itself is replaced here)
+def test_a_ray_that_cannot_start_is_one_error_and_leaves_no_watcher(monkeypatch):
+    """Ray raises a bare Exception when its node times out starting (seen under load): it is a
+    RayConnectError naming ray.address (exit 2 on the command line), and the watcher is gone."""
+    import ray
+
+    from pipeline import reaper
+    from pipeline.raysession import RayConnectError, ray_session
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    with pytest.raises(RayConnectError, match=r"ray.address=null .*timed out during startup"):
+        with ray_session(None):
+            pass
+    if os.path.isdir("/proc/self"):
+        mine = reaper.descendants(os.getpid())
+        assert not any(
+            b"reaper.py" in open(f"/proc/{p}/cmdline", "rb").read() for p in reaper._alive(mine)
+        )
