@@ -17,13 +17,20 @@
 # Environment: RAY_ADDRESS (required), RUNTIME_ENV (runtime env YAML), SUBMISSION_ID (default
 # ddpm-<module>-<UTC time>-<random>), RAY (the ray CLI, default `ray`). Needs python3.
 #
-# Exit codes: 0, 1, 2 are the job's own (precompute: 0 every shard committed; 1 some shard failed
-# or was partial, or on_error=fail stopped it; 2 the job could not start). This script also
-# exits 2 when the job cannot be submitted or started (no RAY_ADDRESS or token, cluster
-# unreachable, token refused, runtime environment failed), 128+N when the job's driver was killed
-# by signal N (re-run to resume), 3 when the job was stopped (`ray job stop`), and 130 when this
-# script is interrupted (the job goes on: `ray job logs -f <id>`, `ray job stop <id>`).
+# Exit codes (pipeline/errors.py; `python -m pipeline.errors` lists them): the job's own (0 done,
+# 1 failed, 2 could not start, 70 a bug); this script also exits 2 when the job cannot be
+# submitted or started (no RAY_ADDRESS or token, cluster unreachable, token refused, runtime
+# environment failed), 128+N when the job's driver was killed by signal N (re-run to resume),
+# 3 when the job was stopped (`ray job stop`), and 130 when this script is interrupted (the job
+# goes on: `ray job logs -f <id>`, `ray job stop <id>`).
 set -euo pipefail
+
+# The exit codes of pipeline/errors.py (ExitCode); tests/test_errors.py checks that they agree.
+EXIT_OK=0
+EXIT_CANNOT_START=2
+EXIT_STOPPED=3
+EXIT_SIGNALLED=128
+EXIT_INTERRUPTED=130
 
 JOB_MODULE="${JOB_MODULE:-pipeline.precompute}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,7 +39,7 @@ ray_cli="${RAY:-ray}"
 
 fail() {
     echo "error: $*" >&2
-    exit 2
+    exit "$EXIT_CANNOT_START"
 }
 
 [[ -n "${RAY_ADDRESS:-}" ]] || fail "RAY_ADDRESS is not set: export RAY_ADDRESS=http://<head>:8265 (the Ray job server; \`ray dashboard cluster.yaml\` forwards it to http://127.0.0.1:8265)"
@@ -55,7 +62,7 @@ entrypoint=(python -m "$JOB_MODULE" ray.address=auto "$@")
 name="${JOB_MODULE##*.}"
 id="${SUBMISSION_ID:-ddpm-$name-$(date -u +%Y%m%d-%H%M%S)-$RANDOM$RANDOM}"
 echo "submitting $id to $RAY_ADDRESS: ${entrypoint[*]}" >&2
-trap 'echo "interrupted: job $id keeps running on the cluster (ray job logs -f $id; ray job stop $id)" >&2; exit 130' INT
+trap 'echo "interrupted: job $id keeps running on the cluster (ray job logs -f $id; ray job stop $id)" >&2; exit "$EXIT_INTERRUPTED"' INT
 
 cd "$root" # the runtime env's working_dir "." is the repository root
 set +e
@@ -67,13 +74,15 @@ set -e
 # The job's own exit code, from the job server's REST API (`ray job submit` only tells
 # succeeded from failed), with the token taken from where Ray takes it.
 code="$(
-    python3 - "$RAY_ADDRESS" "$id" <<'PY'
+    python3 - "$RAY_ADDRESS" "$id" "$EXIT_OK" "$EXIT_STOPPED" "$EXIT_SIGNALLED" \
+        "$EXIT_CANNOT_START" <<'PY'
 import json
 import os
 import sys
 import urllib.request
 
 address, job = sys.argv[1:3]
+ok, stopped, signalled, cannot_start = map(int, sys.argv[3:7])
 address = address if "://" in address else f"http://{address}"
 token = os.environ.get("RAY_AUTH_TOKEN") or ""
 if not token:
@@ -91,19 +100,19 @@ except Exception as exc:  # no such job: the submission itself failed
     sys.exit(0)
 rc, status = info.get("driver_exit_code"), info.get("status")
 if status == "STOPPED":  # `ray job stop`: its driver got SIGTERM
-    print(3)
+    print(stopped)
 elif rc is not None:
-    print(128 - rc if rc < 0 else rc)  # negative: killed by signal -rc
+    print(signalled - rc if rc < 0 else rc)  # negative: killed by signal -rc
 elif status == "SUCCEEDED":
-    print(0)
+    print(ok)
 else:  # failed before its driver ran: runtime env, entrypoint not found, ...
     print(f"job {job} {status}: {info.get('message')}", file=sys.stderr)
-    print(2)
+    print(cannot_start)
 PY
 )" || code=""
 if [[ -z "$code" ]]; then
     echo "error: job $id was not submitted (ray job submit exited $submit_rc)" >&2
-    exit 2
+    exit "$EXIT_CANNOT_START"
 fi
 echo "job $id exited with code $code" >&2
 exit "$code"

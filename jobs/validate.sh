@@ -6,8 +6,9 @@
 #
 # Submits `python -m pipeline.validate ray.address=auto <hydra overrides...>` exactly as
 # jobs/submit.sh submits the precompute (same runtime environment, token authentication and
-# environment variables; see there) and exits with the validator's exit code: 0 every check
-# passed, 1 a check failed, 2 the validation could not run (no such dataset, bad key, or the job
-# could not be submitted); 128+N when its driver was killed by signal N, 3 when it was stopped.
+# environment variables; see there) and exits with the validator's exit code (pipeline/errors.py;
+# `python -m pipeline.errors` lists them): 0 every check passed, 1 a check failed, 2 the
+# validation could not run (no such dataset, bad key, or the job could not be submitted), 70 a
+# bug; 128+N when its driver was killed by signal N, 3 when it was stopped, 130 interrupted.
 set -euo pipefail
 JOB_MODULE=pipeline.validate exec "$(dirname "${BASH_SOURCE[0]}")/submit.sh" "$@"

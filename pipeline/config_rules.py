@@ -1,6 +1,6 @@
 """What values a precompute config may hold, beyond the types its schemas
-(:mod:`pipeline.config`) fix: ranges, choices and combinations, each refusal a ValueError naming
-the config key and what is allowed. Runs on the driver before Ray starts.
+(:mod:`pipeline.config`) fix: ranges, choices and combinations, each refusal a UsageError (a
+ValueError, exit 2) naming the config key and what is allowed. Runs on the driver before Ray starts.
 
 The allowed values live with the code that uses them (decoders, source, encoder, text, process):
 they are imported where checked, since some load Pillow or webdataset, which composing a config
@@ -14,15 +14,10 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 from .device import DEVICES
+from .errors import need as _need
 from .noise import SAMPLERS
 from .records import DTYPES
 from .schedule import SCHEDULES
-
-
-def _need(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config key {key}: {message}")
-
 
 _CODECS = ("none", "snappy", "gzip", "brotli", "lz4", "zstd")
 
@@ -45,7 +40,8 @@ def _or(values) -> str:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check values beyond their types; ValueError names the key and what is allowed."""
+    """Check values beyond their types; UsageError (a ValueError) names the key and what is
+    allowed."""
     # the allowed values live with the code that uses them (imported here: they load Pillow
     # and webdataset, which composing a config does not need)
     from .decoders import ALPHA_MODES, CHANNELS

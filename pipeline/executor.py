@@ -34,6 +34,7 @@ from concurrent.futures.process import BrokenProcessPool
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from . import errors
 from .manifest import OutputDir
 from .noisehash import (
     CHECK_BYTES_PER_RECORD,
@@ -47,8 +48,8 @@ from .validate.measures import DatasetStats, ShardStats
 from .validate.scan import scan_shard
 
 
-class CannotStart(RuntimeError):
-    """The local pool cannot run here; the message names the fix."""
+class CannotStart(errors.CannotStart):
+    """The local pool cannot run here; the message names the fix (exit 2)."""
 
 
 def _main_module() -> tuple[str | None, str | None]:

@@ -17,7 +17,7 @@ from .conditioning import Conditioning
 from .config import process_config, targets
 from .decoders import make_decoder
 from .description import make_metadata
-from .errors import JobError
+from .errors import JobError, UsageError
 from .noise import KeyedNoise
 from .process import from_config as process_from_config
 from .source import Sample, iter_shard, missing_local_shards
@@ -67,7 +67,7 @@ def bucket_shapes(cfg: DictConfig) -> list[dict] | None:
 
 
 def refuse_missing_shards(urls: list[str]) -> None:
-    """ValueError (exit 2) naming the first of ``urls`` that is a local path and not a file: on
+    """UsageError (exit 2) naming the first of ``urls`` that is a local path and not a file: on
     the driver in a second, before Ray starts, instead of by an actor's retries."""
     missing = missing_local_shards(urls)
     if missing:
@@ -76,7 +76,7 @@ def refuse_missing_shards(urls: list[str]) -> None:
             if len(missing) > 1
             else ""
         )
-        raise ValueError(f"source.urls: shard {missing[0]} does not exist{more}")
+        raise UsageError(f"source.urls: shard {missing[0]} does not exist{more}")
 
 
 def _input_shape(cfg: DictConfig, urls: list[str]) -> list[int]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .errors import UsageError
 from .weights import WeightsError, check_safetensors
 
 CONFIG_NAME = "config.json"
@@ -29,7 +30,7 @@ PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelFilesError(ValueError):
+class ModelFilesError(UsageError):
     """A model folder cannot be used; the message names the file and the fix."""
 
 

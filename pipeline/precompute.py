@@ -5,9 +5,8 @@ Composes and validates the Hydra config (before Ray starts), prepares ``output.d
 the sample shape and the process metadata (:mod:`pipeline.metadata`), hands the shards to a pool
 of :class:`pipeline.worker.ShardWorker` actors (:mod:`pipeline.dispatch`: an idle actor takes the
 next shard, failed shards are retried), and writes the manifest, ``rejects.jsonl``
-(:mod:`pipeline.jobstate`) and a summary. Exit codes: 0 every shard committed cleanly; 1 some
-shard failed or was only partly readable, or ``on_error=fail`` stopped the job; 2 the job could
-not start (bad config, output written with another config, no shards).
+(:mod:`pipeline.jobstate`) and a summary. Exit codes: :class:`pipeline.errors.ExitCode`
+(``--help`` lists them).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import sys
 import time
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import resume
 from .conditioning import class_names
@@ -30,7 +29,7 @@ from .config import (
     validate,
 )
 from .dispatch import dispatch
-from .errors import JobError
+from .errors import ExitCode, JobError, PipelineError, describe, internal_error
 from .fs import is_remote
 from .jobstate import JobState, ShardTask
 from .lease import LeaseError, OutputLease
@@ -122,7 +121,7 @@ def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: d
     job.write_rejects(manifest)
     t = manifest["totals"]
     clean = t["partial"] == 0 and t["failed"] == 0 and t["records"] > 0
-    manifest["exit_code"] = 0 if clean else 1
+    manifest["exit_code"] = int(ExitCode.OK if clean else ExitCode.FAILED)
     manifest["wall_seconds"] = time.time() - job.started
     return manifest
 
@@ -165,7 +164,7 @@ def _config_error(exc: BaseException) -> None:
     from .config import config_error_message
 
     print(f"error: {config_error_message(exc)}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ExitCode.CANNOT_START)
 
 
 def _job(cfg: DictConfig) -> None:
@@ -178,17 +177,17 @@ def _job(cfg: DictConfig) -> None:
     try:
         check_keys(cfg)  # a key added with +/++ that the schema lacks; a required value unset
         manifest = run(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:  # before ValueError: some are
+    except (HydraException, OmegaConfBaseException) as exc:  # some are ValueErrors
         _config_error(exc)
-    except SampleError as exc:  # before ValueError: SampleError is one
-        print(f"error (on_error=fail): {exc}", file=sys.stderr)
-        sys.exit(1)
-    except (JobError, ValueError) as exc:  # printed once (a log line too would repeat it)
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except PipelineError as exc:  # printed once (a log line too would repeat it)
+        on_error = " (on_error=fail)" if isinstance(exc, SampleError) else ""
+        print(f"error{on_error}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except OSError as exc:  # e.g. output.dir became unwritable mid-run
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
+    except Exception:  # a bug: never reported as a config error
+        sys.exit(internal_error())
     print(format_summary(manifest))
     sys.exit(manifest["exit_code"])
 
@@ -209,10 +208,12 @@ def main() -> None:
     from .config import CONF_DIR
 
     register_configs()
+    if not OmegaConf.has_resolver("exit_codes"):  # --help's paragraph (pipeline/errors.py)
+        OmegaConf.register_new_resolver("exit_codes", describe)
     refusal = multirun_refusal(sys.argv[1:])
     if refusal is not None:  # before Hydra: its sweeper would write multirun/ into the cwd
         print(f"error: {refusal}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ExitCode.CANNOT_START)
     sys.argv[1:] = quote_url_overrides(sys.argv[1:])
     show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises a config error instead of exiting 1

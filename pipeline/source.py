@@ -41,6 +41,7 @@ import braceexpand
 import numpy as np
 
 from .decoders import DecodeError, check_finite
+from .errors import ExitCode, PipelineError, UsageError
 from .manifest import ID_CHARS
 from .tarstream import (
     Budget,
@@ -76,9 +77,11 @@ class Reject:
     reason: str
 
 
-class SampleError(ValueError):
-    """A bad sample under ``on_error="fail"``; attributes ``url``, ``key``, ``index`` and
-    ``reason``."""
+class SampleError(PipelineError, ValueError):
+    """A bad sample under ``on_error="fail"`` (exit 1: the job stopped there); attributes
+    ``url``, ``key``, ``index`` and ``reason``."""
+
+    exit_code = ExitCode.FAILED
 
     def __init__(self, message: str, *, url=None, key=None, index=None, reason=None):
         super().__init__(message)  # args == (message,): picklable, so it crosses Ray actors
@@ -248,7 +251,7 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     without importing webdataset): split on ``::``, substitute ``${VAR}`` from ``WDS_VAR``
     environment variables, brace-expand (``a-{000..009}.tar``, ``{a,b}``). A list is expanded
     element by element. Other text (``pipe:`` commands, ``s3://``) is untouched. Raises
-    ValueError if nothing remains or a ``WDS_`` variable is missing."""
+    UsageError (a ValueError) if nothing remains or a ``WDS_`` variable is missing."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for s in specs:
@@ -256,13 +259,13 @@ def expand_urls(spec: str | list[str]) -> list[str]:
             try:
                 part = _substitute_wds_vars(part)
             except KeyError as exc:
-                raise ValueError(
+                raise UsageError(
                     f"cannot expand {s!r}: missing environment variable {exc.args[0]} "
                     f"(${{{exc.args[0][4:]}}} is read from {exc.args[0]})"
                 ) from None
             urls.extend(u for u in braceexpand.braceexpand(part) if u.strip())
     if not urls:
-        raise ValueError(f"no shard URLs in {spec!r}")
+        raise UsageError(f"no shard URLs in {spec!r}")
     return urls
 
 
@@ -281,7 +284,7 @@ def expand_globs(urls: list[str]) -> list[str]:
     ``datasets``' ``data_files`` does: ``*`` and ``?`` within a path segment, ``[..]`` a class,
     ``**`` any number of segments; local paths and object stores alike (:func:`glob_url`).
     Matches are sorted, and a file already in the list (matched by an earlier pattern) is not
-    added again. ValueError names a pattern that matches no file."""
+    added again. UsageError names a pattern that matches no file."""
     out: list[str] = []
     seen: set[str] = set()
     for url in urls:
@@ -291,7 +294,7 @@ def expand_globs(urls: list[str]) -> list[str]:
             continue
         matches = glob_url(url)
         if not matches:
-            raise ValueError(f"source.urls: the pattern {url!r} matches no file")
+            raise UsageError(f"source.urls: the pattern {url!r} matches no file")
         for m in matches:
             if m not in seen:
                 seen.add(m)
@@ -415,7 +418,7 @@ def shard_id(url: str) -> str:
 
 
 def check_unique_ids(urls: list[str]) -> dict[str, str]:
-    """``{shard_id: url}`` for ``urls`` (in order); ValueError naming every clash."""
+    """``{shard_id: url}`` for ``urls`` (in order); UsageError naming every clash."""
     ids: dict[str, str] = {}
     clashes = []
     for url in urls:
@@ -425,5 +428,5 @@ def check_unique_ids(urls: list[str]) -> dict[str, str]:
         else:
             ids[sid] = url
     if clashes:
-        raise ValueError("shard ids are not unique: " + "; ".join(clashes))
+        raise UsageError("shard ids are not unique: " + "; ".join(clashes))
     return ids

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .errors import need as _need
+
 SCHEMA_NAME = "validate_schema"  # in the ConfigStore next to the precompute's "base_config"
 EXECUTORS = ("auto", "ray", "local")  # where the scans run: pipeline.executor
 
@@ -59,13 +61,9 @@ def register_validate_configs() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=ValidateConfig)
 
 
-def _need(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"config key {key}: {message}")
-
-
 def check_values(cfg: DictConfig) -> None:
-    """Check values beyond their types; a ValueError names the key and what is allowed."""
+    """Check values beyond their types; a UsageError (a ValueError) names the key and what is
+    allowed."""
     o = cfg.output
     _need(
         not OmegaConf.is_missing(o, "dir") and bool(o.dir),

@@ -21,11 +21,13 @@ import json
 import os
 from collections.abc import Mapping
 
+from .errors import UsageError
+
 SAFETENSORS = ".safetensors"
 HEADER_LIMIT = 100 << 20  # safetensors' own cap on the JSON header
 
 
-class WeightsError(ValueError):
+class WeightsError(UsageError):
     """A model file is not the one expected or is damaged; the message names the file and fix."""
 
 

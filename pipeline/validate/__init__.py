@@ -5,8 +5,7 @@ processes), merges the shards' statistics and gives each named check a verdict: 
 expected value and a tolerance of ``z`` standard errors (raised for families of tests). It
 writes ``report.json``, ``report.md`` and PNG plots to ``<output.dir>/validation/``.
 
-Exit codes: 0 every check passed (warnings allowed), 1 a check failed, 2 the validator could not
-run (no such directory, no manifest, bad config value, ...), with a message naming the path/key.
+Exit codes: :class:`pipeline.errors.ExitCode` (``--help`` lists them).
 
 The package, in the order of the data's path:
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
+from ..errors import ExitCode, PipelineError, describe, internal_error
 from ..report import format_console
 from ..validate_config import register_validate_configs
-from .driver import CannotValidate, run
+from .driver import run
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -46,26 +47,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .. import validate
         from ..config import CONF_DIR
 
-        print(
-            validate.__doc__.split("\n\n")[0] + "\n\nKeys, set as key=value (conf/validate.yaml):\n"
-        )
+        print(validate.__doc__.split("\n\n")[0] + "\n\n" + describe("validate"))
+        print("\nKeys, set as key=value (conf/validate.yaml):\n")
         print((CONF_DIR / "validate.yaml").read_text())
-        return 0
+        return ExitCode.OK
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         cfg = load_config(argv)
         report = run(cfg)
-    except CannotValidate as exc:
+    except PipelineError as exc:  # CannotValidate: what to fix
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # hydra override errors, unknown keys, ...
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
+        return exc.exit_code
+    except (HydraException, OmegaConfBaseException) as exc:  # override errors, unknown keys
         from ..config import config_error_message
 
-        if isinstance(exc, (HydraException, OmegaConfBaseException)):
-            print(f"error: {config_error_message(exc)}", file=sys.stderr)
-            return 2
-        raise
+        print(f"error: {config_error_message(exc)}", file=sys.stderr)
+        return ExitCode.CANNOT_START
+    except Exception:  # a bug: never reported as a config error
+        return internal_error()
     print(format_console(report))
     return report["exit_code"]

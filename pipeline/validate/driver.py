@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import records
 from ..buckets import data_names_by_shard
+from ..errors import CannotStart, ExitCode, UsageError
 from ..manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, CorruptFileError, OutputDir
 from ..report import REPORT_FORMAT, dataset_summary, write_report
 from ..validate_config import check_values
@@ -30,7 +31,7 @@ from .measures import DatasetStats
 from .plan import make_plan
 
 
-class CannotValidate(RuntimeError):
+class CannotValidate(CannotStart):
     """The validator cannot run; the message names the path or config key (exit code 2)."""
 
 
@@ -38,7 +39,7 @@ def _check_config(cfg: DictConfig) -> None:
     """Values beyond their types (the schema checked those): CannotValidate naming the key."""
     try:
         check_values(cfg)
-    except ValueError as exc:
+    except UsageError as exc:
         raise CannotValidate(str(exc)) from None
 
 
@@ -47,13 +48,13 @@ def open_dataset(uri: str) -> tuple[OutputDir, dict]:
     try:
         out = OutputDir(uri)
         info = out.fs.get_file_info(out.root)
-    except Exception as exc:
+    except (OSError, ValueError, ImportError, NotImplementedError) as exc:  # unknown scheme, ...
         raise CannotValidate(f"cannot open output.dir {uri!r}: {exc}") from None
     if info.type.name != "Directory":
         raise CannotValidate(f"output.dir {out.display()}: no such directory")
     try:
         manifest = out.read_manifest()
-    except Exception as exc:
+    except (OSError, ValueError) as exc:  # unreadable, not JSON (CorruptFileError names it)
         raise CannotValidate(f"cannot read {out.display(MANIFEST)}: {exc}") from None
     if manifest is None:
         raise CannotValidate(
@@ -92,14 +93,14 @@ def run(cfg: DictConfig) -> dict:
     to_scan = [
         k for k, e in sorted(entries.items()) if e.get("status") in COMMITTED and k in present
     ]
-    try:
+    try:  # the manifest's description, parsed (a bug further on is no "bad description")
         schedule = records.process_from_metadata(process)  # a GaussianProcess, either family
         noise = records.noise_from_metadata(process)
         records.check_dtype(process["dtype"])
-        ds = DatasetStats(make_plan(cfg, process, len(to_scan)), entries)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         what = f"{type(exc).__name__}: {exc}"
         raise CannotValidate(f"{out.display(MANIFEST)}: bad process description ({what})") from None
+    ds = DatasetStats(make_plan(cfg, process, len(to_scan)), entries)
     if to_scan:
         _scan_all(cfg, out, to_scan, ds)
     try:
@@ -124,7 +125,7 @@ def run(cfg: DictConfig) -> dict:
         "format": REPORT_FORMAT,
         "dataset": out.display(),
         "passed": passed,
-        "exit_code": 0 if passed else 1,
+        "exit_code": int(ExitCode.OK if passed else ExitCode.FAILED),
         "checks": [asdict(c) for c in results],
         "terminal": schedule.terminal(),
         "summary": {
