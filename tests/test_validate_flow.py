@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 FLOW = ["schedule=flow", "schedule.shift=3.0", "sampling.timesteps=logit_normal"]
 
 
-def _build(root, name, *overrides, shards=4, n=48):
+def _build(root, name, *overrides, shards=4, n=48, process=FLOW):
     src = root / f"{name}-src"
     src.mkdir()
     for i in range(shards):
@@ -33,7 +33,7 @@ def _build(root, name, *overrides, shards=4, n=48):
     cfg = compose(
         ["progress=false", "source=arrays", f"source.urls={src}/sh-{{0..{shards - 1}}}.tar",
          f"output.dir={root / name}", "sampling.draws_per_sample=2", "output.rows_per_group=40",
-         "ray.num_actors=1", *FLOW, *overrides]
+         "ray.num_actors=1", *process, *overrides]
     )  # fmt: skip
     assert precompute(cfg)["exit_code"] == 0
     return root / name
@@ -260,3 +260,25 @@ def test_dynamic_shift_follows_each_bucket_files_shape(tmp_path):
     assert len(seen) >= 2 and len(set(seen.values())) == len(seen)  # one mu per shape
     report, checks = _validate(tmp_path / "o")
     assert report["exit_code"] == 0, _failed(checks)
+
+
+@pytest.mark.parametrize("store_x0", [True, False])
+def test_ddpm_v_target_checked_record_by_record(tmp_path, store_x0):
+    """DDPM with output.targets=[v]: a clean dataset passes with every v checked (from x_0, or
+    by sigma x_t + alpha v = eps without it); v with its sign flipped in one shard fails."""
+    x0 = "true" if store_x0 else "false"
+    d = _build(tmp_path, "v", "output.targets=[v]", f"output.store_x0={x0}", shards=2,
+               process=["schedule=cosine", "schedule.num_timesteps=100"])  # fmt: skip
+    report, checks = _validate(d)
+    assert report["exit_code"] == 0, _failed(checks)
+    item = next(
+        i for i in checks["record_consistency"]["detail"]["items"] if i["quantity"].startswith("v:")
+    )  # fmt: skip
+    assert item["checked"] == 2 * 48 * 2 and item["value"] == 0
+
+    def flip(cols, proc, shard):
+        cols["v"] = -cols["v"]
+
+    _plant(d, ["sh-1"], flip)
+    _, checks = _validate(d)
+    assert _failed(checks) == {"record_consistency"}

@@ -39,7 +39,7 @@ from .cost import Cost
 from .features import CROSS, REC, X0REC
 from .measures import ShardStats, Stats, strip_item
 from .plan import CHUNK_ELEMENTS, TARGETS, ScanPlan, bin_of_t, scan_columns, seed_of
-from .rounding import finite_rows, half_ulp, op_tol
+from .rounding import finite_rows, half_ulp, op_tol, target_ratios
 
 # The axes of the (eps, x_0, x_t) cross-product matrices.
 EPS, X0, XT = (CROSS.index(n) for n in ("eps", "x0", "xt"))
@@ -243,34 +243,6 @@ class Accumulator:
         self.s.counts["terminal_checked"] += int(at.sum())
         self.s.counts["terminal_mismatch"] += int((~same).sum())
 
-    def targets(self, sl, f, cols, a, sg, x0) -> dict:
-        """[r] worst |error| / tolerance of each stored target of the chunk ``sl`` (f: its
-        float64 values [r, C, P]): ``velocity = eps - x_0`` and ``v = alpha eps - sigma x_0``
-        from the stored x_0 when there is one, else from identities without x_0 (exact for
-        every record): ``x_t + alpha velocity = (alpha + sigma) eps`` and ``sigma x_t + alpha v
-        = (alpha^2 + sigma^2) eps``. Tolerance as for x_t: half an ulp of every stored operand
-        times its coefficient plus float32 roundoffs of the terms."""
-        out, r = {}, sl.stop - sl.start
-        xt, ep = f["x_t"], f["epsilon"]
-        tx, te = op_tol(cols["x_t"][sl], xt, 4), op_tol(cols["epsilon"][sl], ep, 8)
-        t0 = None if x0 is None else op_tol(cols["x_0"][sl], x0, 4)
-        for name in (n for n in TARGETS if n in f):
-            y, ty = f[name], op_tol(cols[name][sl], f[name], 4)
-            if name == "velocity":
-                if x0 is not None:
-                    err, tol = y - (ep - x0), ty + te + t0
-                else:
-                    err = xt + a * y - (a + sg) * ep
-                    tol = tx + a * ty + (a + sg) * te
-            else:  # v
-                if x0 is not None:
-                    err, tol = y - (a * ep - sg * x0), ty + a * te + sg * t0
-                else:
-                    err = sg * xt + a * y - (a * a + sg * sg) * ep
-                    tol = sg * tx + a * ty + (a * a + sg * sg) * te
-            out[name] = (np.abs(err) / tol).reshape(r, -1).max(axis=1)
-        return out
-
     def tensors(self, keys, draw, t, cols) -> None:
         """The tensor identities and the moments of one batch, in one pass over its records in
         chunks of about :data:`CHUNK_ELEMENTS` values per tensor (cast to float64 once, every
@@ -333,7 +305,7 @@ class Accumulator:
                 ratio_pm[i + np.flatnonzero(k)] = (np.abs(err) / tol).reshape(len(tol), -1).max(1)
             if ratio_tg:
                 x0s = f["x_0"] if self.store_x0 else None
-                for name, v in self.targets(sl, f, cols, col(a), col(sg), x0s).items():
+                for name, v in target_ratios(sl, f, cols, col(a), col(sg), x0s).items():
                     ratio_tg[name][sl] = v
             cost.lap("consistency")
             e_ep = self._row_moments(ep, mom["epsilon"][:, sl])
