@@ -191,6 +191,15 @@ class RecordsDir:
         if info.type != pafs.FileType.Directory:
             raise NotADirectoryError(f"{self.uri} is not a directory of records")
         self.files: list[str] = out.data_files()
+        left_out = uncommitted_files(out, self.files)
+        if left_out:
+            warnings.warn(
+                f"{self.uri}: {len(left_out)} data files of shards without a commit marker are "
+                f"left out (e.g. {left_out[0]}): their job was stopped before the shard was "
+                "committed; rerun it with the same config to redo them",
+                stacklevel=3,
+            )
+            self.files = [f for f in self.files if f not in set(left_out)]
         if not self.files:
             raise ValueError(
                 f"{self.uri} holds no records (no *.parquet files): not an output directory "
@@ -282,6 +291,25 @@ class RecordsDir:
         with self.fs.open_input_file(self.path(unit.file)) as f:
             pf = pq.ParquetFile(f, metadata=self.footers[unit.file])
             return pf.read_row_group(unit.row_group, columns=list(columns), use_threads=use_threads)
+
+
+def uncommitted_files(out: OutputDir, files: Sequence[str]) -> list[str]:
+    """Of ``files``, the data files of shards the directory's manifest names but no commit
+    marker does: what a job stopped between a shard's files and its marker left (with
+    aspect-ratio buckets, some of a shard's bucket files). Never part of the dataset. A
+    directory without a manifest of this pipeline (records written by other means) keeps every
+    file."""
+    from .buckets import data_names_by_shard
+    from .manifest import MANIFEST, CorruptFileError
+
+    if not out.exists(MANIFEST):
+        return []
+    try:
+        manifest = out.read_manifest()
+    except CorruptFileError:  # not this pipeline's manifest: nothing to tell committed files by
+        return []
+    shards = set(manifest["shards"]) - set(out.markers_ids())
+    return sorted(n for names in data_names_by_shard(files, shards).values() for n in names)
 
 
 def table_to_numpy(table: pa.Table, null_label: int = DEFAULT_NULL_LABEL) -> dict[str, np.ndarray]:

@@ -172,3 +172,18 @@ def pq_rows(path) -> int:
     import pyarrow.parquet as pq
 
     return pq.read_metadata(path).num_rows
+
+
+def test_files_of_a_shard_without_its_marker_are_left_out(bucketed, tmp_path):
+    """A job stopped between a shard's bucket files and its marker: the loader reads none of
+    that shard's files, and says so."""
+    import shutil
+
+    d = shutil.copytree(bucketed, tmp_path / "d")
+    (d / "_shards" / "b-1.json").unlink()
+    kept = PrecomputedDataset(bucketed).num_records
+    with pytest.warns(UserWarning, match=r"data files of shards without a commit marker are "
+                      r"left out \(e\.g\. b-1\.\d+x\d+\.parquet\)"):  # fmt: skip
+        ds = PrecomputedDataset(d, columns=["key"], batch_size=4)
+    keys = [k for b in ds for k in b["key"]]
+    assert len(keys) == ds.num_records < kept and not any(k.startswith("s1k") for k in keys)
