@@ -454,6 +454,13 @@ def train(
         text = cond == "text"
         label = cond  # the column the model is conditioned on
         rdir = RecordsDir(data)
+        if rdir.metadata.get("buckets") is not None:
+            raise ValueError(
+                f"{data} holds aspect-ratio buckets (source.buckets), a sample shape per bucket; "
+                "this example trains one shape: train with PrecomputedDataset(..., batch_size=B), "
+                "whose batches never mix shapes (docs/buckets.md), or precompute with "
+                "source.buckets=null"
+            )
         if cond or holdout:
             if text:
                 label = text_column(rdir)

@@ -187,3 +187,11 @@ def test_files_of_a_shard_without_its_marker_are_left_out(bucketed, tmp_path):
         ds = PrecomputedDataset(d, columns=["key"], batch_size=4)
     keys = [k for b in ds for k in b["key"]]
     assert len(keys) == ds.num_records < kept and not any(k.startswith("s1k") for k in keys)
+
+
+def test_the_example_trainer_refuses_buckets_naming_the_way(bucketed):
+    from jobs.train_example import train
+
+    with pytest.raises(ValueError, match=r"aspect-ratio buckets .*PrecomputedDataset\(\.\.\., "
+                       r"batch_size=B\)"):  # fmt: skip
+        train(bucketed, steps=1)
