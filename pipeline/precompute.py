@@ -123,6 +123,8 @@ def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: d
     clean = t["partial"] == 0 and t["failed"] == 0 and t["records"] > 0
     manifest["exit_code"] = int(ExitCode.OK if clean else ExitCode.FAILED)
     manifest["wall_seconds"] = time.time() - job.started
+    # samples of the shards committed before this run (resume): not this run's throughput
+    manifest["resumed_samples"] = sum(int(s.get("samples") or 0) for s in summaries.values())
     return manifest
 
 
@@ -144,11 +146,15 @@ def _why_no_records(t: dict) -> str:
 def format_summary(manifest: dict) -> str:
     t = manifest["totals"]
     secs = manifest.get("wall_seconds", 0.0)
+    resumed = manifest.get("resumed_samples", 0)
+    done = t["samples"] - resumed  # read by this run (a resume keeps the committed shards)
+    rate = f"throughput: {done / max(secs, 1e-9):.1f} samples/s"
+    if resumed:
+        rate += f" ({done} samples this run, {resumed} kept from committed shards)"
     lines = [
         f"shards: {t['shards']} ({t['ok']} ok, {t['partial']} partial, {t['failed']} failed)",
         f"samples: {t['samples']}  records: {t['records']}  rejected: {t['rejected']}",
-        f"bytes: {t['bytes'] / 1e6:.1f} MB  wall: {secs:.1f} s  "
-        f"throughput: {t['samples'] / max(secs, 1e-9):.1f} samples/s",
+        f"bytes: {t['bytes'] / 1e6:.1f} MB  wall: {secs:.1f} s  {rate}",
         f"output: {manifest['config']['output']['dir']}",
     ]
     if t["records"] == 0:

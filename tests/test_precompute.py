@@ -371,3 +371,19 @@ def test_summary_without_records_says_what_happened(totals, expected):
     t = {"ok": 0, "partial": 0, "records": 0, "bytes": 0, **totals}
     text = format_summary({"totals": t, "config": {"output": {"dir": "/o"}}, "shards": {}})
     assert expected in text and ("rejected (see" in text) == (totals["rejected"] > 0)
+
+
+def test_the_summary_throughput_counts_only_this_runs_samples():
+    """A resume keeps committed shards: their samples are not this run's throughput (a rerun of
+    a finished job printed 1155.6 samples/s for 0.0 s of work)."""
+    from pipeline.precompute import format_summary
+
+    t = {"shards": 3, "ok": 3, "partial": 0, "failed": 0, "samples": 36, "records": 72,
+         "rejected": 0, "bytes": 0}  # fmt: skip
+    m = {"totals": t, "config": {"output": {"dir": "/o"}}, "shards": {}, "wall_seconds": 10.0}
+    assert "throughput: 3.6 samples/s" in format_summary(m)
+    text = format_summary({**m, "resumed_samples": 12})
+    assert "throughput: 2.4 samples/s (24 samples this run, 12 kept from committed shards)" in text
+    assert "throughput: 0.0 samples/s (0 samples this run, 36" in format_summary(
+        {**m, "resumed_samples": 36, "wall_seconds": 0.01}
+    )
