@@ -28,8 +28,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .contracts import CommitMarker
 
 CROPS = ("center", "random")
 FLIPS = ("none", "random")
@@ -275,17 +279,18 @@ def data_names_by_shard(names, shards) -> dict[str, list[str]]:
     return out
 
 
-def bucket_table(summaries: Mapping[str, Mapping], buckets: Sequence[Mapping]) -> list[dict]:
+def bucket_table(markers: Mapping[str, CommitMarker], buckets: Sequence[Mapping]) -> list[dict]:
     """The manifest's bucket table: per configured bucket (``buckets``: the metadata's entry) its
     ``size`` [H, W], record ``shape``, ``records`` and ``files`` over the committed shards'
-    markers (``summaries``: shard id -> marker summary, each listing its ``files``)."""
+    markers (``markers``: shard id -> :class:`~pipeline.contracts.CommitMarker`, each listing
+    its ``files``)."""
     rows = {tuple(b["size"]): {**b, "records": 0, "files": 0} for b in buckets}
-    for summary in summaries.values():
-        for f in summary.get("files") or ():
+    for marker in markers.values():
+        for f in marker.files or ():
             row = rows.setdefault(
-                tuple(f["bucket"]),
-                {"size": list(f["bucket"]), "shape": f.get("shape"), "records": 0, "files": 0},
+                tuple(f.bucket),
+                {"size": list(f.bucket), "shape": f.shape, "records": 0, "files": 0},
             )
-            row["records"] += int(f.get("records", 0))
+            row["records"] += int(f.records or 0)
             row["files"] += 1
     return [rows[k] for k in sorted(rows, key=lambda hw: (hw[0] / hw[1], hw[0]))]

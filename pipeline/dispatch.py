@@ -13,7 +13,8 @@ import ray
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from . import stages
+from .commit import commit, discard
+from .contracts import CommitMarker
 from .errors import JobError
 from .jobstate import JobState, ShardTask
 from .pool import ActorPool, death_cause, placement_problem, pool_size
@@ -33,8 +34,8 @@ class Progress:
         self.bar = tqdm(total=total, unit="shard", disable=not enabled, dynamic_ncols=True)
         self.samples, self.t0 = 0, time.perf_counter()
 
-    def shard_done(self, summary: dict) -> None:
-        self.samples += summary["samples"]
+    def shard_done(self, marker: CommitMarker) -> None:
+        self.samples += marker.samples
         self.bar.update(1)
         rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
         self.bar.set_postfix(samples=self.samples, rate=f"{rate:.0f}/s", refresh=False)
@@ -117,8 +118,8 @@ def no_actor_will_come(job: JobState, pool: ActorPool, since: float) -> bool:
     return False
 
 
-def outcome(job: JobState, pool: ActorPool, actor, shard: ShardTask, ref) -> dict | None:
-    """The committed summary of a finished task, or None after recording why it failed. A
+def outcome(job: JobState, pool: ActorPool, actor, shard: ShardTask, ref) -> CommitMarker | None:
+    """The commit marker of a finished task, or None after recording why it failed. A
     partial shard (its stream broke after some samples) is committed on its last attempt and
     discarded otherwise: the retry policy lives here, not in the worker."""
     try:
@@ -137,14 +138,14 @@ def outcome(job: JobState, pool: ActorPool, actor, shard: ShardTask, ref) -> dic
         job.failed_attempt(shard, why)
         return None
     pool.release(actor)
-    if "tmp" not in result:
+    if isinstance(result, CommitMarker):  # committed by the worker
         return result
-    if result["retryable"] and not job.last_attempt(shard):
-        stages.discard(job.out, result)
-        job.failed_attempt(shard, f"ShardReadError: {result['error']}")
+    if result.retryable and not job.last_attempt(shard):
+        discard(job.out, result)
+        job.failed_attempt(shard, f"ShardReadError: {result.error}")
         return None
     try:
-        return stages.commit(job.out, result)
+        return commit(job.out, result)
     except OSError as exc:
         job.failed_attempt(shard, f"{type(exc).__name__}: {exc}")
         return None

@@ -15,11 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from . import __version__
 from .buckets import bucket_table, data_names_by_shard
 from .config import process_config
+from .contracts import CommitMarker
 from .lease import OutputLease
 from .manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, REJECTS, SHARDS, OutputDir
 from .prepare import remove_temporaries
 
 log = logging.getLogger(__name__)
+
+TOTALS = ("samples", "records", "rejected", "bytes")  # summed over the shards in the manifest
 
 
 @dataclass
@@ -35,15 +38,15 @@ class ShardTask:
 @dataclass
 class JobState:
     """Everything the driver knows about one run: the config, the output directory, the process
-    description, every shard, what is committed (``summaries``: shard id -> marker summary) and
-    what is still to do (``pending``)."""
+    description, every shard, what is committed (``summaries``: shard id -> its commit marker)
+    and what is still to do (``pending``)."""
 
     cfg: DictConfig
     out: OutputDir
     lease: OutputLease
     metadata: dict
     shards: list[ShardTask]
-    summaries: dict
+    summaries: dict[str, CommitMarker]
     pending: deque = field(init=False)
     started: float = field(default_factory=time.time)
     placement_problem: str | None = None  # why no node can hold an actor (pool.placement_problem)
@@ -61,10 +64,10 @@ class JobState:
                 self._count(self.summaries[s.id])
         self.unindexed = dict(self.summaries)
 
-    def _count(self, summary: dict) -> None:
-        self.done[summary["status"]] += 1
-        for key in ("samples", "records", "rejected", "bytes"):
-            self.done[key] += summary.get(key, 0)
+    def _count(self, marker: CommitMarker) -> None:
+        self.done[marker.status] += 1
+        for key in TOTALS:
+            self.done[key] += getattr(marker, key) or 0
 
     @property
     def max_attempts(self) -> int:
@@ -73,11 +76,11 @@ class JobState:
     def last_attempt(self, shard: ShardTask) -> bool:
         return shard.attempts >= self.max_attempts
 
-    def committed(self, shard: ShardTask, summary: dict) -> None:
-        self.summaries[shard.id] = summary
-        self.unindexed[shard.id] = summary
+    def committed(self, shard: ShardTask, marker: CommitMarker) -> None:
+        self.summaries[shard.id] = marker
+        self.unindexed[shard.id] = marker
         if self.open.pop(shard.id, None) is not None:
-            self._count(summary)
+            self._count(marker)
 
     def failed_attempt(self, shard: ShardTask, reason: str, retry: bool = True) -> None:
         """An attempt failed: retry the shard while attempts remain (unless ``retry`` is false:
@@ -105,14 +108,17 @@ class JobState:
             entries = {}
             for s in self.shards:
                 if s.id in self.summaries:
-                    entries[s.id] = {**self.summaries[s.id], "attempts": max(s.attempts, 1)}
+                    entries[s.id] = {
+                        **self.summaries[s.id].to_json(),
+                        "attempts": max(s.attempts, 1),
+                    }
                 else:
                     entries[s.id] = self._open_entry(s, "failed")
             values = entries.values()
             totals = {"shards": len(self.shards)}
             for status in ("ok", "partial", "failed", "pending"):
                 totals[status] = sum(e["status"] == status for e in values)
-            for key in ("samples", "records", "rejected", "bytes"):
+            for key in TOTALS:
                 totals[key] = sum(e.get(key, 0) for e in values)
         else:
             entries = {
@@ -122,7 +128,7 @@ class JobState:
             }
             totals = {"shards": len(self.shards), "ok": self.done["ok"]}
             totals.update(partial=self.done["partial"], failed=0, pending=len(self.open))
-            for key in ("samples", "records", "rejected", "bytes"):
+            for key in TOTALS:
                 totals[key] = self.done[key]
         buckets = {}
         if final and self.metadata.get("buckets") is not None:  # records and files per bucket
@@ -159,7 +165,7 @@ class JobState:
         one; the final manifest is the compacted index, and the segments are then deleted."""
         self.lease.refresh()
         if not final and self.unindexed:
-            self.out.write_segment(self.unindexed)
+            self.out.write_segment({k: m.to_json() for k, m in self.unindexed.items()})
             self.unindexed = {}
         manifest = self.manifest(final)
         self.out.write_json(MANIFEST, manifest)

@@ -109,20 +109,15 @@ class CorruptFileError(ValueError):
 
 
 def shard_files(shard: str, summary: dict) -> list[dict]:
-    """The data files a committed shard's marker (or manifest entry) records, each as ``{"name",
-    "records", "bytes", "checksum"}`` (a bucketed shard's also ``bucket`` and ``shape``): its
-    ``files`` list, or for an unbucketed marker its one file (``bytes``/``checksum`` None when
-    the marker predates them)."""
-    files = summary.get("files")
-    if files is not None:
-        out = [dict(f) for f in files]
-    else:
-        name = summary.get("file") or OutputDir.data_name(shard)
-        out = [{"name": name, "records": summary.get("records"), "bytes": summary.get("bytes"),
-                "checksum": summary.get("checksum")}]  # fmt: skip
-    for entry in out:
-        check_own_file(shard, entry.get("name"))
-    return out
+    """The data files a committed shard's marker (or manifest entry) records, as JSON entries
+    (:meth:`pipeline.contracts.CommitMarker.data_files`), each name checked to be one of the
+    shard's (:func:`check_own_file`)."""
+    from .contracts import CommitMarker
+
+    files = CommitMarker.from_json(summary).data_files(shard)
+    for f in files:
+        check_own_file(shard, f.name)
+    return [f.to_json() for f in files]
 
 
 def check_own_file(shard: str, name, side: bool = False) -> None:

@@ -32,9 +32,10 @@ import uuid
 
 import pyarrow.parquet as pq
 
+from .contracts import CommitMarker, DataFile
 from .fs import identities
 from .lease import LEASE
-from .manifest import COMMITTED, SHARDS, OutputDir, check_own_file, shard_files
+from .manifest import COMMITTED, SHARDS, OutputDir, check_own_file
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +79,23 @@ def check_writable(out: OutputDir) -> None:
 
 def committed_shards(
     out: OutputDir, urls: dict[str, str], chash: str, manifest: dict | None = None
-) -> dict[str, dict]:
-    """shard id -> marker summary of the committed shards that stay committed (see the module
-    docstring); ``urls``: shard id -> the URL this run reads it from; ``manifest``: the
-    directory's manifest (the index of the markers when complete). Shards to redo have their
-    marker, file and rejects part removed here."""
-    markers = {k: v for k, v in out.markers(manifest).items() if v.get("status") in COMMITTED}
+) -> dict[str, CommitMarker]:
+    """shard id -> commit marker (:class:`~pipeline.contracts.CommitMarker`) of the committed
+    shards that stay committed (see the module docstring); ``urls``: shard id -> the URL this
+    run reads it from; ``manifest``: the directory's manifest (the index of the markers when
+    complete). Shards to redo have their marker, files and rejects part removed here."""
+    found = {k: CommitMarker.from_json(v) for k, v in out.markers(manifest).items()}
+    markers = {k: m for k, m in found.items() if m.status in COMMITTED}
     for sid, marker in markers.items():
-        if marker.get("config_hash", chash) != chash:
+        if marker.config_hash is not None and marker.config_hash != chash:
             raise OutputRefused(
                 f"{out.display(out.marker_name(sid))} was committed by another config (hash "
-                f"{marker.get('config_hash')} != {chash}): the output would mix two processes. "
+                f"{marker.config_hash} != {chash}): the output would mix two processes. "
                 "Use another output.dir, or output.overwrite=true to delete its records"
             )
-        if sid in urls and marker.get("url") != urls[sid]:
+        if sid in urls and marker.url != urls[sid]:
             raise OutputRefused(
-                f"shard {sid} in {out.display()} was made from {marker.get('url')!r}, but "
+                f"shard {sid} in {out.display()} was made from {marker.url!r}, but "
                 f"source.urls now names {urls[sid]!r} for it: its records would mix two inputs. "
                 "Use another output.dir, or output.overwrite=true to delete the old records"
             )
@@ -101,14 +103,14 @@ def committed_shards(
     files = out.list_info() if todo else {}
     for sub in sorted({posixpath.dirname(n) for s in todo for n in _sides(s, markers[s])} - {""}):
         files.update(out.list_info(sub))  # one listing per directory of side files (_text/)
-    inputs = identities(markers[sid]["url"] for sid in todo)
+    inputs = identities(markers[sid].url for sid in todo)
     for sid in todo:
         why = _stale(out, sid, markers[sid], files, inputs)
         if why is None:
             why = _stale_sides(out, sid, markers[sid], files)
         if why is not None:
             log.warning("shard %s is redone: %s", sid, why)
-            data = [f["name"] for f in shard_files(sid, markers[sid])]
+            data = [f.name for f in _data_files(sid, markers[sid])]
             names = (out.marker_name(sid), *data, out.rejects_name(sid))  # marker first
             for name in (*names, *_sides(sid, markers[sid])):
                 out.remove(name)
@@ -116,17 +118,26 @@ def committed_shards(
     return markers
 
 
-def _sides(sid: str, marker: dict) -> dict:
+def _data_files(sid: str, marker: CommitMarker) -> list[DataFile]:
+    """The data files a shard's marker records, each a file of the shard or refused
+    (:func:`pipeline.manifest.check_own_file`: resume deletes what a marker names)."""
+    files = marker.data_files(sid)
+    for f in files:
+        check_own_file(sid, f.name)
+    return files
+
+
+def _sides(sid: str, marker: CommitMarker) -> dict:
     """{name: {bytes, checksum}} of a shard's side files (its text embedding table) recorded by
-    its marker (:func:`pipeline.stages.commit`); {} for a shard without them. A name that is no
+    its marker (:func:`pipeline.commit.commit`); {} for a shard without them. A name that is no
     side file of the shard is refused (:func:`pipeline.manifest.check_own_file`)."""
-    sides = marker.get("side_files") or {}
+    sides = marker.side_files or {}
     for name in sides:
         check_own_file(sid, name, side=True)
     return sides
 
 
-def _stale_sides(out: OutputDir, sid: str, marker: dict, files: dict) -> str | None:
+def _stale_sides(out: OutputDir, sid: str, marker: CommitMarker, files: dict) -> str | None:
     """Why a shard's side files fail what its marker recorded (missing, size, checksum)."""
     for name, want in sorted(_sides(sid, marker).items()):
         info = files.get(name)
@@ -147,40 +158,40 @@ def _stale_sides(out: OutputDir, sid: str, marker: dict, files: dict) -> str | N
     return None
 
 
-def _stale(out: OutputDir, sid: str, marker: dict, files: dict, inputs: dict) -> str | None:
+def _stale(out: OutputDir, sid: str, marker: CommitMarker, files: dict, inputs: dict) -> str | None:
     """Why a committed shard must be redone, or None when it stands; ``files``: the listing of
     the output directory, ``inputs``: URL -> identity now."""
-    before, now = marker.get("source_identity"), inputs.get(marker["url"])
+    before, now = marker.source_identity, inputs.get(marker.url)
     if before is not None and now is not None and before != now:
-        return f"its input {marker['url']} changed since it was committed ({before} -> {now})"
-    for entry in shard_files(sid, marker):  # a bucketed shard: each of its files
+        return f"its input {marker.url} changed since it was committed ({before} -> {now})"
+    for entry in _data_files(sid, marker):  # a bucketed shard: each of its files
         why = _stale_file(out, entry, files)
         if why is not None:
             return why
     return None
 
 
-def _stale_file(out: OutputDir, entry: dict, files: dict) -> str | None:
-    """Why one data file of a committed shard fails its marker's entry (``name``, ``bytes``,
-    ``checksum``, ``records``: :func:`pipeline.manifest.shard_files`), or None."""
-    name = entry["name"]
+def _stale_file(out: OutputDir, entry: DataFile, files: dict) -> str | None:
+    """Why one data file of a committed shard fails its marker's entry (its ``bytes``,
+    ``checksum``, or for the oldest markers ``records``), or None."""
+    name = entry.name
     info = files.get(name)
     if info is None:
         return f"its file {out.display(name)} is missing"
-    if entry.get("bytes") is not None:
-        if info.size != entry["bytes"]:
-            says = entry["bytes"]
+    if entry.bytes is not None:
+        if info.size != entry.bytes:
+            says = entry.bytes
             return f"its file {out.display(name)} has {info.size} bytes, its marker says {says}"
-        if entry.get("checksum") is None:  # a marker of an older version: its size only
+        if entry.checksum is None:  # a marker of an older version: its size only
             return None
         try:
             got = out.checksum(name)
         except OSError as exc:
             return f"its file {out.display(name)} is unreadable ({exc})"
-        if got != entry["checksum"]:
+        if got != entry.checksum:
             return (
                 f"its file {out.display(name)} has checksum {got[:19]}, its marker says "
-                f"{str(entry['checksum'])[:19]} (changed since it was committed)"
+                f"{str(entry.checksum)[:19]} (changed since it was committed)"
             )
         return None
     try:  # a marker without its file's size: the footer's row count
@@ -188,7 +199,7 @@ def _stale_file(out: OutputDir, entry: dict, files: dict) -> str | None:
             rows = pq.read_metadata(f).num_rows
     except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid for a damaged footer
         return f"its file {out.display(name)} is unreadable ({exc})"
-    if rows != entry.get("records"):
-        says = entry.get("records")
+    if rows != entry.records:
+        says = entry.records
         return f"its file {out.display(name)} has {rows} rows, its marker says {says}"
     return None

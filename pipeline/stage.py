@@ -40,6 +40,8 @@ from .source import Sample, SampleError
 if TYPE_CHECKING:
     import torch
 
+    from .contracts import ShardResult
+
 
 def reject_row(shard: str, key: str | None, index: int | None, reason: str) -> dict:
     """A row of ``rejects.jsonl``: a sample (key, index) or the whole shard (None, None)."""
@@ -113,9 +115,9 @@ class Stage:
     def process(self, batch: Batch) -> Batch:
         raise NotImplementedError
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: ShardResult) -> None:
         """After the shard's last batch (also when its stream broke): close, and add this
-        stage's part of the shard's result."""
+        stage's part of the shard's result (its files, its figures)."""
 
     def abort(self) -> None:
         """After a failure: remove what this attempt wrote; must not raise."""

@@ -10,7 +10,7 @@ noise -> write -> commit.
   the device (:func:`compute_records`).
 * :class:`WriteStage`: a :class:`ParquetSink` per shard, row groups of exactly
   ``rows_per_group`` rows into a temporary file.
-* :func:`commit`: rejects part -> rename -> marker (the commit point, see :mod:`pipeline.manifest`).
+* commit: rejects part -> rename -> marker (the commit point: :mod:`pipeline.commit`).
 
 The encoders are stages of their own modules (:mod:`pipeline.encode_stage`,
 :mod:`pipeline.text_encode`). torch (and :mod:`pipeline.diffusion`) is imported by the functions
@@ -31,7 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .commit import quietly
 from .conditioning import Conditioning
+from .contracts import DataFile, ShardResult
 from .decoders import make_decoder
 from .device import synchronize, to_device, to_host
 from .manifest import OutputDir, OutputWriteError
@@ -414,91 +416,25 @@ class WriteStage(Stage):
             )
         return self.sinks[bucket]
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result: ShardResult) -> None:
         for sink in self.sinks.values():
             sink.close()
-        result["records"] = self.records
+        result.records = self.records
         if not self.bucketed:
             sink = self.sinks[None]
-            result.update(file=sink.name, tmp=sink.tmp)
+            result.files = [DataFile(sink.name, sink.records, tmp=sink.tmp)]
             return
         order = sorted(self.sinks.items(), key=lambda kv: (kv[0][0] / kv[0][1], kv[0]))
-        files = [
-            {"name": s.name, "tmp": s.tmp, "bucket": list(b), "records": s.records,
-             "shape": [int(d) for d in s.schema.field("x_t").type.shape]}
+        result.bucketed = True
+        result.files = [
+            DataFile(s.name, s.records, bucket=list(b), tmp=s.tmp,
+                     shape=[int(d) for d in s.schema.field("x_t").type.shape])
             for b, s in order
         ]  # fmt: skip
-        result.update(tmp=None, files=files)
 
     def abort(self) -> None:
         for sink in self.sinks.values():
             sink.abort()
-
-
-def temporaries(result: dict) -> list[str]:
-    """The temporary data files of a worker's result (one, or one per bucket)."""
-    if result.get("files") is not None:
-        return [f["tmp"] for f in result["files"]]
-    return [result["tmp"]]
-
-
-def commit(out: OutputDir, result: dict) -> dict:
-    """Commit a shard written to ``result["tmp"]``: its rejects part, the rename into place, then
-    the marker ``_shards/<shard>.json`` (the commit point; it records the file's ``bytes`` and
-    ``checksum``, and ``side_files``: {name: {bytes, checksum}} of the shard's other files, the
-    ``result["side_files"]`` [tmp, name] pairs). Returns the marker's summary. On
-    failure the temporary file is removed and an :class:`OutputWriteError` names the file."""
-    shard = result["shard"]
-    name = result.get("file") or f"{shard}.<H>x<W>.parquet"
-    rejects = list(result["rejects"])
-    if result["error"] is not None:
-        rejects.append(reject_row(shard, None, None, f"shard read error: {result['error']}"))
-    dropped = ("tmp", "rejects", "shard", "retryable", "side_files")
-    summary = {k: v for k, v in result.items() if k not in dropped}
-    files = [dict(f) for f in result.get("files") or ()]
-    try:
-        out.write_jsonl(out.rejects_name(shard), rejects)
-        if "files" in result:  # what resume and validation verify
-            for f in files:
-                f["checksum"] = out.checksum(f["tmp"])
-        else:
-            summary["checksum"] = out.checksum(result["tmp"])
-        sides = {}
-        for tmp, side in result.get("side_files", ()):  # per-sample tables (text embeddings)
-            sides[side] = {"bytes": out.size(tmp), "checksum": out.checksum(tmp)}
-            out.commit(tmp, side)
-        if sides:
-            summary["side_files"] = sides
-        if "files" in result:  # every bucket file in place before the marker
-            for f in files:
-                out.commit(f.pop("tmp"), f["name"])
-                f["bytes"] = out.size(f["name"])
-            summary["files"] = files
-            summary["bytes"] = sum(f["bytes"] for f in files)
-        else:
-            out.commit(result["tmp"], name)
-            summary["bytes"] = out.size(name)
-        out.write_json(out.marker_name(shard), summary)  # the commit point
-    except OSError as exc:  # not committed: the driver retries, then removes what is left
-        discard(out, result)
-        raise OutputWriteError(f"cannot write {out.display(name)}: {exc}") from exc
-    return summary
-
-
-def discard(out: OutputDir, result: dict) -> None:
-    """Drop an uncommitted shard's temporary files (a partial attempt that will be retried)."""
-    for tmp in temporaries(result):
-        quietly(out.remove, tmp)
-    for tmp, _ in result.get("side_files", ()):
-        quietly(out.remove, tmp)
-
-
-def quietly(fn, *args) -> None:
-    """Best-effort cleanup after a failure: its own error must not hide the first one."""
-    try:
-        fn(*args)
-    except Exception as exc:
-        log.warning("cleanup %s%s failed: %s", getattr(fn, "__name__", fn), args, exc)
 
 
 def elapsed(start: float) -> float:

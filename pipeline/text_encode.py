@@ -210,8 +210,8 @@ class TextStage(Stage):
         self.counts = {"captions": 0, "encoded": 0, "null": 0,
                        "truncated": {e.meta["name"]: [0, 0] for e in self.encoders}}  # fmt: skip
 
-    def finish(self, result: dict) -> None:
-        result["text"] = self.stats()
+    def finish(self, result) -> None:
+        result.text = self.stats()
 
     def stats(self) -> dict:
         """This shard's figures: captions, encoded (distinct), null captions, and per encoder

@@ -7,7 +7,7 @@ float16, 64 times a 32x32x4 latent), so they live in a table of their own:
 * ``_text/<shard>.parquet``: one row per sample whose records are in ``<shard>.parquet``, in
   index order, columns :func:`pipeline.text.text_columns` (``key``, ``index``, ``caption_null``,
   per encoder ``<name>_hidden``/``_pooled``/``_mask``/``_tokens``). It is renamed into place
-  before the shard's data file and marker (:func:`pipeline.stages.commit`), so a committed shard
+  before the shard's data file and marker (:func:`pipeline.commit.commit`), so a committed shard
   always has its table; a crash in between leaves an uncommitted shard that is redone.
 * ``_text/_uncond.parquet``: the empty prompt's embedding, one row, once per dataset (every actor
   computes it at setup and writes it if absent, atomically; equal bytes on one device and build).
@@ -158,7 +158,7 @@ class TextTables:
 
 class TextSink:
     """One shard's text table, written batch by batch to a temporary file of ``out`` (an
-    OutputDir); :func:`pipeline.stages.commit` renames it into place before the shard's data."""
+    OutputDir); :func:`pipeline.commit.commit` renames it into place before the shard's data."""
 
     def __init__(self, out, shard: str, meta: Mapping):
         self.out, self.name = out, table_name(shard)
@@ -207,10 +207,10 @@ class TextWriteStage(Stage):
         self.sink.write(batch.extras, batch.records["index"])
         return batch
 
-    def finish(self, result: dict) -> None:
+    def finish(self, result) -> None:
         """Committed with the shard, before its data file and marker (side files)."""
         self.sink.close()
-        result["side_files"] = [[self.sink.tmp, self.sink.name]]
+        result.side_files = [(self.sink.tmp, self.sink.name)]
 
     def abort(self) -> None:
         if self.sink is not None:

@@ -24,9 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 
 from . import __version__
 from .buckets import COLUMNS as BUCKET_COLUMNS
+from .commit import commit, quietly
+from .contracts import CommitMarker, ShardResult
 from .description import noise_from_metadata
 from .device import actor_device, assigned_gpus, resolve_device
 from .fs import identity
@@ -43,9 +46,7 @@ from .stages import (
     Tally,
     WriteStage,
     batches,
-    commit,
     elapsed,
-    quietly,
 )
 from .tarstream import ShardReadError, ShardTimeoutError
 
@@ -150,18 +151,18 @@ class ShardWorker:
         """Where this worker runs: for logs and the GPU-pinning tests."""
         return {"pid": os.getpid(), "device": str(self.device), "gpu_ids": assigned_gpus()}
 
-    def process(self, url: str) -> dict:
-        """Take one shard through the chain; returns its summary (see manifest.py).
+    def process(self, url: str) -> CommitMarker | ShardResult:
+        """Take one shard through the chain (see :mod:`pipeline.contracts`).
 
-        A complete shard is committed here. A stream that breaks before any sample raises
-        :class:`ShardReadError`; one that breaks later returns the written, uncommitted result
-        (``tmp`` names its file) for the driver to commit or discard.
+        A complete shard is committed here: its :class:`CommitMarker`. A stream that breaks
+        before any sample raises :class:`ShardReadError`; one that breaks later returns the
+        written, uncommitted :class:`ShardResult` for the driver to commit or discard.
         """
         start = time.perf_counter()
         shard = shard_id(url)
         source_identity = identity(url)  # before reading: a later change is seen on resume
         tally = Tally(shard)
-        result: dict = {"url": url, "shard": shard}
+        result = ShardResult(url, shard)
         started: list[Stage] = []
         try:
             for stage in self.chain:
@@ -179,7 +180,8 @@ class ShardWorker:
             for stage in started:  # nothing of this attempt may stay
                 quietly(stage.abort)
             raise
-        result.update(
+        result = replace(
+            result,
             status="ok" if tally.read_error is None else "partial",
             samples=tally.samples,
             rejected=sum(r["key"] is not None for r in tally.rejects),

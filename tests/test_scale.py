@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pipeline import fs, resume
+from pipeline.contracts import CommitMarker
 from pipeline.manifest import MANIFEST, SEGMENT, OutputDir
 from pipeline.precompute import JobState, ShardTask
 
@@ -40,7 +41,7 @@ def _summary(url: str, nbytes: int, **extra) -> dict:
 def _job(make_cfg, out: OutputDir, n: int, committed: int) -> JobState:
     cfg = make_cfg("source=arrays", "source.urls=x.tar", f"output.dir={out.root}")
     shards = [ShardTask(f"/in/s{i:06d}.tar", f"s{i:06d}") for i in range(n)]
-    summaries = {s.id: _summary(s.url, 100) for s in shards[:committed]}
+    summaries = {s.id: CommitMarker.from_json(_summary(s.url, 100)) for s in shards[:committed]}
     return JobState(cfg, out, _Lease(), {"config_hash": CHASH}, shards, summaries)
 
 
@@ -70,7 +71,7 @@ def test_segments_hold_new_markers_and_the_final_manifest_compacts_them(tmp_path
     time.sleep(0.01)
     for s in job.shards[2:5]:
         s.attempts = 1
-        job.committed(s, _summary(s.url, 100))
+        job.committed(s, CommitMarker.from_json(_summary(s.url, 100)))
     job.write_manifest(final=False)
     segs = sorted(n for n in out.list("_shards") if SEGMENT.match(os.path.basename(n)))
     assert [len(out.read_jsonl(n)) for n in segs] == [2, 3]

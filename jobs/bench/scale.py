@@ -81,6 +81,7 @@ def phase(root: str, n: int, kind: str, per_write: int) -> dict:
 
     from pipeline import fs, resume
     from pipeline.config import compose
+    from pipeline.contracts import CommitMarker
     from pipeline.manifest import OutputDir
     from pipeline.precompute import JobState, ShardTask
 
@@ -136,9 +137,9 @@ def phase(root: str, n: int, kind: str, per_write: int) -> dict:
             s.attempts = 1
             c = time.process_time()
             with open(out.path(f"_shards/{s.id}.json")) as f:
-                summary = json.load(f)
+                marker = CommitMarker.from_json(json.load(f))
             load_cpu += time.process_time() - c
-            job.committed(s, summary)
+            job.committed(s, marker)
             if (i + 1) % per_write == 0:
                 before = calls["written_bytes"]
                 job.write_manifest(final=False)
