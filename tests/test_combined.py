@@ -93,6 +93,9 @@ def test_the_validator_passes_every_check(combined, tmp_path):
     assert not failed, failed
     assert report["summary"]["records"] == 32
     assert checks["text"]["statistic"] == 0 and checks["completeness"]["statistic"] == 0
+    # every bucket file's marker entry has its checksum: no "older version" note
+    notes = checks["completeness"]["detail"]["notes"]
+    assert not any("no checksum" in n for n in notes), notes
 
 
 def test_records_recomputed_independently(combined):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import posixpath
 from collections import Counter
 
-from ...manifest import COMMITTED, REJECTS, OutputDir
+from ...manifest import COMMITTED, REJECTS, OutputDir, shard_files
 from ..figures import kept_nulls
 from ..inventory import Inventory
 from ..measures import DatasetStats
@@ -130,7 +130,9 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
             _marker_problem(out, k, e, s, manifest.get("config_hash")) if k in markers else None
         )
         changed = _file_changed(out, k, s) if k in markers and not marker_bad else None
-        unverified += k in markers and not (s.get("marker") or {}).get("checksum")
+        if k in markers:  # a bucketed marker has a checksum per file under "files"
+            files = shard_files(k, s.get("marker") or {})
+            unverified += sum(not f.get("checksum") for f in files)
         checks = (
             ("missing commit markers", k not in markers, k),
             ("damaged or mismatching commit markers", marker_bad, marker_bad),
