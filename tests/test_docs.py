@@ -143,3 +143,51 @@ def test_repository_paths_exist(page):
     paths = re.findall(r"`((?:pipeline|jobs|tests|docs|conf)/[\w./-]+)`", text)
     missing = sorted({p for p in paths if not (ROOT / p.rstrip("/")).exists()})
     assert not missing, f"{page.relative_to(ROOT)} names paths that do not exist: {missing}"
+
+
+def _architecture_example(name: str) -> str:
+    """The Python block of docs/architecture.md that defines ``name``."""
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "architecture.md").read_text(), re.S)
+    (block,) = [b for b in blocks if name in b and ("class " in b or "register(" in b)][:1]
+    return block
+
+
+def test_architecture_worked_example_runs(tmp_path, monkeypatch, make_cfg):
+    """docs/architecture.md's MeanStage and its x0_mean column, run by a worker in-process:
+    each sample's mean is on each of its K records."""
+    from omegaconf import OmegaConf
+    from shards import write_image_shard
+
+    from pipeline import records, worker
+    from pipeline.config import config_hash
+    from pipeline.metadata import dataset_metadata, sample_shape
+    from pipeline.stages import NoiseStage
+
+    scope: dict = {}
+    exec(_architecture_example("class MeanStage"), scope)
+    monkeypatch.setattr(records, "COLUMNS", list(records.COLUMNS))  # the registry is per process
+    exec(_architecture_example('register(Column("x0_mean"'), scope)
+
+    url = str(tmp_path / "a-000000.tar")
+    write_image_shard(url, 5, size=(20, 16))
+    out = tmp_path / "out"
+    (out / "_shards").mkdir(parents=True)
+    cfg = make_cfg(f"source.urls={url}", f"output.dir={out}", "source.resolution=8",
+                   "sampling.draws_per_sample=2")  # fmt: skip
+    meta = {**dataset_metadata(cfg, sample_shape(cfg, [url]), config_hash(cfg)), "x0_mean": True}
+    chain = worker.ShardWorker.stages
+
+    def stages(self, noise):
+        built = chain(self, noise)
+        at = next(i for i, s in enumerate(built) if isinstance(s, NoiseStage)) + 1
+        return [*built[:at], scope["MeanStage"](), *built[at:]]
+
+    monkeypatch.setattr(worker.ShardWorker, "stages", stages)
+    w = worker.ShardWorker(OmegaConf.to_container(cfg, resolve=True), meta)
+    assert w.process(url).records == 10
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "a-000000.parquet")
+    means = table.column("x0_mean").to_numpy()
+    assert table.schema.field("x0_mean").type == "float" and len(set(means)) == 5
+    assert (means[0::2] == means[1::2]).all()  # one value per sample, on both of its draws
