@@ -124,7 +124,7 @@ def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: d
     manifest["exit_code"] = int(ExitCode.OK if clean else ExitCode.FAILED)
     manifest["wall_seconds"] = time.time() - job.started
     # samples of the shards committed before this run (resume): not this run's throughput
-    manifest["resumed_samples"] = sum(int(s.get("samples") or 0) for s in summaries.values())
+    manifest["resumed_samples"] = sum(int(s.samples or 0) for s in summaries.values())
     return manifest
 
 
