@@ -70,21 +70,6 @@ reshuffle. With ``persistent_workers=True`` the DataLoader's workers keep the co
 they were started with, so ``set_epoch`` does not reach them: leave persistent workers off, or
 build a new loader per epoch. ``shuffle=False``: units in file order, rows in file order.
 
-Batches
--------
-``batch_size=B`` makes the dataset yield collated batches of ``B`` records instead of records:
-use it with ``DataLoader(ds, batch_size=None, num_workers=...)`` (the DataLoader then neither
-fetches record by record nor collates). The records and their order are the same as in record
-mode, and so are the batches: a batch is what ``DataLoader(ds, batch_size=B,
-collate_fn=pipeline.dataset.collate)`` makes of the same records (tensor columns ``[B, C, H,
-W]``, ``t``, ``index``, ``draw`` and integer labels int64 ``[B]``, float scalars float32 ``[B]``,
-``key`` and string/binary columns lists, None kept). As in record mode, each reader (rank and
-DataLoader worker) batches its own records, so its last batch may be short; ``drop_last=True``
-leaves those out. Tensor columns are gathered straight into the batch's tensor (in shared memory
-in a DataLoader worker, as ``default_collate`` does): one copy per record less than records +
-``default_collate``, and no per-record Python work, which is the fast way to train (see
-``docs/benchmark.md``, "Training loader").
-
 Aspect-ratio buckets
 --------------------
 A dataset made with ``source.buckets`` holds files of several sample shapes, one per bucket
@@ -104,368 +89,50 @@ per bucket make equal record counts give unequal steps. The micro-conditioning c
 ``original_size``, ``crop_top_left`` and ``target_size`` come as int32 ``[2]`` tensors (``[B,
 2]`` in a batch), ``flipped`` as a bool tensor.
 
-Memory
-------
-Only the requested columns are read (Parquet column projection), one row group at a time. A
-reader holds one row group (Arrow's memory, released once copied), the next one (read ahead in
-a background thread), the shuffle buffer's storage (``shuffle_buffer`` + the largest row group,
-allocated once; records stay in their slot until they leave) and the block or batch being
-yielded: about ``(shuffle_buffer + 4 * rows_per_group) * record_bytes`` (with ``batch_size``,
-plus a batch). Yielded record tensors are views into the block copied out for them
-(``default_collate`` copies them into the batch; ``.clone()`` a record you keep); batch tensors
-are their own.
-
-Yielded records
----------------
-A dict with the requested columns, in the order asked: tensor columns as torch tensors of their
-stored shape ``[C, H, W]`` (stored dtype, or ``dtype`` when given), ``t`` as an int64 0-d tensor
-(flow: float32 sigma * T), ``posterior_variance``/``posterior_log_variance``/``alpha_bar`` as
-float32 0-d tensors, ``key`` as ``str``, ``index`` and ``draw`` as ``int``. Conditioning columns
-(``source.keep``, see :mod:`pipeline.conditioning`): an int64 column such as ``cls`` as an int64 0-d
-tensor, a null (absent member) as ``null_label`` (default -1; a dataset whose labels with nulls
-include that value is refused, see :mod:`pipeline.labels`); string columns (``txt``, ``json``,
-``meta_json``) as ``str`` and binary ones as ``bytes``, a null as None. ``default_collate`` makes a
-batch's labels an int64 [B] tensor and its strings a list of str; it cannot collate None, so a
-loader over captions that may be null needs ``collate_fn=pipeline.dataset.collate`` (strings and
-None kept as lists).
+See :mod:`pipeline.batching` for batches, memory and the types of yielded records.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import json
-import posixpath
-import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from . import records
+from .batching import (
+    Batcher,
+    ShuffleBuffer,
+    buffer_quotas,
+    collate,
+    head_rows,
+    resolve_dtype,
+    rows_len,
+    table_to_numpy,
+    take_rows,
+    to_tensor,
+    torch_dtype,
+)
 from .labels import DEFAULT_NULL_LABEL, check_null_label, refuse_collisions
-from .manifest import OutputDir
+from .recordsdir import RecordsDir, Unit, uncommitted_files
+
+__all__ = [
+    "DEFAULT_SHUFFLE_BUFFER",
+    "DRAWS",
+    "PrecomputedDataset",
+    "RecordsDir",
+    "Unit",
+    "collate",
+    "table_to_numpy",
+    "uncommitted_files",
+]
 
 DEFAULT_SHUFFLE_BUFFER = 1024
 DRAWS = ("all", "cycle")
 _INT_COLUMNS = ("index", "draw")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One work unit: row group ``row_group`` of file number ``file``, with ``num_rows`` rows,
-    the first of them row ``start`` of the file."""
-
-    file: int
-    row_group: int
-    num_rows: int
-    start: int = 0
-
-
-def _short(value) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-class RecordsDir:
-    """The committed Parquet files of an output directory: their footers, Arrow schema and the
-    process metadata they share. Reads only footers; refuses mixed processes.
-
-    ``dir``: local path or URI; ``filesystem``: a ``pyarrow.fs.FileSystem`` or an fsspec
-    filesystem to read ``dir`` from (default: resolved from the URI).
-    """
-
-    def __init__(self, dir, filesystem=None, footer_threads: int = 16):
-        self.uri = str(dir)
-        out = OutputDir(self.uri, filesystem)
-        self.fs, self.root = out.fs, out.root
-        info = self.fs.get_file_info(self.root)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"records directory {self.uri} does not exist")
-        if info.type != pafs.FileType.Directory:
-            raise NotADirectoryError(f"{self.uri} is not a directory of records")
-        self.files: list[str] = out.data_files()
-        left_out = uncommitted_files(out, self.files)
-        if left_out:
-            warnings.warn(
-                f"{self.uri}: {len(left_out)} data files of shards without a commit marker are "
-                f"left out (e.g. {left_out[0]}): their job was stopped before the shard was "
-                "committed; rerun it with the same config to redo them",
-                stacklevel=3,
-            )
-            self.files = [f for f in self.files if f not in set(left_out)]
-        if not self.files:
-            raise ValueError(
-                f"{self.uri} holds no records (no *.parquet files): not an output directory "
-                "of pipeline.precompute, or no shard is committed yet"
-            )
-        workers = max(1, min(footer_threads, len(self.files)))
-        with ThreadPoolExecutor(workers) as pool:
-            self.footers: list[pq.FileMetaData] = list(pool.map(self._footer, self.files))
-        self.schema: pa.Schema = self.footers[0].schema.to_arrow_schema()
-        metas = [self._process(i) for i in range(len(self.files))]
-        ref = metas[0]
-        for name, meta in zip(self.files[1:], metas[1:]):
-            diff = records.same_process(ref, meta)
-            if diff:
-                detail = "; ".join(
-                    f"{k}: {_short(ref.get(k))} vs {_short(meta.get(k))}" for k in diff
-                )
-                raise ValueError(
-                    f"records in {self.uri} come from different processes: "
-                    f"{self.display(self.files[0])} and {self.display(name)} differ in "
-                    f"{', '.join(diff)} ({detail}); a dataset must hold one process, so write "
-                    "each run to its own directory"
-                )
-        self.metadata: dict = {k: ref[k] for k in records.PROCESS_KEYS if k in ref}
-        self.sources: dict[str, dict] = {n: m.get("source", {}) for n, m in zip(self.files, metas)}
-        # each file's sample shape: one per file, several per dataset with aspect-ratio buckets
-        self.shapes: list[tuple] = [
-            tuple(records.file_shape(f.schema.to_arrow_schema())) for f in self.footers
-        ]
-
-    def bucket_of(self, file: int) -> str | None:
-        """``"HxW"``, the bucket of file number ``file`` (``<shard>.<H>x<W>.parquet``), or None
-        for a dataset without buckets."""
-        from .buckets import BUCKET_FILE
-
-        m = BUCKET_FILE.match(self.files[file]) if self.metadata.get("buckets") else None
-        return f"{m['h']}x{m['w']}" if m else None
-
-    def shard_of(self, file: int) -> str:
-        """The shard id of file number ``file`` (``<shard>.parquet`` or, with buckets,
-        ``<shard>.<H>x<W>.parquet``)."""
-        from .buckets import BUCKET_FILE
-
-        name = self.files[file]
-        m = BUCKET_FILE.match(name) if self.metadata.get("buckets") else None
-        return m["shard"] if m else name[: -len(".parquet")]
-
-    def display(self, name: str) -> str:
-        return posixpath.join(self.uri.rstrip("/"), name)
-
-    def path(self, file: int) -> str:
-        return posixpath.join(self.root, self.files[file])
-
-    def _footer(self, name: str) -> pq.FileMetaData:
-        try:
-            with self.fs.open_input_file(posixpath.join(self.root, name)) as f:
-                return pq.read_metadata(f)
-        except (pa.ArrowException, OSError) as exc:
-            raise ValueError(f"{self.display(name)} is not a readable Parquet file: {exc}") from exc
-
-    def _process(self, file: int) -> dict:
-        try:
-            return records.records_metadata(self.footers[file].schema.to_arrow_schema())
-        except ValueError as exc:
-            raise ValueError(f"{self.display(self.files[file])}: {exc}") from None
-
-    @property
-    def num_records(self) -> int:
-        return sum(f.num_rows for f in self.footers)
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(self.schema.names)
-
-    def units(self) -> list[Unit]:
-        """Every non-empty (file, row group), in file order."""
-        units = []
-        for i, footer in enumerate(self.footers):
-            start = 0
-            for g in range(footer.num_row_groups):
-                n = footer.row_group(g).num_rows
-                if n > 0:
-                    units.append(Unit(i, g, n, start))
-                start += n
-        return units
-
-    def read(self, unit: Unit, columns: Sequence[str], use_threads: bool = True) -> pa.Table:
-        """The ``columns`` of one row group (only those column chunks are fetched)."""
-        with self.fs.open_input_file(self.path(unit.file)) as f:
-            pf = pq.ParquetFile(f, metadata=self.footers[unit.file])
-            return pf.read_row_group(unit.row_group, columns=list(columns), use_threads=use_threads)
-
-
-def uncommitted_files(out: OutputDir, files: Sequence[str]) -> list[str]:
-    """Of ``files``, the data files of shards the directory's manifest names but no commit
-    marker does: what a job stopped between a shard's files and its marker left (with
-    aspect-ratio buckets, some of a shard's bucket files). Never part of the dataset. A
-    directory without a manifest of this pipeline (records written by other means) keeps every
-    file."""
-    from .buckets import data_names_by_shard
-    from .manifest import MANIFEST, CorruptFileError
-
-    if not out.exists(MANIFEST):
-        return []
-    try:
-        manifest = out.read_manifest()
-    except CorruptFileError:  # not this pipeline's manifest: nothing to tell committed files by
-        return []
-    shards = set(manifest["shards"]) - set(out.markers_ids())
-    return sorted(n for names in data_names_by_shard(files, shards).values() for n in names)
-
-
-def table_to_numpy(table: pa.Table, null_label: int = DEFAULT_NULL_LABEL) -> dict[str, np.ndarray]:
-    """Columns of a records table as numpy: tensors [N, *shape] (zero-copy when possible),
-    scalars [N], ``key`` and string/binary conditioning columns as object arrays (None for a
-    null), integer conditioning columns as int64 with ``null_label`` for a null."""
-    out = {}
-    for name in table.column_names:
-        col = table[name]
-        if records.is_tensor(col.type):
-            out[name] = records.tensor_to_numpy(col)
-        elif pa.types.is_fixed_size_list(col.type):  # buckets' [H, W] pairs: an [N, 2] array
-            flat = pa.concat_arrays(col.chunks).flatten() if col.num_chunks else []
-            out[name] = np.asarray(flat, dtype=col.type.value_type.to_pandas_dtype()).reshape(
-                -1, col.type.list_size
-            )
-        elif pa.types.is_integer(col.type) and col.null_count:
-            out[name] = col.fill_null(null_label).to_numpy()
-        else:
-            out[name] = col.to_numpy()
-    return out
-
-
-def collate(batch: Sequence[dict]) -> dict:
-    """A DataLoader ``collate_fn`` for records with conditioning columns that may be null:
-    columns holding str, bytes or None stay lists (None kept), the rest go through
-    ``default_collate`` (tensors stacked, ints to a tensor)."""
-    from torch.utils.data import default_collate
-
-    out = {}
-    for name in batch[0]:
-        values = [b[name] for b in batch]
-        if any(v is None or isinstance(v, (str, bytes)) for v in values):
-            out[name] = values
-        else:
-            out[name] = default_collate(values)
-    return out
-
-
-def _rows(values: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-    """Rows of a column block: a view for a slice, a gathered copy for an index array."""
-    return values[rows] if isinstance(rows, slice) else np.take(values, rows, axis=0, mode="clip")
-
-
-def _tensor(values: np.ndarray) -> torch.Tensor:
-    """A torch view of ``values``, which may be read-only Arrow memory: only to read from (cast
-    or copy), never handed out."""
-    if values.flags.writeable:
-        return torch.from_numpy(values)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
-        return torch.from_numpy(values)
-
-
-def _empty(shape: tuple, dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor; ``shared``: in shared memory, as ``default_collate`` allocates a
-    batch in a DataLoader worker, so that sending it to the main process does not copy it."""
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what default_collate uses
-    if not shared or new_shared is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(new_shared(nbytes), 0, shape)
-
-
-@functools.cache
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype)).dtype
-
-
-class _Batcher:
-    """Fills collated batches of ``size`` records from (column block, rows) pieces.
-
-    Tensor columns are gathered straight into the batch's tensor (cast to ``dtype``); the other
-    columns are kept as pieces and collated when the batch is full, as :func:`collate` collates
-    records: int columns (``t``, ``index``, ``draw``, labels) as int64 tensors, float scalars as
-    float32 tensors, str/bytes/None columns as lists."""
-
-    def __init__(self, columns: Sequence[str], size: int, dtype, shared: bool):
-        self.columns, self.size, self.dtype, self.shared = list(columns), size, dtype, shared
-        self.fill = 0
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.pieces: dict[str, list] = {}
-
-    def add(self, block: dict, rows: slice | np.ndarray) -> Iterator[dict]:
-        """Append ``rows`` of ``block`` (a slice with a stop, or an index array); yields every
-        batch that becomes full."""
-        if isinstance(rows, slice):
-            start, n = rows.start or 0, rows.stop - (rows.start or 0)
-        else:
-            start, n = 0, len(rows)
-        pos = 0
-        while pos < n:
-            k = min(self.size - self.fill, n - pos)
-            if isinstance(rows, slice):
-                part = slice(start + pos, start + pos + k)
-            else:
-                part = rows[pos : pos + k]
-            self._write(block, part, k)
-            pos += k
-            if self.fill == self.size:
-                yield self.finish()
-
-    def _write(self, block: dict, part: slice | np.ndarray, k: int) -> None:
-        lo, hi = self.fill, self.fill + k
-        for name in self.columns:
-            values = block[name]
-            if values.ndim == 1:
-                self.pieces.setdefault(name, []).append(_rows(values, part))
-                continue
-            out = self.tensors.get(name)  # a tensor column: straight into the batch's tensor
-            if out is None:
-                cast = self.dtype if values.dtype.kind == "f" else None  # not int8 masks
-                dtype = cast or _torch_dtype(values.dtype)
-                shape = (self.size, *values.shape[1:])
-                out = self.tensors[name] = _empty(shape, dtype, self.shared)
-            if out.dtype != _torch_dtype(values.dtype):
-                out[lo:hi].copy_(_tensor(_rows(values, part)))  # gather, then cast (torch's)
-            elif isinstance(part, slice):
-                out.numpy()[lo:hi] = values[part]
-            else:
-                # mode="clip": the indices are valid, and numpy buffers ``out`` with "raise"
-                np.take(values, part, axis=0, out=out.numpy()[lo:hi], mode="clip")
-        self.fill = hi
-
-    def finish(self) -> dict | None:
-        """The batch filled so far (a short one at the end), or None when there is none."""
-        n, self.fill = self.fill, 0
-        if n == 0:
-            return None
-        tensors, self.tensors = self.tensors, {}
-        pieces, self.pieces = self.pieces, {}
-        batch = {}
-        for name in self.columns:
-            if name in tensors:
-                batch[name] = tensors[name][:n]
-                continue
-            values = np.concatenate(pieces[name])
-            if values.dtype == object:  # key, string and binary columns (None: a null)
-                batch[name] = values.tolist()
-            elif values.dtype.kind in "iu":
-                batch[name] = torch.from_numpy(values.astype(np.int64))
-            else:
-                batch[name] = torch.from_numpy(values)
-        return batch
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"dtype must be a floating torch dtype (e.g. torch.float32), got {dtype!r}"
-        )
-    return dtype
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -552,7 +219,7 @@ class PrecomputedDataset(IterableDataset):
         self.shuffle = bool(shuffle)
         self.seed = _check_int("seed", seed, 0)
         self.shuffle_buffer = _check_int("shuffle_buffer", shuffle_buffer, 0)
-        self.dtype = _resolve_dtype(dtype)
+        self.dtype = resolve_dtype(dtype)
         self.drop_uneven = bool(drop_uneven)
         self.batch_size = None if batch_size is None else _check_int("batch_size", batch_size, 1)
         if drop_last and self.batch_size is None:
@@ -746,16 +413,16 @@ class PrecomputedDataset(IterableDataset):
         limit = self._limit(plan, worker)
         batcher = None
         if self.batch_size:
-            batcher = _Batcher(self.columns, self.batch_size, self.dtype, shared=info is not None)
+            batcher = Batcher(self.columns, self.batch_size, self.dtype, shared=info is not None)
         count = 0
         for _, block, rows in pieces:
-            if limit is not None and count + _len(rows) > limit:
-                rows = _head(rows, limit - count)
+            if limit is not None and count + rows_len(rows) > limit:
+                rows = head_rows(rows, limit - count)
             if batcher is None:
                 yield from self._records(block, rows)
             else:
                 yield from batcher.add(block, rows)
-            count += _len(rows)
+            count += rows_len(rows)
             del block, rows  # before the next piece: no block outlives its turn
             if limit is not None and count >= limit:
                 break
@@ -765,15 +432,13 @@ class PrecomputedDataset(IterableDataset):
                 yield last
 
     def _bucketed(self, pieces, shared: bool) -> Iterator[dict]:
-        """Batches of one shape each: a :class:`_Batcher` per bucket, its short batch at the end
+        """Batches of one shape each: a :class:`Batcher` per bucket, its short batch at the end
         unless ``drop_last``."""
-        batchers: dict[tuple, _Batcher] = {}
+        batchers: dict[tuple, Batcher] = {}
         for key, block, rows in pieces:
             batcher = batchers.get(key)
             if batcher is None:
-                batcher = batchers[key] = _Batcher(
-                    self.columns, self.batch_size, self.dtype, shared
-                )
+                batcher = batchers[key] = Batcher(self.columns, self.batch_size, self.dtype, shared)
             yield from batcher.add(block, rows)
             del block, rows
         if not self.drop_last:
@@ -794,7 +459,7 @@ class PrecomputedDataset(IterableDataset):
         the largest row group, and the buffer is a list of slots in its (random) order, so a
         record is copied twice (into the storage, out of it into the block or batch yielded).
         With several shapes (buckets) there is one buffer per shape, of ``shuffle_buffer`` times
-        its share of the reader's rows (:func:`_quotas`)."""
+        its share of the reader's rows (:func:`buffer_quotas`)."""
         blocks = self._read_ahead(units, use_threads)
         shapes = self.records.shapes
         if not self.shuffle:
@@ -802,14 +467,14 @@ class PrecomputedDataset(IterableDataset):
                 yield shapes[unit.file], block, slice(0, len(block[self.columns[0]]))
                 del block  # before the next read ahead is started
             return
-        quota = _quotas(units, shapes, self.shuffle_buffer)
-        buffers: dict[tuple, _Buffer] = {}
+        quota = buffer_quotas(units, shapes, self.shuffle_buffer)
+        buffers: dict[tuple, ShuffleBuffer] = {}
         for unit, block in blocks:
             key = shapes[unit.file]
             buf = buffers.get(key)
             if buf is None:
                 largest = max(u.num_rows for u in units if shapes[u.file] == key)
-                buf = buffers[key] = _Buffer(block, quota[key], largest)
+                buf = buffers[key] = ShuffleBuffer(block, quota[key], largest)
             out = buf.add(block, rng)
             del block
             if len(out):
@@ -884,10 +549,10 @@ class PrecomputedDataset(IterableDataset):
                 and self.dtype
                 not in (
                     None,
-                    _torch_dtype(values.dtype),
+                    torch_dtype(values.dtype),
                 )
             ):
-                seqs.append(_tensor(_rows(values, rows)).to(self.dtype).unbind(0))
+                seqs.append(to_tensor(take_rows(values, rows)).to(self.dtype).unbind(0))
             else:
                 values = values[rows]
                 if isinstance(rows, slice):  # Arrow's read-only memory: torch wants a copy
@@ -896,48 +561,3 @@ class PrecomputedDataset(IterableDataset):
         names = self.columns
         for row in zip(*seqs):
             yield dict(zip(names, row))
-
-
-class _Buffer:
-    """One shuffle buffer (see :meth:`PrecomputedDataset._pieces`): a storage of ``size`` +
-    ``largest`` slots allocated like ``block``'s columns, the kept records' slots in buffer
-    order."""
-
-    def __init__(self, block: dict, size: int, largest: int):
-        cap = size + largest
-        self.size, self.largest = size, largest
-        self.storage = {k: np.empty((cap, *v.shape[1:]), v.dtype) for k, v in block.items()}
-        self.free = np.arange(cap)  # free slots of the storage
-        self.kept = self.free[:0]  # the buffer: its records' slots, in buffer order
-
-    def add(self, block: dict, rng: np.random.Generator) -> np.ndarray:
-        """Merge ``block`` into the buffer; returns the slots emitted (valid until the next
-        call)."""
-        n = len(next(iter(block.values())))
-        new, self.free = self.free[:n], self.free[n:]
-        for k, v in block.items():
-            self.storage[k][new] = v
-        union = np.concatenate([self.kept, new])
-        order = rng.permutation(len(union))
-        emit = max(len(union) - self.size, 0)
-        out, self.kept = union[order[:emit]], union[order[emit:]]
-        self.free = np.concatenate([self.free, out])
-        return out
-
-
-def _quotas(units: Sequence[Unit], shapes: Sequence[tuple], total: int) -> dict[tuple, int]:
-    """Shape -> its shuffle buffer's size: ``total`` split in proportion to the rows of each
-    shape among ``units`` (all of it with one shape)."""
-    rows: dict[tuple, int] = {}
-    for u in units:
-        rows[shapes[u.file]] = rows.get(shapes[u.file], 0) + u.num_rows
-    whole = sum(rows.values()) or 1
-    return {k: total if len(rows) == 1 else total * n // whole for k, n in rows.items()}
-
-
-def _len(rows: slice | np.ndarray) -> int:
-    return rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-
-
-def _head(rows: slice | np.ndarray, n: int) -> slice | np.ndarray:
-    return slice(rows.start, rows.start + n) if isinstance(rows, slice) else rows[:n]

@@ -45,8 +45,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import records
-from .dataset import RecordsDir, Unit, table_to_numpy
+from .batching import table_to_numpy
 from .manifest import MANIFEST, OutputDir
+from .recordsdir import RecordsDir, Unit
 
 CACHE_VERSION = 1
 log = logging.getLogger(__name__)

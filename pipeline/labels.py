@@ -59,7 +59,7 @@ def _row_groups(footer: pq.FileMetaData, column: str):
 def refuse_collisions(rd, columns: Sequence[str], null_label: int) -> None:
     """ValueError when a column of ``columns`` holds both nulls and the value ``null_label``
     (``rd``: a :class:`pipeline.dataset.RecordsDir`)."""
-    from .dataset import Unit
+    from .recordsdir import Unit
 
     for column in nullable_int_columns(rd.schema, columns):
         groups = [
