@@ -279,6 +279,13 @@ def describe_text(cfg) -> dict:
         hidden, pooled = _dims(m["class"], m["config"])
         if "pooled" in e.output and not pooled:
             raise TextError(f"{key}.output: {m['class']} has no pooled output; use last")
+        positions = m["config"].get("max_position_embeddings")  # CLIP: absolute positions
+        if positions is not None and int(e.max_length) > int(positions):
+            raise TextError(
+                f"text.encoders.{i}.max_length={e.max_length}: {m['class']} of {mf.display()} "
+                f"has {positions} position embeddings; set text.encoders.{i}.max_length="
+                f"{positions} or less"
+            )
         entry = {
             "name": e.name,
             "class": f"transformers.{m['class']}",

@@ -173,3 +173,17 @@ def test_the_loader_batches_by_bucket_with_the_text_joined(combined):
         assert b["clip_hidden"].shape == (len(b["key"]), 16, 32)
         seen.update(b["key"])
     assert sum(seen.values()) == 32 and set(seen.values()) == {2}  # K=2: each sample twice
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_at_start(tmp_path, make_cfg):
+    """CLIP has max_position_embeddings absolute positions: text.encoders.0.max_length=77 (the
+    preset's) on a 16-position model failed every shard with transformers' traceback in
+    rejects.jsonl; it is refused on the driver naming the key and the limit."""
+    from pipeline.text import TextError, describe_text
+
+    clip = make_clip(tmp_path / "clip")  # 16 positions
+    with pytest.raises(TextError, match=r"text.encoders.0.max_length=77: .* 16 position"):
+        describe_text(make_cfg("text=clip", f"text.model={clip}", f"output.dir={tmp_path}/o"))
+    ok = make_cfg("text=clip", f"text.model={clip}", f"output.dir={tmp_path}/o",
+                  "text.encoders.0.max_length=16")  # fmt: skip
+    assert describe_text(ok)["encoders"][0]["max_length"] == 16

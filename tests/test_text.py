@@ -86,7 +86,8 @@ def test_config_problems_are_named(make_cfg, clip_dir):
     cfg = make_cfg(*base, "text.encoders.0.output=[last,penultimate]")
     assert any("pick one" in m for _, m in text.problems(cfg))
     assert text.problems(make_cfg(*base)) == []
-    t5 = make_cfg("source.urls=x.tar", "output.dir=o", "text=t5", f"text.model={clip_dir}")
+    t5 = make_cfg("source.urls=x.tar", "output.dir=o", "text=t5", f"text.model={clip_dir}",
+                  "text.encoders.0.max_length=16")  # fmt: skip
     d = text.describe_text(t5)  # a CLIP folder with the t5 preset: its class is recorded
     assert d["encoders"][0]["class"] == "transformers.CLIPTextModel"
 
