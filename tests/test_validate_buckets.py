@@ -152,3 +152,28 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_positional_statistics_take_the_most_populated_bucket():
+    """The metadata's shape is the largest configured bucket, which may hold no record: the
+    statistics per position take the shape of the bucket with the most records."""
+    from pipeline.validate.driver import positional
+
+    process = {"shape": [4, 48, 12], "dtype": "float16"}
+    rows = [
+        {"size": [96, 24], "shape": [4, 48, 12], "records": 0, "files": 0},
+        {"size": [64, 32], "shape": [4, 32, 16], "records": 20, "files": 2},
+        {"size": [48, 48], "shape": [4, 24, 24], "records": 30, "files": 3},
+        {"size": [32, 64], "shape": [4, 16, 32], "records": 30, "files": 3},
+    ]
+    assert positional({"process": process, "buckets": rows}) == [4, 24, 24]
+    assert positional({"process": process}) is None  # not bucketed, or no final table
+
+
+def test_the_shared_noise_test_runs_on_a_bucketed_dataset(clean):
+    report, checks = _validate(clean)
+    notes = " ".join(checks["noise_independence"].get("notes") or [])
+    assert "NOT tested" not in notes
+    shape = report["summary"]["shape"]
+    table = json.loads((clean / "_manifest.json").read_text())["buckets"]
+    assert shape == max(table, key=lambda r: r["records"])["shape"]

@@ -121,7 +121,7 @@ class Accumulator:
             self.ab = self.proc.alphas_cumprod
         if shape != self.plan.shape:
             process = {**self.base.process, "shape": list(shape)}
-            self.plan = replace(self.base, process=process)
+            self.plan = replace(self.base, process=process, sample_shape=shape)
             self.C, self.P = self.plan.shape[0], self.plan.P
             self.prev, self._first_prev_norm2 = None, np.nan
         self.positional = shape == self.base.shape

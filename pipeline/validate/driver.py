@@ -81,6 +81,18 @@ def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetSta
         raise CannotValidate(str(exc)) from None
 
 
+def positional(manifest: dict) -> list | None:
+    """The sample shape the statistics per tensor position (the shared-noise test, the
+    report's strip) are taken at: for a bucketed dataset the shape of the bucket with the most
+    records (ties: the first in the manifest's bucket table), since the process's ``shape`` is
+    the largest configured bucket, which may hold no record; None otherwise (the process's)."""
+    rows = [r for r in manifest.get("buckets") or () if r.get("records") and r.get("shape")]
+    if not rows:
+        return None
+    best = max(rows, key=lambda r: int(r["records"]))  # max keeps the first of equals
+    return [int(s) for s in best["shape"]]
+
+
 def run(cfg: DictConfig) -> dict:
     """Validate the dataset at ``cfg.output.dir``; returns the report (``report["exit_code"]``
     is 0 or 1). Raises :class:`CannotValidate` when it cannot run (exit code 2)."""
@@ -100,7 +112,7 @@ def run(cfg: DictConfig) -> dict:
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         what = f"{type(exc).__name__}: {exc}"
         raise CannotValidate(f"{out.display(MANIFEST)}: bad process description ({what})") from None
-    ds = DatasetStats(make_plan(cfg, process, len(to_scan)), entries)
+    ds = DatasetStats(make_plan(cfg, process, len(to_scan), positional(manifest)), entries)
     if to_scan:
         _scan_all(cfg, out, to_scan, ds)
     try:

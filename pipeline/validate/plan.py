@@ -36,6 +36,9 @@ class ScanPlan:
     seed: int = 0
     consistency_quota: int = 0  # records per shard whose (t, eps) are regenerated
     grid: bool = True  # keep the samples the report's plots draw (strip, eps per channel)
+    # the sample shape the statistics per tensor position are taken at; None: process["shape"]
+    # (a bucketed dataset's is its largest configured bucket, which may hold no record)
+    sample_shape: tuple | None = None
 
     @property
     def bins(self) -> int:
@@ -43,7 +46,8 @@ class ScanPlan:
 
     @property
     def shape(self) -> tuple:
-        return tuple(int(s) for s in self.process["shape"])
+        shape = self.process["shape"] if self.sample_shape is None else self.sample_shape
+        return tuple(int(s) for s in shape)
 
     @property
     def T(self) -> int:
@@ -59,9 +63,9 @@ class ScanPlan:
         return bool(self.process["store_x0"])
 
 
-def make_plan(cfg, process: dict, n_files: int) -> ScanPlan:
+def make_plan(cfg, process: dict, n_files: int, sample_shape=None) -> ScanPlan:
     """The plan for ``n_files`` shards from the validator's config (t-bins, reservoir sizes,
-    regenerated records per file)."""
+    regenerated records per file); ``sample_shape``: see :attr:`ScanPlan.sample_shape`."""
     T = int(process["schedule"]["num_timesteps"])
     edges = t_edges(T, int(cfg.bins), float(cfg.terminal_window))
     quota = math.ceil(cfg.max_consistency_records / max(n_files, 1))
@@ -74,6 +78,7 @@ def make_plan(cfg, process: dict, n_files: int) -> ScanPlan:
         seed=int(cfg.seed),
         consistency_quota=quota,
         grid=bool(cfg.plots),
+        sample_shape=None if sample_shape is None else tuple(int(x) for x in sample_shape),
     )
 
 

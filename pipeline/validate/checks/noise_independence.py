@@ -30,6 +30,11 @@ def noise_independence(ds: DatasetStats, z: float, correct: bool) -> Check:
         [litem("overall", "records whose eps bytes repeat another's", dups, 0, examples=examples)]
     ]
     stat, pval, d = shared_chi2(ds.pos_sum, ds.pos_n)
+    if ds.pos_n < 2:
+        notes.append(
+            f"shared noise component: NOT tested ({ds.pos_n} records of shape "
+            f"{list(p.shape)}, the shape the statistics per position are taken at)"
+        )
     name = "shared noise component: chi2(d) of n mean(eps)^2 per position"
     fams.append([pitem("overall", name, stat, pval, d=d)])
     fams[-1] += [
