@@ -111,7 +111,7 @@ def _project(url: str, out: str, resolution: int, kind: str) -> dict:
     meta = dataset_metadata(cfg, shape, config_hash(cfg))
     worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), meta)
     OutputDir(out).makedirs(SHARDS)
-    return worker.process(url)
+    return worker.process(url).to_json()  # the marker (or partial result) as its JSON dict
 
 
 def _floor(url: str, out: str, resolution: int) -> dict:
