@@ -57,15 +57,9 @@ def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
     marker, found = scanned.get("marker") or {}, scanned.get("file_check") or {}
     name = out.display(OutputDir.data_name(shard))
     for f in marker.get("files") or ():  # a bucketed shard: each of its files
-        got = (found.get("files") or {}).get(f["name"]) or {}
-        if got.get("missing") or got.get("error"):
-            continue  # reported as a missing or unreadable file
-        if got.get("bytes") != f.get("bytes") or got.get("checksum") != f.get("checksum"):
-            return (
-                f"{out.display(f['name'])}: {got.get('bytes')} bytes, checksum "
-                f"{str(got.get('checksum'))[:19]}; its commit marker says {f.get('bytes')} "
-                f"bytes, {str(f.get('checksum'))[:19]} (rewritten or damaged since its commit)"
-            )
+        why = _entry_changed(out, f["name"], f, (found.get("files") or {}).get(f["name"]))
+        if why:
+            return why
     if marker.get("files") is not None:
         return _sides_changed(out, marker, found)
     if found.get("error"):
@@ -82,16 +76,26 @@ def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
 
 def _sides_changed(out: OutputDir, marker: dict, found: dict) -> str | None:
     for side, want in sorted((marker.get("side_files") or {}).items()):
-        got = (found.get("side_files") or {}).get(side) or {}
-        if got.get("missing") or got.get("error"):
-            continue  # reported as a missing or unreadable file
-        if got.get("bytes") != want.get("bytes") or got.get("checksum") != want.get("checksum"):
-            return (
-                f"{out.display(side)}: {got.get('bytes')} bytes, checksum "
-                f"{str(got.get('checksum'))[:19]}; its commit marker says {want.get('bytes')} "
-                f"bytes, {str(want.get('checksum'))[:19]} (rewritten or damaged since its commit)"
-            )
+        why = _entry_changed(out, side, want, (found.get("side_files") or {}).get(side))
+        if why:
+            return why
     return None
+
+
+def _entry_changed(out: OutputDir, name: str, want: dict, got: dict | None) -> str | None:
+    """How one file a marker lists (a bucket file or a side file) differs from its entry
+    (``want``: bytes, checksum) as found (``got``), or None; a missing or unreadable file is
+    reported as such elsewhere."""
+    got = got or {}
+    if got.get("missing") or got.get("error"):
+        return None
+    if got.get("bytes") == want.get("bytes") and got.get("checksum") == want.get("checksum"):
+        return None
+    return (
+        f"{out.display(name)}: {got.get('bytes')} bytes, checksum "
+        f"{str(got.get('checksum'))[:19]}; its commit marker says {want.get('bytes')} "
+        f"bytes, {str(want.get('checksum'))[:19]} (rewritten or damaged since its commit)"
+    )
 
 
 def _side_problems(out: OutputDir, scanned: dict) -> tuple[list[str], list[str]]:
