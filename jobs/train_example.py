@@ -8,17 +8,17 @@
     python jobs/train_example.py --data text-records --cond text --out train-text
     python jobs/train_example.py --data flow-records --objective flow --out train-flow
 
-``--objective`` (:mod:`pipeline.targets`): ``eps`` regresses ``epsilon`` (the default, described
-below), ``v`` the v-prediction target ``v`` (records made with ``output.targets=[v]``), ``flow``
-the rectified-flow ``velocity`` = eps - x_0 (records made with ``schedule=flow``; the model's
-timestep is the stored t = sigma * T, samples by Euler steps down the flow grid). The loss is
-MSE(prediction, target) against the zero predictor E[target^2]; the held-out loss is reported
+``--objective`` (:mod:`pipeline.noising.targets`): ``eps`` regresses ``epsilon`` (the default,
+described below), ``v`` the v-prediction target ``v`` (records made with ``output.targets=[v]``),
+``flow`` the rectified-flow ``velocity`` = eps - x_0 (records made with ``schedule=flow``; the
+model's timestep is the stored t = sigma * T, samples by Euler steps down the flow grid). The loss
+is MSE(prediction, target) against the zero predictor E[target^2]; the held-out loss is reported
 per objective, and the variational-bound term below uses the general posterior with the x_0 the
 prediction implies.
 
 Reads ``x_t``, ``t``, ``epsilon`` and the posterior columns with
-:class:`pipeline.dataset.PrecomputedDataset` and a DataLoader, trains a few conv layers with a
-timestep embedding on ``MSE(eps_hat, eps)`` and shows that the loss falls below that of predicting
+:class:`pipeline.consume.dataset.PrecomputedDataset` and a DataLoader, trains a few conv layers with
+a timestep embedding on ``MSE(eps_hat, eps)`` and shows that the loss falls below that of predicting
 zeros (``E[eps^2]``, about 1). It also evaluates the variational-bound term
 
     L_{t-1} = KL( q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t) )
@@ -43,7 +43,7 @@ Evaluation uses the training records (unless ``--holdout``): this shows the data
 measure generalisation.
 
 Class-conditional (``--cond cls``): the int64 conditioning column ``cls`` (``source.keep``, see
-:mod:`pipeline.conditioning`) selects a row of a class embedding (``num_classes + 1`` rows, the
+:mod:`pipeline.read.conditioning`) selects a row of a class embedding (``num_classes + 1`` rows, the
 last being the null label) added to the timestep embedding. During training each label is
 replaced by the null label with probability ``--p-uncond`` (classifier-free guidance's joint
 training); records whose label is null (read as -1) train as the null label. ``--num-classes``
@@ -82,9 +82,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from pipeline import records
-from pipeline.dataset import PrecomputedDataset, RecordsDir
-from pipeline.targets import OBJECTIVES, Objective, euler_sample
+from pipeline.consume.dataset import PrecomputedDataset, RecordsDir
+from pipeline.noising.targets import OBJECTIVES, Objective, euler_sample
+from pipeline.output import records
 
 COLUMNS = ["x_t", "t", "epsilon", "posterior_mean", "posterior_variance"]
 
@@ -284,8 +284,8 @@ def scan_records(rdir: RecordsDir, label: str | None, holdout: float) -> dict:
 
 def check_label_column(rdir: RecordsDir, column: str) -> None:
     """ValueError unless ``column`` is an int64 conditioning column of the records (listed in
-    the metadata's ``conditioning`` entry, :mod:`pipeline.conditioning`)."""
-    from pipeline.conditioning import spec_of
+    the metadata's ``conditioning`` entry, :mod:`pipeline.read.conditioning`)."""
+    from pipeline.read.conditioning import spec_of
 
     kept = {k.column: k for k in spec_of(rdir.metadata).kept}
     ints = [c for c, k in kept.items() if k.type == "int64"]
@@ -306,7 +306,7 @@ def text_column(rdir: RecordsDir) -> str:
     """The caption embedding ``--cond text`` conditions on: the pooled column of the first text
     encoder that stores one (``clip_pooled``, ``clip_g_pooled`` for sdxl, ``clip_l_pooled`` for
     sd3 and flux); ValueError naming the fix for records without one."""
-    from pipeline.text import column_names
+    from pipeline.encode.text import column_names
 
     meta = rdir.metadata.get("text")
     if not meta:
@@ -437,7 +437,7 @@ def train(
     training records). With ``out``: the weights go to ``model.safetensors``
     (:func:`save_checkpoint`) and ``samples`` generated samples to ``samples.png``
     (:func:`save_samples`; 0: none), beside ``loss.png`` and ``metrics.json``. ``objective``:
-    eps | v | flow (:class:`pipeline.targets.Objective`), the column the loss regresses.
+    eps | v | flow (:class:`pipeline.noising.targets.Objective`), the column the loss regresses.
     """
     if holdout is None:
         holdout = 0.1 if cond else 0.0
@@ -702,12 +702,12 @@ def ancestral_sample(
 
     From x_T ~ N(0, I), each step predicts eps, x0_hat = predict_x0_from_eps (clipped to [-1, 1]
     with ``clip``, for pixel records) and draws x_{t-1} ~ q(x_{t-1} | x_t, x0_hat): the posterior
-    the records carry (:func:`pipeline.diffusion.q_posterior`, variance beta~_t), from the
+    the records carry (:func:`pipeline.noising.diffusion.q_posterior`, variance beta~_t), from the
     schedule of the records' metadata. The last step (t = 0) returns the mean. Steps whose
     alpha_bar is 0 (zero-terminal SNR's last) are skipped: x_T starts one step below.
     ``labels`` [n]: class labels for a conditional model (-1 or None: the null label).
     """
-    from pipeline.diffusion import predict_x0_from_eps, q_posterior
+    from pipeline.noising.diffusion import predict_x0_from_eps, q_posterior
 
     g = torch.Generator().manual_seed(seed)
     shape = (n, *model.shape)
@@ -767,8 +767,8 @@ class _EpsModel:
 def save_samples(model, goal, meta: dict, out: Path, n: int, seed: int = 0) -> dict:
     """``n`` samples of ``model`` (a conditional model: labels 0, 1, ... in turn) drawn with
     :func:`ancestral_sample` (eps, v: through the eps the prediction implies) or for ``flow`` by
-    Euler steps (:func:`pipeline.targets.euler_sample`), saved as ``samples.png`` in ``out``;
-    ``goal``: the :class:`pipeline.targets.Objective`. Returns their summary."""
+    Euler steps (:func:`pipeline.noising.targets.euler_sample`), saved as ``samples.png`` in
+    ``out``; ``goal``: the :class:`pipeline.noising.targets.Objective`. Returns their summary."""
     schedule = goal.process
     import matplotlib
 
@@ -886,12 +886,12 @@ def make_synthetic_records(
     label (an absent ``.cls`` member)."""
     import pyarrow.parquet as pq
 
-    from pipeline import records
-    from pipeline.conditioning import Conditioning
-    from pipeline.diffusion import q_posterior, q_sample
-    from pipeline.manifest import OutputDir
-    from pipeline.noise import KeyedNoise
-    from pipeline.schedule import make_schedule
+    from pipeline.noising.diffusion import q_posterior, q_sample
+    from pipeline.noising.noise import KeyedNoise
+    from pipeline.noising.schedule import make_schedule
+    from pipeline.output import records
+    from pipeline.output.manifest import OutputDir
+    from pipeline.read.conditioning import Conditioning
 
     sched = make_schedule(schedule, num_timesteps)
     noise = KeyedNoise(seed, num_timesteps)

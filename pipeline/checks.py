@@ -3,18 +3,18 @@ check) and :mod:`pipeline.validate.verdict` (the framework). These names keep wo
 
 import warnings
 
-from .validate.checks.completeness import PROBLEMS, completeness  # noqa: F401
-from .validate.checks.conditioning import conditioning  # noqa: F401
-from .validate.checks.convergence import convergence  # noqa: F401
-from .validate.checks.epsilon_moments import epsilon_moments  # noqa: F401
-from .validate.checks.epsilon_normality import epsilon_normality  # noqa: F401
-from .validate.checks.keyed_noise import keyed_noise  # noqa: F401
-from .validate.checks.noise_independence import noise_independence  # noqa: F401
-from .validate.checks.record_consistency import record_consistency  # noqa: F401
-from .validate.checks.timestep_distribution import timestep_distribution  # noqa: F401
-from .validate.checks.variance_preservation import variance_preservation  # noqa: F401
-from .validate.figures import kept_nulls, label_histograms, x0_figures  # noqa: F401
-from .validate.verdict import (  # noqa: F401
+from pipeline.validate.checks.completeness import PROBLEMS, completeness  # noqa: F401
+from pipeline.validate.checks.conditioning import conditioning  # noqa: F401
+from pipeline.validate.checks.convergence import convergence  # noqa: F401
+from pipeline.validate.checks.epsilon_moments import epsilon_moments  # noqa: F401
+from pipeline.validate.checks.epsilon_normality import epsilon_normality  # noqa: F401
+from pipeline.validate.checks.keyed_noise import keyed_noise  # noqa: F401
+from pipeline.validate.checks.noise_independence import noise_independence  # noqa: F401
+from pipeline.validate.checks.record_consistency import record_consistency  # noqa: F401
+from pipeline.validate.checks.timestep_distribution import timestep_distribution  # noqa: F401
+from pipeline.validate.checks.variance_preservation import variance_preservation  # noqa: F401
+from pipeline.validate.figures import kept_nulls, label_histograms, x0_figures  # noqa: F401
+from pipeline.validate.verdict import (  # noqa: F401
     HIGHLIGHT_KINDS,
     Check,
     Highlight,

@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for the precompute")
     args = parser.parse_args(argv)
 
-    from .config import compose
-    from .precompute import format_summary, run
-    from .validate import run_validation
+    from pipeline.precompute import format_summary, run
+    from pipeline.run.config import compose
+    from pipeline.validate import run_validation
 
     trainer = example_trainer() if args.train_steps > 0 else None
     steps = _Steps(4 if trainer else 3)

@@ -3,7 +3,7 @@ These names keep working."""
 
 import warnings
 
-from .validate.checks.latent_scale import (  # noqa: F401
+from pipeline.validate.checks.latent_scale import (  # noqa: F401
     CHANNEL_STD_RANGE,
     CHECK_NAME,
     STD_RANGE,

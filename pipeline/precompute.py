@@ -1,11 +1,12 @@
 """The precompute driver: ``python -m pipeline.precompute source.urls=... output.dir=...``.
 
 Composes and validates the Hydra config (before Ray starts), prepares ``output.dir``
-(:mod:`pipeline.prepare`) and resumes from what it already holds (:mod:`pipeline.resume`), fixes
-the sample shape and the process metadata (:mod:`pipeline.metadata`), hands the shards to a pool
-of :class:`pipeline.worker.ShardWorker` actors (:mod:`pipeline.dispatch`: an idle actor takes the
-next shard, failed shards are retried), and writes the manifest, ``rejects.jsonl``
-(:mod:`pipeline.jobstate`) and a summary. Exit codes: :class:`pipeline.errors.ExitCode`
+(:mod:`pipeline.output.prepare`) and resumes from what it already holds
+(:mod:`pipeline.output.resume`), fixes the sample shape and the process metadata
+(:mod:`pipeline.run.metadata`), hands the shards to a pool of
+:class:`pipeline.run.worker.ShardWorker` actors (:mod:`pipeline.run.dispatch`: an idle actor takes
+the next shard, failed shards are retried), and writes the manifest, ``rejects.jsonl``
+(:mod:`pipeline.run.jobstate`) and a summary. Exit codes: :class:`pipeline.errors.ExitCode`
 (``--help`` lists them).
 """
 
@@ -19,26 +20,26 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from . import resume
-from .conditioning import class_names
-from .config import (
+from pipeline.encode.memory import fit_batch_size, host_memory_share, working_set_per_sample
+from pipeline.errors import ExitCode, JobError, PipelineError, describe, internal_error
+from pipeline.fs import is_remote
+from pipeline.output import resume
+from pipeline.output.lease import LeaseError, OutputLease
+from pipeline.output.manifest import CorruptFileError, OutputDir
+from pipeline.output.prepare import prepare_output
+from pipeline.read.conditioning import class_names
+from pipeline.read.source import SampleError, check_unique_ids, expand_globs, expand_urls, shard_id
+from pipeline.run.config import (
     config_hash,
     multirun_refusal,
     quote_url_overrides,
     register_configs,
     validate,
 )
-from .dispatch import dispatch
-from .errors import ExitCode, JobError, PipelineError, describe, internal_error
-from .fs import is_remote
-from .jobstate import JobState, ShardTask
-from .lease import LeaseError, OutputLease
-from .manifest import CorruptFileError, OutputDir
-from .memory import fit_batch_size, host_memory_share, working_set_per_sample
-from .metadata import dataset_metadata, refuse_missing_shards, sample_shape
-from .prepare import prepare_output
-from .raysession import RayConnectError, ray_session
-from .source import SampleError, check_unique_ids, expand_globs, expand_urls, shard_id
+from pipeline.run.dispatch import dispatch
+from pipeline.run.jobstate import JobState, ShardTask
+from pipeline.run.metadata import dataset_metadata, refuse_missing_shards, sample_shape
+from pipeline.run.raysession import RayConnectError, ray_session
 
 __all__ = [
     "JobError",
@@ -167,7 +168,7 @@ def format_summary(manifest: dict) -> str:
 
 def _config_error(exc: BaseException) -> None:
     """A config that Hydra or OmegaConf refused: one line naming the key, exit code 2."""
-    from .config import config_error_message
+    from pipeline.run.config import config_error_message
 
     print(f"error: {config_error_message(exc)}", file=sys.stderr)
     sys.exit(ExitCode.CANNOT_START)
@@ -178,7 +179,7 @@ def _job(cfg: DictConfig) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import check_keys
+    from pipeline.run.config import check_keys
 
     try:
         check_keys(cfg)  # a key added with +/++ that the schema lacks; a required value unset
@@ -201,7 +202,7 @@ def _job(cfg: DictConfig) -> None:
 def main() -> None:
     """``diffusion-precompute``: Hydra's command line (overrides, ``--help``, ``--cfg job``).
 
-    The configs come from :data:`pipeline.config.CONF_DIR`; Hydra writes nothing to the working
+    The configs come from :data:`pipeline.run.config.CONF_DIR`; Hydra writes nothing to the working
     directory (the ``hydra:`` block of conf/config.yaml). A config that Hydra or OmegaConf
     refuses (a required value unset, an unknown key, an override it cannot parse) exits 2 with
     one line naming the key; ``HYDRA_FULL_ERROR=1`` adds the traceback."""
@@ -211,7 +212,7 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import CONF_DIR
+    from pipeline.run.config import CONF_DIR
 
     register_configs()
     if not OmegaConf.has_resolver("exit_codes"):  # --help's paragraph (pipeline/errors.py)

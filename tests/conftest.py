@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import compose
+from pipeline.run.config import compose
 
 pytest_plugins = [
     "fixtures.tiers",

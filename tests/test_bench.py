@@ -22,7 +22,7 @@ from jobs.bench import profile as bench_profile
 from jobs.bench import report as bench_report
 from jobs.bench import run as bench
 from pipeline.demo import write_photo_shards
-from pipeline.records import TENSOR_COLUMNS, tensor_to_numpy
+from pipeline.output.records import TENSOR_COLUMNS, tensor_to_numpy
 
 SCALARS = ("key", "index", "draw", "t", "posterior_variance", "posterior_log_variance", "alpha_bar")
 
@@ -156,13 +156,14 @@ def test_plan_and_commands():
 
 def test_profile_stages():
     stack = (
-        "<module> (x.py:1);ShardWorker.process (pipeline/worker.py:230);"
-        "_iter_shard (pipeline/source.py:400);ImageDecoder.__call__ (pipeline/source.py:140);"
-        "ImageDecoder._decode (pipeline/source.py:160);Image.resize (PIL/Image.py:2300)"
+        "<module> (x.py:1);ShardWorker.process (pipeline/run/worker.py:230);"
+        "_iter_shard (pipeline/read/source.py:400);"
+        "ImageDecoder.__call__ (pipeline/read/source.py:140);"
+        "ImageDecoder._decode (pipeline/read/source.py:160);Image.resize (PIL/Image.py:2300)"
     )
     assert bench_profile.classify(stack) == "resize (PIL)"
-    assert bench_profile.classify("<module> (x.py:1);setup (pipeline/worker.py:9)") is None
-    raw = f"{stack} 3\n<module> (x.py:1);ShardWorker.process (pipeline/worker.py:230) 1\n"
+    assert bench_profile.classify("<module> (x.py:1);setup (pipeline/run/worker.py:9)") is None
+    raw = f"{stack} 3\n<module> (x.py:1);ShardWorker.process (pipeline/run/worker.py:230) 1\n"
     assert bench_profile.breakdown(raw) == {"resize (PIL)": 3, "other": 1}
 
 

@@ -228,7 +228,7 @@ def test_records_are_bit_identical_to_the_previous_code(tmp_path, make_cfg, requ
 
 def _check_added(out) -> None:
     """snr is float32(alpha_t^2 / sigma_t^2) of the schedule's float64 table, after alpha_bar."""
-    from pipeline import records
+    from pipeline.output import records
 
     for path in sorted(out.glob("*.parquet")):
         table = pq.read_table(path)

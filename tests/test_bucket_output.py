@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from shards import encode_image, random_image, write_tar
 
-from pipeline.buckets import Grid
-from pipeline.manifest import MANIFEST, OutputDir, shard_files
+from pipeline.output.manifest import MANIFEST, OutputDir, shard_files
+from pipeline.output.records import file_shape
 from pipeline.precompute import JobError, run
-from pipeline.records import file_shape
+from pipeline.read.buckets import Grid
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -133,11 +133,11 @@ def test_micro_conditioning_matches_the_decoded_images(tmp_path, make_cfg):
 KILL = textwrap.dedent(
     """
     import os, sys
-    from pipeline.config import compose
-    from pipeline.manifest import OutputDir
+    from pipeline.run.config import compose
+    from pipeline.output.manifest import OutputDir
     from pipeline.precompute import dataset_metadata, sample_shape
-    from pipeline.config import config_hash
-    from pipeline.worker import ShardWorker
+    from pipeline.run.config import config_hash
+    from pipeline.run.worker import ShardWorker
     from omegaconf import OmegaConf
 
     cfg = compose(sys.argv[2:])
@@ -209,7 +209,7 @@ def test_resume_redoes_a_shard_one_of_whose_bucket_files_changed(
 
         flip_an_x_t_sign(victim)
     b0 = (tmp_path / "o" / "_shards" / "b-0.json").read_bytes()
-    with caplog.at_level("WARNING", logger="pipeline.resume"):
+    with caplog.at_level("WARNING", logger="pipeline.output.resume"):
         m = run(make_cfg(*args))
     assert m["exit_code"] == 0
     assert f"shard b-1 is redone: its file {victim}" in caplog.text

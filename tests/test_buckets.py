@@ -1,5 +1,5 @@
-"""Aspect-ratio buckets (pipeline/buckets.py): the grid, the assignment, the keyed crop and flip,
-the decoder's output and its micro-conditioning."""
+"""Aspect-ratio buckets (pipeline/read/buckets.py): the grid, the assignment, the keyed crop and
+flip, the decoder's output and its micro-conditioning."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from shards import encode_image, random_image
 
-from pipeline.buckets import Bucketing, Grid, auto_grid, config_problems, cover, keyed_choice
-from pipeline.decoders import ImageDecoder
+from pipeline.read.buckets import Bucketing, Grid, auto_grid, config_problems, cover, keyed_choice
+from pipeline.read.decoders import ImageDecoder
 
 SOURCE = {"kind": "images", "resolution": 64, "buckets": "auto", "bucket_step": 16,
           "max_aspect": 4.0, "crop": "center", "flip": "none"}  # fmt: skip

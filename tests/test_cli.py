@@ -143,7 +143,7 @@ def loaded():
     return sorted({m.split(".")[0] for m in sys.modules} & {"torch", "webdataset"})
 
 import pipeline.precompute as pc
-from pipeline.config import compose
+from pipeline.run.config import compose
 
 assert not loaded(), f"import pipeline.precompute loaded {loaded()}"
 images, arrays, out = sys.argv[1:]

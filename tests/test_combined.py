@@ -22,11 +22,12 @@ from shards import encode_image, random_image, write_tar
 
 from jobs.bench.encoder import tiny_vae
 from jobs.bench.textmodels import WORDS, make_clip
-from pipeline import records, validate
-from pipeline.config import compose
-from pipeline.dataset import PrecomputedDataset
+from pipeline import validate
+from pipeline.consume.dataset import PrecomputedDataset
+from pipeline.output import records
+from pipeline.output.text_store import to_numpy
 from pipeline.precompute import run
-from pipeline.text_store import to_numpy
+from pipeline.run.config import compose
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -179,7 +180,7 @@ def test_a_max_length_beyond_the_models_positions_is_refused_at_start(tmp_path, 
     """CLIP has max_position_embeddings absolute positions: text.encoders.0.max_length=77 (the
     preset's) on a 16-position model failed every shard with transformers' traceback in
     rejects.jsonl; it is refused on the driver naming the key and the limit."""
-    from pipeline.text import TextError, describe_text
+    from pipeline.encode.text import TextError, describe_text
 
     clip = make_clip(tmp_path / "clip")  # 16 positions
     with pytest.raises(TextError, match=r"text.encoders.0.max_length=77: .* 16 position"):

@@ -10,12 +10,12 @@ import pytest
 import torch
 from shards import encode_image, random_image, write_tar
 
-from pipeline import records
-from pipeline.conditioning import Conditioning, column_name, config_problems
-from pipeline.config import validate
-from pipeline.decoders import DecodeError
-from pipeline.manifest import OutputDir
+from pipeline.output import records
+from pipeline.output.manifest import OutputDir
 from pipeline.precompute import run
+from pipeline.read.conditioning import Conditioning, column_name, config_problems
+from pipeline.read.decoders import DecodeError
+from pipeline.run.config import validate
 
 KEEP = ["cls", "txt", "json", "meta.json", "bin"]
 
@@ -95,7 +95,7 @@ def test_config_defaults_and_require(make_cfg):
 
 
 def test_keep_and_require_change_the_config_hash(make_cfg):
-    from pipeline.config import config_hash
+    from pipeline.run.config import config_hash
 
     base = ("source.urls=x.tar", "output.dir=o")
     hashes = {
@@ -143,7 +143,7 @@ def cond_run(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("cond")
     for s in range(2):
         write_cond_shard(root / f"c-{s}.tar", {f"{s}{k}": v for k, v in SAMPLES.items()}, seed=s)
-    from pipeline.config import compose
+    from pipeline.run.config import compose
 
     cfg = compose(
         [
@@ -249,7 +249,7 @@ def test_polars_and_duckdb_read_the_columns(cond_run):
 def test_loader_two_ranks_two_workers_each_record_once_with_its_label(cond_run):
     from torch.utils.data import DataLoader
 
-    from pipeline.dataset import PrecomputedDataset, collate
+    from pipeline.consume.dataset import PrecomputedDataset, collate
 
     root, _ = cond_run
     want = _expected_rows(root)
@@ -275,10 +275,10 @@ def test_loader_two_ranks_two_workers_each_record_once_with_its_label(cond_run):
 
 def test_hf_export_carries_value_features(cond_run, tmp_path):
     datasets = pytest.importorskip("datasets")
-    from pipeline.hf import export_hf_parquet, hf_features
+    from pipeline.consume.hf import export_hf_parquet, hf_features
 
     root, _ = cond_run
-    from pipeline.dataset import RecordsDir
+    from pipeline.consume.dataset import RecordsDir
 
     feats = hf_features(RecordsDir(root / "out").schema, ["key", "cls", "txt", "bin"])
     assert feats["cls"] == datasets.Value("int64") and feats["txt"] == datasets.Value("string")
@@ -360,7 +360,7 @@ def test_class_names_refused_naming_the_key(make_cfg, value, words):
 
 
 def test_class_names_need_cls_kept_and_a_file_reads_like_a_list(make_cfg, tmp_path):
-    from pipeline.config import config_hash
+    from pipeline.run.config import config_hash
 
     base = ("source.urls=x.tar", "output.dir=o")
     cfg = make_cfg(*base, "source.keep=[txt]", "source.class_names=[a,b]")
@@ -389,8 +389,8 @@ def test_extract_refuses_a_label_outside_the_names():
 
 def test_class_names_through_precompute_and_the_hf_export(tmp_path, make_cfg):
     datasets = pytest.importorskip("datasets")
-    from pipeline.dataset import RecordsDir
-    from pipeline.hf import export_hf_parquet, hf_features, to_hf_dataset
+    from pipeline.consume.dataset import RecordsDir
+    from pipeline.consume.hf import export_hf_parquet, hf_features, to_hf_dataset
 
     write_cond_shard(tmp_path / "n-0.tar")
     names = tmp_path / "names.txt"
@@ -428,7 +428,7 @@ def test_class_names_through_precompute_and_the_hf_export(tmp_path, make_cfg):
 
 def test_hf_export_refuses_labels_outside_the_recorded_names(cond_run, tmp_path):
     pytest.importorskip("datasets")
-    from pipeline.hf import export_hf_parquet
+    from pipeline.consume.hf import export_hf_parquet
 
     root, _ = cond_run
     copy = tmp_path / "named"

@@ -9,7 +9,7 @@ from fixtures.runner import run_python
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
-from pipeline.config import (
+from pipeline.run.config import (
     CONF_DIR,
     check_keys,
     compose,

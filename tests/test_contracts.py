@@ -1,11 +1,11 @@
-"""The typed contracts across processes (pipeline/contracts.py): commit markers round-trip through
-JSON, markers of every earlier format still read, and a worker's result names its files."""
+"""The typed contracts across processes (pipeline/output/contracts.py): commit markers round-trip
+through JSON, markers of every earlier format still read, and a worker's result names its files."""
 
 from __future__ import annotations
 
 import json
 
-from pipeline.contracts import MARKER_FORMAT, CommitMarker, DataFile, ShardResult
+from pipeline.output.contracts import MARKER_FORMAT, CommitMarker, DataFile, ShardResult
 
 OLD = {  # a marker as written before checksums (and before the format field)
     "url": "/in/a-0.tar", "file": "a-0.parquet", "status": "ok", "samples": 5, "records": 10,

@@ -17,10 +17,10 @@ import torch.distributed as dist
 from fixtures.records import process_meta, write_records, write_records_file
 from torch.utils.data import DataLoader
 
-from pipeline import records
-from pipeline.conditioning import Conditioning
-from pipeline.dataset import PrecomputedDataset, RecordsDir, collate
-from pipeline.schedule import make_schedule
+from pipeline.consume.dataset import PrecomputedDataset, RecordsDir, collate
+from pipeline.noising.schedule import make_schedule
+from pipeline.output import records
+from pipeline.read.conditioning import Conditioning
 
 
 @pytest.fixture
@@ -637,7 +637,7 @@ def _simulated_count(ds, world_size, workers, monkeypatch):
     get_worker_info), without starting processes."""
     import types
 
-    import pipeline.dataset as dataset_module
+    import pipeline.consume.dataset as dataset_module
 
     counts = []
     for rank in range(world_size):

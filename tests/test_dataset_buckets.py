@@ -1,5 +1,5 @@
-"""The loader over aspect-ratio buckets (pipeline/dataset.py, "Aspect-ratio buckets"): batches
-never mix shapes, every record once per epoch over ranks and DataLoader workers, shuffled by
+"""The loader over aspect-ratio buckets (pipeline/consume/dataset.py, "Aspect-ratio buckets"):
+batches never mix shapes, every record once per epoch over ranks and DataLoader workers, shuffled by
 epoch within and across buckets, short batches per bucket kept or dropped, exact len(), record
 mode of mixed shapes."""
 
@@ -12,7 +12,7 @@ import torch
 from test_bucket_output import BUCKETS, bucket_shards
 from torch.utils.data import DataLoader
 
-from pipeline.dataset import PrecomputedDataset
+from pipeline.consume.dataset import PrecomputedDataset
 from pipeline.precompute import run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -22,7 +22,7 @@ COLUMNS = ["key", "draw", "x_t", "t", "target_size", "original_size", "flipped"]
 @pytest.fixture(scope="module")
 def bucketed(tmp_path_factory):
     """3 shards x 12 images over 4 buckets, K=2, row groups of 4 records (many units)."""
-    from pipeline.config import compose
+    from pipeline.run.config import compose
 
     tmp = tmp_path_factory.mktemp("bucketed")
     urls = bucket_shards(tmp, n_shards=3, n=12)
@@ -147,9 +147,9 @@ def test_polars_duckdb_and_ray_data_read_the_bucket_files(bucketed, ray_session)
 
 def test_hf_export_writes_one_config_per_bucket_and_says_so(bucketed, tmp_path, caplog):
     datasets = pytest.importorskip("datasets")
-    from pipeline.hf import export_hf_parquet, to_hf_dataset
+    from pipeline.consume.hf import export_hf_parquet, to_hf_dataset
 
-    with caplog.at_level("WARNING", logger="pipeline.hf"):
+    with caplog.at_level("WARNING", logger="pipeline.consume.hf"):
         written = export_hf_parquet(bucketed, tmp_path / "hf", columns=["key", "x_t", "t"])
     buckets = sorted({w.split("/")[0] for w in written})
     assert len(buckets) >= 3 and all("/" in w for w in written)

@@ -1,4 +1,4 @@
-"""Tests of pipeline.decoders: image modes and geometry, arrays, untrusted payloads, cut JPEG
+"""Tests of pipeline.read.decoders: image modes and geometry, arrays, untrusted payloads, cut JPEG
 scans, the decoder of a source config group."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from shards import encode_image, npy_bytes, random_image
 
-from pipeline.decoders import ArrayDecoder, DecodeError, ImageDecoder, make_decoder
+from pipeline.read.decoders import ArrayDecoder, DecodeError, ImageDecoder, make_decoder
 
 
 def norm(v) -> np.ndarray:

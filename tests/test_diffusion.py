@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion import compute_dtype, predict_x0_from_eps, q_posterior, q_sample, snr
-from pipeline.schedule import SCHEDULES, make_schedule
+from pipeline.noising.diffusion import (
+    compute_dtype,
+    predict_x0_from_eps,
+    q_posterior,
+    q_sample,
+    snr,
+)
+from pipeline.noising.schedule import SCHEDULES, make_schedule
 
 T = 1000
 ALL = [(name, zts) for name in SCHEDULES for zts in (False, True)]

@@ -1,4 +1,4 @@
-"""The VAE encode stage on the actor (pipeline/encode_stage.py): latents of a batch, samples
+"""The VAE encode stage on the actor (pipeline/encode/encode_stage.py): latents of a batch, samples
 whose latent is not finite rejected with the remedy, conditioning carried through, one device's
 latents equal to another's to rounding. Helpers and the tiny VAE: test_encoder.py."""
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_encoder import make_vae, pixel_arrays, vae_cfg
 
-from pipeline.encode_stage import EncodeStage, Latent
-from pipeline.encoder import describe_encoder
-from pipeline.source import Sample, SampleError
-from pipeline.stage import Batch
+from pipeline.encode.encode_stage import EncodeStage, Latent
+from pipeline.encode.encoder import describe_encoder
+from pipeline.read.source import Sample, SampleError
+from pipeline.run.stage import Batch
 
 pytest.importorskip("diffusers")
 

@@ -22,14 +22,15 @@ from fixtures.runner import run_python
 from shards import npy_bytes, write_image_shard, write_tar
 
 from jobs.bench import encoder as bench_encoder
-from pipeline import encoder, modelfiles, records
-from pipeline.config import config_hash, process_config
-from pipeline.decoders import ImageDecoder
-from pipeline.encoder import EncoderError, describe_encoder, latent_shape
-from pipeline.manifest import OutputDir
-from pipeline.noise import KeyedNoise
+from pipeline.encode import encoder, modelfiles
+from pipeline.encode.encoder import EncoderError, describe_encoder, latent_shape
+from pipeline.noising.noise import KeyedNoise
+from pipeline.output import records
+from pipeline.output.manifest import OutputDir
 from pipeline.precompute import JobError, dataset_metadata, run, sample_shape
-from pipeline.source import iter_shard
+from pipeline.read.decoders import ImageDecoder
+from pipeline.read.source import iter_shard
+from pipeline.run.config import config_hash, process_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -184,7 +185,7 @@ def test_hub_id_resolves_through_snapshot_download(tmp_path, monkeypatch, vae_di
 def arrays_job(ray_session, tmp_path_factory, vae_dir):
     """3 shards of [3, 16, 16] pixel arrays (one sample of shard 0 makes a NaN latent), sampled
     latents, K=2, latent_mean/std stored, float32, one actor, batch_size=2."""
-    from pipeline.config import compose
+    from pipeline.run.config import compose
 
     tmp = tmp_path_factory.mktemp("arrays-job")
     inputs = {}
@@ -419,8 +420,8 @@ def test_default_path_does_not_import_diffusers(tmp_path, vae_dir):
 
     code = (
         "import sys\n"
-        "import pipeline.precompute, pipeline.worker, pipeline.stages\n"
-        "from pipeline.config import compose, config_hash\n"
+        "import pipeline.precompute, pipeline.run.worker, pipeline.run.stages\n"
+        "from pipeline.run.config import compose, config_hash\n"
         "config_hash(compose(['source.urls=x.tar', 'output.dir=o']))\n"
         f"config_hash(compose(['encoder=vae', 'encoder.model={vae_dir}', 'source.urls=x.tar',"
         " 'output.dir=o']))\n"

@@ -11,7 +11,9 @@ import pytest
 from fixtures.runner import run_python
 
 from pipeline import precompute
-from pipeline.encoder import EncoderError
+from pipeline.encode.encoder import EncoderError
+from pipeline.encode.text import TextError
+from pipeline.encode.weights import WeightsError
 from pipeline.errors import (
     MEANINGS,
     SIGNALLED,
@@ -21,13 +23,11 @@ from pipeline.errors import (
     UsageError,
     describe,
 )
-from pipeline.executor import CannotStart as PoolCannotStart
 from pipeline.precompute import JobError
-from pipeline.source import SampleError, check_unique_ids, expand_globs, expand_urls
-from pipeline.text import TextError
+from pipeline.read.source import SampleError, check_unique_ids, expand_globs, expand_urls
 from pipeline.validate import CannotValidate
 from pipeline.validate import cli as validate_cli
-from pipeline.weights import WeightsError
+from pipeline.validate.executor import CannotStart as PoolCannotStart
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def test_usage_errors_stay_value_errors():
 
 
 def test_config_and_url_refusals_are_usage_errors(make_cfg, tmp_path):
-    from pipeline.config import validate
+    from pipeline.run.config import validate
 
     with pytest.raises(UsageError, match="config key batch_size"):
         validate(make_cfg("source.urls=/d/a.tar", "output.dir=/o", "batch_size=0"))

@@ -1,6 +1,6 @@
-"""Where the validator's scans run (pipeline/executor.py): Ray tasks or a local process pool give
-the same report; auto picks the pool when no Ray runs here; a scan process that dies is retried
-alone, then reported, and costs no other shard."""
+"""Where the validator's scans run (pipeline/validate/executor.py): Ray tasks or a local process
+pool give the same report; auto picks the pool when no Ray runs here; a scan process that dies is
+retried alone, then reported, and costs no other shard."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 from fixtures.runner import run_python
 from shards import write_image_shard
 
-from pipeline import executor, validate
-from pipeline.config import compose
+from pipeline import validate
 from pipeline.precompute import run as precompute
+from pipeline.run.config import compose
+from pipeline.validate import executor
 from pipeline.validate.scan import scan_shard
 
 DIE_ON = "sh-1"  # the shard whose scan process dies in the tests below
@@ -68,7 +69,7 @@ def test_auto_is_local_without_a_ray_and_ray_with_one(ray_session):
     assert executor.choose("auto", None) == "ray"  # this process runs the session's Ray
     assert executor.choose("auto", "auto") == executor.choose("ray", None) == "ray"
     assert executor.choose("local", "auto") == "local"
-    code = "from pipeline.executor import choose; print(choose('auto', None))"
+    code = "from pipeline.validate.executor import choose; print(choose('auto', None))"
     out = run_python("-c", code)
     assert out.returncode == 0 and out.stdout.strip() == "local", out.stderr
 
@@ -109,7 +110,7 @@ def test_bad_executor_settings_name_their_key(dataset, bad):
 def test_the_driver_reads_no_marker_the_scans_do(dataset, monkeypatch):
     """Markers are read by each shard's scan, in parallel, not one by one on the driver (on an
     object store, 100,000 shards would be 100,000 requests in a row)."""
-    from pipeline.manifest import OutputDir
+    from pipeline.output.manifest import OutputDir
 
     read, names = OutputDir.read_json, []
 

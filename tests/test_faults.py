@@ -23,8 +23,8 @@ from fixtures.dataset import JOB_ARGS, NUM_SHARDS
 from fixtures.records import assert_same_records, read_records
 from raycluster import finish, gated, urls_override, wait_for, writing_actors
 
-from pipeline.config import compose
 from pipeline.precompute import JobError, run
+from pipeline.run.config import compose
 
 ARGS, N = JOB_ARGS, NUM_SHARDS
 

@@ -1,7 +1,7 @@
 """Records of both families, record by record, against an independent float64 computation.
 
 The grids and coefficients are rebuilt here from the papers' formulas (not from
-pipeline.process): DDPM from the betas (Ho et al. 2020), rectified flow from diffusers'
+pipeline.noising.process): DDPM from the betas (Ho et al. 2020), rectified flow from diffusers'
 FlowMatchEulerDiscreteScheduler training grid and Flux's calculate_shift/time_shift, the
 posterior by conditioning the joint Gaussian (x_s, x_t) given x_0."""
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from shards import write_array_shard
 
-from pipeline import records
+from pipeline.output import records
 from pipeline.precompute import run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -160,8 +160,8 @@ def test_loader_and_hf_export_carry_the_flow_columns_with_their_types(tmp_path, 
     pytest.importorskip("datasets")
     import torch
 
-    from pipeline.dataset import PrecomputedDataset
-    from pipeline.hf import to_hf_dataset
+    from pipeline.consume.dataset import PrecomputedDataset
+    from pipeline.consume.hf import to_hf_dataset
 
     schema, c = _run(tmp_path, make_cfg, "schedule=flow", "schedule.shift=3.0")
     ds = PrecomputedDataset(tmp_path / "o", shuffle=False)

@@ -1,4 +1,4 @@
-"""Batch sizing by free memory (pipeline.memory): the worker's, its VAE stage's and the
+"""Batch sizing by free memory (pipeline.encode.memory): the worker's, its VAE stage's and the
 driver's check that one sample fits in an actor."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fixtures.runner import run_python
 
-from pipeline.memory import (
+from pipeline.encode.memory import (
     DEVICE_BYTES_PER_ELEMENT,
     fit_batch_size,
     host_memory_share,
@@ -33,6 +33,6 @@ def test_working_set_and_host_share():
 
 def test_importing_it_does_not_import_torch():
     """The driver imports this module; torch is the actors' cost only."""
-    code = "import sys, pipeline.memory; assert 'torch' not in sys.modules"
+    code = "import sys, pipeline.encode.memory; assert 'torch' not in sys.modules"
     res = run_python("-c", code)
     assert res.returncode == 0, res.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.noise import KeyedNoise
+from pipeline.noising.noise import KeyedNoise
 
 SAMPLERS = ("uniform", "stratified")  # the DDPM samplers (flow densities: test_process.py)
 
@@ -78,7 +78,7 @@ def test_matches_documented_derivation(sampler):
 
 
 def test_golden_constant():
-    from pipeline import noise
+    from pipeline.noising import noise
 
     golden = int(noise._GOLDEN)
     # floor(2**64 / phi) = floor(2**63 (sqrt 5 - 1)); 2**64 / phi = ...485.95, so it is not the

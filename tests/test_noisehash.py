@@ -1,5 +1,6 @@
-"""The duplicate-noise check partitioned by hash prefix (pipeline/noisehash.py): bucketed, in
-spill files or in Ray with small parts gathered, it gives the verdict of one sort of every hash."""
+"""The duplicate-noise check partitioned by hash prefix (pipeline/validate/noisehash.py): bucketed,
+in spill files or in Ray with small parts gathered, it gives the verdict of one sort of every
+hash."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from pipeline import noisehash
-from pipeline.noisehash import (
+from pipeline.validate import noisehash
+from pipeline.validate.noisehash import (
     HASH,
     SpillBuckets,
     duplicates,

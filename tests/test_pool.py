@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from pipeline.pool import death_cause
+from pipeline.run.pool import death_cause
 
 
 def test_death_by_memory_monitor_says_out_of_memory():
@@ -19,7 +19,7 @@ def test_death_by_sigkill_points_at_the_oom_killer():
 
 
 def test_placement_problem_names_what_is_asked_and_the_override(monkeypatch):
-    from pipeline import pool
+    from pipeline.run import pool
 
     def nodes(*resources):
         return lambda: (

@@ -13,12 +13,12 @@ import pytest
 from fixtures.records import read_records
 from shards import npy_bytes, write_array_shard, write_image_shard, write_tar
 
-from pipeline import records
-from pipeline.config import quote_url_overrides
-from pipeline.manifest import OutputDir
+from pipeline.noising.schedule import make_schedule
+from pipeline.output import records
+from pipeline.output.manifest import OutputDir
 from pipeline.precompute import JobError, run
-from pipeline.schedule import make_schedule
-from pipeline.source import SampleError
+from pipeline.read.source import SampleError
+from pipeline.run.config import quote_url_overrides
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

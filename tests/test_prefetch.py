@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.prefetch import ReadAhead
+from pipeline.read.prefetch import ReadAhead
 
 
 def test_items_in_order_and_exhaustion():

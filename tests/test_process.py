@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import process
-from pipeline.schedule import SCHEDULES, make_schedule
+from pipeline.noising import process
+from pipeline.noising.schedule import SCHEDULES, make_schedule
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -109,7 +109,7 @@ def test_bad_flow_config():
 
 
 def _keyed_flow_indices(sampler: str, n: int = 20000, **kw):
-    from pipeline.noise import KeyedNoise
+    from pipeline.noising.noise import KeyedNoise
 
     noise = KeyedNoise(11, 1000, sampler=sampler, family="flow", **kw)
     keys = [f"k{i:06d}" for i in range(n)]
@@ -157,7 +157,7 @@ def test_keyed_mode_density_matches_diffusers():
 
 
 def test_ddpm_refuses_flow_densities_and_keeps_its_streams():
-    from pipeline.noise import KeyedNoise
+    from pipeline.noising.noise import KeyedNoise
 
     with pytest.raises(ValueError, match="schedule=flow"):
         KeyedNoise(0, 1000, sampler="logit_normal")

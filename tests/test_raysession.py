@@ -1,4 +1,4 @@
-"""Connecting to Ray (pipeline/raysession.py): the default mode always starts its own embedded
+"""Connecting to Ray (pipeline/run/raysession.py): the default mode always starts its own embedded
 Ray, so a dead ``ray start`` cluster named in ``ray_current_cluster`` cannot hang it, and two
 default runs on one machine at once do not share (and lose) one Ray."""
 
@@ -45,7 +45,7 @@ def test_two_default_runs_at_once_beside_a_dead_cluster_both_succeed(tmp_path):
 DRIVER = """
 import os, sys, time
 import ray
-from pipeline.raysession import ray_session
+from pipeline.run.raysession import ray_session
 
 with ray_session(None, num_cpus=1):
     ray.get(ray.remote(lambda: 1).remote())  # a worker process too
@@ -76,7 +76,7 @@ def test_an_embedded_ray_goes_away_with_its_sigkilled_driver(tmp_path):
     import signal
     import time
 
-    from pipeline import reaper
+    from pipeline.run import reaper
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +113,7 @@ def test_the_watcher_reaps_a_dead_drivers_descendants_only_when_not_told_done(cl
     import signal
     import time
 
-    from pipeline import reaper
+    from pipeline.run import reaper
 
     script = "sleep 60 & sleep 0.5; sh -c 'trap \"\" TERM; sleep 60' & sleep 60 & wait"
     driver = subprocess.Popen(["sh", "-c", script], start_new_session=True)
@@ -160,8 +160,8 @@ def test_a_ray_that_cannot_start_is_one_error_and_leaves_no_watcher(monkeypatch)
     RayConnectError naming ray.address (exit 2 on the command line), and the watcher is gone."""
     import ray
 
-    from pipeline import reaper
-    from pipeline.raysession import RayConnectError, ray_session
+    from pipeline.run import reaper
+    from pipeline.run.raysession import RayConnectError, ray_session
 
     def timed_out(**kwargs):
         raise Exception("The current node timed out during startup.")

@@ -1,5 +1,5 @@
 """The records are readable as they are by pyarrow, Ray Data, polars and DuckDB, and through
-pipeline.hf by Hugging Face datasets. Each test documents what its library returns for the
+pipeline.consume.hf by Hugging Face datasets. Each test documents what its library returns for the
 ``arrow.fixed_shape_tensor`` columns, and the one-liner that gives [N, C, H, W] where needed.
 
 Findings (pyarrow 26, Ray 2.60, polars 2.1, DuckDB 2.0, datasets 5.2):
@@ -17,7 +17,7 @@ Findings (pyarrow 26, Ray 2.60, polars 2.1, DuckDB 2.0, datasets 5.2):
   ``pyarrow.compute.list_flatten(col).to_numpy().reshape(-1, *shape)``, the shape from the
   ``ddpm`` entry of ``parquet_kv_metadata()``.
 * datasets: cannot read the columns at all ("does not have a datasets dtype equivalent"); use
-  ``pipeline.hf.to_hf_dataset`` or ``export_hf_parquet`` (Array3D features; numpy/torch
+  ``pipeline.consume.hf.to_hf_dataset`` or ``export_hf_parquet`` (Array3D features; numpy/torch
   formatting returns float16 arrays as float32).
 """
 
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures.records import write_records
 
-from pipeline import records
+from pipeline.output import records
 
 SHAPE = (3, 4, 4)
 
@@ -140,7 +140,7 @@ def test_datasets_cannot_read_tensor_columns(recdir):
 
 def test_to_hf_dataset(recdir, reference, tmp_path):
     datasets = pytest.importorskip("datasets")
-    from pipeline.hf import to_hf_dataset
+    from pipeline.consume.hf import to_hf_dataset
 
     ds = to_hf_dataset(recdir, cache_dir=str(tmp_path / "hf"))
     assert len(ds) == len(reference)
@@ -161,7 +161,7 @@ def test_to_hf_dataset(recdir, reference, tmp_path):
 
 def test_export_hf_parquet(recdir, reference, tmp_path):
     datasets = pytest.importorskip("datasets")
-    from pipeline.hf import export_hf_parquet
+    from pipeline.consume.hf import export_hf_parquet
 
     out = tmp_path / "hf-parquet"
     assert export_hf_parquet(recdir, out) == ["a.parquet", "b.parquet"]
@@ -185,8 +185,8 @@ def test_export_into_records_is_refused_and_an_export_is_no_records(recdir, tmp_
     """export_hf_parquet(d, d) used to overwrite the records with the datasets layout, and the
     loader then yielded x_t of shape [4]."""
     pytest.importorskip("datasets")
-    from pipeline.dataset import PrecomputedDataset
-    from pipeline.hf import export_hf_parquet
+    from pipeline.consume.dataset import PrecomputedDataset
+    from pipeline.consume.hf import export_hf_parquet
 
     before = {p.name: p.read_bytes() for p in recdir.glob("*.parquet")}
     other = tmp_path / "other"

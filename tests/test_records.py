@@ -1,4 +1,5 @@
-"""The column registry of pipeline.records: one declaration per column, everything derived."""
+"""The column registry of pipeline.output.records: one declaration per column, everything
+derived."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import conditioning, records
-from pipeline.records import Column, Layout, columns_of, record_schema
-from pipeline.stages import split_nonfinite
+from pipeline.output import records
+from pipeline.output.records import Column, Layout, columns_of, record_schema
+from pipeline.read import conditioning
+from pipeline.run.stages import split_nonfinite
 
 COND = {"keep": ["cls", "txt"], "require": [], "columns": [
     {"column": "cls", "ext": "cls", "kind": "cls", "type": "int64"},

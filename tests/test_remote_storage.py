@@ -1,9 +1,9 @@
 """Shards read from and records written to object storage: ``s3://`` URLs against a local
 S3-compatible server (moto's server mode, started here on a free loopback port), selected the
 standard way (``AWS_ENDPOINT_URL``, honoured by pyarrow for the records and for the shards,
-which pipeline.tarstream opens with pipeline.fs.open_input). The job runs on the loopback cluster
-through jobs/submit.sh with a runtime environment carrying the endpoint, its driver is SIGKILLed
-in the middle and the same command resumes."""
+which pipeline.read.tarstream opens with pipeline.fs.open_input). The job runs on the loopback
+cluster through jobs/submit.sh with a runtime environment carrying the endpoint, its driver is
+SIGKILLed in the middle and the same command resumes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fixtures.dataset import JOB_ARGS
 from fixtures.records import assert_same_records, read_records
 from raycluster import ROOT, finish, gated, shared_cluster, urls_override, wait_for
 
-from pipeline.manifest import OutputDir
+from pipeline.output.manifest import OutputDir
 
 boto3 = pytest.importorskip("boto3", reason="remote storage tests need moto[server] and s3fs")
 pytest.importorskip("moto", reason="remote storage tests need moto[server]")

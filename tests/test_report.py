@@ -1,5 +1,5 @@
-"""pipeline.report and pipeline.plots: report.md parses as Markdown, report.html embeds every
-plot, the plots' data (bands, strip, eps per channel) agree with the records.
+"""pipeline.validate.report and pipeline.validate.plots: report.md parses as Markdown, report.html
+embeds every plot, the plots' data (bands, strip, eps per channel) agree with the records.
 
 Datasets are built by the real precompute on tiny shards (as in test_validate.py): images
 (16 x 16 RGB, x_0 stored) and 4-channel arrays (the shape of latents, x_0 not stored).
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from shards import write_array_shard, write_image_shard
 
-from pipeline import plots, validate
-from pipeline.config import compose
+from pipeline import validate
 from pipeline.precompute import run as precompute
+from pipeline.run.config import compose
+from pipeline.validate import plots
 from pipeline.validate.measures import split_strip, strip_item
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -105,7 +106,7 @@ def test_markdown_table_parses_with_one_cell_per_column(reports):
 
 
 def test_cell_escapes_pipes_and_line_breaks():
-    from pipeline.report import _cell
+    from pipeline.validate.report import _cell
 
     assert _cell("max |z|") == "max \\|z\\|"
     assert _cell("a\nb  c") == "a b c" and _cell(None) == "-" and _cell(0.123456) == "0.1235"

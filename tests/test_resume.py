@@ -1,7 +1,7 @@
-"""Output-directory safety and resume (pipeline/resume.py, pipeline/lease.py): the pipeline
-deletes only what it wrote, never writes among foreign files, lets one driver at a time write a
-directory, refuses markers of another config or input, and redoes committed shards whose input
-changed or whose file is gone. Also the exit codes of data that is lost silently otherwise."""
+"""Output-directory safety and resume (pipeline/output/resume.py, pipeline/output/lease.py): the
+pipeline deletes only what it wrote, never writes among foreign files, lets one driver at a time
+write a directory, refuses markers of another config or input, and redoes committed shards whose
+input changed or whose file is gone. Also the exit codes of data that is lost silently otherwise."""
 
 from __future__ import annotations
 
@@ -16,11 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 from shards import flip_an_x_t_sign, npy_bytes, write_array_shard, write_tar
 
-from pipeline import resume
-from pipeline.lease import LEASE
-from pipeline.manifest import MANIFEST, CorruptFileError, OutputDir, OutsideOutputError, is_shard_id
+from pipeline.output import resume
+from pipeline.output.lease import LEASE
+from pipeline.output.manifest import (
+    MANIFEST,
+    CorruptFileError,
+    OutputDir,
+    OutsideOutputError,
+    is_shard_id,
+)
 from pipeline.precompute import JobError, run
-from pipeline.source import shard_id
+from pipeline.read.source import shard_id
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from pipeline import fs, resume
-from pipeline.contracts import CommitMarker
-from pipeline.manifest import MANIFEST, SEGMENT, OutputDir
+from pipeline import fs
+from pipeline.output import resume
+from pipeline.output.contracts import CommitMarker
+from pipeline.output.manifest import MANIFEST, SEGMENT, OutputDir
 from pipeline.precompute import JobState, ShardTask
 
 CHASH = "feedfacecafebeef"

@@ -49,7 +49,7 @@ def test_features_are_named_not_indexed():
 
 
 def test_scan_columns_come_from_the_record_format():
-    from pipeline import records
+    from pipeline.output import records
     from pipeline.validate.plan import ScanPlan, scan_columns
 
     process = {"shape": [3, 4, 4], "schedule": {"num_timesteps": 10}, "store_x0": True,

@@ -2,7 +2,7 @@
 errors and the report CLI.
 
 The references below are deliberately written in plain-Python float64 loops (``math`` only),
-straight from the papers, so they share no code path with ``pipeline.schedule``.
+straight from the papers, so they share no code path with ``pipeline.noising.schedule``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import schedule as sched_mod
-from pipeline.schedule import SCHEDULES, make_schedule
+from pipeline.noising import schedule as sched_mod
+from pipeline.noising.schedule import SCHEDULES, make_schedule
 
 TABLES = (
     "betas",

@@ -1,4 +1,4 @@
-"""Tests of pipeline.source: samples from shards, grouping, pickled members, error policy,
+"""Tests of pipeline.read.source: samples from shards, grouping, pickled members, error policy,
 URL helpers."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from shards import (
     write_tar,
 )
 
-from pipeline.decoders import ArrayDecoder, DecodeError, ImageDecoder
-from pipeline.source import (
+from pipeline.read.decoders import ArrayDecoder, DecodeError, ImageDecoder
+from pipeline.read.source import (
     Reject,
     Sample,
     SampleError,

@@ -1,13 +1,13 @@
-"""The stage interface (pipeline/stage.py): a Batch keeps its samples, extras and rejects aligned
-when samples are dropped, and a chain stops at an empty batch."""
+"""The stage interface (pipeline/run/stage.py): a Batch keeps its samples, extras and rejects
+aligned when samples are dropped, and a chain stops at an empty batch."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.source import Sample, SampleError
-from pipeline.stage import Batch, Stage, run_chain
+from pipeline.read.source import Sample, SampleError
+from pipeline.run.stage import Batch, Stage, run_chain
 
 
 def _batch(n: int = 4) -> Batch:

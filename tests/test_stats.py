@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.stats import (
+from pipeline.validate.stats import (
     GroupedCoMoments,
     GroupedMoments,
     Moments,

@@ -1,4 +1,4 @@
-"""pipeline.targets: every objective's prediction implies the right x_0 and eps, the general
+"""pipeline.noising.targets: every objective's prediction implies the right x_0 and eps, the general
 posterior KL of the true target is 0, Euler sampling of an exact velocity lands on the data."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import process
-from pipeline.diffusion import q_posterior, q_sample, v_target, velocity
-from pipeline.schedule import make_schedule
-from pipeline.targets import Objective, euler_sample
+from pipeline.noising import process
+from pipeline.noising.diffusion import q_posterior, q_sample, v_target, velocity
+from pipeline.noising.schedule import make_schedule
+from pipeline.noising.targets import Objective, euler_sample
 
 PROCS = {
     "ddpm": process.ddpm(make_schedule("cosine", 50)),

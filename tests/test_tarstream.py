@@ -1,5 +1,5 @@
-"""Tests of pipeline.tarstream (through pipeline.source.iter_shard, its one caller): stream
-failures, compressed and remote shards, hostile tars, read limits."""
+"""Tests of pipeline.read.tarstream (through pipeline.read.source.iter_shard, its one caller):
+stream failures, compressed and remote shards, hostile tars, read limits."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from shards import (
     write_tar,
 )
 
-from pipeline import tarstream
-from pipeline.decoders import ArrayDecoder, ImageDecoder
 from pipeline.fs import open_input
-from pipeline.source import Reject, Sample, iter_shard
-from pipeline.tarstream import ReadLimits, ShardReadError, ShardTimeoutError
+from pipeline.read import tarstream
+from pipeline.read.decoders import ArrayDecoder, ImageDecoder
+from pipeline.read.source import Reject, Sample, iter_shard
+from pipeline.read.tarstream import ReadLimits, ShardReadError, ShardTimeoutError
 
 
 def run(path, decoder, on_error="skip") -> list[Sample | Reject]:
@@ -208,7 +208,7 @@ def test_stopping_early_closes_the_stream(tmp_path):
 
 # --------------------------------------------------------------------------- hostile shards
 # Each test builds a real malformed tar; see the issue's measured failures in the module
-# docstring of pipeline/tarstream.py.
+# docstring of pipeline/read/tarstream.py.
 
 
 def tar_member(name, data: bytes = b"", fmt=tarfile.PAX_FORMAT, **attrs) -> bytes:

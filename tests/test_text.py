@@ -20,11 +20,11 @@ import torch
 from shards import npy_bytes, write_tar
 
 from jobs.bench.textmodels import make_clip, make_flux_root, make_sd3_root, make_sdxl_root, make_t5
-from pipeline import text
-from pipeline.dataset import PrecomputedDataset
-from pipeline.manifest import OutputDir
+from pipeline.consume.dataset import PrecomputedDataset
+from pipeline.encode import text
+from pipeline.output.manifest import OutputDir
+from pipeline.output.text_store import TEXT_DIR, UNCOND
 from pipeline.precompute import JobError, run
-from pipeline.text_store import TEXT_DIR, UNCOND
 
 transformers = pytest.importorskip("transformers")
 
@@ -66,7 +66,7 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory, clip_dir, ray_session):
-    from pipeline.config import compose
+    from pipeline.run.config import compose
 
     root = tmp_path_factory.mktemp("textrun")
     caps = {**write_captioned(root / "a-0.tar", 0), **write_captioned(root / "a-1.tar", 1)}
@@ -182,7 +182,7 @@ def test_other_tokenizer_or_encoder_refused(clip_run, clip_dir, tmp_path):
 
 def _change_one_value(path) -> None:
     """Scale one stored clip_hidden value in place: the file keeps its size (no compression)."""
-    from pipeline.records import tensor_to_numpy
+    from pipeline.output.records import tensor_to_numpy
 
     value = tensor_to_numpy(pq.read_table(path, columns=["clip_hidden"]).column(0))[0, 1, 2]
     data = bytearray(path.read_bytes())
@@ -243,7 +243,7 @@ class _Sample:
 
 def stage_outputs(make_cfg, preset: str, root, *overrides: str):
     """(the preset's assembled tensors for PROMPTS, and for the empty prompt) from TextStage."""
-    from pipeline.text_encode import TextStage
+    from pipeline.encode.text_encode import TextStage
 
     # text.batch_size=2 = len(PROMPTS): the forward passes have diffusers' batch shape, so the
     # GEMMs round alike and float32 results are bit-equal
@@ -349,7 +349,7 @@ def test_flux_preset_matches_diffusers_encode_prompt(tmp_path, make_cfg):
 
 
 def test_t5_encoder_matches_transformers(tmp_path, make_cfg):
-    from pipeline.text_encode import TextStage
+    from pipeline.encode.text_encode import TextStage
 
     folder = make_t5(tmp_path / "t5")
     cfg = make_cfg("source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=t5",
@@ -380,7 +380,7 @@ def test_text_check_passes_and_catches_defects(clip_run, tmp_path):
     name = o.path("_text/a-0.parquet")  # the first seen of each caption: re-encoded too
     table = pq.read_table(name)
     hidden = table.column("clip_hidden")
-    from pipeline.records import tensor_array, tensor_to_numpy
+    from pipeline.output.records import tensor_array, tensor_to_numpy
 
     values = tensor_to_numpy(hidden).copy()
     values[0] *= 1.01
@@ -449,7 +449,7 @@ def test_train_example_cond_text(clip_dir, ray_session, tmp_path):
     held-out MSE given the caption's embedding is below that given the empty prompt's (same
     records, x_t, t, eps), by more than 2 standard errors; the null condition the model was
     trained with (caption dropout) is the stored unconditional embedding."""
-    from pipeline.config import compose
+    from pipeline.run.config import compose
 
     te = train_example()
     for s in range(2):
@@ -504,7 +504,7 @@ def test_length_buckets_with_the_attention_mask(tmp_path, make_cfg):
     position below the bucket equals transformers' full-length masked computation (float32
     rounding), those beyond are zeros; a caption's bytes do not depend on its neighbours; the
     option is refused without the mask."""
-    from pipeline.text_encode import TextStage
+    from pipeline.encode.text_encode import TextStage
 
     folder = make_t5(tmp_path / "t5")
     base = ["source.urls=x.tar", "output.dir=o", "output.dtype=float32", "text=t5",
@@ -542,9 +542,9 @@ def test_length_buckets_with_the_attention_mask(tmp_path, make_cfg):
 def test_a_non_finite_embedding_is_a_reject_with_its_reason(tmp_path, make_cfg):
     """A CLIP whose final layer norm is scaled by 1e6 overflows float16 storage: each sample
     becomes a reject naming the columns and the fix; with on_error=fail the first one raises."""
-    from pipeline.source import Sample, SampleError
-    from pipeline.stage import Batch
-    from pipeline.text_encode import TextStage
+    from pipeline.encode.text_encode import TextStage
+    from pipeline.read.source import Sample, SampleError
+    from pipeline.run.stage import Batch
 
     folder = make_clip(tmp_path / "clip")
     model = transformers.CLIPTextModel.from_pretrained(folder)
@@ -573,8 +573,8 @@ def test_sd3_preset_end_to_end(tmp_path, ray_session):
     """text=sd3 through the pipeline (three encoders, 16 + 16 + 24 tokens, K = 2): the loader's
     columns assemble into exactly what the in-process stage computes for the same captions
     (itself bit-equal to diffusers above), and the validator's text check passes."""
-    from pipeline.config import compose
-    from pipeline.text_encode import TextStage
+    from pipeline.encode.text_encode import TextStage
+    from pipeline.run.config import compose
     from pipeline.validate import load_config
     from pipeline.validate import run as validate
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.dataset import PrecomputedDataset
-from pipeline.diffusion import q_posterior, q_sample
-from pipeline.schedule import make_schedule
+from pipeline.consume.dataset import PrecomputedDataset
+from pipeline.noising.diffusion import q_posterior, q_sample
+from pipeline.noising.schedule import make_schedule
 
 SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "train_example.py"
 
@@ -169,8 +169,8 @@ def labelled(te, tmp_path_factory):
 def test_synthetic_labels_are_record_columns(te, labelled):
     import pyarrow as pa
 
-    from pipeline.conditioning import Conditioning, spec_of
-    from pipeline.dataset import RecordsDir
+    from pipeline.consume.dataset import RecordsDir
+    from pipeline.read.conditioning import Conditioning, spec_of
 
     rdir = RecordsDir(labelled)
     assert rdir.schema.field("cls").type == pa.int64() and rdir.schema.field("cls").nullable
@@ -269,8 +269,8 @@ def made(tmp_path_factory, ray_session):
     logit_normal) and DDPM with the v target (T=100)."""
     from shards import write_image_shard
 
-    from pipeline.config import compose
     from pipeline.precompute import run
+    from pipeline.run.config import compose
 
     root = tmp_path_factory.mktemp("objectives")
     for i in range(2):

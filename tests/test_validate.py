@@ -25,13 +25,15 @@ from shards import (
     write_tar,
 )
 
-from pipeline import noisehash, records, report, validate
-from pipeline.config import compose
-from pipeline.diffusion import q_posterior, q_sample
-from pipeline.manifest import MANIFEST, OutputDir
-from pipeline.noisehash import SpillBuckets
+from pipeline import validate
+from pipeline.noising.diffusion import q_posterior, q_sample
+from pipeline.output import records
+from pipeline.output.manifest import MANIFEST, OutputDir
 from pipeline.precompute import run as precompute
-from pipeline.report import format_console, format_table
+from pipeline.run.config import compose
+from pipeline.validate import noisehash, report
+from pipeline.validate.noisehash import SpillBuckets
+from pipeline.validate.report import format_console, format_table
 from pipeline.validate.verdict import Highlight, litem, verdict
 
 pytestmark = pytest.mark.usefixtures("ray_session")

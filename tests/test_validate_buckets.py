@@ -14,9 +14,9 @@ import pytest
 from test_bucket_output import BUCKETS, bucket_shards
 
 from pipeline import validate
-from pipeline.config import compose
-from pipeline.manifest import OutputDir
+from pipeline.output.manifest import OutputDir
 from pipeline.precompute import run
+from pipeline.run.config import compose
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -123,7 +123,7 @@ def test_text_embeddings_with_buckets_validate_and_load_by_shard(tmp_path):
     from test_bucket_output import SIZES
 
     from jobs.bench.textmodels import make_clip
-    from pipeline.dataset import PrecomputedDataset
+    from pipeline.consume.dataset import PrecomputedDataset
 
     clip = make_clip(tmp_path / "clip")
     members = []

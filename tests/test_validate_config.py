@@ -10,8 +10,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipeline import validate
-from pipeline.config import CONF_DIR
-from pipeline.validate_config import ValidateConfig, check_values
+from pipeline.run.config import CONF_DIR
+from pipeline.validate.config import ValidateConfig, check_values
 
 REQUIRED = ["output.dir=/tmp/dataset"]
 

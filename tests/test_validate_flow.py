@@ -14,12 +14,12 @@ import torch
 from shards import write_array_shard
 from test_validate import _copy, _drop_x0, _failed, _read, _recommit, _validate, _write
 
-from pipeline import records
-from pipeline.config import compose
-from pipeline.diffusion import q_posterior, q_sample, velocity
-from pipeline.noise import KeyedNoise
+from pipeline.noising.diffusion import q_posterior, q_sample, velocity
+from pipeline.noising.noise import KeyedNoise
+from pipeline.noising.process import flow
+from pipeline.output import records
 from pipeline.precompute import run as precompute
-from pipeline.process import flow
+from pipeline.run.config import compose
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 FLOW = ["schedule=flow", "schedule.shift=3.0", "sampling.timesteps=logit_normal"]

@@ -1,5 +1,5 @@
-"""Model weights come from exactly the bytes that were hashed (pipeline/weights.py): a weights
-file replaced while a job runs cannot reach the model, and a damaged one is refused on the
+"""Model weights come from exactly the bytes that were hashed (pipeline/encode/weights.py): a
+weights file replaced while a job runs cannot reach the model, and a damaged one is refused on the
 driver in one line (exit 2) before Ray starts."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from fixtures.runner import run_python
 from shards import write_array_shard
 from test_encoder import make_vae, pixel_arrays, vae_cfg
 
-from pipeline import encoder
-from pipeline.encode_stage import EncodeStage, load_vae
-from pipeline.encoder import EncoderError, describe_encoder
-from pipeline.source import Sample
-from pipeline.stage import Batch
-from pipeline.weights import WeightsError, check_safetensors, load_state_dict
+from pipeline.encode import encoder
+from pipeline.encode.encode_stage import EncodeStage, load_vae
+from pipeline.encode.encoder import EncoderError, describe_encoder
+from pipeline.encode.weights import WeightsError, check_safetensors, load_state_dict
+from pipeline.read.source import Sample
+from pipeline.run.stage import Batch
 
 diffusers = pytest.importorskip("diffusers")
 

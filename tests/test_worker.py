@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.noise import KeyedNoise
-from pipeline.schedule import make_schedule
-from pipeline.source import Sample
-from pipeline.stages import RecordOptions, RowGroupWriter, compute_records, read_ahead
-from pipeline.worker import resolve_device
+from pipeline.noising.noise import KeyedNoise
+from pipeline.noising.schedule import make_schedule
+from pipeline.read.source import Sample
+from pipeline.run.stages import RecordOptions, RowGroupWriter, compute_records, read_ahead
+from pipeline.run.worker import resolve_device
 
 
 def test_resolve_device_from_assigned_gpus():

@@ -12,7 +12,7 @@ per repeat, alternating:
 * pixels kept per image: the share of the original image's area that reaches the record. The
   square crop keeps ``min(h, w) / max(h, w)`` of an ``h x w`` image; a bucket ``H x W`` keeps
   ``H * W / (rh * rw)`` of it, ``(rh, rw)`` the size it is resized to cover the bucket
-  (:func:`pipeline.buckets.cover`). Both are computed from each record's ``original_size`` and
+  (:func:`pipeline.read.buckets.cover`). Both are computed from each record's ``original_size`` and
   ``target_size`` (read back from the bucketed run's records), and summarised by mean, median,
   10th percentile and minimum;
 * the bucket histogram of the bucketed run (the manifest's bucket table).
@@ -44,7 +44,7 @@ def kept_shares(out: Path) -> dict[str, np.ndarray]:
     keep, from the records' ``original_size`` and ``target_size``."""
     import pyarrow.parquet as pq
 
-    from pipeline.buckets import cover
+    from pipeline.read.buckets import cover
 
     square, bucketed = [], []
     for path in sorted(out.glob("*.parquet")):

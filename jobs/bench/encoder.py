@@ -6,10 +6,10 @@ With one torch thread (one CPU per actor, the ``local`` default), on the benchma
 shards (:func:`jobs.bench.measure.dataset`), at 64 px and 256 px:
 
 * **in-process split** (no Ray): per image, the decode (tar read, JPEG/PNG decode, resize:
-  :func:`pipeline.source.iter_shard` with :class:`~pipeline.decoders.ImageDecoder`), the VAE
-  encode (:class:`pipeline.encode_stage.EncodeStage`), the noise stage (keyed draws, x_t, posterior:
-  :func:`pipeline.stages.compute_records`, ``latent=sample``) and the Parquet encode of the
-  records; best of ``--repeats``;
+  :func:`pipeline.read.source.iter_shard` with :class:`~pipeline.read.decoders.ImageDecoder`), the
+  VAE encode (:class:`pipeline.encode.encode_stage.EncodeStage`), the noise stage (keyed draws, x_t,
+  posterior: :func:`pipeline.run.stages.compute_records`, ``latent=sample``) and the Parquet encode
+  of the records; best of ``--repeats``;
 * **end to end**: ``python -m pipeline.precompute ... encoder=vae ray.num_actors=1`` as a process
   (spawn to exit) on the same shard, and the actor's own time for the shard (the manifest's
   ``seconds``): images/s per actor with and without start-up.
@@ -100,16 +100,16 @@ def split(url: str, vae: Path, resolution: int, repeats: int, batch: int = 64) -
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.config import compose
-    from pipeline.decoders import ImageDecoder
-    from pipeline.encode_stage import EncodeStage
-    from pipeline.encoder import describe_encoder, latent_shape
-    from pipeline.noise import KeyedNoise
-    from pipeline.records import build_table, record_schema, writer_options
-    from pipeline.schedule import make_schedule
-    from pipeline.source import Sample, iter_shard
-    from pipeline.stage import Batch
-    from pipeline.stages import RecordOptions, compute_records
+    from pipeline.encode.encode_stage import EncodeStage
+    from pipeline.encode.encoder import describe_encoder, latent_shape
+    from pipeline.noising.noise import KeyedNoise
+    from pipeline.noising.schedule import make_schedule
+    from pipeline.output.records import build_table, record_schema, writer_options
+    from pipeline.read.decoders import ImageDecoder
+    from pipeline.read.source import Sample, iter_shard
+    from pipeline.run.config import compose
+    from pipeline.run.stage import Batch
+    from pipeline.run.stages import RecordOptions, compute_records
 
     torch.set_num_threads(1)
     cfg = compose(["encoder=vae", f"encoder.model={vae}", f"source.urls={url}", "output.dir=x",

@@ -5,14 +5,14 @@
 A ``multiprocessing.Pool(os.cpu_count())`` over shards; each worker streams its tar with
 ``tarfile``, decodes (PIL with ``draft`` for JPEG, shorter side resized bicubic + centre crop in
 one ``resize(box=...)``, to float32 [-1, 1]; arrays: ``np.load``), draws ``t`` and ``eps``, computes
-``x_t`` and the posterior in float32 numpy from the float64 tables of :mod:`pipeline.schedule`,
-casts to float16 and writes one Parquet file per shard (``arrow.fixed_shape_tensor`` columns,
-the project's columns and codecs) in row groups of 256. No framework, no checks, no manifest.
-The one piece of the project it uses besides the schedule's tables is the ~10-line Arrow wrapper
-:func:`pipeline.records.tensor_array` (numpy buffer -> tensor column, zero-copy): plain pyarrow
-that the floor would otherwise write out the same way.
+``x_t`` and the posterior in float32 numpy from the float64 tables of
+:mod:`pipeline.noising.schedule`, casts to float16 and writes one Parquet file per shard
+(``arrow.fixed_shape_tensor`` columns, the project's columns and codecs) in row groups of 256. No
+framework, no checks, no manifest. The one piece of the project it uses besides the schedule's
+tables is the ~10-line Arrow wrapper :func:`pipeline.output.records.tensor_array` (numpy buffer ->
+tensor column, zero-copy): plain pyarrow that the floor would otherwise write out the same way.
 
-The draws follow the project's record identity (``pipeline.noise``: BLAKE2b of (seed, shard,
+The draws follow the project's record identity (``pipeline.noising.noise``: BLAKE2b of (seed, shard,
 key, draw) keys a Philox stream for eps and gives t), re-implemented inline so that the floor's
 records are the project's records (``tests/test_bench.py`` checks it): a keyed Philox stream costs
 the same as one ``default_rng`` stream per shard (both ~0.25 ms per 64 px sample here). Only the
@@ -41,10 +41,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.records import tensor_array, tensor_type
-from pipeline.schedule import make_schedule
+from pipeline.noising.schedule import make_schedule
+from pipeline.output.records import tensor_array, tensor_type
 
-PERSON = b"ddpm-precompute"  # the BLAKE2b personalisation of pipeline.noise
+PERSON = b"ddpm-precompute"  # the BLAKE2b personalisation of pipeline.noising.noise
 ROWS_PER_GROUP = 256  # the project's output.rows_per_group default
 TENSORS = ("x_t", "epsilon", "posterior_mean")
 SCALARS = ("posterior_variance", "posterior_log_variance", "alpha_bar")
@@ -52,8 +52,8 @@ SCALARS = ("posterior_variance", "posterior_log_variance", "alpha_bar")
 
 # ---------------------------------------------------------------------------------- decoding
 def decode_image(data: bytes, r: int) -> np.ndarray:
-    """JPEG/PNG bytes -> float32 [3, r, r] in [-1, 1], as pipeline.decoders.ImageDecoder does for
-    RGB, L and RGBA photos without EXIF (alpha composited over white)."""
+    """JPEG/PNG bytes -> float32 [3, r, r] in [-1, 1], as pipeline.read.decoders.ImageDecoder does
+    for RGB, L and RGBA photos without EXIF (alpha composited over white)."""
     im = Image.open(io.BytesIO(data))
     side = min(im.size)
     if side >= 2 * r:  # JPEG only: decode at 1/2, 1/4 or 1/8 scale, never below r

@@ -60,9 +60,9 @@ def make_records(out: Path, num_records: int, files: int, rows_per_group: int) -
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline import records
-    from pipeline.noise import KeyedNoise
-    from pipeline.schedule import make_schedule
+    from pipeline.noising.noise import KeyedNoise
+    from pipeline.noising.schedule import make_schedule
+    from pipeline.output import records
 
     d = out / f"records-{num_records}-{files}-{rows_per_group}"
     if (d / "_done").exists():
@@ -109,7 +109,7 @@ def record_bytes() -> int:
 def _floor_part(path_units: list[tuple[str, int]]) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline.records import tensor_to_numpy
+    from pipeline.output.records import tensor_to_numpy
 
     rows, files = 0, {}
     for path, g in path_units:
@@ -149,7 +149,7 @@ def _row_groups_dataset(units: list[tuple[str, int]]):
     import torch
     from torch.utils.data import IterableDataset, get_worker_info
 
-    from pipeline.records import tensor_to_numpy
+    from pipeline.output.records import tensor_to_numpy
 
     class RowGroups(IterableDataset):
         def __iter__(self):
@@ -171,7 +171,7 @@ def _row_groups_dataset(units: list[tuple[str, int]]):
 def make_loader(d: Path, mode: str, shuffle: bool, workers: int):
     from torch.utils.data import DataLoader
 
-    from pipeline.dataset import PrecomputedDataset
+    from pipeline.consume.dataset import PrecomputedDataset
 
     if mode == "floor-dl":
         return DataLoader(_row_groups_dataset(_units(d)), batch_size=None, num_workers=workers)
@@ -198,7 +198,7 @@ def _cpu() -> float:
 def child(a) -> int:
     if a.code:  # another checkout's pipeline package
         sys.path.insert(0, str(Path(a.code).resolve()))
-    import pipeline.dataset  # noqa: F401  (imports outside the timing)
+    import pipeline.consume.dataset  # noqa: F401  (imports outside the timing)
 
     d = Path(a.dir)
     loader = None if a.mode == "floor" else make_loader(d, a.mode, a.shuffle, a.workers)
@@ -207,7 +207,7 @@ def child(a) -> int:
         cpu, t0 = _cpu(), time.perf_counter()
         rows = run_floor(d, a.workers) if loader is None else run_loader(loader)
         epochs.append({"rows": rows, "wall_s": time.perf_counter() - t0, "cpu_s": _cpu() - cpu})
-    source = str(Path(sys.modules["pipeline.dataset"].__file__).parents[1])
+    source = str(Path(sys.modules["pipeline.consume.dataset"].__file__).parents[2])
     print(json.dumps({**epochs[-1], "epochs": epochs, "pipeline": source}))
     return 0
 

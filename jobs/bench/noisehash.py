@@ -1,14 +1,14 @@
 """The validator's duplicate-noise check at many records: ``python -m jobs.bench.noisehash``.
 
-The check compares every record's eps hash (:mod:`pipeline.noisehash`). This harness measures
-what it costs in memory, per process, as the number of records N grows, on synthetic hashes
+The check compares every record's eps hash (:mod:`pipeline.validate.noisehash`). This harness
+measures what it costs in memory, per process, as the number of records N grows, on synthetic hashes
 (random 12-byte hashes, shards of ``--per-shard`` records; the check's code is the real one):
 
 * ``local-driver``: the validator's driver folding N records' hashes shard by shard into
-  :class:`~pipeline.noisehash.SpillBuckets` (as it does when each scan returns), then the
+  :class:`~pipeline.validate.noisehash.SpillBuckets` (as it does when each scan returns), then the
   bucket files' total size;
-* ``local-reduce``: one bucket's check (:func:`~pipeline.noisehash.duplicates_in_file`), in its
-  own process, on a bucket file of N records: the peak memory per record of a bucket;
+* ``local-reduce``: one bucket's check (:func:`~pipeline.validate.noisehash.duplicates_in_file`), in
+  its own process, on a bucket file of N records: the peak memory per record of a bucket;
 * ``ray-driver``: the same driver with the shards' hashes coming back from Ray tasks, one object
   per shard, spilled and let go (the code);
 * ``ray-held``: the design before it: each task returns its shard's hashes split into one object
@@ -50,7 +50,7 @@ def _shards(n: int, per_shard: int, seed: int = 0):
 
 
 def local_driver(n: int, per_shard: int, buckets: int) -> dict:
-    from pipeline.noisehash import SpillBuckets
+    from pipeline.validate.noisehash import SpillBuckets
 
     base, t0 = _rss_mib("VmRSS"), time.process_time()
     with SpillBuckets(buckets) as spill:
@@ -63,7 +63,7 @@ def local_driver(n: int, per_shard: int, buckets: int) -> dict:
 
 
 def local_reduce(n: int, per_shard: int) -> dict:
-    from pipeline.noisehash import SpillBuckets
+    from pipeline.validate.noisehash import SpillBuckets
 
     with SpillBuckets(1, dir=tempfile.gettempdir()) as spill:
         for ordinal, h in enumerate(_shards(n, per_shard)):
@@ -72,7 +72,7 @@ def local_reduce(n: int, per_shard: int) -> dict:
         # this process's peak so far is the data generation; measure the check in a child
         code = (
             "import sys, time; from jobs.bench.noisehash import _rss_mib;"
-            "from pipeline.noisehash import duplicates_in_file; import json;"
+            "from pipeline.validate.noisehash import duplicates_in_file; import json;"
             "b = _rss_mib('VmRSS'); t = time.process_time();"
             "d = duplicates_in_file(sys.argv[1]);"
             "print(json.dumps({'growth_mib': _rss_mib('VmHWM') - b,"
@@ -94,7 +94,7 @@ def ray_driver(n: int, per_shard: int, buckets: int, held: bool) -> dict:
     import numpy as np
     import ray
 
-    from pipeline.noisehash import SpillBuckets, split_hashes
+    from pipeline.validate.noisehash import SpillBuckets, split_hashes
 
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
 

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.records import tensor_array, tensor_type
+from pipeline.output.records import tensor_array, tensor_type
 
 ROWS, SHAPE = 1024, (3, 64, 64)
 

@@ -1,7 +1,7 @@
 """Where the time goes: py-spy samples one shard's processing, in-process and without Ray.
 
 ``python -m jobs.bench.profile --system project|floor --out DIR SHARD.tar`` runs one shard
-through :meth:`pipeline.worker.ShardWorker.process` (built as the driver builds it, default
+through :meth:`pipeline.run.worker.ShardWorker.process` (built as the driver builds it, default
 config) or through the floor's ``process_shard``; :func:`profile` runs that under ``py-spy
 record --format raw`` and sorts every sampled stack into a stage (:data:`STAGES`: the first rule
 that matches wins; a rule matches the stack's frames, or the source line of its deepest frame in
@@ -98,10 +98,10 @@ def breakdown(raw: str) -> Counter:
 def _project(url: str, out: str, resolution: int, kind: str) -> dict:
     from omegaconf import OmegaConf
 
-    from pipeline.config import compose, config_hash
-    from pipeline.manifest import SHARDS, OutputDir
+    from pipeline.output.manifest import SHARDS, OutputDir
     from pipeline.precompute import dataset_metadata, sample_shape
-    from pipeline.worker import ShardWorker
+    from pipeline.run.config import compose, config_hash
+    from pipeline.run.worker import ShardWorker
 
     cfg = compose(
         [f"source={kind}", f"source.urls={url}", f"output.dir={out}", "progress=false"]

@@ -38,7 +38,7 @@ def build(root: str, n: int) -> None:
     import pyarrow.parquet as pq
 
     from pipeline.fs import identity
-    from pipeline.manifest import OutputDir
+    from pipeline.output.manifest import OutputDir
 
     buf = io.BytesIO()
     pq.write_table(pa.table({"key": ["k"]}), buf)
@@ -79,11 +79,12 @@ def _peak_rss_mb() -> float:
 def phase(root: str, n: int, kind: str, per_write: int) -> dict:
     import pyarrow.parquet as pq
 
-    from pipeline import fs, resume
-    from pipeline.config import compose
-    from pipeline.contracts import CommitMarker
-    from pipeline.manifest import OutputDir
+    from pipeline import fs
+    from pipeline.output import resume
+    from pipeline.output.contracts import CommitMarker
+    from pipeline.output.manifest import OutputDir
     from pipeline.precompute import JobState, ShardTask
+    from pipeline.run.config import compose
 
     calls = {"reads": 0, "listings": 0, "stats": 0, "footers": 0, "input_stats": 0}
     calls.update(writes=0, written_bytes=0)

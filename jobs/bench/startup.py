@@ -47,7 +47,7 @@ def child() -> dict:
             import torch  # noqa: F401
             import webdataset  # noqa: F401
 
-            import pipeline.worker  # noqa: F401
+            import pipeline.run.worker  # noqa: F401
 
         def ping(self) -> int:
             return 1

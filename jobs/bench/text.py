@@ -5,12 +5,13 @@ and the storage and FLOP arithmetic of the real encoders.
 
 * **in-process, one torch thread** (one CPU per actor, the ``local`` default): each kind
   (``clip``, ``t5``, ``sdxl``, ``sd3``, ``flux``) with the tiny random encoders of
-  :mod:`jobs.bench.textmodels` (what the tests use; no download), :class:`pipeline.text_encode.
-  TextStage` embedding batches of 64 samples whose captions are all distinct (random word
-  sequences of 3-40 words: no cache hit, some truncated), best of ``--repeats``: captions/s, and
-  with every caption repeated 8 times in a shard (class-label-like data: the per-shard cache).
-  Model loading (verified bytes) is timed apart. And the tiny T5 given the attention mask at
-  ``max_length=256``: every caption padded to 256 against ``length_bucket=16``.
+  :mod:`jobs.bench.textmodels` (what the tests use; no download),
+  :class:`pipeline.encode.text_encode. TextStage` embedding batches of 64 samples whose captions are
+  all distinct (random word sequences of 3-40 words: no cache hit, some truncated), best of
+  ``--repeats``: captions/s, and with every caption repeated 8 times in a shard (class-label-like
+  data: the per-shard cache). Model loading (verified bytes) is timed apart. And the tiny T5 given
+  the attention mask at ``max_length=256``: every caption padded to 256 against
+  ``length_bucket=16``.
 * **end to end**: the pipeline (embedded Ray, one actor, one CPU) on the same arrays shards with
   ``text=none`` and ``text=clip``: the actor's own seconds per shard (the markers' ``seconds``),
   so the text stage's cost inside an actor; and the bytes per sample of each column of the text
@@ -18,8 +19,8 @@ and the storage and FLOP arithmetic of the real encoders.
 * **real encoders, arithmetic** (no weights: the models are built on torch's ``meta`` device from
   their published configs): parameters, bytes of the weights in bfloat16, FLOPs per caption
   (``torch.utils.flop_counter``) of CLIP-L, OpenCLIP bigG and T5-XXL's encoder; and the bytes per
-  sample of the columns each preset stores (:func:`pipeline.text.text_columns`, float16) against
-  the latent of its image size (4x64x64, 4x128x128, 16x128x128 in float16).
+  sample of the columns each preset stores (:func:`pipeline.encode.text.text_columns`, float16)
+  against the latent of its image size (4x64x64, 4x128x128, 16x128x128 in float16).
 
 The tiny encoders' numbers measure the pipeline around the model (tokenisation, cache, columns,
 Parquet), not a real encoder's cost; the FLOPs are what docs/gpu.md's GPU estimates start from.
@@ -78,7 +79,7 @@ def tiny_model(models: Path, kind: str) -> Path:
 
 def length_overrides(kind: str) -> list[str]:
     """max_length overrides fitting the tiny tokenizers (16 CLIP positions, 24 for T5)."""
-    from pipeline.config import compose
+    from pipeline.run.config import compose
 
     encs = compose(["source.urls=x", "output.dir=x", f"text={kind}", "text.model=x"]).text.encoders
     return [f"text.encoders.{i}.max_length={TINY_LENGTHS['t5' if e.name == 't5' else 'clip']}"
@@ -109,9 +110,9 @@ def in_process(models: Path, kind: str, n: int, repeats: int, extra: tuple = ())
     overrides (they replace the tiny max_length ones)."""
     import torch
 
-    from pipeline.config import compose
-    from pipeline.text import describe_text
-    from pipeline.text_encode import TextStage
+    from pipeline.encode.text import describe_text
+    from pipeline.encode.text_encode import TextStage
+    from pipeline.run.config import compose
 
     torch.set_num_threads(1)
     lengths = [] if extra else length_overrides(kind)
@@ -189,8 +190,8 @@ def end_to_end(work: Path, models: Path, shards: int, per_shard: int, repeats: i
     (sum over shards) and the stored bytes."""
     import ray
 
-    from pipeline.config import compose
     from pipeline.precompute import run
+    from pipeline.run.config import compose
 
     urls = captioned_shards(work, shards, per_shard)
     ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR",
@@ -278,11 +279,11 @@ def real_encoders() -> dict:
 
 
 def storage() -> dict:
-    """Bytes per sample of each preset's columns in float16 (pipeline.text.text_columns) and
+    """Bytes per sample of each preset's columns in float16 (pipeline.encode.text.text_columns) and
     of the latent of its native image size, and their ratio."""
     import numpy as np
 
-    from pipeline.text import text_columns
+    from pipeline.encode.text import text_columns
 
     out = {}
     for preset, encs in REAL_PRESETS.items():

@@ -20,11 +20,11 @@ The package, in the order of the data's path:
 * :mod:`~pipeline.validate.checks`: the check registry, one module per check, built with
   :mod:`~pipeline.validate.verdict` and :mod:`~pipeline.validate.figures`.
 
-The config's schema is :mod:`pipeline.validate_config`; where the scans run,
-:mod:`pipeline.executor`; the report, :mod:`pipeline.report`.
+The config's schema is :mod:`pipeline.validate.config`; where the scans run,
+:mod:`pipeline.validate.executor`; the report, :mod:`pipeline.validate.report`.
 """
 
-from .cli import load_config, main, run_validation
-from .driver import CannotValidate, open_dataset, run
+from pipeline.validate.cli import load_config, main, run_validation
+from pipeline.validate.driver import CannotValidate, open_dataset, run
 
 __all__ = ["CannotValidate", "load_config", "main", "open_dataset", "run", "run_validation"]

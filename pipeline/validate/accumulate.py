@@ -7,16 +7,16 @@ posterior and target value recomputed from x_0, eps and the float64 tables of th
 within the rounding of the stored dtype, :mod:`pipeline.validate.rounding`).
 
 Every statistic is stated in alpha_t and sigma_t (x_t = alpha_t x_0 + sigma_t eps), so one scan
-serves both families (:mod:`pipeline.process`): DDPM (alpha = sqrt(ab), sigma = sqrt(1 - ab))
-and rectified flow (alpha = 1 - sigma). t-bins are over the grid index (DDPM's t; flow's stored
+serves both families (:mod:`pipeline.noising.process`): DDPM (alpha = sqrt(ab), sigma = sqrt(1 -
+ab)) and rectified flow (alpha = 1 - sigma). t-bins are over the grid index (DDPM's t; flow's stored
 t = sigma * T is mapped back to its index, and a value off the grid counts as out of range).
 
 Cost (docs/benchmark.md, "Validation cost"): the scan reads only the columns it checks, casts
 each tensor to float64 once per cache-sized chunk of records (:data:`CHUNK_ELEMENTS`) and
 computes everything of that chunk (consistency, row moments, cross-products, adjacent
 correlations, per-position sums) before the next; each (record, channel) row's moments go to
-their (t-bin, channel) cell as one part (:meth:`pipeline.stats.GroupedMoments.add_parts`), not
-value by value with an index. The time per part is in ``ShardStats.cost``. Precision: all
+their (t-bin, channel) cell as one part (:meth:`pipeline.validate.stats.GroupedMoments.add_parts`),
+not value by value with an index. The time per part is in ``ShardStats.cost``. Precision: all
 arithmetic stays float64. float32 was measured and not kept: on chunks in cache it is no faster
 (the float16 cast and the reads dominate), and the consistency tolerance is a few float32
 roundoffs of the operands, so the check's own arithmetic must be far more precise than float32.
@@ -32,14 +32,21 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .. import records
-from .bucketscan import BucketScan
-from .condscan import CondScan
-from .cost import Cost
-from .features import CROSS, REC, X0REC
-from .measures import ShardStats, Stats, strip_item
-from .plan import CHUNK_ELEMENTS, TARGETS, ScanPlan, bin_of_t, scan_columns, seed_of
-from .rounding import finite_rows, half_ulp, op_tol, target_ratios
+from pipeline.output import records
+from pipeline.validate.bucketscan import BucketScan
+from pipeline.validate.condscan import CondScan
+from pipeline.validate.cost import Cost
+from pipeline.validate.features import CROSS, REC, X0REC
+from pipeline.validate.measures import ShardStats, Stats, strip_item
+from pipeline.validate.plan import (
+    CHUNK_ELEMENTS,
+    TARGETS,
+    ScanPlan,
+    bin_of_t,
+    scan_columns,
+    seed_of,
+)
+from pipeline.validate.rounding import finite_rows, half_ulp, op_tol, target_ratios
 
 # The axes of the (eps, x_0, x_t) cross-product matrices.
 EPS, X0, XT = (CROSS.index(n) for n in ("eps", "x0", "xt"))

@@ -1,6 +1,6 @@
 """The scan of a shard's aspect-ratio bucket columns (``source.buckets``), for the ``buckets``
 check: each record's ``target_size``, ``original_size``, ``crop_top_left`` and ``flipped``
-against the configured grid (:mod:`pipeline.buckets`) and against the shape of its file."""
+against the configured grid (:mod:`pipeline.read.buckets`) and against the shape of its file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..buckets import Grid
+from pipeline.read.buckets import Grid
 
 EXAMPLES = 5
 # |log(h/w) - log(H/W)| may exceed the half step by float rounding only
@@ -21,7 +21,7 @@ class BucketScan:
     dataset's metadata) has no ``buckets``. Per record: its ``target_size`` is a configured
     bucket and the nearest to its ``original_size`` in log ratio; within the grid's range of
     ratios its aspect error stays within the grid's half step; its crop lies inside the
-    resized image (:func:`pipeline.buckets.cover`); it sits in the file of its bucket's shape.
+    resized image (:func:`pipeline.read.buckets.cover`); it sits in the file of its bucket's shape.
     Per sample (draw 0): flips."""
 
     def __init__(self, process: dict):
@@ -119,7 +119,7 @@ class BucketScan:
                 f"(original_size {orig[i].tolist()}, target_size {target[i].tolist()})"
             ),
         )
-        scale = np.maximum(th_f / oh, tw_f / ow)  # pipeline.buckets.cover, vectorised
+        scale = np.maximum(th_f / oh, tw_f / ow)  # pipeline.read.buckets.cover, vectorised
         rh = np.maximum(th, np.round(oh * scale).astype(np.int64))
         rw = np.maximum(tw, np.round(ow * scale).astype(np.int64))
         y, x = crop[:, 0], crop[:, 1]
@@ -165,6 +165,6 @@ def merge(into: dict, part: dict) -> dict:
 
 
 def half_step(process: dict) -> float:
-    """The grid's half step in log ratio (:meth:`pipeline.buckets.Grid.half_step`)."""
+    """The grid's half step in log ratio (:meth:`pipeline.read.buckets.Grid.half_step`)."""
     sizes = tuple(tuple(b["size"]) for b in process.get("buckets") or ())
     return Grid(sizes).half_step() if sizes else math.inf

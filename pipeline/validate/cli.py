@@ -7,17 +7,17 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from ..errors import ExitCode, PipelineError, describe, internal_error
-from ..report import format_console
-from ..validate_config import register_validate_configs
-from .driver import run
+from pipeline.errors import ExitCode, PipelineError, describe, internal_error
+from pipeline.validate.config import register_validate_configs
+from pipeline.validate.driver import run
+from pipeline.validate.report import format_console
 
 
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     """conf/validate.yaml with command-line style overrides (``key=value``), typed by
-    :class:`pipeline.validate_config.ValidateConfig`: an unknown key or a wrong type raises
+    :class:`pipeline.validate.config.ValidateConfig`: an unknown key or a wrong type raises
     (Hydra's ConfigCompositionException, exit code 2 from :func:`main`)."""
-    from ..config import compose
+    from pipeline.run.config import compose
 
     register_validate_configs()
     return compose(list(overrides), config_name="validate")
@@ -44,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     code."""
     argv = positional_dir(list(sys.argv[1:] if argv is None else argv))
     if any(a in ("-h", "--help") for a in argv):
-        from .. import validate
-        from ..config import CONF_DIR
+        from pipeline import validate
+        from pipeline.run.config import CONF_DIR
 
         print(validate.__doc__.split("\n\n")[0] + "\n\n" + describe("validate"))
         print("\nKeys, set as key=value (conf/validate.yaml):\n")
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (HydraException, OmegaConfBaseException) as exc:  # override errors, unknown keys
-        from ..config import config_error_message
+        from pipeline.run.config import config_error_message
 
         print(f"error: {config_error_message(exc)}", file=sys.stderr)
         return ExitCode.CANNOT_START

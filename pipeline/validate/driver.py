@@ -3,13 +3,13 @@ report (:func:`run`).
 
 One pass over the records, bounded memory whatever the dataset size: every committed shard is
 read one Parquet batch at a time by a Ray task or a local process
-(:func:`pipeline.validate.scan.scan_shard`; which one: :mod:`pipeline.executor`), and the
+(:func:`pipeline.validate.scan.scan_shard`; which one: :mod:`pipeline.validate.executor`), and the
 per-shard statistics (mergeable moments, co-moments, reservoirs, hashes; see
-:mod:`pipeline.stats`) are merged on the driver as tasks finish
+:mod:`pipeline.validate.stats`) are merged on the driver as tasks finish
 (:class:`pipeline.validate.measures.DatasetStats`). Everything about the process comes from the
 dataset itself: the manifest's ``process`` block and every file's ``ddpm`` metadata. The checks
-(:data:`pipeline.validate.checks.CHECKS`) then give their verdicts, and :mod:`pipeline.report`
-writes the report.
+(:data:`pipeline.validate.checks.CHECKS`) then give their verdicts, and
+:mod:`pipeline.validate.report` writes the report.
 """
 
 from __future__ import annotations
@@ -19,16 +19,22 @@ from dataclasses import asdict
 
 from omegaconf import DictConfig, OmegaConf
 
-from .. import records
-from ..buckets import data_names_by_shard
-from ..errors import CannotStart, ExitCode, UsageError
-from ..manifest import COMMITTED, MANIFEST, MANIFEST_FORMAT, CorruptFileError, OutputDir
-from ..report import REPORT_FORMAT, dataset_summary, write_report
-from ..validate_config import check_values
-from .cost import cost_seconds
-from .inventory import take_inventory
-from .measures import DatasetStats
-from .plan import make_plan
+from pipeline.errors import CannotStart, ExitCode, UsageError
+from pipeline.output import records
+from pipeline.output.manifest import (
+    COMMITTED,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    CorruptFileError,
+    OutputDir,
+)
+from pipeline.read.buckets import data_names_by_shard
+from pipeline.validate.config import check_values
+from pipeline.validate.cost import cost_seconds
+from pipeline.validate.inventory import take_inventory
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.plan import make_plan
+from pipeline.validate.report import REPORT_FORMAT, dataset_summary, write_report
 
 
 class CannotValidate(CannotStart):
@@ -70,10 +76,10 @@ def open_dataset(uri: str) -> tuple[OutputDir, dict]:
 
 
 def _scan_all(cfg: DictConfig, out: OutputDir, shards: list[str], ds: DatasetStats) -> None:
-    """Scan the shards with the executor the config names (:mod:`pipeline.executor`: Ray tasks
-    or a local process pool); CannotValidate when Ray cannot start or the pool cannot run."""
-    from ..executor import CannotStart, scan_all
-    from ..raysession import RayConnectError
+    """Scan the shards with the executor the config names (:mod:`pipeline.validate.executor`: Ray
+    tasks or a local process pool); CannotValidate when Ray cannot start or the pool cannot run."""
+    from pipeline.run.raysession import RayConnectError
+    from pipeline.validate.executor import CannotStart, scan_all
 
     try:
         scan_all(cfg, out, shards, ds)
@@ -119,7 +125,10 @@ def run(cfg: DictConfig) -> dict:
         inventory = take_inventory(out)
     except CorruptFileError as exc:
         raise CannotValidate(str(exc)) from None
-    from .checks import CHECKS, Context  # here: scipy (~0.7 s), not in scan processes' imports
+    from pipeline.validate.checks import (  # here: scipy (~0.7 s), not in scan processes' imports
+        CHECKS,
+        Context,
+    )
 
     ctx = Context(ds, out, manifest, inventory, schedule, noise, cfg)
     t1 = time.perf_counter()

@@ -1,7 +1,7 @@
 """The named per-record features of the scan: what their co-moment matrices' axes mean.
 
 The scan (:mod:`pipeline.validate.accumulate`) adds, per record and (t-bin, channel) cell, a
-vector of features to a :class:`pipeline.stats.GroupedCoMoments`; the checks read means and
+vector of features to a :class:`pipeline.validate.stats.GroupedCoMoments`; the checks read means and
 linear combinations of them with standard errors. Both sides name the features through one
 :class:`Features` declaration, so neither depends on the order of the axes.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..stats import GroupedCoMoments, linear_mean_se
+from pipeline.validate.stats import GroupedCoMoments, linear_mean_se
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from collections import Counter
 
 import numpy as np
 
-from ..stats import GroupedCoMoments
-from .measures import DatasetStats
-from .plan import ScanPlan
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.plan import ScanPlan
+from pipeline.validate.stats import GroupedCoMoments
 
 
 def bin_label(plan: ScanPlan, b: int) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
-from ..manifest import REJECTS, SHARDS, TEXT, OutputDir
+from pipeline.output.manifest import REJECTS, SHARDS, TEXT, OutputDir
 
 # The fields of a commit marker that the ``completeness`` check compares with the manifest and
 # with the files (size and checksum of the data file and of its side files: the text table).

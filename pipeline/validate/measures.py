@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..stats import (
+from pipeline.validate.features import CROSS, REC, X0REC, Cell
+from pipeline.validate.plan import CONSISTENCY, ScanPlan, seed_of
+from pipeline.validate.stats import (
     GroupedCoMoments,
     GroupedMoments,
     Reservoir,
@@ -17,8 +19,6 @@ from ..stats import (
     correlation,
     shared_chi2,
 )
-from .features import CROSS, REC, X0REC, Cell
-from .plan import CONSISTENCY, ScanPlan, seed_of
 
 STRIP_RECORDS = 4  # records kept for the report's noising strip (x_0, eps, x_t, t)
 
@@ -39,9 +39,9 @@ def split_strip(rows: np.ndarray, shape) -> tuple[np.ndarray, ...]:
 
 def t_pmf(process: dict) -> np.ndarray | None:
     """P(grid index) [T] of a non-uniform timestep density (SD3's logit_normal, mode: see
-    :meth:`pipeline.noise.KeyedNoise.timestep_pmf`); None for uniform and stratified."""
-    from .. import records
-    from ..noise import DENSITIES
+    :meth:`pipeline.noising.noise.KeyedNoise.timestep_pmf`); None for uniform and stratified."""
+    from pipeline.noising.noise import DENSITIES
+    from pipeline.output import records
 
     noise = records.noise_from_metadata(process)
     return noise.timestep_pmf() if noise.sampler in DENSITIES else None
@@ -158,8 +158,8 @@ class DatasetStats(Stats):
 
     Shards are folded in as they arrive (:meth:`add`), so the driver holds O(reservoirs +
     positions) whatever the number of shards. The noise hashes are not held here: the executor
-    (:mod:`pipeline.executor`) keeps them bucketed by prefix outside the driver's memory and sets
-    :attr:`duplicates` from their check (:mod:`pipeline.noisehash`).
+    (:mod:`pipeline.validate.executor`) keeps them bucketed by prefix outside the driver's memory
+    and sets :attr:`duplicates` from their check (:mod:`pipeline.validate.noisehash`).
     """
 
     def __init__(self, plan: ScanPlan, manifest_shards: dict):
@@ -191,7 +191,7 @@ class DatasetStats(Stats):
         summ["ids"], summ["eps"] = st.ids, s.eps.total().summary()
         summ["cond"] = st.cond
         if st.buckets:
-            from .bucketscan import merge
+            from pipeline.validate.bucketscan import merge
 
             summ["buckets"] = st.buckets.get("counts", {})
             merge(self.buckets, st.buckets)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import records
+from pipeline.output import records
 
 U32 = 2.0**-24  # float32 unit roundoff: relative error bound of one float32 operation
 CHUNK_ELEMENTS = 1 << 17  # values per tensor in one chunk of the scan (1 MiB as float64)
@@ -83,7 +83,7 @@ def make_plan(cfg, process: dict, n_files: int, sample_shape=None) -> ScanPlan:
 
 
 def scan_columns(plan: ScanPlan) -> list[str]:
-    """The columns a scan reads, from the column registry (:data:`pipeline.records.COLUMNS`):
+    """The columns a scan reads, from the column registry (:data:`pipeline.output.records.COLUMNS`):
     every column of the dataset's files but an encoder's latent_mean/latent_std (a projection:
     they are not checked)."""
     layout = records.Layout.of(plan.process)

@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from .plan import TARGETS, U32
+from pipeline.validate.plan import TARGETS, U32
 
 
 def _half_ulp(v: np.ndarray) -> np.ndarray:

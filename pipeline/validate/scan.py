@@ -1,7 +1,7 @@
 """The scan of one committed shard: :func:`scan_shard` reads it a Parquet batch at a time
 (bounded memory) into an :class:`pipeline.validate.accumulate.Accumulator` and returns its
 :class:`pipeline.validate.measures.ShardStats`. It runs in a Ray task or a local process
-(:mod:`pipeline.executor`); on the driver :class:`pipeline.validate.measures.DatasetStats`
+(:mod:`pipeline.validate.executor`); on the driver :class:`pipeline.validate.measures.DatasetStats`
 merges the shards' statistics as their scans finish, and the checks
 (:mod:`pipeline.validate.checks`) turn them into verdicts.
 """
@@ -12,12 +12,12 @@ import time
 
 import pyarrow.parquet as pq
 
-from .. import records
-from ..manifest import OutputDir
-from .accumulate import Accumulator
-from .inventory import file_check, read_marker
-from .measures import ShardStats
-from .plan import ScanPlan
+from pipeline.output import records
+from pipeline.output.manifest import OutputDir
+from pipeline.validate.accumulate import Accumulator
+from pipeline.validate.inventory import file_check, read_marker
+from pipeline.validate.measures import ShardStats
+from pipeline.validate.plan import ScanPlan
 
 # Metadata differences that make a file's records unreadable as the manifest's process.
 UNSCANNABLE = {"dtype", "shape", "schedule", "noise", "store_x0"}
@@ -30,7 +30,7 @@ def shard_names(out: OutputDir, shard: str, marker: dict | None, plan: ScanPlan)
         return [f["name"] for f in marker["files"]]
     if plan.process.get("buckets") is None:
         return [OutputDir.data_name(shard)]
-    from ..buckets import data_names_by_shard
+    from pipeline.read.buckets import data_names_by_shard
 
     return data_names_by_shard(out.list(), [shard]).get(shard, [])
 

@@ -15,7 +15,7 @@ the module to :data:`CHECKS`. When it needs a statistic the scan does not gather
 
 from __future__ import annotations
 
-from . import (
+from pipeline.validate.checks import (
     buckets,
     completeness,
     conditioning,
@@ -30,7 +30,7 @@ from . import (
     timestep_distribution,
     variance_preservation,
 )
-from .context import Context
+from pipeline.validate.checks.context import Context
 
 CHECKS = (
     completeness,

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from scipy import stats as sps
 
-from ..bucketscan import half_step
-from ..measures import DatasetStats
-from ..verdict import Check, litem, pitem, verdict
-from .context import Context
+from pipeline.validate.bucketscan import half_step
+from pipeline.validate.checks.context import Context
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, litem, pitem, verdict
 
 NAME = "buckets"
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import posixpath
 from collections import Counter
 
-from ...manifest import COMMITTED, REJECTS, OutputDir, shard_files
-from ..figures import kept_nulls
-from ..inventory import Inventory
-from ..measures import DatasetStats
-from ..verdict import Check, litem, verdict
-from .context import Context
+from pipeline.output.manifest import COMMITTED, REJECTS, OutputDir, shard_files
+from pipeline.validate.checks.context import Context
+from pipeline.validate.figures import kept_nulls
+from pipeline.validate.inventory import Inventory
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, litem, verdict
 
 NAME = "completeness"
 

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from ..figures import kept_columns, kept_nulls, label_histograms
-from ..measures import DatasetStats
-from ..verdict import Check, litem, verdict
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.figures import kept_columns, kept_nulls, label_histograms
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, litem, verdict
 
 NAME = "conditioning"
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from ...manifest import OutputDir
-from ..inventory import Inventory
-from ..measures import DatasetStats
+from pipeline.output.manifest import OutputDir
+from pipeline.validate.inventory import Inventory
+from pipeline.validate.measures import DatasetStats
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,9 @@ class Context:
     ``ds``: the merged statistics of the scan; ``out``: the output directory (to name paths in
     messages; a check reads no file: what it holds is in ``inventory``); ``manifest``: its
     ``_manifest.json``; ``schedule`` and ``noise``: the process rebuilt from the manifest
-    (:class:`pipeline.process.GaussianProcess` of either family,
-    :class:`pipeline.noise.KeyedNoise`); ``cfg``: the validator's config (conf/validate.yaml),
-    where a check finds its own keys.
+    (:class:`pipeline.noising.process.GaussianProcess` of either family,
+    :class:`pipeline.noising.noise.KeyedNoise`); ``cfg``: the validator's config
+    (conf/validate.yaml), where a check finds its own keys.
     """
 
     ds: DatasetStats

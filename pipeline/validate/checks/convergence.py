@@ -8,12 +8,12 @@ import math
 import numpy as np
 from scipy import stats as sps
 
-from ...stats import correlation
-from ..features import CROSS
-from ..figures import bin_label, per_bin, x0_figures
-from ..measures import DatasetStats
-from ..verdict import Check, Highlight, corr_item, litem, pitem, verdict, zitem
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.features import CROSS
+from pipeline.validate.figures import bin_label, per_bin, x0_figures
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.stats import correlation
+from pipeline.validate.verdict import Check, Highlight, corr_item, litem, pitem, verdict, zitem
 
 NAME = "convergence"
 X0, XT = CROSS.index("x0"), CROSS.index("xt")

@@ -3,10 +3,10 @@ N(0, 1) overall, per channel, per t-bin and per shard."""
 
 from __future__ import annotations
 
-from ..figures import bin_label
-from ..measures import DatasetStats
-from ..verdict import Check, verdict, zitem
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.figures import bin_label
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, verdict, zitem
 
 NAME = "epsilon_moments"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as sps
 
-from ..measures import DatasetStats
-from ..verdict import Check, pitem, verdict
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, pitem, verdict
 
 NAME = "epsilon_normality"
 

@@ -3,9 +3,9 @@ identity (seed, shard, key, draw) and compared exactly."""
 
 from __future__ import annotations
 
-from ..measures import DatasetStats
-from ..verdict import Check, litem, verdict
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, litem, verdict
 
 NAME = "keyed_noise"
 

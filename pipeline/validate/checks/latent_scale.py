@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from ..figures import x0_figures
-from ..verdict import Check, verdict
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.figures import x0_figures
+from pipeline.validate.verdict import Check, verdict
 
 NAME = CHECK_NAME = "latent_scale"
 STD_RANGE = (1 / 3, 3.0)  # the channel-averaged std

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import math
 
-from ...stats import correlation, shared_chi2
-from ..features import CROSS
-from ..figures import bin_label, per_bin
-from ..measures import DatasetStats
-from ..verdict import Check, Highlight, corr_item, family_z, litem, pitem, verdict, zitem
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.features import CROSS
+from pipeline.validate.figures import bin_label, per_bin
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.stats import correlation, shared_chi2
+from pipeline.validate.verdict import (
+    Check,
+    Highlight,
+    corr_item,
+    family_z,
+    litem,
+    pitem,
+    verdict,
+    zitem,
+)
 
 NAME = "noise_independence"
 EPS, X0 = CROSS.index("eps"), CROSS.index("x0")

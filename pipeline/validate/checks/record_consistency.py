@@ -3,9 +3,9 @@ within the rounding of the stored dtype (counted by :mod:`pipeline.validate.accu
 
 from __future__ import annotations
 
-from ..measures import DatasetStats
-from ..verdict import Check, Highlight, litem, verdict
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, Highlight, litem, verdict
 
 NAME = "record_consistency"
 

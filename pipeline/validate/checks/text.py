@@ -2,7 +2,7 @@
 
 For a dataset made with ``text=...`` (the metadata's ``text`` entry; other datasets: not
 applicable), over every committed shard's ``_text/<shard>.parquet`` (see
-:mod:`pipeline.text_store`):
+:mod:`pipeline.output.text_store`):
 
 * **rows**: one per sample with records (the records' distinct ``index`` values), no more;
 * **null captions**: ``caption_null`` equals "the records' caption column is null", and the count;
@@ -30,11 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ...buckets import data_names_by_shard
-from ...text import column_names, embedding_columns
-from ...text_store import UNCOND, table_name, to_numpy
-from ..verdict import Check, litem, verdict
-from .context import Context
+from pipeline.encode.text import column_names, embedding_columns
+from pipeline.output.text_store import UNCOND, table_name, to_numpy
+from pipeline.read.buckets import data_names_by_shard
+from pipeline.validate.checks.context import Context
+from pipeline.validate.verdict import Check, litem, verdict
 
 NAME = "text"
 # Relative tolerance of a re-encoded value against the stored one, by storage dtype: half an ulp
@@ -145,7 +145,7 @@ def _recheck(out, t: Mapping, rows: dict, cols, n: int, problems: list) -> dict:
     on the CPU; the largest relative error per column."""
     import torch
 
-    from ...text_encode import TextStage
+    from pipeline.encode.text_encode import TextStage
 
     pick = sorted(rows, key=lambda c: hashlib.sha256(c.encode()).hexdigest())[:n]
     stage = TextStage(t)

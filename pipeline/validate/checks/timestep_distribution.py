@@ -4,10 +4,10 @@ shard."""
 
 from __future__ import annotations
 
-from ...stats import chi2_binned
-from ..measures import DatasetStats
-from ..verdict import Check, litem, pitem, verdict
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.stats import chi2_binned
+from pipeline.validate.verdict import Check, litem, pitem, verdict
 
 NAME = "timestep_distribution"
 

@@ -7,10 +7,10 @@ import math
 
 import numpy as np
 
-from ..figures import bin_label, x0_figures
-from ..measures import DatasetStats
-from ..verdict import Check, Highlight, verdict, zitem
-from .context import Context
+from pipeline.validate.checks.context import Context
+from pipeline.validate.figures import bin_label, x0_figures
+from pipeline.validate.measures import DatasetStats
+from pipeline.validate.verdict import Check, Highlight, verdict, zitem
 
 NAME = "variance_preservation"
 # The quantities of its items (the report's plots find their bands by them).
