@@ -523,6 +523,19 @@ def test_report_cli_bad_T(capsys):
     assert "num_timesteps must be >= 1" in capsys.readouterr().err
 
 
+def test_report_cli_bug_is_exit_70_not_a_usage_error(monkeypatch, capsys):
+    """A ValueError that is not a refused argument (a bug) is reported as a bug (exit 70 with
+    its traceback), never as 'exit 2: usage'."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug inside the report")
+
+    monkeypatch.setattr(sched_mod, "report_rows", broken)
+    assert sched_mod.main(["--timesteps", "1000"]) == 70
+    err = capsys.readouterr().err
+    assert "a bug inside the report" in err and "internal error (a bug, exit 70)" in err
+
+
 def test_report_cli_plot(tmp_path, capsys):
     path = tmp_path / "x.png"
     assert sched_mod.main(["--timesteps", "200", "--plot", str(path)]) == 0

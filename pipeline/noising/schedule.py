@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.errors import UsageError, internal_error
+
 MAX_BETA = 0.999
 SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 
@@ -79,7 +81,7 @@ def _sigmoid(
         return 1.0 / (1.0 + np.exp(-x))
 
     if not end > start or not tau > 0:
-        raise ValueError(
+        raise UsageError(
             f"sigmoid schedule needs end > start and tau > 0, got {start=}, {end=}, {tau=}"
         )
     v_start, v_end = sig(start / tau), sig(end / tau)
@@ -114,7 +116,7 @@ def _check_betas(b: np.ndarray, name: str) -> None:
     """ValueError unless every beta is in (0, 1] and alpha_bar (with alpha_bar_{-1} = 1) is
     strictly decreasing, so that 1 - alpha_bar_t > 0 and every table is well defined."""
     if not np.all(np.isfinite(b)) or b.min() <= 0.0 or b.max() > 1.0:
-        raise ValueError(
+        raise UsageError(
             f"betas must lie in (0, 1]; schedule {name!r} gives min {b.min():.3g}, "
             f"max {b.max():.3g}"
         )
@@ -127,7 +129,7 @@ def _check_betas(b: np.ndarray, name: str) -> None:
             if ab[bad + 1] == 0.0
             else "betas below float64 resolution: use larger betas"
         )
-        raise ValueError(
+        raise UsageError(
             f"alpha_bar must be strictly decreasing; schedule {name!r} is not at t={bad} "
             f"(alpha_bar {ab[bad]:.6g} -> {ab[bad + 1]:.6g}); {hint}"
         )
@@ -158,7 +160,7 @@ class NoiseSchedule:
     def __post_init__(self) -> None:
         b = np.asarray(self.betas, dtype=np.float64)
         if b.ndim != 1 or len(b) != self.num_timesteps:
-            raise ValueError(f"betas must have shape [{self.num_timesteps}], got {b.shape}")
+            raise UsageError(f"betas must have shape [{self.num_timesteps}], got {b.shape}")
         _check_betas(b, self.name)
         a = 1.0 - b
         ab = np.cumprod(a)
@@ -226,19 +228,19 @@ def make_schedule(
     scaled_linear), ``s``/``max_beta`` (cosine), ``start``/``end``/``tau``/``max_beta`` (sigmoid).
     """
     if name not in _BUILDERS:
-        raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
+        raise UsageError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
     if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
-        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+        raise UsageError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
     if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        raise UsageError(f"num_timesteps must be >= 1, got {num_timesteps}")
     if zero_terminal_snr and num_timesteps < 2:
-        raise ValueError("zero_terminal_snr needs num_timesteps >= 2")
+        raise UsageError("zero_terminal_snr needs num_timesteps >= 2")
     builder = _BUILDERS[name]
     try:
         betas = builder(int(num_timesteps), **params)
     except TypeError as exc:
         allowed = ", ".join(list(inspect.signature(builder).parameters)[1:])
-        raise ValueError(
+        raise UsageError(
             f"bad parameters {params} for schedule {name!r} (allowed: {allowed}): {exc}"
         ) from None
     if zero_terminal_snr:
@@ -315,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = report_rows(args.timesteps, args.zero_terminal_snr)
-    except ValueError as exc:
+    except UsageError as exc:  # what the schedules allow; any other exception is a bug
         parser.error(str(exc))
+    except Exception:
+        return internal_error()
     print(format_report(rows, args.timesteps))
     if args.plot:
         plot_schedules(args.timesteps, args.plot, args.zero_terminal_snr)
