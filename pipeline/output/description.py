@@ -6,12 +6,22 @@ rebuild the schedule, forward process and keyed noise from it (:func:`schedule_f
 :func:`process_from_metadata`, :func:`noise_from_metadata`). Its keys are listed in the module
 docstring of :mod:`pipeline.output.records`; :data:`PROCESS_KEYS` must agree across a dataset's
 files.
+
+In code the description is a :class:`ProcessMetadata`, the third typed contract across processes
+(with :mod:`pipeline.output.contracts`' ShardResult and CommitMarker): built on the driver, handed
+to every actor, written as JSON into every file's schema and into the manifest's ``process``
+block. It lives here, with the functions that build, read, compare and interpret it (one concept,
+one module). Its JSON (:meth:`ProcessMetadata.to_json`) is exactly the dict written before the
+class existed (same keys, same omissions), so records stay bit-identical; the public functions
+below take either the class or that dict.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import pyarrow as pa
 
@@ -23,6 +33,100 @@ from pipeline.output.records import (
     check_dtype,
     is_tensor,
 )
+
+# The formats of the process description this version reads (and the one it writes, FORMAT).
+SUPPORTED_FORMATS = (FORMAT,)
+
+
+@dataclass
+class ProcessMetadata:
+    """The process description of a dataset, or of one file (see the module docstring).
+
+    ``format``: the record format (``ddpm-records/1``); ``schedule``: the process's
+    ``describe()`` (a DDPM schedule, or a flow process: ``family``); ``noise``: the KeyedNoise's
+    description; ``dtype``: the tensors' ``output.dtype``; ``shape``: the sample shape [C, ...]
+    (with buckets the largest); ``store_x0``; ``config_hash``. Optional (None: not written):
+    ``source`` (the input's description; a file's adds its ``url`` and ``shard``),
+    ``library_version``, ``encoder`` (a VAE's identity), ``conditioning`` (the kept members),
+    ``targets`` (the extra targets), ``buckets`` (each bucket and its sample shape), ``text``
+    (the text encoders' identity), ``grid`` (a flow file's own grid). ``extra``: the fields this
+    version does not know, kept and written back as they were. The nested descriptions are the
+    plain dicts their own modules define.
+    """
+
+    schedule: dict
+    noise: dict
+    dtype: str
+    shape: list[int]
+    store_x0: bool = False
+    config_hash: str | None = None
+    source: dict | None = None
+    library_version: str | None = None
+    encoder: dict | None = None
+    conditioning: dict | None = None
+    targets: list[str] | None = None
+    buckets: list[dict] | None = None
+    text: dict | None = None
+    grid: dict | None = None
+    format: str = FORMAT
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """The process family: ``ddpm`` (no ``family`` in its schedule) or ``flow``."""
+        return (self.schedule or {}).get("family", "ddpm")
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.schedule["num_timesteps"])
+
+    @property
+    def draws_per_sample(self) -> int:
+        return int(self.noise["draws_per_sample"])
+
+    def to_json(self) -> dict:
+        """The description's JSON: ``format``, the seven process fields, the optional ones that
+        are set, then the unknown fields it was read with (the dict :func:`make_metadata` wrote
+        before this class: same keys, same order, same omissions)."""
+        out: dict[str, Any] = {"format": self.format}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("format", "extra") or (value is None and f.name in _OPTIONAL):
+                continue
+            out[f.name] = value
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_json(cls, d: Mapping | ProcessMetadata) -> ProcessMetadata:
+        """The description in a file's schema or a manifest's ``process`` block, of any format
+        this version reads (one without ``format`` reads as the current one); ValueError for a
+        newer format, naming the supported ones, or when a process field is missing."""
+        if isinstance(d, ProcessMetadata):
+            return d
+        fmt = d.get("format", FORMAT)
+        if fmt not in SUPPORTED_FORMATS:
+            raise ValueError(
+                f"process metadata format {fmt!r} is not supported: this version of pipeline "
+                f"reads {list(SUPPORTED_FORMATS)}; read these records with the pipeline version "
+                "that wrote them (their library_version) or a newer one"
+            )
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(
+                f"process metadata without {missing}: not the 'ddpm' description written by "
+                "pipeline.precompute (it has the keys "
+                f"{list(_REQUIRED)})"
+            )
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
+
+
+# Written only when set; the others are written always.
+_OPTIONAL = frozenset(
+    {"source", "library_version", "encoder", "conditioning", "targets", "buckets", "text", "grid"}
+)
+_REQUIRED = ("schedule", "noise", "dtype", "shape")
 
 
 def make_metadata(
@@ -49,29 +153,23 @@ def make_metadata(
     records (see :mod:`pipeline.encode.encoder`); ``conditioning`` lists the kept members and their
     columns' types (:meth:`pipeline.read.conditioning.Conditioning.describe`); ``buckets`` the
     aspect-ratio buckets and their sample shapes (:func:`pipeline.read.buckets.describe_buckets`;
-    ``shape`` is then the largest of them)."""
-    meta = {
-        "format": FORMAT,
-        "schedule": schedule.describe(),
-        "noise": noise.describe(),
-        "dtype": check_dtype(dtype),
-        "shape": [int(s) for s in shape],
-        "store_x0": bool(store_x0),
-        "config_hash": config_hash,
-    }
-    if source is not None:
-        meta["source"] = dict(source)
-    if library_version is not None:
-        meta["library_version"] = library_version
-    if encoder is not None:
-        meta["encoder"] = dict(encoder)
-    if conditioning is not None:
-        meta["conditioning"] = dict(conditioning)
-    if targets:
-        meta["targets"] = sorted(targets)
-    if buckets is not None:
-        meta["buckets"] = [dict(b) for b in buckets]
-    return meta
+    ``shape`` is then the largest of them). Returned as its JSON dict
+    (:meth:`ProcessMetadata.to_json`; :meth:`ProcessMetadata.from_json` reads it)."""
+    return ProcessMetadata(
+        format=FORMAT,
+        schedule=schedule.describe(),
+        noise=noise.describe(),
+        dtype=check_dtype(dtype),
+        shape=[int(s) for s in shape],
+        store_x0=bool(store_x0),
+        config_hash=config_hash,
+        source=None if source is None else dict(source),
+        library_version=library_version,
+        encoder=None if encoder is None else dict(encoder),
+        conditioning=None if conditioning is None else dict(conditioning),
+        targets=sorted(targets) if targets else None,
+        buckets=None if buckets is None else [dict(b) for b in buckets],
+    ).to_json()
 
 
 def process_metadata(schema: pa.Schema) -> dict:
@@ -107,18 +205,29 @@ PROCESS_KEYS = (
 )  # fmt: skip
 
 
-def same_process(a: Mapping, b: Mapping) -> list[str]:
-    """The process keys on which two metadata dicts differ (empty when they describe one
-    process)."""
+def same_process(a: Mapping | ProcessMetadata, b: Mapping | ProcessMetadata) -> list[str]:
+    """The process keys on which two descriptions (:class:`ProcessMetadata` or its JSON dict)
+    differ (empty when they describe one process)."""
+    a, b = _as_json(a), _as_json(b)
     return [k for k in PROCESS_KEYS if a.get(k) != b.get(k)]
 
 
-def schedule_from_metadata(meta: Mapping):
-    """Rebuild the NoiseSchedule a file was written with; ValueError if its betas hash differs,
+def _as_json(meta: Mapping | ProcessMetadata) -> Mapping:
+    return meta.to_json() if isinstance(meta, ProcessMetadata) else meta
+
+
+def _entry(meta: Mapping | ProcessMetadata, name: str):
+    """One entry of a description given as the class or as a (possibly partial) dict."""
+    return getattr(meta, name) if isinstance(meta, ProcessMetadata) else meta[name]
+
+
+def schedule_from_metadata(meta: Mapping | ProcessMetadata):
+    """Rebuild the NoiseSchedule a file was written with (``meta``: its description or its
+    JSON dict, of which only ``schedule`` is read); ValueError if its betas hash differs,
     or if the file is not DDPM (see :func:`process_from_metadata` for every family)."""
     from pipeline.noising.schedule import make_schedule
 
-    s = meta["schedule"]
+    s = _entry(meta, "schedule")
     if s.get("family", "ddpm") != "ddpm":
         raise ValueError(
             f"these records are {s['family']!r}, not DDPM: they have no beta schedule; use "
@@ -135,16 +244,19 @@ def schedule_from_metadata(meta: Mapping):
     return sched
 
 
-def process_from_metadata(meta: Mapping, shape: Sequence[int] | None = None):
+def process_from_metadata(meta: Mapping | ProcessMetadata, shape: Sequence[int] | None = None):
     """Rebuild the :class:`pipeline.noising.process.GaussianProcess` of a file (any family) from its
-    metadata and sample ``shape`` (default the metadata's; a dynamic shift depends on it)."""
+    metadata (a :class:`ProcessMetadata` or its JSON dict) and sample ``shape`` (default the
+    metadata's; a dynamic shift depends on it)."""
     from pipeline.noising.process import from_metadata
 
-    return from_metadata(dict(meta), shape)
+    return from_metadata(dict(_as_json(meta)), shape)
 
 
-def noise_from_metadata(meta: Mapping):
-    """Rebuild the KeyedNoise that drew a file's (t, eps)."""
+def noise_from_metadata(meta: Mapping | ProcessMetadata):
+    """Rebuild the KeyedNoise that drew a file's (t, eps) (``meta``: a :class:`ProcessMetadata`
+    or its JSON dict)."""
     from pipeline.noising.noise import KeyedNoise
 
-    return KeyedNoise.from_description(meta["noise"], meta["schedule"]["num_timesteps"])
+    steps = _entry(meta, "schedule")["num_timesteps"]
+    return KeyedNoise.from_description(_entry(meta, "noise"), steps)

@@ -128,9 +128,11 @@ class Layout:
     meta: Mapping = field(default_factory=dict)
 
     @classmethod
-    def of(cls, meta: Mapping, shape: Sequence[int] | None = None) -> Layout:
-        """The layout of a file from its process metadata; ``shape``: the file's (default the
-        metadata's ``shape``)."""
+    def of(cls, meta, shape: Sequence[int] | None = None) -> Layout:
+        """The layout of a file from its process metadata (a
+        :class:`pipeline.output.description.ProcessMetadata` or its JSON dict); ``shape``: the
+        file's (default the metadata's ``shape``)."""
+        meta = metadata_json(meta)
         enc = meta.get("encoder") or {}
         return cls(
             shape=tuple(int(s) for s in (meta["shape"] if shape is None else shape)),
@@ -139,6 +141,13 @@ class Layout:
             store_dist=bool(enc.get("store_dist")),
             meta=meta,
         )
+
+
+def metadata_json(meta) -> Mapping:
+    """The JSON dict of a process description: a ProcessMetadata's :meth:`to_json`, or ``meta``
+    itself when it is already a (possibly partial) dict. :attr:`Layout.meta` holds this form: it
+    is what a file's schema stores."""
+    return meta.to_json() if hasattr(meta, "to_json") else meta
 
 
 def _always(layout: Layout) -> bool:
@@ -356,16 +365,19 @@ def record_schema(
     shape: Sequence[int],
     dtype: str,
     store_x0: bool,
-    metadata: Mapping | None = None,
+    metadata=None,
     store_dist: bool = False,
 ) -> pa.Schema:
     """The Arrow schema of one output file of sample ``shape`` (the file's: see :class:`Layout`);
-    ``metadata`` is stored as JSON under ``ddpm``; ``store_dist`` adds an encoder's
+    ``metadata`` (a ProcessMetadata or its JSON dict) is stored as JSON under ``ddpm``;
+    ``store_dist`` adds an encoder's
     ``latent_mean`` and ``latent_std`` columns; the metadata's ``conditioning`` entry adds one
     nullable column per kept member (:mod:`pipeline.read.conditioning`)."""
     check_dtype(dtype)
     shape = tuple(int(s) for s in shape)
-    return schema_of(Layout(shape, dtype, bool(store_x0), bool(store_dist), metadata or {}))
+    return schema_of(
+        Layout(shape, dtype, bool(store_x0), bool(store_dist), metadata_json(metadata or {}))
+    )
 
 
 def file_shape(schema: pa.Schema) -> list[int]:
@@ -437,8 +449,8 @@ def tensor_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 DESCRIPTION_NAMES = (
-    "make_metadata", "process_metadata", "records_metadata", "PROCESS_KEYS", "same_process",
-    "schedule_from_metadata", "process_from_metadata", "noise_from_metadata",
+    "ProcessMetadata", "make_metadata", "process_metadata", "records_metadata", "PROCESS_KEYS",
+    "same_process", "schedule_from_metadata", "process_from_metadata", "noise_from_metadata",
 )  # fmt: skip
 
 

@@ -1,0 +1,189 @@
+"""The process description as a typed contract (pipeline/output/description.py ProcessMetadata):
+its JSON is exactly the dict written before the class (so every records file keeps its bytes),
+it round-trips, an old manifest's ``process`` block reads, and a newer format is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from pipeline.noising import process
+from pipeline.noising.noise import KeyedNoise
+from pipeline.noising.schedule import make_schedule
+from pipeline.output import records
+from pipeline.output.description import (
+    SUPPORTED_FORMATS,
+    ProcessMetadata,
+    make_metadata,
+    noise_from_metadata,
+    process_metadata,
+    same_process,
+    schedule_from_metadata,
+)
+
+ENCODER = {"kind": "vae", "model": "tiny", "latent": "sample", "store_dist": True,
+           "scaling_factor": 0.18215, "shift_factor": 0.0, "input_shape": [3, 16, 16]}  # fmt: skip
+TEXT = {"caption_key": "txt", "encoders": [{"name": "clip", "max_length": 77}], "dtype": "float16"}
+BUCKETS = [{"bucket": [8, 16], "shape": [4, 1, 2]}, {"bucket": [16, 16], "shape": [4, 2, 2]}]
+SOURCE = {"kind": "images", "resolution": 16, "buckets": None}
+
+
+def old_make_metadata(*, schedule, noise, dtype, shape, store_x0, config_hash, source=None,
+                      library_version=None, encoder=None, conditioning=None, targets=(),
+                      buckets=None, text=None) -> dict:  # fmt: skip
+    """make_metadata as it was before ProcessMetadata (commit 12dc31c), plus the ``text`` entry
+    pipeline.run.metadata.dataset_metadata appended: the reference for the bytes."""
+    meta = {
+        "format": "ddpm-records/1",
+        "schedule": schedule.describe(),
+        "noise": noise.describe(),
+        "dtype": dtype,
+        "shape": [int(s) for s in shape],
+        "store_x0": bool(store_x0),
+        "config_hash": config_hash,
+    }
+    if source is not None:
+        meta["source"] = dict(source)
+    if library_version is not None:
+        meta["library_version"] = library_version
+    if encoder is not None:
+        meta["encoder"] = dict(encoder)
+    if conditioning is not None:
+        meta["conditioning"] = dict(conditioning)
+    if targets:
+        meta["targets"] = sorted(targets)
+    if buckets is not None:
+        meta["buckets"] = [dict(b) for b in buckets]
+    if text is not None:
+        meta["text"] = text
+    return meta
+
+
+def _ddpm():
+    return process.ddpm(make_schedule("cosine", 100)), KeyedNoise(5, 100, 2, "uniform")
+
+
+def _flow():
+    proc = process.flow(1000, shift=3.0)
+    return proc, KeyedNoise(1, 1000, 1, "logit_normal", family="flow")
+
+
+CASES = {
+    "ddpm": (_ddpm, dict(dtype="float16", shape=[3, 8, 8], store_x0=False)),
+    "ddpm-x0-v": (_ddpm, dict(dtype="float32", shape=[3, 8, 8], store_x0=True, targets=["v"])),
+    "flow": (
+        _flow,
+        dict(
+            dtype="float16", shape=[4, 8, 8], store_x0=False, source=SOURCE, library_version="0.3.0"
+        ),
+    ),  # fmt: skip
+    "vae": (
+        _ddpm,
+        dict(
+            dtype="float16",
+            shape=[4, 2, 2],
+            store_x0=False,
+            encoder=ENCODER,
+            source=SOURCE,
+            conditioning={"keep": ["cls"], "types": {"cls": "int64"}},
+            library_version="0.3.0",
+        ),
+    ),  # fmt: skip
+    "text": (_ddpm, dict(dtype="float16", shape=[4, 2, 2], store_x0=False, text=TEXT)),
+    "buckets": (
+        _flow,
+        dict(
+            dtype="float16",
+            shape=[4, 2, 2],
+            store_x0=False,
+            buckets=BUCKETS,
+            source={**SOURCE, "buckets": [[8, 16], [16, 16]]},
+        ),
+    ),  # fmt: skip
+}
+
+
+def _both(case: str) -> tuple[dict, ProcessMetadata]:
+    build, kwargs = CASES[case]
+    proc, noise = build()
+    old = old_make_metadata(schedule=proc, noise=noise, config_hash="abc", **kwargs)
+    new_kwargs = {k: v for k, v in kwargs.items() if k != "text"}
+    new = ProcessMetadata.from_json(
+        make_metadata(schedule=proc, noise=noise, config_hash="abc", **new_kwargs)
+    )
+    new.text = kwargs.get("text")
+    return old, new
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_json_is_the_old_dict_byte_for_byte(case):
+    old, new = _both(case)
+    assert list(new.to_json()) == list(old)  # same keys, same order, same omissions
+    assert json.dumps(new.to_json(), sort_keys=True) == json.dumps(old, sort_keys=True)
+    assert json.dumps(new.to_json()) == json.dumps(old)
+    # and inside a records file's schema: the same 'ddpm' bytes from either form
+    shape = old["shape"]
+    a = records.record_schema(shape, old["dtype"], old["store_x0"], old)
+    b = records.record_schema(shape, new.dtype, new.store_x0, new)
+    assert a.metadata[records.METADATA_KEY] == b.metadata[records.METADATA_KEY]
+    assert a.equals(b, check_metadata=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_through_json_and_a_schema(case):
+    _, new = _both(case)
+    assert ProcessMetadata.from_json(json.loads(json.dumps(new.to_json()))) == new
+    schema = records.record_schema(new.shape, new.dtype, new.store_x0, new)
+    assert ProcessMetadata.from_json(process_metadata(schema)) == new
+    assert same_process(new, process_metadata(schema)) == []
+
+
+def test_typed_fields_and_the_readers_take_either_form():
+    old, new = _both("vae")
+    assert (new.format, new.dtype, new.shape, new.store_x0) == ("ddpm-records/1", "float16",
+                                                                 [4, 2, 2], False)  # fmt: skip
+    assert new.encoder == ENCODER and new.targets is None and new.buckets is None
+    assert (new.family, new.num_timesteps, new.draws_per_sample) == ("ddpm", 100, 2)
+    s_old, s_new = schedule_from_metadata(old), schedule_from_metadata(new)
+    assert s_old.betas_sha256 == s_new.betas_sha256
+    assert noise_from_metadata(old).describe() == noise_from_metadata(new).describe()
+    assert records.process_from_metadata(new).sigmas_sha256 == (
+        records.process_from_metadata(old).sigmas_sha256
+    )
+    other = ProcessMetadata.from_json({**old, "dtype": "float32"})
+    assert same_process(new, other) == ["dtype"] == same_process(old, other.to_json())
+
+
+def test_an_old_manifest_process_block_reads_and_unknown_fields_are_kept():
+    # a manifest's process block as written before this class (no targets, no buckets), with a
+    # key a later version might add: kept and written back
+    block = {
+        "format": "ddpm-records/1",
+        "schedule": {"name": "linear", "num_timesteps": 10, "zero_terminal_snr": False,
+                     "params": {}, "betas_sha256": "x"},  # fmt: skip
+        "noise": {"seed": 0, "draws_per_sample": 1, "timesteps": "uniform"},
+        "dtype": "float16", "shape": [3, 4, 4], "store_x0": False, "config_hash": "h",
+        "source": {"kind": "arrays"}, "library_version": "0.1.0", "future": {"x": 1},
+    }  # fmt: skip
+    m = ProcessMetadata.from_json(json.loads(json.dumps(block)))
+    assert (m.family, m.num_timesteps, m.source, m.extra) == ("ddpm", 10, {"kind": "arrays"},
+                                                              {"future": {"x": 1}})  # fmt: skip
+    assert m.to_json() == block and list(m.to_json()) == list(block)
+    older = {k: v for k, v in block.items() if k not in ("format", "future", "library_version")}
+    assert ProcessMetadata.from_json(older).format == "ddpm-records/1"  # before the key
+
+
+def test_a_newer_or_foreign_format_is_refused_saying_what_is_supported():
+    _, new = _both("ddpm")
+    with pytest.raises(ValueError, match=r"'ddpm-records/2' is not supported.*ddpm-records/1"):
+        ProcessMetadata.from_json({**new.to_json(), "format": "ddpm-records/2"})
+    assert SUPPORTED_FORMATS == ("ddpm-records/1",)
+    with pytest.raises(ValueError, match=r"without \['schedule'\]"):
+        ProcessMetadata.from_json({k: v for k, v in new.to_json().items() if k != "schedule"})
+
+
+def test_a_schema_without_the_description_is_refused():
+    with pytest.raises(ValueError, match="no 'ddpm' process metadata"):
+        process_metadata(pa.schema([("key", pa.string())]))
