@@ -1,7 +1,7 @@
 """``make demo``: real photos through the precompute, the validation and a brief training run.
 
 Photos -> WebDataset shards -> precompute (embedded Ray) -> validation (report.html) -> the
-example trainer (``jobs/train_example.py``) for a few steps, whose model draws ``samples.png``.
+example trainer (``jobs/train``) for a few steps, whose model draws ``samples.png``.
 Each step prints a line with its expected time before it starts and its time when done.
 
 The photos are scikit-image's sample images (astronaut, coffee, chelsea, rocket, ...), which
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,17 +108,16 @@ def example_trainer() -> Path | None:
 
 
 def train_briefly(data: Path, out: Path, steps: int, samples: int) -> int:
-    """Run the example trainer (in this process) for ``steps`` steps and ``samples`` samples."""
-    import importlib.util
+    """Run the example trainer for ``steps`` steps and ``samples`` samples; its exit code.
 
-    spec = importlib.util.spec_from_file_location("train_example", example_trainer())
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    It runs as ``python -m jobs.train`` in a process of its own, in the repository root: ``jobs``
+    is not installed, and from the root ``-m`` imports it exactly as a user's launch does (no
+    import machinery, no ``sys.path`` change in this process); its torch threads and matplotlib
+    backend stay out of the demo's process. Its lines go straight to this process's stdout."""
     argv = ["--data", str(data), "--out", str(out), "--steps", str(steps)]
-    try:
-        return module.main([*argv, "--samples", str(samples)])
-    except SystemExit as exc:  # its argparse error, already printed: the demo goes on to its end
-        return exc.code if isinstance(exc.code, int) else 2
+    cmd = [sys.executable, "-m", "jobs.train", *argv, "--samples", str(samples)]
+    sys.stdout.flush()  # the demo's lines before the trainer's
+    return subprocess.run(cmd, cwd=example_trainer().parent.parent).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,7 +190,7 @@ def test_files_of_a_shard_without_its_marker_are_left_out(bucketed, tmp_path):
 
 
 def test_the_example_trainer_refuses_buckets_naming_the_way(bucketed):
-    from jobs.train_example import train
+    from jobs.train.loop import train
 
     with pytest.raises(ValueError, match=r"aspect-ratio buckets .*PrecomputedDataset\(\.\.\., "
                        r"batch_size=B\)"):  # fmt: skip

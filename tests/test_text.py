@@ -21,6 +21,7 @@ from shards import npy_bytes, write_tar
 
 from jobs.bench.textmodels import make_clip, make_flux_root, make_sd3_root, make_sdxl_root, make_t5
 from pipeline.consume.dataset import PrecomputedDataset
+from pipeline.consume.recordsdir import RecordsDir
 from pipeline.encode import text
 from pipeline.output.manifest import OutputDir
 from pipeline.output.text_store import TEXT_DIR, UNCOND
@@ -405,30 +406,19 @@ def test_validator_runs_the_text_check(clip_run):
     assert check["detail"]["recheck"]["captions"] == 2
 
 
-# -- jobs/train_example.py --cond text -----------------------------------------------------------
+# -- jobs/train --cond text (the example trainer) ------------------------------------------------
 
 TRAIN_CAPTIONS = ["a red cat", "a blue dog", "a green bird", "a small tree", "a large house",
                   "a dark car", "a bright boat", "a man running"]  # fmt: skip
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "train_example.py"
-
-
-def train_example():
-    """jobs/train_example.py imported from its path (jobs/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_text_blobs(te, path, seed: int, n: int) -> None:
+def write_text_blobs(path, seed: int, n: int) -> None:
     """n samples 1x4x4 whose intensity is fixed by their caption (one of 8, the level of
-    train_example.palette), times 0.5 + 0.5 x a random blob; 10% have no caption."""
+    jobs.train.synthetic.palette), times 0.5 + 0.5 x a random blob; 10% have no caption."""
+    from jobs.train.synthetic import palette
+
     rng = np.random.default_rng(seed)
-    levels = te.palette(len(TRAIN_CAPTIONS), 1)[:, 0]
+    levels = palette(len(TRAIN_CAPTIONS), 1)[:, 0]
     yy, xx = np.meshgrid(np.linspace(-1, 1, 4), np.linspace(-1, 1, 4), indexing="ij")
     members = []
     for i in range(n):
@@ -449,11 +439,15 @@ def test_train_example_cond_text(clip_dir, ray_session, tmp_path):
     held-out MSE given the caption's embedding is below that given the empty prompt's (same
     records, x_t, t, eps), by more than 2 standard errors; the null condition the model was
     trained with (caption dropout) is the stored unconditional embedding."""
+    from jobs.train.checkpoint import load_checkpoint
+    from jobs.train.data import text_column
+    from jobs.train.loop import train
+    from jobs.train.report import report
+    from jobs.train.synthetic import make_synthetic_records
     from pipeline.run.config import compose
 
-    te = train_example()
     for s in range(2):
-        write_text_blobs(te, tmp_path / f"b-{s}.tar", s, 512)
+        write_text_blobs(tmp_path / f"b-{s}.tar", s, 512)
     cfg = compose([
         "progress=false", "source=arrays", f"source.urls=[{tmp_path}/b-0.tar,{tmp_path}/b-1.tar]",
         f"output.dir={tmp_path}/out", "output.dtype=float32", "schedule.num_timesteps=100",
@@ -461,20 +455,20 @@ def test_train_example_cond_text(clip_dir, ray_session, tmp_path):
         "ray.num_actors=1",
     ])  # fmt: skip
     assert run(cfg)["exit_code"] == 0
-    m = te.train(tmp_path / "out", steps=60, out=tmp_path / "run", batch_size=64, lr=1e-2,
+    m = train(tmp_path / "out", steps=60, out=tmp_path / "run", batch_size=64, lr=1e-2,
                  width=16, workers=0, quiet=True, threads=1, cond="text", samples=4)  # fmt: skip
     e = m["eval"]
     assert m["cond"]["embedding"] == "clip_pooled" and m["holdout"] == 0.1
     assert e["mse"] < e["zero_mse"]
     assert e["mse"] < e["mse_null"], (e["mse"], e["mse_null"])
     assert e["mse_gap"] > 2 * e["mse_gap_se"], e
-    assert "given the empty prompt" in te.report(m)
-    model, config = te.load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert "given the empty prompt" in report(m)
+    model, config = load_checkpoint(tmp_path / "run" / "model.safetensors")
     unc = PrecomputedDataset(tmp_path / "out").unconditional()["clip_pooled"]
     assert config["text_dim"] == 32 and torch.equal(model.null_text, unc.float())
-    te.make_synthetic_records(tmp_path / "plain", 64, shape=(1, 4, 4), num_timesteps=100, files=1)
+    make_synthetic_records(tmp_path / "plain", 64, shape=(1, 4, 4), num_timesteps=100, files=1)
     with pytest.raises(ValueError, match="no text embeddings"):
-        te.text_column(te.RecordsDir(tmp_path / "plain"))
+        text_column(RecordsDir(tmp_path / "plain"))
 
 
 def test_bench_storage_arithmetic_and_tiny_throughput(tmp_path):
