@@ -104,83 +104,73 @@ def test_stdin_as_a_shard_is_refused_not_read(tmp_path):
     assert rc == 2 and "config key source.urls: '-' (standard input)" in log.read_text()
 
 
-@pytest.mark.slow
-def test_a_job_and_its_validation_write_nothing_to_the_working_directory(tmp_path, cwd):
-    shard = tmp_path / "shards" / "a-000000.tar"
-    shard.parent.mkdir()
-    write_image_shard(shard, 4, size=(12, 10))
-    out = tmp_path / "out"
-    res = run_python(
-        "-m",
-        "pipeline.precompute",
-        f"source.urls={shard}",
-        "source.resolution=8",
-        f"output.dir={out}",
-        "ray.num_actors=1",
-        "progress=false",
-        cwd=cwd,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    res = run_python(
-        "-m",
-        "pipeline.validate",
-        f"output.dir={out}",
-        "progress=false",
-        "plots=false",
-        "max_consistency_records=0",
-        cwd=cwd,
-    )
-    assert res.returncode in (0, 1), res.stdout[-3000:] + res.stderr[-3000:]
-    assert (out / "validation" / "report.json").exists()
-    assert list(cwd.iterdir()) == []
-
-
 _DRIVER_WITHOUT_TORCH = """
+import runpy
 import sys
-import time
 
 def loaded():
     return sorted({m.split(".")[0] for m in sys.modules} & {"torch", "webdataset"})
+
+def command(module, *args):
+    \"\"\"``python -m module args`` in this process; its exit code.\"\"\"
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return exc.code
+    return 0
 
 import pipeline.precompute as pc
 from pipeline.run.config import compose
 
 assert not loaded(), f"import pipeline.precompute loaded {loaded()}"
 images, arrays, out = sys.argv[1:]
-jobs = {
-    "images": [f"source.urls={images}", "source.resolution=8"],
-    "arrays": ["source=arrays", f"source.urls={arrays}", "source.shape=[2,4,4]"],
-}
 with pc.ray_session(None, num_cpus=1):  # one embedded Ray for both jobs
-    for name, overrides in jobs.items():
-        cfg = compose(["progress=false", f"output.dir={out}/{name}", *overrides])
-        manifest = pc.run(cfg)
-        assert manifest["exit_code"] == 0, manifest["totals"]
-        assert manifest["totals"]["records"] == 3, manifest["totals"]
-        assert not loaded(), f"the {name} job loaded {loaded()} in the driver"
+    code = command("pipeline.precompute", f"source.urls={images}", "source.resolution=8",
+                   f"output.dir={out}/images", "ray.num_actors=1", "progress=false")
+    assert code == 0, f"the images command exited {code}"
+    assert not loaded(), f"the images job loaded {loaded()} in the driver"
+    cfg = compose(["progress=false", f"output.dir={out}/arrays", "source=arrays",
+                   f"source.urls={arrays}", "source.shape=[2,4,4]"])
+    manifest = pc.run(cfg)
+    assert manifest["exit_code"] == 0, manifest["totals"]
+    assert manifest["totals"]["records"] == 3, manifest["totals"]
+    assert not loaded(), f"the arrays job loaded {loaded()} in the driver"
+# the validation's command line, with no Ray left running (as when it runs on its own)
+code = command("pipeline.validate", f"output.dir={out}/images", "progress=false", "plots=false",
+               "max_consistency_records=0")
+assert code in (0, 1), f"the validation exited {code}"
 """
 
 
 @pytest.mark.slow
-def test_the_driver_never_imports_torch(tmp_path):
-    """torch (~1 s of the driver's imports) and webdataset (whose __init__ imports torch) load in
-    the actors only: neither ``import pipeline.precompute`` nor a whole images job, or an arrays
-    job whose shape is configured, loads them in the driver process."""
+def test_no_writes_to_the_cwd_and_no_torch_in_the_driver(tmp_path, cwd):
+    """From a read-only empty working directory, one interpreter (one embedded Ray, as the
+    jobs share it): the precompute's command line on images, an arrays job whose shape is
+    configured, then the validation's command line. Nothing is written to the working
+    directory (no Hydra outputs/); torch (~1 s of the driver's imports) and webdataset (whose
+    __init__ imports torch) load in the actors only: neither ``import pipeline.precompute`` nor
+    either job loads them in the driver process."""
     from shards import write_array_shard
 
     write_image_shard(tmp_path / "img-0.tar", 3, size=(12, 10))
     write_array_shard(tmp_path / "arr-0.tar", 3, shape=(2, 4, 4))
+    out = tmp_path / "out"
     res = run_python(
         "-c",
         _DRIVER_WITHOUT_TORCH,
         str(tmp_path / "img-{0..0}.tar"),
         str(tmp_path / "arr-0.tar"),
-        str(tmp_path),
-        cwd=tmp_path,
+        str(out),
+        cwd=cwd,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert (tmp_path / "images" / "img-0.parquet").exists()
-    assert (tmp_path / "arrays" / "arr-0.parquet").exists()
+    assert "shards: 1 (1 ok, 0 partial, 0 failed)" in res.stdout  # the command's summary
+    assert "samples: 3  records: 3" in res.stdout
+    assert (out / "images" / "img-0.parquet").exists()
+    assert (out / "arrays" / "arr-0.parquet").exists()
+    assert (out / "images" / "validation" / "report.json").exists()
+    assert list(cwd.iterdir()) == []
 
 
 def test_a_missing_shard_or_an_empty_pattern_exits_2_at_once(tmp_path, cwd):
