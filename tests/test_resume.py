@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 
@@ -27,6 +28,7 @@ from pipeline.output.manifest import (
 )
 from pipeline.precompute import JobError, run
 from pipeline.read.source import shard_id
+from pipeline.run.config import compose
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -38,9 +40,27 @@ def _job(tmp_path, *extra, n_shards=2, n=4):
     return ["source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out", *extra]
 
 
-def test_overwrite_deletes_only_what_the_pipeline_wrote(tmp_path, make_cfg):
-    args = _job(tmp_path)
-    run(make_cfg(*args))
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory, ray_session):
+    """The shards of :func:`_job` and the output of one clean run of them, made once per module:
+    the tests that only damage the output or refuse a re-run start from a copy of it."""
+    root = tmp_path_factory.mktemp("resume-committed")
+    args = _job(root)
+    assert run(compose(["progress=false", *args]))["exit_code"] == 0
+    return root
+
+
+@pytest.fixture
+def rerun_args(committed, tmp_path) -> list[str]:
+    """A copy of the committed output in ``tmp_path/out``; the arguments of a re-run of its job
+    (reading the module's shards, which no test changes)."""
+    shutil.copytree(committed / "out", tmp_path / "out")
+    urls = f"{committed}/lat-{{00..01}}.tar"
+    return ["source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out"]
+
+
+def test_overwrite_deletes_only_what_the_pipeline_wrote(tmp_path, make_cfg, rerun_args):
+    args = rerun_args
     out = tmp_path / "out"
     (out / "mine.parquet").write_bytes(b"a user's own file")
     (out / ".notes.tmp-1").write_bytes(b"not a temporary of ours")
@@ -88,9 +108,8 @@ def test_a_live_lease_refuses_a_second_driver_and_a_dead_one_is_taken_over(tmp_p
     assert run(make_cfg(*args, "output.lease_timeout_s=10"))["exit_code"] == 0
 
 
-def test_a_marker_of_another_config_is_refused(tmp_path, make_cfg):
-    args = _job(tmp_path)
-    run(make_cfg(*args))
+def test_a_marker_of_another_config_is_refused(tmp_path, make_cfg, rerun_args):
+    args = rerun_args
     marker = tmp_path / "out" / "_shards" / "lat-00.json"
     body = json.loads(marker.read_text())
     marker.write_text(json.dumps({**body, "config_hash": "0123456789abcdef"}))
@@ -98,13 +117,11 @@ def test_a_marker_of_another_config_is_refused(tmp_path, make_cfg):
         run(make_cfg(*args))
 
 
-def test_same_shard_name_from_another_url_is_refused(tmp_path, make_cfg):
-    args = _job(tmp_path)
-    run(make_cfg(*args))
+def test_same_shard_name_from_another_url_is_refused(tmp_path, make_cfg, committed, rerun_args):
     other = tmp_path / "elsewhere"
     other.mkdir()
     write_array_shard(other / "lat-00.tar", 4, shape=(2, 4, 4), seed=9)
-    urls = f"[{other}/lat-00.tar,{tmp_path}/lat-01.tar]"
+    urls = f"[{other}/lat-00.tar,{committed}/lat-01.tar]"
     with pytest.raises(JobError, match=r"shard lat-00 .* was made from .*mix two inputs"):
         run(make_cfg("source=arrays", f"source.urls={urls}", f"output.dir={tmp_path}/out"))
 
@@ -120,12 +137,13 @@ def test_changed_input_is_redone_and_said(tmp_path, make_cfg, caplog):
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "flip", "rewrite", "old-marker"])
-def test_a_missing_or_damaged_committed_file_is_rebuilt(tmp_path, make_cfg, damage, caplog):
+def test_a_missing_or_damaged_committed_file_is_rebuilt(
+    tmp_path, make_cfg, damage, caplog, rerun_args
+):
     """A flipped sign in one x_t value (same size, still valid Parquet) and a file rewritten by
     pyarrow fail the marker's checksum: rebuilt. A marker of an older version (no checksum)
     is checked by its size only, as before."""
-    args = _job(tmp_path)
-    run(make_cfg(*args))
+    args = rerun_args
     path = tmp_path / "out" / "lat-01.parquet"
     good, table = path.read_bytes(), pq.read_table(path)
     marker = json.loads((tmp_path / "out" / "_shards" / "lat-01.json").read_text())
@@ -162,9 +180,8 @@ def test_a_missing_or_damaged_committed_file_is_rebuilt(tmp_path, make_cfg, dama
         ("_shards/lat-00.json", b"\x00\x01", r"lat-00\.json is not valid JSON"),
     ],
 )
-def test_damaged_pipeline_files_are_named(tmp_path, make_cfg, name, content, pattern):
-    args = _job(tmp_path)
-    run(make_cfg(*args))
+def test_damaged_pipeline_files_are_named(tmp_path, make_cfg, name, content, pattern, rerun_args):
+    args = rerun_args
     (tmp_path / "out" / name).write_bytes(content)
     with pytest.raises(JobError, match=pattern):
         run(make_cfg(*args))
@@ -226,11 +243,10 @@ def test_markers_carry_the_config_hash_and_the_input_identity(tmp_path, make_cfg
     assert marker["source_identity"] == {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def test_ids_read_back_from_disk_never_name_a_file_outside(tmp_path, make_cfg):
+def test_ids_read_back_from_disk_never_name_a_file_outside(tmp_path, make_cfg, rerun_args):
     """A crafted _manifest.json whose shard ids are ``../victim`` and an absolute path used to
     make output.overwrite=true delete those .parquet files outside output.dir."""
-    args = _job(tmp_path, n_shards=1)
-    run(make_cfg(*args))
+    args = rerun_args
     out = tmp_path / "out"
     (tmp_path / "victim.parquet").write_bytes(b"a user's file beside output.dir")
     (tmp_path / "elsewhere").mkdir()
