@@ -136,9 +136,8 @@ KILL = textwrap.dedent(
     from pipeline.run.config import compose
     from pipeline.output.manifest import OutputDir
     from pipeline.precompute import dataset_metadata, sample_shape
-    from pipeline.run.config import config_hash
+    from pipeline.run.config import actor_config, config_hash
     from pipeline.run.worker import ShardWorker
-    from omegaconf import OmegaConf
 
     cfg = compose(sys.argv[2:])
     url = sys.argv[1]
@@ -155,7 +154,7 @@ KILL = textwrap.dedent(
     OutputDir.commit = commit
     meta = dataset_metadata(cfg, sample_shape(cfg, [url]), config_hash(cfg))
     OutputDir(cfg.output.dir).makedirs("_shards")
-    ShardWorker(OmegaConf.to_container(cfg, resolve=True), meta).process(url)
+    ShardWorker(actor_config(cfg), meta).process(url)
     """
 )
 

@@ -158,12 +158,11 @@ def _architecture_example(name: str) -> str:
 def test_architecture_worked_example_runs(tmp_path, monkeypatch, make_cfg):
     """docs/architecture.md's MeanStage and its x0_mean column, run by a worker in-process:
     each sample's mean is on each of its K records."""
-    from omegaconf import OmegaConf
     from shards import write_image_shard
 
     from pipeline.output import records
     from pipeline.run import worker
-    from pipeline.run.config import config_hash
+    from pipeline.run.config import actor_config, config_hash
     from pipeline.run.metadata import dataset_metadata, sample_shape
     from pipeline.run.stages import NoiseStage
 
@@ -187,7 +186,7 @@ def test_architecture_worked_example_runs(tmp_path, monkeypatch, make_cfg):
         return [*built[:at], scope["MeanStage"](), *built[at:]]
 
     monkeypatch.setattr(worker.ShardWorker, "stages", stages)
-    w = worker.ShardWorker(OmegaConf.to_container(cfg, resolve=True), meta)
+    w = worker.ShardWorker(actor_config(cfg), meta)
     assert w.process(url).records == 10
     import pyarrow.parquet as pq
 

@@ -12,6 +12,7 @@ import torch
 from pipeline.noising.noise import KeyedNoise
 from pipeline.noising.schedule import make_schedule
 from pipeline.read.source import Sample
+from pipeline.run.config import PrecomputeConfig, RayConfig
 from pipeline.run.stages import RecordOptions, RowGroupWriter, compute_records, read_ahead
 from pipeline.run.worker import resolve_device
 
@@ -117,7 +118,7 @@ def test_a_sample_too_large_for_an_actor_is_a_config_error(tmp_path, make_cfg):
 
 def test_read_ahead_auto_needs_a_second_cpu():
     def cfg(read_ahead, cpus):
-        return {"read_ahead": read_ahead, "ray": {"cpus_per_actor": cpus}}
+        return PrecomputeConfig(read_ahead=read_ahead, ray=RayConfig(cpus_per_actor=cpus))
 
     assert read_ahead(cfg(None, 1)) == 0  # one CPU: the thread would only contend for the GIL
     assert read_ahead(cfg(None, 2)) == 2

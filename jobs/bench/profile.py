@@ -96,11 +96,9 @@ def breakdown(raw: str) -> Counter:
 
 
 def _project(url: str, out: str, resolution: int, kind: str) -> dict:
-    from omegaconf import OmegaConf
-
     from pipeline.output.manifest import SHARDS, OutputDir
     from pipeline.precompute import dataset_metadata, sample_shape
-    from pipeline.run.config import compose, config_hash
+    from pipeline.run.config import actor_config, compose, config_hash
     from pipeline.run.worker import ShardWorker
 
     cfg = compose(
@@ -109,7 +107,7 @@ def _project(url: str, out: str, resolution: int, kind: str) -> dict:
     )
     shape = sample_shape(cfg, [url])
     meta = dataset_metadata(cfg, shape, config_hash(cfg))
-    worker = ShardWorker(OmegaConf.to_container(cfg, resolve=True), meta)
+    worker = ShardWorker(actor_config(cfg), meta)
     OutputDir(out).makedirs(SHARDS)
     return worker.process(url).to_json()  # the marker (or partial result) as its JSON dict
 

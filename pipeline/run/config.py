@@ -189,6 +189,18 @@ class PrecomputeConfig:
     progress: bool = True
 
 
+def actor_config(cfg: DictConfig) -> PrecomputeConfig:
+    """The config as the actors receive it (:class:`pipeline.run.worker.ShardWorker`): the
+    dataclass instances of this module, interpolations resolved (``OmegaConf.to_object``). Each
+    group is its schema's subclass (``source``: :class:`ImagesSource` or :class:`ArraysSource`,
+    ``schedule``: :class:`ScheduleConfig` or :class:`FlowScheduleConfig`, ``encoder``:
+    :class:`NoEncoder` or :class:`VaeEncoder`, ``text.encoders``: :class:`TextEncoderConfig`
+    each); the fields typed ``Any`` or ``dict`` (``source.urls``, ``source.buckets``,
+    ``source.class_names``, ``schedule.params``) hold plain lists, dicts and scalars. A value
+    still unset (``???``) raises ``MissingMandatoryValue`` naming its key."""
+    return OmegaConf.to_object(cfg)
+
+
 def register_configs() -> None:
     """Register the schemas the YAML files extend (idempotent)."""
     cs = ConfigStore.instance()

@@ -10,7 +10,6 @@ import logging
 import time
 
 import ray
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from pipeline.errors import JobError
@@ -18,6 +17,7 @@ from pipeline.output.commit import commit, discard
 from pipeline.output.contracts import CommitMarker
 from pipeline.read.source import SampleError
 from pipeline.read.tarstream import ShardTimeoutError
+from pipeline.run.config import actor_config
 from pipeline.run.jobstate import JobState, ShardTask
 from pipeline.run.pool import ActorPool, death_cause, placement_problem, pool_size
 from pipeline.run.worker import ShardWorker  # torch-free to import: its actors load torch
@@ -49,7 +49,7 @@ def dispatch(job: JobState) -> None:
     r = job.cfg.ray
     pool = ActorPool(
         ShardWorker,
-        (OmegaConf.to_container(job.cfg, resolve=True), job.metadata),
+        (actor_config(job.cfg), job.metadata),  # typed: the dataclasses of run/config.py
         num_cpus=r.cpus_per_actor,
         num_gpus=r.gpus_per_actor,
     )

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,15 +47,17 @@ from pipeline.run.stage import Batch, Stage, reject_row
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.run.config import OutputConfig, PrecomputeConfig
+
 log = logging.getLogger(__name__)
 
 
-def read_ahead(cfg: dict) -> int:
+def read_ahead(cfg: PrecomputeConfig) -> int:
     """Batches decoded ahead by a reader thread: ``read_ahead``, or when null 2 if the actor has
     a second CPU for it, else 0 (measured: with one CPU the thread only adds GIL contention)."""
-    if cfg["read_ahead"] is not None:
-        return int(cfg["read_ahead"])
-    return 2 if cfg["ray"]["cpus_per_actor"] >= 2 else 0
+    if cfg.read_ahead is not None:
+        return int(cfg.read_ahead)
+    return 2 if cfg.ray.cpus_per_actor >= 2 else 0
 
 
 @dataclass
@@ -70,11 +72,14 @@ class Tally:
 
 
 class ReadStage:
-    """Decoded samples of one shard, in tar order (see :func:`pipeline.read.source.iter_shard`)."""
+    """Decoded samples of one shard, in tar order (see :func:`pipeline.read.source.iter_shard`).
 
-    def __init__(self, cfg: dict, shape: Sequence[int], batch_size: int):
-        self.source, self.on_error = cfg["source"], cfg["on_error"]
-        self.shape, self.seed = shape, cfg["seed"]
+    ``cfg``: the job's typed config. The readers of :mod:`pipeline.read` take the ``source``
+    group as a mapping (the driver passes its DictConfig, the tests a dict): here its fields."""
+
+    def __init__(self, cfg: PrecomputeConfig, shape: Sequence[int], batch_size: int):
+        self.source, self.on_error = asdict(cfg.source), cfg.on_error
+        self.shape, self.seed = shape, cfg.seed
         self.conditioning = Conditioning.from_source(self.source)  # kept members -> Sample.cond
         self.limits = ReadLimits.from_source(self.source)  # member size, name length, time
         self.depth = read_ahead(cfg) * batch_size  # samples decoded ahead (0: inline)
@@ -318,28 +323,27 @@ class RowGroupWriter:
 
 class ParquetSink:
     """One shard's records into a temporary Parquet file of ``out``; :meth:`close` leaves it
-    complete under :attr:`tmp`, :meth:`abort` removes it. Errors name the final file."""
+    complete under :attr:`tmp`, :meth:`abort` removes it. Errors name the final file.
+    ``output``: the typed ``output`` group (compression, tensor_compression, rows_per_group)."""
 
     def __init__(
         self,
         out: OutputDir,
         shard: str,
         schema: pa.Schema,
-        output_cfg: dict,
+        output: OutputConfig,
         name: str | None = None,
     ):
         self.out, self.schema = out, schema
         self.name = out.data_name(shard) if name is None else name  # or a bucket's file
         self.tmp = out.tmp_name(self.name)
         self.records = 0
-        options = writer_options(
-            schema, output_cfg["compression"], output_cfg["tensor_compression"]
-        )
+        options = writer_options(schema, output.compression, output.tensor_compression)
         try:
             writer = pq.ParquetWriter(out.path(self.tmp), schema, filesystem=out.fs, **options)
         except OSError as exc:
             raise self.error(exc) from exc
-        self.rows = RowGroupWriter(writer, output_cfg["rows_per_group"])
+        self.rows = RowGroupWriter(writer, output.rows_per_group)
 
     def write(self, cols: dict) -> int:
         """Append a batch's columns; returns its row count."""
@@ -375,13 +379,14 @@ class WriteStage(Stage):
     ``target_size``), opened at that bucket's first batch with the schema of its sample shape; a
     batch holds one bucket (:func:`batches` groups by shape).
 
-    ``schema(url, shard, shape)`` gives a file's Arrow schema (its metadata names the source
+    ``output``: the typed ``output`` group the files are written with; ``schema(url, shard,
+    shape)`` gives a file's Arrow schema (its metadata names the source
     file); ``finish`` puts the files' final and temporary names and the record counts in the
     result: ``file`` and ``tmp``, or bucketed ``tmp`` None and ``files``, one ``{"name", "tmp",
     "bucket", "shape", "records"}`` per bucket used, in grid order (by aspect ratio)."""
 
-    def __init__(self, out: OutputDir, schema, output_cfg: dict, *, shape, bucketed=False):
-        self.out, self.schema, self.output_cfg = out, schema, output_cfg
+    def __init__(self, out: OutputDir, schema, output: OutputConfig, *, shape, bucketed=False):
+        self.out, self.schema, self.output = out, schema, output
         self.shape, self.bucketed = [int(d) for d in shape], bool(bucketed)
         self.sinks: dict = {}
         self.records = 0
@@ -390,7 +395,7 @@ class WriteStage(Stage):
         self.shard, self.url, self.sinks, self.records = shard, url, {}, 0
         if not self.bucketed:
             schema = self.schema(url, shard, self.shape)
-            self.sinks[None] = ParquetSink(self.out, shard, schema, self.output_cfg)
+            self.sinks[None] = ParquetSink(self.out, shard, schema, self.output)
 
     def process(self, batch: Batch) -> Batch:
         self.records += self._sink(batch.records).write(batch.records)
@@ -411,7 +416,7 @@ class WriteStage(Stage):
                 self.out,
                 self.shard,
                 self.schema(self.url, self.shard, shape),
-                self.output_cfg,
+                self.output,
                 name=f"{self.shard}.{file_suffix(bucket)}.parquet",
             )
         return self.sinks[bucket]

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from pipeline import __version__
 from pipeline.encode.device import actor_device, assigned_gpus, resolve_device
@@ -50,19 +51,23 @@ from pipeline.run.stages import (
     elapsed,
 )
 
+if TYPE_CHECKING:
+    from pipeline.run.config import PrecomputeConfig
+
 __all__ = ["ShardWorker", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
 
 class ShardWorker:
-    """One pipeline worker: a chain of stages. ``cfg`` is the resolved config as a plain dict.
+    """One pipeline worker: a chain of stages. ``cfg``: the job's typed config, the dataclass
+    instances of :mod:`pipeline.run.config` (:func:`pipeline.run.config.actor_config`).
 
     ``metadata``: the process description shared by every file (see records.py), including the
     sample shape [C, ...] the driver fixed (every file of a dataset has one shape).
     """
 
-    def __init__(self, cfg: dict, metadata: dict):
+    def __init__(self, cfg: PrecomputeConfig, metadata: dict):
         self.cfg, self.metadata = cfg, metadata
         self.shape = [int(s) for s in metadata["shape"]]
         self.setup()
@@ -76,23 +81,23 @@ class ShardWorker:
         self.processes(self.shape)  # builds this shape's grid now: a hash mismatch fails here
         # Threads from the declared CPU budget, not from the host: oversubscribing cores slows
         # torch's elementwise kernels by an order of magnitude.
-        torch.set_num_threads(max(1, int(cfg["ray"]["cpus_per_actor"])))
-        self.device, gpu_ids = actor_device(cfg["ray"]["device"])
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_actor)))
+        self.device, gpu_ids = actor_device(cfg.ray.device)
         noise = noise_from_metadata(self.metadata)
         per_sample = working_set_per_sample(self.shape, noise.draws)
         if self.device.type == "cuda":
             free, where = torch.cuda.mem_get_info(self.device)[0], "GPU"
         else:
-            free, where = host_memory_share(cfg["ray"]["cpus_per_actor"]), "host"
-        self.batch_size = fit_batch_size(cfg["batch_size"], per_sample, free, where=where)
-        if self.batch_size < cfg["batch_size"]:
+            free, where = host_memory_share(cfg.ray.cpus_per_actor), "host"
+        self.batch_size = fit_batch_size(cfg.batch_size, per_sample, free, where=where)
+        if self.batch_size < cfg.batch_size:
             log.warning(
                 "batch_size %d does not fit in the %s memory available: using %d",
-                cfg["batch_size"], where, self.batch_size,
+                cfg.batch_size, where, self.batch_size,
             )  # fmt: skip
         enc = self.metadata.get("encoder")
         self.store_dist = bool(enc and enc["store_dist"])
-        self.out = OutputDir(cfg["output"]["dir"])
+        self.out = OutputDir(cfg.output.dir)
         self.reader = ReadStage(cfg, enc["input_shape"] if enc else self.shape, self.batch_size)
         # aspect-ratio buckets: SDXL's micro-conditioning per record, a file per bucket
         self.bucketed = self.metadata.get("buckets") is not None
@@ -110,15 +115,15 @@ class ShardWorker:
         if tmeta:  # captions -> embeddings (pipeline/encode/text_encode.py), one table per shard
             from pipeline.encode.text_encode import TextStage
 
-            text = TextStage(tmeta, on_error=cfg["on_error"])
+            text = TextStage(tmeta, on_error=cfg.on_error)
             chain.append(text)
         if enc:  # a frozen VAE turns decoded samples into latents (pipeline/encode/encode_stage.py)
             from pipeline.encode.encode_stage import EncodeStage
 
-            gpu_share = cfg["ray"]["gpus_per_actor"]
-            chain.append(EncodeStage(enc, on_error=cfg["on_error"], gpu_share=gpu_share))
+            gpu_share = cfg.ray.gpus_per_actor
+            chain.append(EncodeStage(enc, on_error=cfg.on_error, gpu_share=gpu_share))
         options = RecordOptions(
-            dtype=cfg["output"]["dtype"],
+            dtype=cfg.output.dtype,
             store_x0=self.metadata["store_x0"],  # or output.targets has x_0
             latent=enc["latent"] if enc else None,
             store_dist=self.store_dist,
@@ -127,9 +132,7 @@ class ShardWorker:
         )
         chain.append(NoiseStage(process=self.processes, noise=noise, options=options))
         chain.append(
-            WriteStage(
-                self.out, self.schema, cfg["output"], shape=self.shape, bucketed=self.bucketed
-            )
+            WriteStage(self.out, self.schema, cfg.output, shape=self.shape, bucketed=self.bucketed)
         )
         if tmeta:
             from pipeline.output.text_store import TextWriteStage
@@ -141,11 +144,12 @@ class ShardWorker:
         """The Arrow schema of a shard's records file of sample ``shape`` (default the
         dataset's; a bucket's with aspect-ratio buckets): its metadata names the source file and,
         for flow, the grid of its shape."""
-        o = self.cfg["output"]
         shape = self.shape if shape is None else [int(s) for s in shape]
         meta = {**self.metadata, "source": {**self.metadata["source"], "url": url, "shard": shard}}
         meta = self.processes.file_metadata(meta, shape)
-        return record_schema(shape, o["dtype"], meta["store_x0"], meta, store_dist=self.store_dist)
+        return record_schema(
+            shape, self.cfg.output.dtype, meta["store_x0"], meta, store_dist=self.store_dist
+        )
 
     def info(self) -> dict:
         """Where this worker runs: for logs and the GPU-pinning tests."""
