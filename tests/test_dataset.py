@@ -79,9 +79,10 @@ def test_drop_uneven_equalises_every_worker(recdir):
             root, columns=["key"], rank=rank, world_size=2, drop_uneven=True, seed=1
         )
         ds.set_epoch(2)
-        plan = ds.plan(2, 2)
+        epoch = ds.epoch_plan(2, 2)
+        plan = epoch.readers
         for worker in range(2):
-            limit = ds._limit(plan, worker)
+            limit = epoch.limit(worker)
             assert limit == min(sum(u.num_rows for u in plan[r][worker]) for r in range(2))
         loader = DataLoader(ds, batch_size=3, num_workers=2)
         batches = list(loader)
@@ -130,6 +131,23 @@ def test_gloo_group_of_one(recdir, tmp_path):
         assert sorted(keys_of(ds)) == sorted(keys)
     finally:
         dist.destroy_process_group()
+
+
+def test_names_of_the_module_before_its_split_are_importable_from_it():
+    """The loader's concepts moved to pipeline.consume.{partition,columns,batching}; every public
+    name pipeline.consume.dataset had stays importable from it (its old alias is the same module:
+    test_moved)."""
+    import pipeline.consume.dataset as dataset_module
+
+    names = (
+        "Batcher DEFAULT_NULL_LABEL DEFAULT_SHUFFLE_BUFFER DRAWS PrecomputedDataset RecordsDir "
+        "ShuffleBuffer Unit buffer_quotas check_null_label collate head_rows refuse_collisions "
+        "resolve_dtype rows_len table_to_numpy take_rows to_tensor torch_dtype "
+        "uncommitted_files get_worker_info IterableDataset"
+    ).split()
+    missing = [n for n in names if not hasattr(dataset_module, n)]
+    assert not missing
+    assert dataset_module.collate is collate and dataset_module.DRAWS == ("all", "cycle")
 
 
 # -- columns, dtypes, values --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Records to tensors and batches for the loader (:mod:`pipeline.consume.dataset`): the
-Arrow-to-numpy conversion, ``collate``, the batcher that gathers records straight into a batch's
-tensors and the shuffle buffer.
+Arrow-to-numpy conversion, the records of record mode, ``collate``, the batcher that gathers
+records straight into a batch's tensors and the shuffle buffer.
 
 Batches
 -------
@@ -93,6 +93,39 @@ def collate(batch: Sequence[dict]) -> dict:
         else:
             out[name] = default_collate(values)
     return out
+
+
+INT_COLUMNS = ("index", "draw")  # yielded as Python ints in record mode
+
+
+def record_dicts(
+    block: dict, rows: slice | np.ndarray, columns: Sequence[str], dtype: torch.dtype | None
+) -> Iterator[dict]:
+    """Record mode: one dict of ``columns`` per row of ``block`` (see *Yielded records*). The
+    rows are copied out of the block once (views for every record: ``unbind`` of one tensor per
+    column), a floating tensor column cast to ``dtype`` on the way."""
+    seqs = []
+    for name in columns:
+        values = block[name]
+        if values.dtype == object:  # key, string and binary columns (None: a null)
+            seqs.append(values[rows].tolist())
+        elif name in INT_COLUMNS:
+            seqs.append(values[rows].tolist())
+        elif name == "t" and values.dtype.kind in "iu":  # DDPM; flow's t is float32 sigma*T
+            seqs.append(torch.from_numpy(values[rows].astype(np.int64)).unbind(0))
+        elif values.ndim > 1 and values.dtype.kind == "f" and _casts(values, dtype):
+            seqs.append(to_tensor(take_rows(values, rows)).to(dtype).unbind(0))
+        else:
+            values = values[rows]
+            if isinstance(rows, slice):  # Arrow's read-only memory: torch wants a copy
+                values = values.copy()
+            seqs.append(torch.from_numpy(values).unbind(0))
+    for row in zip(*seqs):
+        yield dict(zip(columns, row))
+
+
+def _casts(values: np.ndarray, dtype: torch.dtype | None) -> bool:
+    return dtype not in (None, torch_dtype(values.dtype))
 
 
 def take_rows(values: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
