@@ -4,6 +4,9 @@ through JSON, markers of every earlier format still read, and a worker's result 
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from pipeline.output.contracts import MARKER_FORMAT, CommitMarker, DataFile, ShardResult
 
@@ -36,6 +39,30 @@ def test_a_bucketed_marker_round_trips_and_keeps_unknown_fields():
     assert [f.bucket for f in m.data_files("b")] == [[8, 16], [16, 8]]
     assert m.extra == {"future": {"x": 1}}
     assert m.to_json() == d and CommitMarker.from_json(m.to_json()) == m
+
+
+@pytest.mark.parametrize(
+    "bad, said",
+    [
+        ({"files": "a.parquet"}, "its 'files' a.parquet is not a list of entries with a 'name'"),
+        ({"files": [{"bytes": 3}]}, "is not a list of entries with a 'name'"),
+        ({"side_files": ["_text/a.parquet"]}, "its 'side_files'"),
+        ({"format": "two"}, "its 'format' 'two' is not a version number"),
+    ],
+)
+def test_json_without_a_markers_shape_is_refused_saying_what_is_wrong(bad, said):
+    with pytest.raises(ValueError, match=re.escape(said)):
+        CommitMarker.from_json({**OLD, **bad})
+
+
+def test_the_attested_part_keeps_what_the_files_are_checked_against():
+    d = {**OLD, "checksum": "sha256:dd", "side_files": {"_text/a-0.parquet": {"bytes": 1}},
+         "text": {"captions": 5}, "future": 1}  # fmt: skip
+    m = CommitMarker.from_json(d)
+    a = m.attested()
+    assert (a.status, a.records, a.config_hash, a.side_files) == ("ok", 10, "h", d["side_files"])
+    assert a.data_files("a-0") == m.data_files("a-0")
+    assert (a.url, a.worker, a.source_identity, a.text, a.extra) == (None, None, None, None, {})
 
 
 def test_a_new_marker_omits_what_it_does_not_have():

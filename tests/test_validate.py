@@ -428,14 +428,30 @@ def test_a_damaged_manifest_is_exit_2_naming_it(base, tmp_path, capsys, content,
     assert re.search(pattern, err) and "Traceback" not in err
 
 
-def test_a_damaged_marker_fails_completeness_naming_it(base, tmp_path):
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (lambda m: b"not json", "sh-1.json is not valid JSON"),
+        (  # JSON, but its files are no file entries
+            lambda m: json.dumps({**m, "files": [{"bytes": 1}]}).encode(),
+            "sh-1.json is not a commit marker (its 'files' [{'bytes': 1}] is not a list of "
+            "entries with a 'name')",
+        ),
+        (  # a marker naming a file of another shard: never read, never trusted
+            lambda m: json.dumps({**m, "file": "sh-0.parquet"}).encode(),
+            "sh-1.json names a file 'sh-0.parquet' that is not one of shard 'sh-1'",
+        ),
+    ],
+)
+def test_a_damaged_marker_fails_completeness_naming_it(base, tmp_path, damage, said):
     d = _copy(base["c"], tmp_path / "d")
-    (d / "_shards" / "sh-1.json").write_bytes(b"not json")
+    path = d / "_shards" / "sh-1.json"
+    path.write_bytes(damage(json.loads(path.read_bytes())))
     report, checks = _validate(d)
     assert report["exit_code"] == 1 and _failed(checks) == {"completeness"}
     items = {i["quantity"]: i for i in checks["completeness"]["detail"]["items"]}
     bad = items["damaged or mismatching commit markers"]
-    assert bad["value"] == 1 and "sh-1.json is not valid JSON" in bad["examples"][0]
+    assert bad["value"] == 1 and said in bad["examples"][0]
 
 
 def test_an_unwritable_report_dir_is_exit_2_naming_the_key(base, tmp_path, capsys):

@@ -16,7 +16,7 @@ know their keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 MARKER_FORMAT = 2  # 1: markers without a "format" key (every marker before this module)
@@ -120,6 +120,13 @@ class CommitMarker:
         name = self.file or f"{shard}.parquet"
         return [DataFile(name, self.records, self.bytes, self.checksum)]
 
+    def attested(self) -> CommitMarker:
+        """This marker without what only describes the run that wrote it (:data:`_RUN_FIELDS`:
+        its URL, worker, timings, text counts, fields this version does not know): what the
+        committed files are checked against (status, records, config hash, the files' names,
+        sizes and checksums), small enough for the validator's driver to keep one per shard."""
+        return replace(self, **dict.fromkeys(_RUN_FIELDS), extra={})
+
     def to_json(self) -> dict:
         """The marker's JSON: every field of this format, the optional ones when set, then the
         unknown fields it was read with."""
@@ -133,7 +140,12 @@ class CommitMarker:
 
     @classmethod
     def from_json(cls, d: dict) -> CommitMarker:
-        """A marker of any format (a manifest entry's ``attempts`` is kept in ``extra``)."""
+        """A marker of any format (a manifest entry's ``attempts`` is kept in ``extra``).
+        ValueError saying what is wrong when ``d`` does not have a marker's shape (the caller
+        names the file)."""
+        problem = _shape_problem(d)
+        if problem is not None:
+            raise ValueError(problem)
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs.setdefault("url", None)
@@ -143,6 +155,31 @@ class CommitMarker:
             kwargs["files"] = [DataFile.from_json(f) for f in kwargs["files"]]
         return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
 
+
+def _shape_problem(d) -> str | None:
+    """What keeps the JSON value ``d`` from being read as a marker, or None."""
+    if not isinstance(d, dict):
+        return f"a JSON {type(d).__name__}, not an object"
+    files = d.get("files")
+    if files is not None and not (
+        isinstance(files, list)
+        and all(isinstance(f, dict) and isinstance(f.get("name"), str) for f in files)
+    ):
+        return f"its 'files' {str(files)[:80]} is not a list of entries with a 'name'"
+    sides = d.get("side_files")
+    if sides is not None and not (
+        isinstance(sides, dict) and all(isinstance(v, dict) for v in sides.values())
+    ):
+        return f"its 'side_files' {str(sides)[:80]} is not an object of {{bytes, checksum}} entries"
+    fmt = d.get("format", 1)
+    if isinstance(fmt, bool) or not isinstance(fmt, int | str) or not str(fmt).isdigit():
+        return f"its 'format' {fmt!r} is not a version number"
+    return None
+
+
+# What describes the run that wrote a marker, not the files it committed (see
+# :meth:`CommitMarker.attested`).
+_RUN_FIELDS = ("url", "error", "seconds", "worker", "source_identity", "library_version", "text")
 
 # Left out of a marker's JSON when unset: the single-file fields of a bucketed shard, and what
 # only some shards have.

@@ -63,6 +63,7 @@ from collections.abc import Iterable
 import pyarrow.fs as pafs
 
 from pipeline.fs import resolve
+from pipeline.output.contracts import CommitMarker
 
 MANIFEST = "_manifest.json"
 REJECTS = "rejects.jsonl"
@@ -112,12 +113,20 @@ def shard_files(shard: str, summary: dict) -> list[dict]:
     """The data files a committed shard's marker (or manifest entry) records, as JSON entries
     (:meth:`pipeline.output.contracts.CommitMarker.data_files`), each name checked to be one of the
     shard's (:func:`check_own_file`)."""
-    from pipeline.output.contracts import CommitMarker
-
     files = CommitMarker.from_json(summary).data_files(shard)
     for f in files:
         check_own_file(shard, f.name)
     return [f.to_json() for f in files]
+
+
+def parse_marker(out: OutputDir, shard: str, body) -> CommitMarker:
+    """The commit marker of ``shard`` from its JSON ``body``, of any format
+    (:meth:`pipeline.output.contracts.CommitMarker.from_json`); :class:`CorruptFileError` naming
+    its file and what is wrong when ``body`` does not have a marker's shape."""
+    try:
+        return CommitMarker.from_json(body)
+    except ValueError as exc:
+        raise out._corrupt(OutputDir.marker_name(shard), f"not a commit marker ({exc})") from None
 
 
 def check_own_file(shard: str, name, side: bool = False) -> None:

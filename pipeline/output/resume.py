@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pipeline.fs import identities
 from pipeline.output.contracts import CommitMarker, DataFile
 from pipeline.output.lease import LEASE
-from pipeline.output.manifest import COMMITTED, SHARDS, OutputDir, check_own_file
+from pipeline.output.manifest import COMMITTED, SHARDS, OutputDir, check_own_file, parse_marker
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def committed_shards(
     shards that stay committed (see the module docstring); ``urls``: shard id -> the URL this
     run reads it from; ``manifest``: the directory's manifest (the index of the markers when
     complete). Shards to redo have their marker, files and rejects part removed here."""
-    found = {k: CommitMarker.from_json(v) for k, v in out.markers(manifest).items()}
+    found = {k: parse_marker(out, k, v) for k, v in out.markers(manifest).items()}
     markers = {k: m for k, m in found.items() if m.status in COMMITTED}
     for sid, marker in markers.items():
         if marker.config_hash is not None and marker.config_hash != chash:

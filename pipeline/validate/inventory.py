@@ -1,7 +1,8 @@
 """The validator's file I/O besides the records: commit markers, file sizes and checksums, the
 listing of the output directory and ``rejects.jsonl``.
 
-Each shard's scan reads its commit marker (:func:`read_marker`) and measures its file
+Each shard's scan reads its commit marker (:func:`read_marker`, a
+:class:`pipeline.output.contracts.CommitMarker` of any format) and measures its file
 (:func:`file_check`: size, checksum), one shard per task, in parallel; the driver then takes
 the directory's :class:`Inventory`. The ``completeness`` check compares all of it with the
 manifest without touching a file itself.
@@ -12,27 +13,37 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass
 
-from pipeline.output.manifest import REJECTS, SHARDS, TEXT, OutputDir
+from pipeline.output.contracts import CommitMarker
+from pipeline.output.manifest import (
+    REJECTS,
+    SHARDS,
+    TEXT,
+    CorruptFileError,
+    OutputDir,
+    check_own_file,
+    parse_marker,
+)
 
-# The fields of a commit marker that the ``completeness`` check compares with the manifest and
-# with the files (size and checksum of the data file and of its side files: the text table).
-# A bucketed shard's marker lists its data ``files`` (name, bytes, checksum, records each).
-MARKER_FIELDS = ("status", "records", "config_hash", "bytes", "checksum", "side_files", "files")
 
-
-def read_marker(out: OutputDir, shard: str) -> tuple[dict | None, str | None]:
-    """The shard's commit marker cut to :data:`MARKER_FIELDS` (the driver holds one per
-    shard): (marker, None), (None, why it cannot be read), or (None, None) when absent."""
+def read_marker(out: OutputDir, shard: str) -> tuple[CommitMarker | None, str | None]:
+    """The shard's commit marker, :meth:`CommitMarker.attested` (the driver holds one per
+    shard): (marker, None), (None, why it cannot be read, naming the file), or (None, None)
+    when absent. A marker that names a file not of its shard is refused
+    (:func:`pipeline.output.manifest.check_own_file`): no such file is read."""
     try:
-        marker = out.read_json(OutputDir.marker_name(shard))
-        return {k: marker[k] for k in MARKER_FIELDS if k in marker}, None
+        marker = parse_marker(out, shard, out.read_json(OutputDir.marker_name(shard)))
+        for f in marker.data_files(shard):
+            check_own_file(shard, f.name)
+        for side in marker.side_files or {}:
+            check_own_file(shard, side, side=True)
+        return marker.attested(), None
     except FileNotFoundError:
         return None, None
-    except (OSError, ValueError) as exc:  # CorruptFileError names the file
+    except (OSError, CorruptFileError) as exc:  # CorruptFileError names the file
         return None, str(exc)
 
 
-def file_check(out: OutputDir, names, marker: dict | None) -> dict:
+def file_check(out: OutputDir, names, marker: CommitMarker | None) -> dict:
     """The committed file as found, for ``completeness`` to compare with its marker: its
     ``bytes``, and its ``checksum`` when the marker records one (a marker of an older version
     has none: the file is then checked by size only); ``error`` when it cannot be read; and
@@ -41,20 +52,19 @@ def file_check(out: OutputDir, names, marker: dict | None) -> dict:
     found} of each of its data files ``names``, instead of ``bytes`` and ``checksum``."""
     if isinstance(names, str):
         names = [names]
-    if marker is not None and marker.get("files") is not None:
+    sides = (marker.side_files if marker is not None else None) or {}
+    if marker is not None and marker.files is not None:
         found: dict = {"files": {n: _side_check(out, n) for n in names}}
-        sides = marker.get("side_files") or {}
         if sides:
             found["side_files"] = {n: _side_check(out, n) for n in sorted(sides)}
         return found
     name = names[0] if names else None
     try:
         found = {"bytes": out.size(name)}
-        if marker is not None and marker.get("checksum") is not None:
+        if marker is not None and marker.checksum is not None:
             found["checksum"] = out.checksum(name)
     except (OSError, TypeError) as exc:  # a vanished file: size None, then open fails
         return {"error": f"{type(exc).__name__}: {exc}"}
-    sides = (marker or {}).get("side_files") or {}
     if sides:
         found["side_files"] = {n: _side_check(out, n) for n in sorted(sides)}
     return found

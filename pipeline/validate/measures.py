@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.output.contracts import CommitMarker
 from pipeline.validate.features import CROSS, REC, X0REC, Cell
 from pipeline.validate.plan import CONSISTENCY, ScanPlan, seed_of
 from pipeline.validate.stats import (
@@ -144,7 +145,7 @@ class ShardStats:
     seconds: float = 0.0
     stats: Stats | None = None
     hashes: np.ndarray | None = None  # [records, 12] uint8: BLAKE2b of each record's eps bytes
-    marker: dict | None = None  # its commit marker (_shards/<shard>.json), None when absent
+    marker: CommitMarker | None = None  # _shards/<shard>.json (attested part); None: absent
     marker_error: str | None = None  # why the marker could not be read
     file_check: dict = field(default_factory=dict)  # the file's bytes and checksum (file_check)
     ids: dict = field(default_factory=dict)

@@ -13,6 +13,7 @@ import time
 import pyarrow.parquet as pq
 
 from pipeline.output import records
+from pipeline.output.contracts import CommitMarker
 from pipeline.output.manifest import OutputDir
 from pipeline.validate.accumulate import Accumulator
 from pipeline.validate.inventory import file_check, read_marker
@@ -23,11 +24,13 @@ from pipeline.validate.plan import ScanPlan
 UNSCANNABLE = {"dtype", "shape", "schedule", "noise", "store_x0"}
 
 
-def shard_names(out: OutputDir, shard: str, marker: dict | None, plan: ScanPlan) -> list[str]:
+def shard_names(
+    out: OutputDir, shard: str, marker: CommitMarker | None, plan: ScanPlan
+) -> list[str]:
     """The data files of a shard: those its marker lists (a bucketed shard's ``files``), else
     ``<shard>.parquet``, or with buckets and no readable marker its bucket files as listed."""
-    if marker is not None and marker.get("files") is not None:
-        return [f["name"] for f in marker["files"]]
+    if marker is not None and marker.files is not None:
+        return [f.name for f in marker.files]
     if plan.process.get("buckets") is None:
         return [OutputDir.data_name(shard)]
     from pipeline.read.buckets import data_names_by_shard

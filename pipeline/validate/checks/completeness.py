@@ -7,7 +7,8 @@ from __future__ import annotations
 import posixpath
 from collections import Counter
 
-from pipeline.output.manifest import COMMITTED, REJECTS, OutputDir, shard_files
+from pipeline.output.contracts import CommitMarker
+from pipeline.output.manifest import COMMITTED, REJECTS, OutputDir
 from pipeline.validate.checks.context import Context
 from pipeline.validate.figures import kept_nulls
 from pipeline.validate.inventory import Inventory
@@ -43,58 +44,63 @@ def _marker_problem(out: OutputDir, shard: str, entry: dict, scanned: dict, chas
     marker, error = scanned.get("marker"), scanned.get("marker_error")
     if marker is None:
         return error or f"{out.display(name)}: listed, but gone when its shard was scanned"
-    for key, want in (("status", entry.get("status")), ("records", entry.get("records"))):
-        if marker.get(key) != want:
-            return f"{out.display(name)}: {key} {marker.get(key)!r}, manifest {want!r}"
-    if marker.get("config_hash", chash) != chash:
-        return f"{out.display(name)}: config hash {marker.get('config_hash')}, dataset {chash}"
+    for key, got in (("status", marker.status), ("records", marker.records)):
+        if got != entry.get(key):
+            return f"{out.display(name)}: {key} {got!r}, manifest {entry.get(key)!r}"
+    if marker.config_hash is not None and marker.config_hash != chash:  # None: an old marker
+        return f"{out.display(name)}: config hash {marker.config_hash}, dataset {chash}"
     return None
 
 
 def _file_changed(out: OutputDir, shard: str, scanned: dict) -> str | None:
     """How a committed file differs from what its marker recorded at commit (size, checksum),
     or None; a marker without a checksum (an older version's) is checked by size only."""
-    marker, found = scanned.get("marker") or {}, scanned.get("file_check") or {}
+    marker: CommitMarker | None = scanned.get("marker")
+    found = scanned.get("file_check") or {}
+    if marker is None:
+        return None  # reported by _marker_problem
     name = out.display(OutputDir.data_name(shard))
-    for f in marker.get("files") or ():  # a bucketed shard: each of its files
-        why = _entry_changed(out, f["name"], f, (found.get("files") or {}).get(f["name"]))
-        if why:
-            return why
-    if marker.get("files") is not None:
+    if marker.files is not None:  # a bucketed shard: each of its files
+        for f in marker.files:
+            got = (found.get("files") or {}).get(f.name)
+            why = _entry_changed(out, f.name, (f.bytes, f.checksum), got)
+            if why:
+                return why
         return _sides_changed(out, marker, found)
     if found.get("error"):
         return None  # an unreadable file is reported as such
-    if marker.get("bytes") is not None and found.get("bytes") != marker["bytes"]:
-        return f"{name}: {found.get('bytes')} bytes, its commit marker says {marker['bytes']}"
-    if marker.get("checksum") is not None and found.get("checksum") != marker["checksum"]:
+    if marker.bytes is not None and found.get("bytes") != marker.bytes:
+        return f"{name}: {found.get('bytes')} bytes, its commit marker says {marker.bytes}"
+    if marker.checksum is not None and found.get("checksum") != marker.checksum:
         return (
             f"{name}: checksum {str(found.get('checksum'))[:19]}, its commit marker says "
-            f"{marker['checksum'][:19]} (rewritten or damaged since it was committed)"
+            f"{marker.checksum[:19]} (rewritten or damaged since it was committed)"
         )
     return _sides_changed(out, marker, found)
 
 
-def _sides_changed(out: OutputDir, marker: dict, found: dict) -> str | None:
-    for side, want in sorted((marker.get("side_files") or {}).items()):
-        why = _entry_changed(out, side, want, (found.get("side_files") or {}).get(side))
+def _sides_changed(out: OutputDir, marker: CommitMarker, found: dict) -> str | None:
+    for side, want in sorted((marker.side_files or {}).items()):
+        got = (found.get("side_files") or {}).get(side)
+        why = _entry_changed(out, side, (want.get("bytes"), want.get("checksum")), got)
         if why:
             return why
     return None
 
 
-def _entry_changed(out: OutputDir, name: str, want: dict, got: dict | None) -> str | None:
+def _entry_changed(out: OutputDir, name: str, want: tuple, got: dict | None) -> str | None:
     """How one file a marker lists (a bucket file or a side file) differs from its entry
-    (``want``: bytes, checksum) as found (``got``), or None; a missing or unreadable file is
+    (``want``: (bytes, checksum)) as found (``got``), or None; a missing or unreadable file is
     reported as such elsewhere."""
     got = got or {}
     if got.get("missing") or got.get("error"):
         return None
-    if got.get("bytes") == want.get("bytes") and got.get("checksum") == want.get("checksum"):
+    if (got.get("bytes"), got.get("checksum")) == tuple(want):
         return None
     return (
         f"{out.display(name)}: {got.get('bytes')} bytes, checksum "
-        f"{str(got.get('checksum'))[:19]}; its commit marker says {want.get('bytes')} "
-        f"bytes, {str(want.get('checksum'))[:19]} (rewritten or damaged since its commit)"
+        f"{str(got.get('checksum'))[:19]}; its commit marker says {want[0]} "
+        f"bytes, {str(want[1])[:19]} (rewritten or damaged since its commit)"
     )
 
 
@@ -134,9 +140,8 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
             _marker_problem(out, k, e, s, manifest.get("config_hash")) if k in markers else None
         )
         changed = _file_changed(out, k, s) if k in markers and not marker_bad else None
-        if k in markers:  # a bucketed marker has a checksum per file under "files"
-            files = shard_files(k, s.get("marker") or {})
-            unverified += sum(not f.get("checksum") for f in files)
+        if s.get("marker") is not None:  # a bucketed marker has a checksum per file
+            unverified += sum(not f.checksum for f in s["marker"].data_files(k))
         checks = (
             ("missing commit markers", k not in markers, k),
             ("damaged or mismatching commit markers", marker_bad, marker_bad),
@@ -188,9 +193,9 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
             prob["rejects.jsonl lines != rejected"].append(f"{out.display(REJECTS)} missing")
     owned = set()  # the data files of the committed shards: as their markers list them
     for k in committed:
-        marker = (ds.shards.get(k) or {}).get("marker") or {}
-        files = marker.get("files")
-        owned.update([f["name"] for f in files] if files is not None else [OutputDir.data_name(k)])
+        marker = (ds.shards.get(k) or {}).get("marker")
+        files = marker.files if marker is not None else None
+        owned.update([f.name for f in files] if files is not None else [OutputDir.data_name(k)])
     prob["files not in the manifest"] += [out.display(n) for n in inv.data_files if n not in owned]
     prob["files not in the manifest"] += [
         out.display(OutputDir.marker_name(m)) for m in sorted(markers - set(shards))
