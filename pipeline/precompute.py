@@ -24,6 +24,7 @@ from pipeline.encode.memory import fit_batch_size, host_memory_share, working_se
 from pipeline.errors import ExitCode, JobError, PipelineError, describe, internal_error
 from pipeline.fs import is_remote
 from pipeline.output import resume
+from pipeline.output.description import ProcessMetadata
 from pipeline.output.lease import LeaseError, OutputLease
 from pipeline.output.manifest import CorruptFileError, OutputDir
 from pipeline.output.prepare import prepare_output
@@ -89,8 +90,8 @@ def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: d
     chash = config_hash(cfg)
     old = prepare_output(out, cfg, chash)
     summaries = resume.committed_shards(out, ids, chash, old)
-    if old is not None and old.get("process", {}).get("shape"):
-        shape = old["process"]["shape"]
+    if old is not None and old.get("process", {}).get("shape"):  # the manifest's own block
+        shape = ProcessMetadata.from_json(old["process"]).shape
     else:
         shape = sample_shape(cfg, urls)
     refuse_missing_shards([u for u in urls if shard_id(u) not in summaries])

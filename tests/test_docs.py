@@ -177,7 +177,8 @@ def test_architecture_worked_example_runs(tmp_path, monkeypatch, make_cfg):
     (out / "_shards").mkdir(parents=True)
     cfg = make_cfg(f"source.urls={url}", f"output.dir={out}", "source.resolution=8",
                    "sampling.draws_per_sample=2")  # fmt: skip
-    meta = {**dataset_metadata(cfg, sample_shape(cfg, [url]), config_hash(cfg)), "x0_mean": True}
+    meta = dataset_metadata(cfg, sample_shape(cfg, [url]), config_hash(cfg))
+    meta.extra["x0_mean"] = True  # docs/architecture.md, "Metadata"
     chain = worker.ShardWorker.stages
 
     def stages(self, noise):

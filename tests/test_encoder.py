@@ -334,8 +334,8 @@ def test_images_mean_mode_matches_an_independent_encode(ray_session, tmp_path, v
         dist = load_vae(vae_dir).encode(torch.from_numpy(np.stack(pixels))).latent_dist
     np.testing.assert_allclose(cols["x_0"], (dist.mean - SHIFT) * SCALE, rtol=1e-5, atol=2e-6)
     meta = dataset_metadata(cfg, [4, 16, 16], m["config_hash"])
-    assert meta["encoder"]["input_shape"] == [3, 32, 32]
-    assert json.loads(json.dumps(meta)) == meta  # JSON-serialisable, as the Parquet footer needs
+    assert meta.encoder["input_shape"] == [3, 32, 32]
+    assert json.loads(json.dumps(meta.to_json())) == meta.to_json()  # as the Parquet footer needs
 
 
 # -- validation: latent_scale ---------------------------------------------------------------------

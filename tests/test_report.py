@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -171,7 +172,7 @@ def test_titles_name_dataset_schedule_encoder_and_verdict(reports):
     report, _, seen = reports["arrays"]
     ctx = plots.context(report, seen["ds"].plan.process)
     assert ctx == f"{report['dataset']} | schedule cosine T=100 | no encoder (arrays)"
-    enc = {**seen["ds"].plan.process, "encoder": {"model": "stabilityai/sd-vae-ft-mse"}}
+    enc = replace(seen["ds"].plan.process, encoder={"model": "stabilityai/sd-vae-ft-mse"})
     assert plots.context(report, enc).endswith(
         "encoder stabilityai/sd-vae-ft-mse (images -> latents)"
     )
@@ -268,7 +269,7 @@ def test_strip_without_the_recorded_vae_says_why(vae_dataset, tmp_path):
     from jobs.bench.encoder import TINY
 
     path, folder, report, calls = vae_dataset
-    meta = calls[0]["ds"].plan.process["encoder"]
+    meta = calls[0]["ds"].plan.process.encoder
     assert plots.vae_decoder(None) == (None, "")
     moved = tmp_path / "elsewhere"
     shutil.copytree(folder, moved)

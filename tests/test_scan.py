@@ -53,6 +53,7 @@ def test_scan_columns_come_from_the_record_format():
     from pipeline.validate.plan import ScanPlan, scan_columns
 
     process = {"shape": [3, 4, 4], "schedule": {"num_timesteps": 10}, "store_x0": True,
+               "noise": {"draws_per_sample": 1},
                "dtype": "float16", "encoder": {"store_dist": True},
                "conditioning": {"keep": ["cls"],
                                 "columns": [{"column": "cls", "type": "int64"}]}}  # fmt: skip

@@ -330,11 +330,14 @@ class Processes:
     def shape_dependent(self) -> bool:
         return self.family == "flow" and bool(self.description["dynamic_shift"])
 
+    def grid_of(self, shape) -> dict | None:
+        """The ``grid`` entry of a file of sample ``shape``: flow's grid, None for DDPM."""
+        return self(shape).grid if self.family == "flow" else None
+
     def file_metadata(self, meta: dict, shape) -> dict:
         """A file's metadata: ``meta`` plus, for flow, the ``grid`` of its ``shape``."""
-        if self.family != "flow":
-            return meta
-        return {**meta, "grid": self(shape).grid}
+        grid = self.grid_of(shape)
+        return meta if grid is None else {**meta, "grid": grid}
 
 
 def resolve(process, shape) -> GaussianProcess:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import __version__
 from pipeline.output.contracts import CommitMarker
+from pipeline.output.description import ProcessMetadata
 from pipeline.output.lease import OutputLease
 from pipeline.output.manifest import (
     COMMITTED,
@@ -51,7 +52,7 @@ class JobState:
     cfg: DictConfig
     out: OutputDir
     lease: OutputLease
-    metadata: dict
+    metadata: ProcessMetadata
     shards: list[ShardTask]
     summaries: dict[str, CommitMarker]
     pending: deque = field(init=False)
@@ -138,17 +139,17 @@ class JobState:
             for key in TOTALS:
                 totals[key] = self.done[key]
         buckets = {}
-        if final and self.metadata.get("buckets") is not None:  # records and files per bucket
-            table = bucket_table(self.summaries, self.metadata["buckets"])
+        if final and self.metadata.buckets is not None:  # records and files per bucket
+            table = bucket_table(self.summaries, self.metadata.buckets)
             buckets = {"buckets": table}
         return {
             **buckets,
             "format": MANIFEST_FORMAT,
             "library_version": __version__,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "config_hash": self.metadata["config_hash"],
+            "config_hash": self.metadata.config_hash,
             "process_config": process_config(self.cfg),
-            "process": self.metadata,
+            "process": self.metadata.to_json(),
             "shards": entries,
             "totals": totals,
             "started": self.started,

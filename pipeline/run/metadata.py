@@ -14,7 +14,7 @@ from pipeline import __version__
 from pipeline.errors import JobError, UsageError
 from pipeline.noising.noise import KeyedNoise
 from pipeline.noising.process import from_config as process_from_config
-from pipeline.output.description import make_metadata
+from pipeline.output.description import ProcessMetadata, make_metadata
 from pipeline.read.buckets import config_problems as bucket_problems
 from pipeline.read.buckets import describe_buckets, largest_shape
 from pipeline.read.conditioning import Conditioning
@@ -103,7 +103,7 @@ def _input_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     )
 
 
-def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
+def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> ProcessMetadata:
     """The process description of every file of this job (``chash``: its config hash)."""
     sch, s = cfg.schedule, cfg.sampling
     try:  # the grid of this shape is built here: a dynamic shift's shape problem is exit 2
@@ -115,24 +115,26 @@ def dataset_metadata(cfg: DictConfig, shape: list[int], chash: str) -> dict:
         logit_mean=s.logit_mean, logit_std=s.logit_std, mode_scale=s.mode_scale,
     )  # fmt: skip
     extra, store_x0 = targets(cfg)
-    meta = make_metadata(
-        schedule=proc,
-        noise=noise,
-        dtype=cfg.output.dtype,
-        shape=shape,
-        store_x0=store_x0,
-        targets=extra,
-        config_hash=chash,
-        source=process_config(cfg)["source"],
-        library_version=__version__,
-        encoder=_encoder_metadata(cfg, shape),
-        conditioning=Conditioning.from_source(cfg.source).describe(),
-        buckets=bucket_shapes(cfg),
+    meta = ProcessMetadata.from_json(
+        make_metadata(
+            schedule=proc,
+            noise=noise,
+            dtype=cfg.output.dtype,
+            shape=shape,
+            store_x0=store_x0,
+            targets=extra,
+            config_hash=chash,
+            source=process_config(cfg)["source"],
+            library_version=__version__,
+            encoder=_encoder_metadata(cfg, shape),
+            conditioning=Conditioning.from_source(cfg.source).describe(),
+            buckets=bucket_shapes(cfg),
+        )
     )
     from pipeline.encode import text
 
     if text.enabled(cfg):  # the text encoders' identity (pipeline/encode/text.py)
-        meta["text"] = process_config(cfg)["text"]
+        meta.text = process_config(cfg)["text"]
     return meta
 
 

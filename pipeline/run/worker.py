@@ -34,7 +34,7 @@ from pipeline.fs import identity
 from pipeline.noising.process import Processes
 from pipeline.output.commit import commit, quietly
 from pipeline.output.contracts import CommitMarker, ShardResult
-from pipeline.output.description import noise_from_metadata
+from pipeline.output.description import ProcessMetadata, noise_from_metadata
 from pipeline.output.manifest import OutputDir
 from pipeline.output.records import record_schema
 from pipeline.read.buckets import COLUMNS as BUCKET_COLUMNS
@@ -63,13 +63,14 @@ class ShardWorker:
     """One pipeline worker: a chain of stages. ``cfg``: the job's typed config, the dataclass
     instances of :mod:`pipeline.run.config` (:func:`pipeline.run.config.actor_config`).
 
-    ``metadata``: the process description shared by every file (see records.py), including the
-    sample shape [C, ...] the driver fixed (every file of a dataset has one shape).
+    ``metadata``: the process description shared by every file (a :class:`ProcessMetadata` or
+    its JSON dict), including the sample shape [C, ...] the driver fixed (every file of a dataset
+    has one shape).
     """
 
-    def __init__(self, cfg: PrecomputeConfig, metadata: dict):
-        self.cfg, self.metadata = cfg, metadata
-        self.shape = [int(s) for s in metadata["shape"]]
+    def __init__(self, cfg: PrecomputeConfig, metadata: ProcessMetadata | dict):
+        self.cfg, self.metadata = cfg, ProcessMetadata.from_json(metadata)
+        self.shape = [int(s) for s in self.metadata.shape]
         self.setup()
 
     def setup(self) -> None:
@@ -77,7 +78,7 @@ class ShardWorker:
 
         cfg = self.cfg
         # Rebuilt from the driver's process description (checks the grid's hash on this node).
-        self.processes = Processes(self.metadata["schedule"])
+        self.processes = Processes(self.metadata.schedule)
         self.processes(self.shape)  # builds this shape's grid now: a hash mismatch fails here
         # Threads from the declared CPU budget, not from the host: oversubscribing cores slows
         # torch's elementwise kernels by an order of magnitude.
@@ -95,12 +96,12 @@ class ShardWorker:
                 "batch_size %d does not fit in the %s memory available: using %d",
                 cfg.batch_size, where, self.batch_size,
             )  # fmt: skip
-        enc = self.metadata.get("encoder")
+        enc = self.metadata.encoder
         self.store_dist = bool(enc and enc["store_dist"])
         self.out = OutputDir(cfg.output.dir)
         self.reader = ReadStage(cfg, enc["input_shape"] if enc else self.shape, self.batch_size)
         # aspect-ratio buckets: SDXL's micro-conditioning per record, a file per bucket
-        self.bucketed = self.metadata.get("buckets") is not None
+        self.bucketed = self.metadata.buckets is not None
         self.bucket_columns = tuple(BUCKET_COLUMNS) if self.bucketed else ()
         self.chain = self.stages(noise)
         for stage in self.chain:
@@ -110,7 +111,7 @@ class ShardWorker:
     def stages(self, noise) -> list[Stage]:
         """The chain this job's config asks for, in order (not yet set up)."""
         cfg, meta = self.cfg, self.metadata
-        enc, tmeta = meta.get("encoder"), meta.get("text")
+        enc, tmeta = meta.encoder, meta.text
         chain: list[Stage] = []
         if tmeta:  # captions -> embeddings (pipeline/encode/text_encode.py), one table per shard
             from pipeline.encode.text_encode import TextStage
@@ -124,11 +125,11 @@ class ShardWorker:
             chain.append(EncodeStage(enc, on_error=cfg.on_error, gpu_share=gpu_share))
         options = RecordOptions(
             dtype=cfg.output.dtype,
-            store_x0=self.metadata["store_x0"],  # or output.targets has x_0
+            store_x0=meta.store_x0,  # or output.targets has x_0
             latent=enc["latent"] if enc else None,
             store_dist=self.store_dist,
             cond_columns=(*self.reader.conditioning.columns, *self.bucket_columns),
-            targets=tuple(self.metadata.get("targets", ())),
+            targets=tuple(meta.targets or ()),
         )
         chain.append(NoiseStage(process=self.processes, noise=noise, options=options))
         chain.append(
@@ -145,10 +146,13 @@ class ShardWorker:
         dataset's; a bucket's with aspect-ratio buckets): its metadata names the source file and,
         for flow, the grid of its shape."""
         shape = self.shape if shape is None else [int(s) for s in shape]
-        meta = {**self.metadata, "source": {**self.metadata["source"], "url": url, "shard": shard}}
-        meta = self.processes.file_metadata(meta, shape)
+        meta = replace(
+            self.metadata,
+            source={**self.metadata.source, "url": url, "shard": shard},
+            grid=self.processes.grid_of(shape),
+        )
         return record_schema(
-            shape, self.cfg.output.dtype, meta["store_x0"], meta, store_dist=self.store_dist
+            shape, self.cfg.output.dtype, meta.store_x0, meta, store_dist=self.store_dist
         )
 
     def info(self) -> dict:
@@ -194,7 +198,7 @@ class ShardWorker:
             retryable=tally.retryable,
             seconds=elapsed(start),
             worker=self.info(),
-            config_hash=self.metadata["config_hash"],
+            config_hash=self.metadata.config_hash,
             source_identity=source_identity,
             library_version=__version__,
         )

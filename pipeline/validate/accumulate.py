@@ -93,7 +93,7 @@ class Accumulator:
         self.ab = self.proc.alphas_cumprod  # alpha^2; DDPM: the schedule's alpha_bar table
         self.noise = records.noise_from_metadata(p)
         self.T, self.K = self.proc.num_timesteps, self.noise.draws
-        self.dtype, self.store_x0 = p["dtype"], bool(p["store_x0"])
+        self.dtype, self.store_x0 = p.dtype, bool(p.store_x0)
         self.C, self.P = plan.shape[0], plan.P
         self.base = plan  # the dataset's shape: the positional statistics' (pos_sum, strip)
         self.positional = True  # False while a file of another shape is read (buckets)
@@ -105,7 +105,7 @@ class Accumulator:
         self.draws_per_key: Counter = Counter()
         self.dups = self.bad_draw = 0
         self.hashes: list[bytes] = []
-        self.cond = CondScan(p.get("conditioning"))
+        self.cond = CondScan(p.conditioning)
         self.prev = None  # last record's eps deviations, channel offsets, squared norm
         self._first_prev_norm2 = np.nan
         self.cost = Cost()
@@ -123,11 +123,11 @@ class Accumulator:
         not pair records across files."""
         shape = tuple(int(s) for s in shape)
         if grid is not None or shape != self.plan.shape:
-            extra = {"grid": grid} if grid is not None else {}
-            self.proc = records.process_from_metadata({**self.base.process, **extra}, shape)
+            process = self.base.process if grid is None else replace(self.base.process, grid=grid)
+            self.proc = records.process_from_metadata(process, shape)
             self.ab = self.proc.alphas_cumprod
         if shape != self.plan.shape:
-            process = {**self.base.process, "shape": list(shape)}
+            process = replace(self.base.process, shape=list(shape))
             self.plan = replace(self.base, process=process, sample_shape=shape)
             self.C, self.P = self.plan.shape[0], self.plan.P
             self.prev, self._first_prev_norm2 = None, np.nan

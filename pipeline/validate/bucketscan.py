@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 
+from pipeline.output.description import ProcessMetadata
 from pipeline.read.buckets import Grid
 
 EXAMPLES = 5
@@ -24,13 +25,13 @@ class BucketScan:
     resized image (:func:`pipeline.read.buckets.cover`); it sits in the file of its bucket's shape.
     Per sample (draw 0): flips."""
 
-    def __init__(self, process: dict):
-        source = process.get("source") or {}
-        self.active = process.get("buckets") is not None
+    def __init__(self, process: ProcessMetadata):
+        source = process.source or {}
+        self.active = process.buckets is not None
         if not self.active:
             return
-        self.grid = Grid(tuple(tuple(b["size"]) for b in process["buckets"]))
-        self.shapes = {tuple(b["size"]): tuple(b["shape"]) for b in process["buckets"]}
+        self.grid = Grid(tuple(tuple(b["size"]) for b in process.buckets))
+        self.shapes = {tuple(b["size"]): tuple(b["shape"]) for b in process.buckets}
         self.ratios = self.grid.log_ratios
         self.half = self.grid.half_step()
         self.flip = source.get("flip", "none")
@@ -164,7 +165,7 @@ def merge(into: dict, part: dict) -> dict:
     return into
 
 
-def half_step(process: dict) -> float:
+def half_step(process: ProcessMetadata) -> float:
     """The grid's half step in log ratio (:meth:`pipeline.read.buckets.Grid.half_step`)."""
-    sizes = tuple(tuple(b["size"]) for b in process.get("buckets") or ())
+    sizes = tuple(tuple(b["size"]) for b in process.buckets or ())
     return Grid(sizes).half_step() if sizes else math.inf

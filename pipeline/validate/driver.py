@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import CannotStart, ExitCode, UsageError
 from pipeline.output import records
+from pipeline.output.description import ProcessMetadata
 from pipeline.output.manifest import (
     COMMITTED,
     MANIFEST,
@@ -105,16 +106,16 @@ def run(cfg: DictConfig) -> dict:
     _check_config(cfg)
     t0 = time.perf_counter()
     out, manifest = open_dataset(cfg.output.dir)
-    process = manifest["process"]
     entries = manifest.get("shards", {})
     present = data_names_by_shard(out.data_files(), entries)  # one file, or one per bucket
     to_scan = [
         k for k, e in sorted(entries.items()) if e.get("status") in COMMITTED and k in present
     ]
     try:  # the manifest's description, parsed (a bug further on is no "bad description")
+        process = ProcessMetadata.from_json(manifest["process"])
         schedule = records.process_from_metadata(process)  # a GaussianProcess, either family
         noise = records.noise_from_metadata(process)
-        records.check_dtype(process["dtype"])
+        records.check_dtype(process.dtype)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         what = f"{type(exc).__name__}: {exc}"
         raise CannotValidate(f"{out.display(MANIFEST)}: bad process description ({what})") from None

@@ -47,7 +47,7 @@ def x0_figures(ds: DatasetStats) -> dict:
 
 def kept_columns(ds: DatasetStats) -> list[str]:
     """The kept conditioning columns (``source.keep``) of the dataset."""
-    spec = ds.plan.process.get("conditioning") or {}
+    spec = ds.plan.process.conditioning or {}
     return [c["column"] for c in spec.get("columns", [])]
 
 

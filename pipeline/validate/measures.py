@@ -38,7 +38,7 @@ def split_strip(rows: np.ndarray, shape) -> tuple[np.ndarray, ...]:
     return x0, eps, xt, rows[:, -1].astype(np.int64)
 
 
-def t_pmf(process: dict) -> np.ndarray | None:
+def t_pmf(process) -> np.ndarray | None:
     """P(grid index) [T] of a non-uniform timestep density (SD3's logit_normal, mode: see
     :meth:`pipeline.noising.noise.KeyedNoise.timestep_pmf`); None for uniform and stratified."""
     from pipeline.noising.noise import DENSITIES

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.output import records
+from pipeline.output.description import ProcessMetadata
 
 U32 = 2.0**-24  # float32 unit roundoff: relative error bound of one float32 operation
 CHUNK_ELEMENTS = 1 << 17  # values per tensor in one chunk of the scan (1 MiB as float64)
@@ -28,7 +29,7 @@ TARGETS = ("velocity", "v")  # the target columns checked record by record
 class ScanPlan:
     """What a shard scan needs; built once on the driver, shipped to every task."""
 
-    process: dict  # the manifest's "process" block
+    process: ProcessMetadata  # the manifest's "process" block (its JSON dict is read as one)
     edges: tuple  # t-bin edges, len bins + 1, edges[0] = 0, edges[-1] = T
     reservoir_size: int = 20000
     recon_min_alpha_bar: float = 0.1
@@ -40,18 +41,21 @@ class ScanPlan:
     # (a bucketed dataset's is its largest configured bucket, which may hold no record)
     sample_shape: tuple | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "process", ProcessMetadata.from_json(self.process))
+
     @property
     def bins(self) -> int:
         return len(self.edges) - 1
 
     @property
     def shape(self) -> tuple:
-        shape = self.process["shape"] if self.sample_shape is None else self.sample_shape
+        shape = self.process.shape if self.sample_shape is None else self.sample_shape
         return tuple(int(s) for s in shape)
 
     @property
     def T(self) -> int:
-        return int(self.process["schedule"]["num_timesteps"])
+        return self.process.num_timesteps
 
     @property
     def P(self) -> int:
@@ -60,13 +64,13 @@ class ScanPlan:
 
     @property
     def store_x0(self) -> bool:
-        return bool(self.process["store_x0"])
+        return bool(self.process.store_x0)
 
 
-def make_plan(cfg, process: dict, n_files: int, sample_shape=None) -> ScanPlan:
+def make_plan(cfg, process: ProcessMetadata, n_files: int, sample_shape=None) -> ScanPlan:
     """The plan for ``n_files`` shards from the validator's config (t-bins, reservoir sizes,
     regenerated records per file); ``sample_shape``: see :attr:`ScanPlan.sample_shape`."""
-    T = int(process["schedule"]["num_timesteps"])
+    T = process.num_timesteps
     edges = t_edges(T, int(cfg.bins), float(cfg.terminal_window))
     quota = math.ceil(cfg.max_consistency_records / max(n_files, 1))
     return ScanPlan(

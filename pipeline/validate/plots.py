@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pipeline.output.description import ProcessMetadata
 from pipeline.output.manifest import OutputDir
 from pipeline.output.records import noise_from_metadata
 from pipeline.validate.checks import variance_preservation as vp
@@ -27,12 +28,12 @@ STRIP_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # t / (T - 1) of the strip's
 LATENT_RANGE = 3.0  # latents are drawn on [-3, 3] (unit-scale latents: +-3 std)
 
 
-def context(report: dict, process: dict) -> str:
+def context(report: dict, process: ProcessMetadata) -> str:
     """'<dataset> | schedule <name> T=<T> | encoder <model> (images -> latents)', or '... | no
     encoder (<source kind>)'."""
     s = report["summary"]
     sch = s["schedule"]
-    enc = (process.get("encoder") or {}).get("model")
+    enc = (process.encoder or {}).get("model")
     what = f"encoder {enc} (images -> latents)" if enc else f"no encoder ({s['source_kind']})"
     zt = ", zero terminal SNR" if sch.get("zero_terminal_snr") else ""
     return f"{report['dataset']} | schedule {sch['name']} T={sch['num_timesteps']}{zt} | {what}"
@@ -76,7 +77,7 @@ def write_plots(
         saved.append(name)
 
     ctx = context(report, ds.plan.process)
-    decode, note = vae_decoder(ds.plan.process.get("encoder"))
+    decode, note = vae_decoder(ds.plan.process.encoder)
     for draw in (_moments_over_t, _schedule, _timesteps, _eps, _qq, _labels, _buckets, _strip):
         draw(plt, save, ds=ds, schedule=schedule, report=report, ctx=ctx, decode=decode, note=note)
     return saved
@@ -338,9 +339,9 @@ def _buckets(plt, save, *, report, ctx, **_):
     save(fig, "hist_buckets.png")
 
 
-def is_latent(process: dict) -> bool:
+def is_latent(process: ProcessMetadata) -> bool:
     """Records of latents (an encoder's, or precomputed arrays): drawn per channel."""
-    return bool(process.get("encoder")) or process.get("source", {}).get("kind") == "arrays"
+    return bool(process.encoder) or (process.source or {}).get("kind") == "arrays"
 
 
 def _strip(
@@ -359,8 +360,8 @@ def _strip(
     T, ab, al, sg = ds.T, schedule.alphas_cumprod, schedule.alpha, schedule.sigma
     ts = sorted({int(round(f * (T - 1))) for f in STRIP_FRACTIONS})
     latent = is_latent(ds.plan.process)
-    norm = ds.plan.process.get("source", {}).get("normalize", True)
-    src = "stored" if ds.plan.process.get("store_x0") else "reconstructed"
+    norm = (ds.plan.process.source or {}).get("normalize", True)
+    src = "stored" if ds.plan.process.store_x0 else "reconstructed"
     decoded = decode(x0) if latent and decode is not None else None  # [n, C_in, H, W]
     first = 0 if decoded is None else 1  # the column of x_0 (latent)
     ncol = len(ts) + 2 + first

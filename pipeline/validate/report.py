@@ -55,12 +55,12 @@ def dataset_summary(manifest: dict, ds: DatasetStats, noise) -> dict:
         "scanned_shards": len(ds.shards),
         "records": int(ds.t_hist.sum()),
         **{k: t.get(k) for k in ("samples", "rejected")},
-        "schedule": schedule_summary(p["schedule"]),
+        "schedule": schedule_summary(p.schedule),
         **{"sampler": noise.sampler, "draws_per_sample": noise.draws, "seed": noise.seed},
-        "dtype": p["dtype"],
+        "dtype": p.dtype,
         "shape": [int(s) for s in ds.plan.shape],  # buckets: the most populated bucket's
-        "store_x0": p["store_x0"],
-        "source_kind": ds.source_kind or p.get("source", {}).get("kind"),
+        "store_x0": p.store_x0,
+        "source_kind": ds.source_kind or (p.source or {}).get("kind"),
         "t_bins": list(ds.plan.edges),
         "executor": ds.executor,
     }

@@ -31,7 +31,7 @@ def shard_names(
     ``<shard>.parquet``, or with buckets and no readable marker its bucket files as listed."""
     if marker is not None and marker.files is not None:
         return [f.name for f in marker.files]
-    if plan.process.get("buckets") is None:
+    if plan.process.buckets is None:
         return [OutputDir.data_name(shard)]
     from pipeline.read.buckets import data_names_by_shard
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from scipy import stats as sps
 
+from pipeline.output.description import ProcessMetadata
 from pipeline.validate.bucketscan import half_step
 from pipeline.validate.checks.context import Context
 from pipeline.validate.measures import DatasetStats
@@ -26,14 +27,14 @@ PROBLEMS = (
 )
 
 
-def buckets(ds: DatasetStats, process: dict, z: float = 5.0) -> Check | None:
+def buckets(ds: DatasetStats, process: ProcessMetadata, z: float = 5.0) -> Check | None:
     """The bucket columns of every record (see the module docstring): each of :data:`PROBLEMS`
     counted against 0 over the dataset, per shard where it happens; the aspect error against
     ``original_size`` within the grid's half step for images inside the grid's range of ratios
     (those outside go to the extreme bucket: counted in a note); with ``source.flip=random`` the
     share of flipped samples against 0.5 (exact binomial test), with ``none`` no flip at all.
     None for a dataset without buckets. ``z``: the flip test's level, alpha = 2 Phi(-z)."""
-    if process.get("buckets") is None:
+    if process.buckets is None:
         return None
     b = ds.buckets
     counts, examples = b.get("counts", {}), b.get("examples", {})
@@ -52,7 +53,7 @@ def buckets(ds: DatasetStats, process: dict, z: float = 5.0) -> Check | None:
     for item in items:
         if where[item["quantity"]]:
             item["shards"] = where[item["quantity"]][:10]
-    flip = (process.get("source") or {}).get("flip", "none")
+    flip = (process.source or {}).get("flip", "none")
     n, k = int(counts.get("samples", 0)), int(counts.get("flipped", 0))
     flips = []
     if flip == "random" and n:
@@ -62,7 +63,7 @@ def buckets(ds: DatasetStats, process: dict, z: float = 5.0) -> Check | None:
     elif n:
         flips.append(litem("dataset", "flipped samples (source.flip=none)", k, 0))
     hist = b.get("hist", {})
-    configured = [f"{h}x{w}" for h, w in (bb["size"] for bb in process["buckets"])]
+    configured = [f"{h}x{w}" for h, w in (bb["size"] for bb in process.buckets)]
     table = [
         {"bucket": name, "records": hist.get(name, 0),
          "share": hist.get(name, 0) / max(1, sum(hist.values()))}
@@ -97,4 +98,4 @@ def buckets(ds: DatasetStats, process: dict, z: float = 5.0) -> Check | None:
 
 
 def run(ctx: Context) -> Check | None:
-    return buckets(ctx.ds, ctx.manifest["process"], ctx.z)
+    return buckets(ctx.ds, ctx.ds.plan.process, ctx.z)

@@ -121,7 +121,7 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
     records = (samples - rejected) x K and rejects.jsonl; (key, draw) unique and complete per
     shard; file metadata = manifest process; no stray files; totals add up. ``out`` only names
     paths; what the directory holds is in ``inv``."""
-    K = int(manifest["process"]["noise"]["draws_per_sample"])
+    K = ds.plan.process.draws_per_sample
     shards = manifest.get("shards", {})
     committed = {k for k, e in shards.items() if e.get("status") in COMMITTED}
     prob: dict[str, list] = {k: [] for k in PROBLEMS}

@@ -38,7 +38,7 @@ def conditioning(ds: DatasetStats) -> Check:
             )
     if not cols:
         notes.append("no kept columns (source.keep is empty): nothing to check")
-    elif ds.plan.process.get("noise", {}).get("draws_per_sample", 1) < 2:
+    elif ds.plan.process.draws_per_sample < 2:
         notes.append(
             "one draw per sample: no two records share a key, so a shifted label cannot show here"
         )

@@ -135,10 +135,10 @@ def latent_scale(ds, include_arrays: bool = False) -> list[Check]:
     """``[check]`` for latent records (see :func:`applies`), ``[]`` otherwise. ``ds``: the
     merged :class:`pipeline.validate.measures.DatasetStats` of a scan. The validator runs it for
     encoder datasets; ``include_arrays`` extends it to ``source=arrays`` datasets."""
-    process = ds.plan.process
+    process = ds.plan.process.to_json()  # the helpers above read the description's JSON form
     if not applies(process, include_arrays):
         return []
-    if process.get("store_x0"):
+    if ds.plan.process.store_x0:
         source = "stored"
     else:
         source = f"reconstructed where alpha_bar >= {ds.plan.recon_min_alpha_bar}"

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.encode.text import column_names, embedding_columns
+from pipeline.output.description import ProcessMetadata
 from pipeline.output.text_store import UNCOND, table_name, to_numpy
 from pipeline.read.buckets import data_names_by_shard
 from pipeline.validate.checks.context import Context
@@ -53,7 +54,7 @@ def check_text(out, meta: Mapping, shards, recheck: int = 16) -> dict:
     """Figures and problems of the text embeddings of ``out`` (an OutputDir): ``meta`` is the
     dataset's process metadata, ``shards`` the committed shard ids. Returns ``{"applies",
     "passed", "problems": [...], "figures": {...}}``."""
-    t = meta.get("text")
+    t = ProcessMetadata.from_json(meta).text
     if not t:
         return {"applies": False, "passed": True, "problems": [], "figures": {}}
     caption_col = t["caption_key"].replace(".", "_")
@@ -175,7 +176,7 @@ def _recheck(out, t: Mapping, rows: dict, cols, n: int, problems: list) -> dict:
 def run(ctx: Context) -> Check | None:
     """The check on the validator's dataset; None when it has no text embeddings."""
     meta = ctx.ds.plan.process
-    if not meta.get("text"):
+    if not meta.text:
         return None
     shards = sorted(s for s, e in ctx.manifest.get("shards", {}).items()
                     if e.get("status") in ("ok", "partial"))  # fmt: skip
