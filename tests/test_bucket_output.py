@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from pipeline.output.manifest import MANIFEST, OutputDir, shard_files
 from pipeline.output.records import file_shape
 from pipeline.precompute import JobError, run
 from pipeline.read.buckets import Grid
+from pipeline.run.config import compose
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -191,13 +193,31 @@ def test_a_shard_killed_between_two_bucket_files_is_never_trusted_and_is_redone(
     assert names == set(tables(out))
 
 
+@pytest.fixture(scope="module")
+def bucketed(tmp_path_factory, ray_session):
+    """The shards of :func:`bucket_shards` (2 x 12) and one clean run of them with BUCKETS,
+    made once per module: the tests that damage the output or re-run into it start from a copy
+    (:func:`copy_of_bucketed`)."""
+    root = tmp_path_factory.mktemp("bucketed")
+    urls = bucket_shards(root)
+    cfg = compose(["progress=false", urls, f"output.dir={root}/o", *BUCKETS])
+    assert run(cfg)["exit_code"] == 0
+    return root, urls
+
+
+def copy_of_bucketed(bucketed, tmp_path) -> list[str]:
+    """A copy of the module's clean output in ``tmp_path/o``; the arguments of a re-run of its
+    job (reading the module's shards, which no test changes)."""
+    root, urls = bucketed
+    shutil.copytree(root / "o", tmp_path / "o")
+    return [urls, f"output.dir={tmp_path}/o", *BUCKETS]
+
+
 @pytest.mark.parametrize("damage", ["delete", "flip"])
 def test_resume_redoes_a_shard_one_of_whose_bucket_files_changed(
-    tmp_path, make_cfg, damage, caplog
+    tmp_path, make_cfg, damage, caplog, bucketed
 ):
-    urls = bucket_shards(tmp_path)
-    args = [urls, f"output.dir={tmp_path}/o", *BUCKETS]
-    run(make_cfg(*args))
+    args = copy_of_bucketed(bucketed, tmp_path)
     before = _digests(tmp_path / "o")
     marker = json.loads((tmp_path / "o" / "_shards" / "b-1.json").read_text())
     victim = tmp_path / "o" / marker["files"][-1]["name"]
@@ -216,10 +236,8 @@ def test_resume_redoes_a_shard_one_of_whose_bucket_files_changed(
     assert _digests(tmp_path / "o") == before
 
 
-def test_overwrite_deletes_the_bucket_files_and_keeps_foreign_ones(tmp_path, make_cfg):
-    urls = bucket_shards(tmp_path)
-    args = [urls, f"output.dir={tmp_path}/o", *BUCKETS]
-    run(make_cfg(*args))
+def test_overwrite_deletes_the_bucket_files_and_keeps_foreign_ones(tmp_path, make_cfg, bucketed):
+    args = copy_of_bucketed(bucketed, tmp_path)
     foreign = tmp_path / "o" / "mine.64x64.parquet"
     foreign.write_bytes(b"a user's file")
     assert len(list((tmp_path / "o").glob("b-*.parquet"))) > 3
