@@ -17,6 +17,7 @@ from shards import write_array_shard
 
 from pipeline.output import records
 from pipeline.precompute import run
+from pipeline.run.config import compose
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 U32 = 2.0**-24
@@ -66,16 +67,32 @@ def _posterior(a_t, s_t, a_s, s_s):
     return a_s - k * a_t, k, s_s**2 - k * cov  # coef x_0, coef x_t, variance
 
 
+FLOW_SHIFT3 = ["schedule.shift=3.0", "sampling.timesteps=logit_normal"]
+
+
+@pytest.fixture(scope="module")
+def flow_shift3(tmp_path_factory, ray_session):
+    """One flow job (shift 3, logit-normal t), made once for the float64 check and the loader
+    and Hugging Face export test: (output dir, schema, columns)."""
+    root = tmp_path_factory.mktemp("flow-shift3")
+    schema, cols = _run(root, lambda *o: compose(["progress=false", *o]), "schedule=flow",
+                        *FLOW_SHIFT3)  # fmt: skip
+    return root / "o", schema, cols
+
+
 @pytest.mark.parametrize(
     "overrides,shift",
     [
-        (["schedule.shift=3.0", "sampling.timesteps=logit_normal"], 3.0),
+        (FLOW_SHIFT3, 3.0),
         (["schedule.dynamic_shift=true", "sampling.timesteps=mode"], None),
         (["sampling.timesteps=stratified"], 1.0),
     ],
 )
-def test_flow_records_against_float64(tmp_path, make_cfg, overrides, shift):
-    schema, c = _run(tmp_path, make_cfg, "schedule=flow", *overrides)
+def test_flow_records_against_float64(tmp_path, make_cfg, request, overrides, shift):
+    if overrides == FLOW_SHIFT3:
+        _, schema, c = request.getfixturevalue("flow_shift3")
+    else:
+        schema, c = _run(tmp_path, make_cfg, "schedule=flow", *overrides)
     meta = records.process_metadata(schema)
     T = 1000
     if shift is None:  # Flux: mu linear in (H/2)(W/2) = 16 tokens, then exp(mu)
@@ -154,7 +171,7 @@ def test_undefined_targets_and_shapes_exit_2_naming_the_key(tmp_path, overrides,
     assert key in proc.stderr + proc.stdout
 
 
-def test_loader_and_hf_export_carry_the_flow_columns_with_their_types(tmp_path, make_cfg):
+def test_loader_and_hf_export_carry_the_flow_columns_with_their_types(tmp_path, flow_shift3):
     """PrecomputedDataset yields flow's t as float32 sigma * T (not truncated to an int), sigma,
     snr and velocity; the Hugging Face export types them from the registry."""
     pytest.importorskip("datasets")
@@ -163,14 +180,14 @@ def test_loader_and_hf_export_carry_the_flow_columns_with_their_types(tmp_path, 
     from pipeline.consume.dataset import PrecomputedDataset
     from pipeline.consume.hf import to_hf_dataset
 
-    schema, c = _run(tmp_path, make_cfg, "schedule=flow", "schedule.shift=3.0")
-    ds = PrecomputedDataset(tmp_path / "o", shuffle=False)
+    out, schema, c = flow_shift3
+    ds = PrecomputedDataset(out, shuffle=False)
     r = next(iter(ds))
     assert r["t"].dtype == torch.float32 and r["sigma"].dtype == torch.float32
     assert r["velocity"].shape == (3, 8, 8) and r["snr"].dtype == torch.float32
     assert float(r["t"]) == float(c["t"][0]) and float(r["t"]) != int(float(r["t"]))
     assert ds.process().family == "flow" and ds.process().sigma[-1] == 1.0
-    hf = to_hf_dataset(tmp_path / "o", ["t", "sigma", "snr", "velocity"],
+    hf = to_hf_dataset(out, ["t", "sigma", "snr", "velocity"],
                        cache_dir=str(tmp_path / "hf"))  # fmt: skip
     f = hf.features
     assert f["t"].dtype == "float32" and f["sigma"].dtype == "float32"
