@@ -187,3 +187,22 @@ def test_a_newer_or_foreign_format_is_refused_saying_what_is_supported():
 def test_a_schema_without_the_description_is_refused():
     with pytest.raises(ValueError, match="no 'ddpm' process metadata"):
         process_metadata(pa.schema([("key", pa.string())]))
+
+
+def test_the_loader_reads_it_typed_and_refuses_a_newer_format(tmp_path):
+    import pyarrow.parquet as pq
+    from fixtures.records import write_records
+
+    from pipeline.consume.recordsdir import RecordsDir
+
+    root = tmp_path / "out"
+    write_records(root, {"a": 8}, shape=(3, 4, 4))
+    rd = RecordsDir(str(root))
+    assert (rd.description.shape, rd.description.draws_per_sample) == ([3, 4, 4], 1)
+    assert rd.description.to_json() == rd.metadata  # the public dict, unchanged
+    table = pq.read_table(root / "a.parquet")
+    meta = {**process_metadata(table.schema), "format": "ddpm-records/2"}
+    raw = {**table.schema.metadata, records.METADATA_KEY: json.dumps(meta).encode()}
+    pq.write_table(table.replace_schema_metadata(raw), root / "a.parquet")
+    with pytest.raises(ValueError, match=r"a.parquet: process metadata format 'ddpm-records/2'"):
+        RecordsDir(str(root))

@@ -93,7 +93,7 @@ def text_column(rdir: RecordsDir) -> str:
     sd3 and flux); ValueError naming the fix for records without one."""
     from pipeline.encode.text import column_names
 
-    meta = rdir.metadata.get("text")
+    meta = rdir.description.text
     if not meta:
         raise ValueError(
             f"--cond text: the records in {rdir.uri} have no text embeddings (made without "

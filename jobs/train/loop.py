@@ -91,7 +91,7 @@ def train(
         text = cond == "text"
         label = cond  # the column the model is conditioned on
         rdir = RecordsDir(data)
-        if rdir.metadata.get("buckets") is not None:
+        if rdir.description.buckets is not None:
             raise ValueError(
                 f"{data} holds aspect-ratio buckets (source.buckets), a sample shape per bucket; "
                 "this example trains one shape: train with PrecomputedDataset(..., batch_size=B), "
@@ -116,7 +116,7 @@ def train(
             data, columns=columns, dtype=torch.float32, seed=seed, shuffle_buffer=shuffle_buffer
         )
         schedule = goal.process
-        shape = ds.metadata["shape"]
+        shape = ds.description.shape
         train_records = ds.num_records - (scan["held_out"] if scan else 0)
         if train_records < batch_size:
             raise ValueError(
@@ -211,7 +211,7 @@ def train(
             "seconds": elapsed,
             "records": ds.num_records,
             "shape": shape,
-            "schedule": ds.metadata["schedule"]["name"],
+            "schedule": ds.description.schedule["name"],
             "objective": objective,
             "target": target,
             "num_timesteps": schedule.num_timesteps,

@@ -24,7 +24,7 @@ class ColumnSelection:
     def __init__(self, rd: RecordsDir, columns: Sequence[str] | str | None):
         self.rd = rd
         self.text = None
-        text_meta = rd.metadata.get("text")
+        text_meta = rd.description.text
         text_available: list[str] = []
         if text_meta:  # per-sample embeddings in _text/, joined by index
             from pipeline.encode.text import embedding_columns
@@ -75,7 +75,7 @@ class ColumnSelection:
             raise ValueError(f"{self.rd.uri} has no text embeddings (made without text=...)")
         from pipeline.encode.text import embedding_columns
 
-        cols = embedding_columns(self.rd.metadata["text"])
+        cols = embedding_columns(self.rd.description.text)
         out = {k: torch.from_numpy(np.array(v)) for k, v in self.text.uncond(cols).items()}
         return {k: v.to(dtype) if dtype and v.is_floating_point() else v
                 for k, v in out.items()}  # fmt: skip

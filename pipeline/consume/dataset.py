@@ -154,7 +154,7 @@ class PrecomputedDataset(IterableDataset):
         self.draws = draws
         self.null_label = check_null_label(null_label)
         refuse_collisions(self.records, self.selection.record_columns, self.null_label)
-        self.K = int(self.metadata.get("noise", {}).get("draws_per_sample", 1))
+        self.K = self.records.description.draws_per_sample
         if self.cycling:
             self.selection.read_also("draw")  # the filter's column
         if num_workers is not None:
@@ -185,6 +185,12 @@ class PrecomputedDataset(IterableDataset):
     def metadata(self) -> dict:
         """The process description every file shares (schedule, noise, dtype, shape, ...)."""
         return self.records.metadata
+
+    @property
+    def description(self):
+        """:attr:`metadata` as a :class:`pipeline.output.description.ProcessMetadata` (typed
+        fields: ``shape``, ``dtype``, ``schedule``, ``text``, ...)."""
+        return self.records.description
 
     @property
     def files(self) -> list[str]:

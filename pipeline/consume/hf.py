@@ -171,7 +171,7 @@ def _fingerprint(rd: RecordsDir, columns: list[str]) -> str:
         "v": CACHE_VERSION,
         "uri": rd.uri,
         "columns": columns,
-        "config_hash": rd.metadata.get("config_hash"),
+        "config_hash": rd.description.config_hash,
         "files": [
             [name, info.size, info.mtime_ns, footer.num_rows]
             for name, info, footer in zip(rd.files, infos, rd.footers)

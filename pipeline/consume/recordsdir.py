@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.output import records
+from pipeline.output.description import ProcessMetadata
 from pipeline.output.manifest import OutputDir
 
 
@@ -38,7 +39,9 @@ def _short(value) -> str:
 
 class RecordsDir:
     """The committed Parquet files of an output directory: their footers, Arrow schema and the
-    process metadata they share. Reads only footers; refuses mixed processes.
+    process metadata they share (``metadata``: its JSON dict, the public form; ``description``:
+    the same as a :class:`pipeline.output.description.ProcessMetadata`). Reads only footers;
+    refuses mixed processes and a newer metadata format than this version reads.
 
     ``dir``: local path or URI; ``filesystem``: a ``pyarrow.fs.FileSystem`` or an fsspec
     filesystem to read ``dir`` from (default: resolved from the URI).
@@ -87,6 +90,7 @@ class RecordsDir:
                     "each run to its own directory"
                 )
         self.metadata: dict = {k: ref[k] for k in records.PROCESS_KEYS if k in ref}
+        self.description = ProcessMetadata.from_json(self.metadata)  # the same, typed
         self.sources: dict[str, dict] = {n: m.get("source", {}) for n, m in zip(self.files, metas)}
         # each file's sample shape: one per file, several per dataset with aspect-ratio buckets
         self.shapes: list[tuple] = [
@@ -98,7 +102,7 @@ class RecordsDir:
         for a dataset without buckets."""
         from pipeline.read.buckets import BUCKET_FILE
 
-        m = BUCKET_FILE.match(self.files[file]) if self.metadata.get("buckets") else None
+        m = BUCKET_FILE.match(self.files[file]) if self.description.buckets else None
         return f"{m['h']}x{m['w']}" if m else None
 
     def shard_of(self, file: int) -> str:
@@ -107,7 +111,7 @@ class RecordsDir:
         from pipeline.read.buckets import BUCKET_FILE
 
         name = self.files[file]
-        m = BUCKET_FILE.match(name) if self.metadata.get("buckets") else None
+        m = BUCKET_FILE.match(name) if self.description.buckets else None
         return m["shard"] if m else name[: -len(".parquet")]
 
     def display(self, name: str) -> str:
@@ -125,7 +129,9 @@ class RecordsDir:
 
     def _process(self, file: int) -> dict:
         try:
-            return records.records_metadata(self.footers[file].schema.to_arrow_schema())
+            meta = records.records_metadata(self.footers[file].schema.to_arrow_schema())
+            ProcessMetadata.from_json(meta)  # a newer format than this version reads: refused
+            return meta
         except ValueError as exc:
             raise ValueError(f"{self.display(self.files[file])}: {exc}") from None
 
