@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     if not is_remote(cfg.output.dir):  # actors on other nodes resolve it the same way
         cfg.output.dir = os.path.abspath(cfg.output.dir)
-    if isinstance(cfg.source.get("class_names"), str):  # actors get the names, not the file
+    if isinstance(cfg.source.class_names, str):  # actors get the names, not the file
         cfg.source.class_names = class_names(cfg.source)
     spec = cfg.source.urls
     urls = expand_globs(expand_urls(spec if isinstance(spec, str) else list(spec)))

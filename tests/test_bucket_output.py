@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from shards import encode_image, random_image, write_tar
+from sources import source_group
 
 from pipeline.output.manifest import MANIFEST, OutputDir, shard_files
 from pipeline.output.records import file_shape
@@ -52,8 +53,7 @@ def test_a_shard_is_one_file_per_bucket_listed_by_its_marker_and_the_manifest(tm
     m = run(make_cfg(urls, f"output.dir={tmp_path}/o", *BUCKETS, "sampling.draws_per_sample=2"))
     assert m["exit_code"] == 0
     out = OutputDir(str(tmp_path / "o"))
-    grid = Grid.from_source({"buckets": "auto", "resolution": 32, "bucket_step": 16,
-                             "max_aspect": 4.0})  # fmt: skip
+    grid = Grid.from_source(source_group("images", buckets="auto", resolution=32, bucket_step=16))
     listed = set()
     for sid in ("b-0", "b-1"):
         marker = out.read_json(out.marker_name(sid))

@@ -4,17 +4,18 @@ flip, the decoder's output and its micro-conditioning."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 from shards import encode_image, random_image
+from sources import source_group
 
 from pipeline.read.buckets import Bucketing, Grid, auto_grid, config_problems, cover, keyed_choice
 from pipeline.read.decoders import ImageDecoder
 
-SOURCE = {"kind": "images", "resolution": 64, "buckets": "auto", "bucket_step": 16,
-          "max_aspect": 4.0, "crop": "center", "flip": "none"}  # fmt: skip
+SOURCE = source_group("images", resolution=64, buckets="auto", bucket_step=16)
 
 
 def test_auto_grid_is_sdxl_and_kohya():
@@ -30,7 +31,7 @@ def test_auto_grid_is_sdxl_and_kohya():
 
 
 def test_explicit_grid_and_assignment_by_log_ratio():
-    grid = Grid.from_source({**SOURCE, "buckets": [[64, 64], [32, 128], [128, 32]]})
+    grid = Grid.from_source(replace(SOURCE, buckets=[[64, 64], [32, 128], [128, 32]]))
     assert grid.assign(100, 100) == (64, 64)
     assert grid.assign(10, 41) == (32, 128)  # ratio 0.24 -> 0.25
     assert grid.assign(41, 10) == (128, 32)
@@ -84,7 +85,7 @@ def test_center_crop_content_matches_a_manual_resize_and_crop():
 
 
 def test_random_crop_and_flip_are_keyed():
-    src = {**SOURCE, "crop": "random", "flip": "random"}
+    src = replace(SOURCE, crop="random", flip="random")
     fits = [Bucketing.from_source(src, 7, "s").fit(90, 300, f"k{i}") for i in range(400)]
     again = [Bucketing.from_source(src, 7, "s").fit(90, 300, f"k{i}") for i in range(400)]
     assert fits == again
@@ -100,11 +101,12 @@ def test_random_crop_and_flip_are_keyed():
 def test_flip_mirrors_the_crop():
     image = random_image((100, 100), seed=1)
     data = {"png": encode_image(image, "png")}
-    src = {**SOURCE, "buckets": [[64, 64]], "flip": "random"}
+    src = replace(SOURCE, buckets=[[64, 64]], flip="random")
     b = Bucketing.from_source(src, 0, "s")
     key = next(f"k{i}" for i in range(50) if b.fit(100, 100, f"k{i}").flipped)
     flipped, cond = ImageDecoder(64, bucketing=b)(data, key)
-    plain, _ = ImageDecoder(64, bucketing=Bucketing.from_source({**src, "flip": "none"}))(data, key)
+    unflipped = Bucketing.from_source(replace(src, flip="none"))
+    plain, _ = ImageDecoder(64, bucketing=unflipped)(data, key)
     assert cond["flipped"] is True
     np.testing.assert_array_equal(flipped, plain[:, :, ::-1])
 
@@ -143,13 +145,13 @@ def test_large_jpeg_draft_keeps_the_bucket_and_conditioning():
     ],
 )
 def test_bad_settings_name_the_key(change, key):
-    problems = config_problems({**SOURCE, **change})
+    problems = config_problems(replace(SOURCE, **change))
     assert problems and problems[0][0] == key
 
 
 def test_step_must_keep_the_latent_whole():
     assert config_problems(SOURCE, patch=8) == []
-    problems = config_problems({**SOURCE, "bucket_step": 12}, patch=8)
+    problems = config_problems(replace(SOURCE, bucket_step=12), patch=8)
     assert problems[0][0] == "source.bucket_step" and "8-pixel" in problems[0][1]
-    problems = config_problems({**SOURCE, "buckets": [[64, 60]]}, patch=8)
+    problems = config_problems(replace(SOURCE, buckets=[[64, 60]]), patch=8)
     assert problems[0][0] == "source.buckets"

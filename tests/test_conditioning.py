@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from shards import encode_image, random_image, write_tar
+from sources import source_group
 
 from pipeline.output import records
 from pipeline.output.manifest import OutputDir
@@ -128,7 +129,7 @@ def test_extract_types_nulls_and_reasons():
     for words, members in cases.items():
         with pytest.raises(DecodeError, match=words):
             c.extract(members)
-    assert config_problems({"keep": ["pickle"]})[0][0] == "source.keep"
+    assert config_problems(source_group("images", keep=["pickle"]))[0][0] == "source.keep"
     spec = c.describe()
     assert Conditioning.from_spec(spec).describe() == spec
     assert not Conditioning.from_spec(None)

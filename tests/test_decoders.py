@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from shards import encode_image, npy_bytes, random_image
+from sources import source_group
 
 from pipeline.read.decoders import ArrayDecoder, DecodeError, ImageDecoder, make_decoder
 
@@ -337,10 +338,8 @@ def test_mpo_first_frame_decodes():
 
 def test_make_decoder_follows_the_source_group():
     img = make_decoder(
-        {"kind": "images", "resolution": 8, "channels": 1, "normalize": False, "alpha": "drop"}
+        source_group("images", resolution=8, channels=1, normalize=False, alpha="drop")
     )
     assert isinstance(img, ImageDecoder)
-    arr = make_decoder(
-        {"kind": "arrays", "shape": None, "scale": 2.0, "shift": 0.5}, shape=[4, 2, 2]
-    )
+    arr = make_decoder(source_group("arrays", scale=2.0, shift=0.5), shape=[4, 2, 2])
     assert isinstance(arr, ArrayDecoder)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from sources import source_group
 
 from pipeline.output import records
 from pipeline.output.records import Column, Layout, columns_of, record_schema
@@ -87,7 +88,8 @@ def test_one_declaration_adds_a_column(monkeypatch):
     flow = record_schema((1, 2, 2), "float16", True, {"dtype": "float16", "flow": True})
     assert "lw" not in plain.names and flow.names[11:13] == ["lw", "x_0"]
     assert "lw" in records.reserved_names()
-    assert conditioning.config_problems({"keep": ["lw"]})  # a kept member may not take it
+    kept_lw = source_group("images", keep=["lw"])
+    assert conditioning.config_problems(kept_lw)  # a kept member may not take it
     with pytest.raises(ValueError, match="already declared"):
         records.register(Column("lw", "scalar", "float32"))
     cols = {f.name: np.zeros((3, 1, 2, 2)) if records.is_tensor(f.type) else np.zeros(3)

@@ -24,6 +24,7 @@ from shards import (
     write_array_shard,
     write_tar,
 )
+from sources import source_group
 
 from pipeline.fs import open_input
 from pipeline.read import tarstream
@@ -538,8 +539,9 @@ def test_non_utf8_member_name_rejects_only_its_sample(tmp_path, fmt):
 
 def test_read_limits():
     assert ReadLimits() == ReadLimits(256 * 2**20, 1024, 3600.0)
-    source = {"kind": "images", "max_member_bytes": 10, "shard_timeout_s": None}
+    source = source_group("images", max_member_bytes=10, shard_timeout_s=None)
     assert ReadLimits.from_source(source) == ReadLimits(10, 1024, None)
+    assert ReadLimits.from_source(source_group("arrays")) == ReadLimits()  # the same defaults
     for bad in ({"max_member_bytes": 0}, {"max_name_bytes": 1.5}, {"shard_timeout_s": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ReadLimits(**bad)

@@ -34,6 +34,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pipeline.output.contracts import CommitMarker
+    from pipeline.run.config import SourceConfig
 
 CROPS = ("center", "random")
 FLIPS = ("none", "random")
@@ -71,13 +72,14 @@ class Grid:
     sizes: tuple[tuple[int, int], ...]
 
     @classmethod
-    def from_source(cls, source: Mapping) -> Grid | None:
-        """The grid a ``source`` config group describes; None when buckets are off."""
-        spec = source.get("buckets")
+    def from_source(cls, source: SourceConfig) -> Grid | None:
+        """The grid the typed ``source`` group (or the composed DictConfig) describes; None when
+        buckets are off (or the group has none: arrays)."""
+        spec = _buckets(source)
         if spec is None:
             return None
         if spec == "auto":
-            sizes = auto_grid(source["resolution"], source["bucket_step"], source["max_aspect"])
+            sizes = auto_grid(source.resolution, source.bucket_step, source.max_aspect)
         else:
             sizes = [(int(h), int(w)) for h, w in spec]
         return cls(tuple(sorted(set(sizes), key=lambda hw: (hw[0] / hw[1], hw[0]))))
@@ -160,11 +162,13 @@ class Bucketing:
     shard: str = ""
 
     @classmethod
-    def from_source(cls, source: Mapping, seed: int = 0, shard: str = "") -> Bucketing | None:
+    def from_source(cls, source: SourceConfig, seed: int = 0, shard: str = "") -> Bucketing | None:
+        """The bucketing of the typed ``source`` group (or the composed DictConfig) for one
+        shard; None when buckets are off."""
         grid = Grid.from_source(source)
         if grid is None:
             return None
-        return cls(grid, source.get("crop", "center"), source.get("flip", "none"), seed, shard)
+        return cls(grid, source.crop, source.flip, seed, shard)
 
     def fit(self, height: int, width: int, key: str) -> Fit:
         """Where the image ``key`` of size ``height x width`` lands (pure: same inputs, same
@@ -180,33 +184,34 @@ class Bucketing:
         return Fit((height, width), bucket, (rh, rw), (y, x), flipped)
 
 
-def config_problems(source: Mapping, patch: int | None = None) -> list[tuple[str, str]]:
-    """(config key, message) for each bad bucket setting of a ``source`` group; ``patch``: the
-    pixel size of one latent cell of the encoder (its downsampling factor), when there is one."""
-    spec = source.get("buckets")
+def config_problems(source: SourceConfig, patch: int | None = None) -> list[tuple[str, str]]:
+    """(config key, message) for each bad bucket setting of the typed ``source`` group (or the
+    composed DictConfig); ``patch``: the pixel size of one latent cell of the encoder (its
+    downsampling factor), when there is one."""
+    spec = _buckets(source)
     if spec is None:
         return []
-    if source.get("kind") != "images":
+    if source.kind != "images":
         return [("source.buckets", "buckets apply to source=images only; set it to null")]
     out = []
-    step, aspect = source.get("bucket_step", 64), source.get("max_aspect", 4.0)
+    step, aspect = source.bucket_step, source.max_aspect
     if step < 1:
         out.append(("source.bucket_step", f"must be >= 1, got {step}"))
     if aspect < 1:
         out.append(("source.max_aspect", f"must be >= 1 (each way), got {aspect}"))
-    if source.get("crop", "center") not in CROPS:
-        out.append(("source.crop", f"must be one of {CROPS}, got {source.get('crop')!r}"))
-    if source.get("flip", "none") not in FLIPS:
-        out.append(("source.flip", f"must be one of {FLIPS}, got {source.get('flip')!r}"))
+    if source.crop not in CROPS:
+        out.append(("source.crop", f"must be one of {CROPS}, got {source.crop!r}"))
+    if source.flip not in FLIPS:
+        out.append(("source.flip", f"must be one of {FLIPS}, got {source.flip!r}"))
     if out:
         return out
     if isinstance(spec, str):
         if spec != "auto":
             return [("source.buckets", f"must be null, auto or a list of [H, W], got {spec!r}")]
-        if not auto_grid(source["resolution"], step, aspect):
+        if not auto_grid(source.resolution, step, aspect):
             return [("source.buckets", f"auto makes no bucket: source.resolution="
-                     f"{source['resolution']} is below source.bucket_step={step}")]  # fmt: skip
-        sizes = auto_grid(source["resolution"], step, aspect)
+                     f"{source.resolution} is below source.bucket_step={step}")]  # fmt: skip
+        sizes = auto_grid(source.resolution, step, aspect)
     else:
         pairs = list(spec) if isinstance(spec, Sequence) else []
         if not pairs or not all(_is_pair(p) for p in pairs):
@@ -221,6 +226,11 @@ def config_problems(source: Mapping, patch: int | None = None) -> list[tuple[str
                         "latent cell: the latent would not be a whole number of cells; use a step "
                         f"that is a multiple of {patch}"))  # fmt: skip
     return out
+
+
+def _buckets(source: SourceConfig):
+    """``source.buckets``; None for a group without the key (:class:`ArraysSource`)."""
+    return getattr(source, "buckets", None)
 
 
 def _is_pair(p) -> bool:
@@ -242,7 +252,7 @@ def file_suffix(bucket: Sequence[int]) -> str:
 BUCKET_FILE = re.compile(r"^(?P<shard>.+)\.(?P<h>\d+)x(?P<w>\d+)\.parquet$")
 
 
-def describe_buckets(source: Mapping, sample_shape=None) -> list[dict] | None:
+def describe_buckets(source: SourceConfig, sample_shape=None) -> list[dict] | None:
     """The metadata's ``buckets`` entry: ``[{"size": [H, W], "shape": [C, ...]}, ...]`` in grid
     order, the record shape of each bucket (``sample_shape([C, H, W]) -> shape``: the encoder's
     latent shape; default the pixels themselves); None when buckets are off."""
@@ -251,7 +261,7 @@ def describe_buckets(source: Mapping, sample_shape=None) -> list[dict] | None:
         return None
     out = []
     for h, w in grid.sizes:
-        pixels = [int(source["channels"]), h, w]
+        pixels = [int(source.channels), h, w]
         shape = pixels if sample_shape is None else sample_shape(pixels)
         out.append({"size": [h, w], "shape": [int(s) for s in shape]})
     return out

@@ -42,12 +42,16 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from pipeline.output.records import ARROW_TYPES, reserved_names
 from pipeline.read.decoders import ArrayDecoder, DecodeError, ImageDecoder
 from pipeline.read.source import PICKLE_EXTS
+
+if TYPE_CHECKING:
+    from pipeline.run.config import SourceConfig
 
 DEFAULT_KEEP = ("cls", "txt", "json")
 # kind (the extension's last component, else "binary") -> Arrow type name
@@ -70,11 +74,17 @@ def kind_of(ext: str) -> str:
     return last if last in KINDS else "binary"
 
 
-def class_names(source: Mapping) -> list[str] | None:
+def class_names(source: SourceConfig) -> list[str] | None:
     """The names of ``source.class_names`` (a list, or a file read as one name per line);
     None when unset. ValueError naming ``source.class_names`` for a file that cannot be read, an
-    empty list, a name that is not a non-empty string, or a name given twice."""
-    value = source.get("class_names")
+    empty list, a name that is not a non-empty string, or a name given twice. ``source``: the
+    typed ``source`` group (:class:`pipeline.run.config.SourceConfig`, or the composed
+    DictConfig: read by attribute)."""
+    return _names(source.class_names)
+
+
+def _names(value) -> list[str] | None:
+    """:func:`class_names` of the value of ``source.class_names``."""
     if value is None:
         return None
     where = "source.class_names"
@@ -110,13 +120,19 @@ def class_names(source: Mapping) -> list[str] | None:
     return names
 
 
-def config_problems(source: Mapping) -> list[tuple[str, str]]:
+def config_problems(source: SourceConfig) -> list[tuple[str, str]]:
     """``(config key, message)`` for every bad ``source.keep`` / ``source.require`` entry:
     not a lowercase extension, a pickle extension, a payload extension of the source kind, a
     column name of the record format, two entries mapping to one column, duplicates, or a
-    ``require`` entry that is not kept."""
-    keep, require = list(source.get("keep") or []), list(source.get("require") or [])
-    payload = PAYLOAD_EXTS.get(source.get("kind"), ())
+    ``require`` entry that is not kept; and a bad ``source.class_names``. ``source``: the typed
+    ``source`` group (or the composed DictConfig)."""
+    return _problems(source.keep, source.require, source.kind, source.class_names)
+
+
+def _problems(keep, require, kind: str | None, names) -> list[tuple[str, str]]:
+    """:func:`config_problems` of these values (``kind`` None: no payload extensions)."""
+    keep, require = list(keep or []), list(require or [])
+    payload = PAYLOAD_EXTS.get(kind, ())
     problems, columns = [], {}
     for ext in keep:
         if not isinstance(ext, str) or not _EXT.fullmatch(ext):
@@ -140,7 +156,7 @@ def config_problems(source: Mapping) -> list[tuple[str, str]]:
             problems.append(
                 (
                     "source.keep",
-                    f"{ext!r} is a payload extension of source.kind={source.get('kind')} "
+                    f"{ext!r} is a payload extension of source.kind={kind} "
                     f"({', '.join(payload)}): the payload is x_0, not conditioning",
                 )
             )
@@ -161,9 +177,9 @@ def config_problems(source: Mapping) -> list[tuple[str, str]]:
             )
     if len(set(require)) != len(require):
         problems.append(("source.require", f"duplicate entries in {require}"))
-    if source.get("class_names") is not None:
+    if names is not None:
         try:
-            class_names(source)
+            _names(names)
         except ValueError as exc:
             problems.append(("source.class_names", str(exc)))
         if "cls" not in keep:
@@ -199,7 +215,7 @@ class Conditioning:
     ):
         keep, require = list(keep), list(require)
         names = None if class_names is None else list(class_names)
-        problems = config_problems({"keep": keep, "require": require, "class_names": names})
+        problems = _problems(keep, require, None, names)
         if problems:
             raise ValueError("; ".join(f"{k}: {m}" for k, m in problems))
         self.kept = tuple(Kept(e, column_name(e), kind_of(e), KINDS[kind_of(e)]) for e in keep)
@@ -208,13 +224,10 @@ class Conditioning:
         self.class_names = None if names is None else tuple(names)
 
     @classmethod
-    def from_source(cls, source: Mapping) -> Conditioning:
-        return cls(
-            source.get("keep", DEFAULT_KEEP),
-            source.get("require", ()),
-            source.get("max_member_bytes"),
-            class_names(source),
-        )
+    def from_source(cls, source: SourceConfig) -> Conditioning:
+        """From the typed ``source`` group (or the composed DictConfig): its ``keep``,
+        ``require``, ``max_member_bytes`` and ``class_names``."""
+        return cls(source.keep, source.require, source.max_member_bytes, class_names(source))
 
     @classmethod
     def from_spec(cls, spec: Mapping | None) -> Conditioning:

@@ -20,10 +20,14 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from pipeline.run.config import SourceConfig
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # the only parsers Pillow may use (JPEG covers MPO)
 CHANNELS = (1, 3, 4)  # ImageDecoder's output channels: L, RGB, RGBA
@@ -345,21 +349,22 @@ def _oriented_size(im: Image.Image) -> tuple[int, int]:
     return (im.width, im.height) if transposed else (im.height, im.width)
 
 
-def make_decoder(source: Mapping, shape: Sequence[int] | None = None, bucketing=None):
-    """A fresh decoder for one shard, from the ``source`` config group (``shape``: the arrays'
-    expected shape when it is fixed elsewhere than ``source.shape``; ``bucketing``: the shard's
-    :class:`pipeline.read.buckets.Bucketing`, images only)."""
-    if source["kind"] == "images":
+def make_decoder(source: SourceConfig, shape: Sequence[int] | None = None, bucketing=None):
+    """A fresh decoder for one shard, from the typed ``source`` group (or the composed
+    DictConfig; ``shape``: the arrays' expected shape when it is fixed elsewhere than
+    ``source.shape``; ``bucketing``: the shard's :class:`pipeline.read.buckets.Bucketing`,
+    images only)."""
+    if source.kind == "images":
         return ImageDecoder(
-            resolution=source["resolution"],
-            channels=source["channels"],
-            normalize=source["normalize"],
-            alpha=source["alpha"],
+            resolution=source.resolution,
+            channels=source.channels,
+            normalize=source.normalize,
+            alpha=source.alpha,
             bucketing=bucketing,
         )
-    shape = shape if shape is not None else source.get("shape")
+    shape = shape if shape is not None else source.shape
     return ArrayDecoder(
         shape=tuple(shape) if shape is not None else None,
-        scale=source["scale"],
-        shift=source["shift"],
+        scale=source.scale,
+        shift=source.shift,
     )

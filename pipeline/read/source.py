@@ -174,7 +174,7 @@ def iter_shard(
     not empty, no NaN/Inf. ``on_error``: ``"skip"`` yields Reject items, ``"fail"`` raises
     :class:`SampleError` at the first bad sample (other values: ValueError, raised here).
     ``limits``: what the shard may cost (:class:`ReadLimits`, default: the config defaults; from
-    a config: ``ReadLimits.from_source(cfg["source"])``). Stream failures and exceeding
+    a config: ``ReadLimits.from_source(cfg.source)``). Stream failures and exceeding
     ``limits.shard_timeout_s`` raise :class:`ShardReadError` (see :mod:`pipeline.read.tarstream`).
     ``conditioning``: a :class:`pipeline.read.conditioning.Conditioning` whose ``extract(members)``
     fills :attr:`Sample.cond`; its DecodeError is a bad sample like the decoder's. Any other

@@ -31,9 +31,9 @@ import gzip
 import lzma
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
-from typing import NamedTuple
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlparse
 
 from pipeline.fs import open_input
@@ -45,6 +45,9 @@ from pipeline.read.tarheader import (
     discard,
     read_exact,
 )
+
+if TYPE_CHECKING:
+    from pipeline.run.config import SourceConfig
 
 # Defaults of ReadLimits and of the config keys source.max_member_bytes, source.shard_timeout_s.
 # 256 MiB: far above any realistic sample member (a 100-megapixel camera JPEG is ~50 MB, a float32
@@ -88,9 +91,10 @@ class ReadLimits:
             raise ValueError(f"shard_timeout_s must be > 0 or None, got {timeout!r}")
 
     @classmethod
-    def from_source(cls, source: Mapping) -> ReadLimits:
-        """The limits of a ``source`` config group (keys absent from it keep their defaults)."""
-        return cls(**{f.name: source[f.name] for f in fields(cls) if f.name in source})
+    def from_source(cls, source: SourceConfig) -> ReadLimits:
+        """The limits of the typed ``source`` group (or the composed DictConfig):
+        ``max_member_bytes`` and ``shard_timeout_s``; ``max_name_bytes`` is not a config key."""
+        return cls(max_member_bytes=source.max_member_bytes, shard_timeout_s=source.shard_timeout_s)
 
 
 class ShardReadError(IOError):

@@ -241,7 +241,7 @@ def process_config(cfg: DictConfig) -> dict:
     else:  # the names, not the path of their file
         from pipeline.read.conditioning import class_names
 
-        out["source"]["class_names"] = class_names(out["source"])
+        out["source"]["class_names"] = class_names(cfg.source)
     if out["source"].get("buckets") is None:  # buckets off: the hash of the square-crop configs
         for key in BUCKET_KEYS:
             out["source"].pop(key, None)

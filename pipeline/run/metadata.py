@@ -52,8 +52,8 @@ def bucket_shapes(cfg: DictConfig) -> list[dict] | None:
     naming ``source.bucket_step`` (auto) or ``source.buckets`` otherwise."""
     from pipeline.encode import encoder
 
-    source = OmegaConf.to_container(cfg.source, resolve=True)
-    if source.get("kind") != "images" or source.get("buckets") is None:
+    source = cfg.source
+    if source.kind != "images" or source.buckets is None:
         return None
     if not encoder.enabled(cfg):
         return describe_buckets(source)
@@ -88,9 +88,8 @@ def _input_shape(cfg: DictConfig, urls: list[str]) -> list[int]:
     refuse_missing_shards(urls)  # before reading the first shards for their shape
     for url in urls:
         try:
-            source = OmegaConf.to_container(src)
-            limits = ReadLimits.from_source(source)
-            for item in iter_shard(url, make_decoder(source), on_error="skip", limits=limits):
+            limits = ReadLimits.from_source(src)
+            for item in iter_shard(url, make_decoder(src), on_error="skip", limits=limits):
                 if isinstance(item, Sample):
                     log.info(
                         "array shape %s taken from %s key %s", list(item.array.shape), url, item.key

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -74,11 +74,11 @@ class Tally:
 class ReadStage:
     """Decoded samples of one shard, in tar order (see :func:`pipeline.read.source.iter_shard`).
 
-    ``cfg``: the job's typed config. The readers of :mod:`pipeline.read` take the ``source``
-    group as a mapping (the driver passes its DictConfig, the tests a dict): here its fields."""
+    ``cfg``: the job's typed config; the readers of :mod:`pipeline.read` take its typed
+    ``source`` group (:class:`pipeline.run.config.ImagesSource` or ``ArraysSource``)."""
 
     def __init__(self, cfg: PrecomputeConfig, shape: Sequence[int], batch_size: int):
-        self.source, self.on_error = asdict(cfg.source), cfg.on_error
+        self.source, self.on_error = cfg.source, cfg.on_error
         self.shape, self.seed = shape, cfg.seed
         self.conditioning = Conditioning.from_source(self.source)  # kept members -> Sample.cond
         self.limits = ReadLimits.from_source(self.source)  # member size, name length, time
