@@ -26,7 +26,7 @@ from pipeline.fs import is_remote
 from pipeline.output import resume
 from pipeline.output.description import ProcessMetadata
 from pipeline.output.lease import LeaseError, OutputLease
-from pipeline.output.manifest import CorruptFileError, OutputDir
+from pipeline.output.manifest import MANIFEST, CorruptFileError, OutputDir
 from pipeline.output.prepare import prepare_output
 from pipeline.read.conditioning import class_names
 from pipeline.read.source import SampleError, check_unique_ids, expand_globs, expand_urls, shard_id
@@ -86,14 +86,26 @@ def run(cfg: DictConfig) -> dict:
         lease.release()
 
 
+def manifest_shape(out: OutputDir, old: dict | None) -> list[int] | None:
+    """The sample shape an earlier run of ``out`` fixed (its manifest's ``process`` block), None
+    without one; JobError (exit 2) naming the manifest when that block is of a newer format than
+    this version reads, or not a process description."""
+    if old is None or not (old.get("process") or {}).get("shape"):
+        return None
+    try:
+        return ProcessMetadata.from_json(old["process"]).shape
+    except (ValueError, TypeError) as exc:
+        raise JobError(
+            f"{out.display(MANIFEST)}: {exc}; resume it with the version that wrote it, or write "
+            "to a new output.dir"
+        ) from None
+
+
 def _run(cfg: DictConfig, out: OutputDir, lease: OutputLease, urls: list, ids: dict) -> dict:
     chash = config_hash(cfg)
     old = prepare_output(out, cfg, chash)
     summaries = resume.committed_shards(out, ids, chash, old)
-    if old is not None and old.get("process", {}).get("shape"):  # the manifest's own block
-        shape = ProcessMetadata.from_json(old["process"]).shape
-    else:
-        shape = sample_shape(cfg, urls)
+    shape = manifest_shape(out, old) or sample_shape(cfg, urls)
     refuse_missing_shards([u for u in urls if shard_id(u) not in summaries])
     try:  # a sample that cannot fit in an actor's memory would only kill actor after actor
         per_sample = working_set_per_sample(shape, cfg.sampling.draws_per_sample)

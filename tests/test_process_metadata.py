@@ -206,3 +206,18 @@ def test_the_loader_reads_it_typed_and_refuses_a_newer_format(tmp_path):
     pq.write_table(table.replace_schema_metadata(raw), root / "a.parquet")
     with pytest.raises(ValueError, match=r"a.parquet: process metadata format 'ddpm-records/2'"):
         RecordsDir(str(root))
+
+
+def test_a_rerun_on_a_newer_manifest_is_a_job_error_naming_it(tmp_path):
+    # resuming into an output whose manifest a newer version wrote: exit 2 naming the manifest,
+    # not an internal error (a bare ValueError is reported as a bug, exit 70)
+    from pipeline.output.manifest import OutputDir
+    from pipeline.precompute import JobError, manifest_shape
+
+    _, new = _both("ddpm")
+    out = OutputDir(str(tmp_path))
+    assert manifest_shape(out, None) is None
+    assert manifest_shape(out, {"process": new.to_json()}) == [3, 8, 8]
+    newer = {"process": {**new.to_json(), "format": "ddpm-records/2"}}
+    with pytest.raises(JobError, match=r"_manifest.json: process metadata format 'ddpm-records/2'"):
+        manifest_shape(out, newer)
