@@ -18,6 +18,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline.read.conditioning import DEFAULT_KEEP
+from pipeline.read.tarstream import MAX_MEMBER_BYTES, SHARD_TIMEOUT_S
 from pipeline.run.config_rules import validate as validate
 from pipeline.run.overrides import check_keys, quote_url_overrides
 from pipeline.run.overrides import config_error_message as config_error_message
@@ -30,10 +32,10 @@ BUCKET_KEYS = ("buckets", "bucket_step", "max_aspect", "crop", "flip")  # source
 class SourceConfig:
     kind: str = MISSING
     urls: Any = MISSING  # a brace-expandable string or a list of URLs
-    max_member_bytes: int = 256 * 2**20  # a larger tar member is rejected unread (source.py)
-    shard_timeout_s: float | None = 3600.0  # reading + decoding one shard; null: no bound
+    max_member_bytes: int = MAX_MEMBER_BYTES  # a larger tar member is rejected unread
+    shard_timeout_s: float | None = SHARD_TIMEOUT_S  # reading + decoding one shard; null: no bound
     # member extensions carried into the records, one column each (pipeline/read/conditioning.py)
-    keep: list[str] = field(default_factory=lambda: ["cls", "txt", "json"])
+    keep: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP))
     require: list[str] = field(default_factory=list)  # a sample lacking one is rejected
     class_names: Any = None  # null | [names] | a names file: the cls labels (conditioning.py)
 
