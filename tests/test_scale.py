@@ -13,6 +13,7 @@ import pytest
 from pipeline import fs
 from pipeline.output import resume
 from pipeline.output.contracts import CommitMarker
+from pipeline.output.description import ProcessMetadata
 from pipeline.output.manifest import MANIFEST, SEGMENT, OutputDir
 from pipeline.precompute import JobState, ShardTask
 
@@ -43,7 +44,8 @@ def _job(make_cfg, out: OutputDir, n: int, committed: int) -> JobState:
     cfg = make_cfg("source=arrays", "source.urls=x.tar", f"output.dir={out.root}")
     shards = [ShardTask(f"/in/s{i:06d}.tar", f"s{i:06d}") for i in range(n)]
     summaries = {s.id: CommitMarker.from_json(_summary(s.url, 100)) for s in shards[:committed]}
-    return JobState(cfg, out, _Lease(), {"config_hash": CHASH}, shards, summaries)
+    meta = ProcessMetadata(schedule={}, noise={}, dtype="float16", shape=[1], config_hash=CHASH)
+    return JobState(cfg, out, _Lease(), meta, shards, summaries)
 
 
 def test_periodic_manifest_size_does_not_grow_with_committed_shards(tmp_path, make_cfg):
