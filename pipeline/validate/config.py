@@ -4,8 +4,9 @@
 YAML and the command-line overrides into :class:`ValidateConfig`: an unknown key (``bins2=3``,
 ``output.dirr=x``) or a value of the wrong type (``bins=many``) fails when the config is
 composed, before the dataset is opened or Ray starts. :func:`check_values` then checks ranges,
-with messages that name the key. The YAML holds the documented defaults (``-h`` prints it); the
-defaults here are the same values.
+with messages that name the key. The YAML is the one home of the defaults (``-h`` prints it);
+the schema fixes each key's type and holds no value (``MISSING``), so a key the YAML stopped
+setting fails when it is read instead of falling back to a second, stale default.
 """
 
 from __future__ import annotations
@@ -24,34 +25,34 @@ EXECUTORS = ("auto", "ray", "local")  # where the scans run: pipeline.validate.e
 @dataclass
 class ValidateOutputConfig:
     dir: str = MISSING  # the dataset written by pipeline.precompute (path or URI)
-    report_dir: str | None = None  # None: <dir>/validation
+    report_dir: str | None = MISSING  # None: <dir>/validation
 
 
 @dataclass
 class ValidateRayConfig:
-    address: str | None = None
-    num_cpus_per_task: float = 1.0
-    max_in_flight: int | None = None
+    address: str | None = MISSING
+    num_cpus_per_task: float = MISSING
+    max_in_flight: int | None = MISSING
 
 
 @dataclass
 class ValidateConfig:
     output: ValidateOutputConfig = field(default_factory=ValidateOutputConfig)
-    z: float = 5.0
-    family_correction: bool = True
-    bins: int = 10
-    terminal_window: float = 0.01
-    reservoir_size: int = 20000
-    max_consistency_records: int = 2000
-    text_recheck: int = 16
-    reconstruct_min_alpha_bar: float = 0.1
-    terminal_mean_shift: float = 0.01
-    batch_elements: int = 1048576
-    seed: int = 0
-    plots: bool = True
-    progress: bool = True
-    executor: str = "auto"
-    workers: int | None = None
+    z: float = MISSING
+    family_correction: bool = MISSING
+    bins: int = MISSING
+    terminal_window: float = MISSING
+    reservoir_size: int = MISSING
+    max_consistency_records: int = MISSING
+    text_recheck: int = MISSING
+    reconstruct_min_alpha_bar: float = MISSING
+    terminal_mean_shift: float = MISSING
+    batch_elements: int = MISSING
+    seed: int = MISSING
+    plots: bool = MISSING
+    progress: bool = MISSING
+    executor: str = MISSING
+    workers: int | None = MISSING
     ray: ValidateRayConfig = field(default_factory=ValidateRayConfig)
 
 
