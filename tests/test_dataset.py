@@ -486,7 +486,7 @@ def test_batches_seeded_and_reshuffled_per_epoch(recdir):
     assert keys_of(rec) == e0
 
 
-def test_drop_uneven_with_more_readers_than_row_groups_is_refused(tmp_path):
+def test_drop_uneven_with_more_readers_than_row_groups_is_refused(tmp_path, monkeypatch):
     """World size 4 over one row group used to yield 0 of 40 records on every rank, silently."""
     root = tmp_path / "one"
     write_records(root, {"a": 40}, row_group_size=40)
@@ -504,8 +504,9 @@ def test_drop_uneven_with_more_readers_than_row_groups_is_refused(tmp_path):
     assert len(list(ds)) == len(ds) == 10
     write_records(root, {"a": 40}, row_group_size=14)  # 3 row groups, 2 ranks x 2 workers
     ds = PrecomputedDataset(root, columns=["key"], rank=0, world_size=2, drop_uneven=True)
+    _as_dataloader_worker(monkeypatch, 1, 2)  # in-process (a real worker's error costs torch 10 s)
     with pytest.raises(ValueError, match=r"= 4 readers over 3 row group.*its worker 1"):
-        list(DataLoader(ds, batch_size=None, num_workers=2))
+        list(ds)
 
 
 def test_batches_drop_uneven_and_drop_last(recdir):
@@ -650,6 +651,19 @@ def test_read_ahead_errors_in_order_and_no_thread_left(recdir):
 # -- len() and draws="cycle" ----------------------------------------------------------------------
 
 
+def _as_dataloader_worker(monkeypatch, worker: int, num_workers: int) -> None:
+    """Read the dataset in this process as DataLoader worker ``worker`` of ``num_workers`` (its
+    get_worker_info). A refusal raised in a real worker process costs the DataLoader's shutdown
+    10 s (torch's worker join timeouts, with any IterableDataset), so the refusals are checked
+    here; tests above read through real workers."""
+    import types
+
+    import pipeline.consume.dataset as dataset_module
+
+    info = types.SimpleNamespace(id=worker, num_workers=num_workers)
+    monkeypatch.setattr(dataset_module, "get_worker_info", lambda: info)
+
+
 def _simulated_count(ds, world_size, workers, monkeypatch):
     """Items each rank yields, read worker by worker as DataLoader workers would (their
     get_worker_info), without starting processes."""
@@ -711,10 +725,12 @@ def test_len_through_dataloader_workers(recdir, batch_size):
         assert len(loader) == len(ds) == len(list(loader))
 
 
-def test_len_refuses_another_worker_count(recdir):
+def test_len_refuses_another_worker_count(recdir, monkeypatch):
     ds = PrecomputedDataset(recdir[0], columns=["key"], num_workers=3)
+    _as_dataloader_worker(monkeypatch, 0, 2)  # in-process (a real worker's error costs torch 10 s)
     with pytest.raises(ValueError, match=r"num_workers=3.*read by 2 DataLoader worker"):
-        list(DataLoader(ds, batch_size=None, num_workers=2))
+        list(ds)
+    monkeypatch.undo()
     assert len(keys_of(PrecomputedDataset(recdir[0], columns=["key"], num_workers=0))) == 100
 
 
