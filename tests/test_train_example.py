@@ -164,11 +164,15 @@ def test_ancestral_sampling_reaches_the_data(name):
 
 def test_checkpoint_round_trip(tiny, tmp_path):
     ds = PrecomputedDataset(tiny, shuffle=False)
-    model = TinyDenoiser(ds.metadata["shape"], 100, width=8, num_classes=3)
+    model = TinyDenoiser(ds.description.shape, 100, width=8, num_classes=3)
     torch.nn.init.normal_(model.label.weight)
-    save_checkpoint(model, tmp_path / "m.safetensors", ds.metadata)
+    save_checkpoint(model, tmp_path / "m.safetensors", ds.description)
     loaded, config = load_checkpoint(tmp_path / "m.safetensors")
-    assert config["num_classes"] == 3 and config["schedule"] == ds.metadata["schedule"]
+    assert config["num_classes"] == 3 and config["schedule"] == ds.description.schedule
+    assert config["shape"] == [1, 8, 8]
+    # the public JSON dict (.metadata) still works, and writes the same file
+    save_checkpoint(model, tmp_path / "d.safetensors", ds.metadata)
+    assert (tmp_path / "d.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 5, 50, 99]), torch.tensor([0, 1, 2, -1])
     model.eval()
     with torch.no_grad():

@@ -4,24 +4,32 @@ the model in the file's metadata (:func:`save_checkpoint`, :func:`load_checkpoin
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+
+from pipeline.output.description import ProcessMetadata
 
 from .model import TinyDenoiser
 
 
-def save_checkpoint(model: TinyDenoiser, path: Path, records_meta: dict) -> None:
+def save_checkpoint(
+    model: TinyDenoiser, path: Path, description: ProcessMetadata | Mapping
+) -> None:
     """The model's weights as safetensors (never a pickle), with what rebuilds it (shape, width,
-    classes) and the records' schedule in the file's metadata; see :func:`load_checkpoint`."""
+    classes) and the records' schedule in the file's metadata; see :func:`load_checkpoint`.
+    ``description``: the records' process description (``PrecomputedDataset.description``, or
+    its JSON dict ``.metadata``)."""
     from safetensors.torch import save_file
 
+    description = ProcessMetadata.from_json(description)
     config = {
-        "shape": list(records_meta["shape"]),
+        "shape": list(description.shape),
         "num_timesteps": model.num_timesteps,
         "width": model.inp.conv.out_channels,
         "emb": model.emb_dim,
         "num_classes": model.num_classes,
         "text_dim": model.text_dim,
-        "schedule": records_meta["schedule"],
+        "schedule": description.schedule,
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"config": json.dumps(config)})

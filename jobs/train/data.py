@@ -70,9 +70,9 @@ def scan_records(rdir: RecordsDir, label: str | None, holdout: float) -> dict:
 def check_label_column(rdir: RecordsDir, column: str) -> None:
     """ValueError unless ``column`` is an int64 conditioning column of the records (listed in
     the metadata's ``conditioning`` entry, :mod:`pipeline.read.conditioning`)."""
-    from pipeline.read.conditioning import spec_of
+    from pipeline.read.conditioning import Conditioning
 
-    kept = {k.column: k for k in spec_of(rdir.metadata).kept}
+    kept = {k.column: k for k in Conditioning.from_spec(rdir.description.conditioning).kept}
     ints = [c for c, k in kept.items() if k.type == "int64"]
     hint = f"int64 conditioning columns of these records: {', '.join(ints) or 'none'}"
     if column not in kept:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.consume.dataset import PrecomputedDataset, RecordsDir
 from pipeline.noising.targets import Objective
-from pipeline.output import records
+from pipeline.output.description import process_from_metadata
 
 from .checkpoint import save_checkpoint
 from .data import KeySplit, check_label_column, loader, scan_records, text_column
@@ -108,7 +108,7 @@ def train(
             scan = scan_records(rdir, None if text else cond, holdout)
             if holdout:
                 columns.append("key")
-        goal = Objective(objective, records.process_from_metadata(rdir.metadata))
+        goal = Objective(objective, process_from_metadata(rdir.description))
         goal.check(rdir.column_names, str(data))
         target = goal.column
         columns += [] if target in columns else [target]
@@ -240,8 +240,8 @@ def train(
         if out is not None:
             out = Path(out)
             out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(model, out / "model.safetensors", ds.metadata)
+            save_checkpoint(model, out / "model.safetensors", ds.description)
             if samples:
-                metrics["samples"] = save_samples(model, goal, ds.metadata, out, samples, seed)
+                metrics["samples"] = save_samples(model, goal, ds.description, out, samples, seed)
             save(metrics, out)
         return metrics

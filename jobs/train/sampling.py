@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.noising.targets import euler_sample
+from pipeline.output.description import ProcessMetadata
 
 from .model import TinyDenoiser
 
@@ -91,18 +93,23 @@ class _EpsModel:
         return self.goal.x0_eps(x, t, self.model(x, t, labels))[1]
 
 
-def save_samples(model, goal, meta: dict, out: Path, n: int, seed: int = 0) -> dict:
+def save_samples(
+    model, goal, description: ProcessMetadata | Mapping, out: Path, n: int, seed: int = 0
+) -> dict:
     """``n`` samples of ``model`` (a conditional model: labels 0, 1, ... in turn) drawn with
     :func:`ancestral_sample` (eps, v: through the eps the prediction implies) or for ``flow`` by
     Euler steps (:func:`pipeline.noising.targets.euler_sample`), saved as ``samples.png`` in
-    ``out``; ``goal``: the :class:`pipeline.noising.targets.Objective`. Returns their summary."""
+    ``out``; ``goal``: the :class:`pipeline.noising.targets.Objective`; ``description``: the
+    records' process description (``PrecomputedDataset.description`` or its JSON dict), whose
+    ``encoder`` (latents: none) and schedule name the plot shows. Returns their summary."""
     schedule = goal.process
+    description = ProcessMetadata.from_json(description)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pixels = not meta.get("encoder")
+    pixels = not description.encoder
     labels = None
     if model.num_classes:
         labels = torch.arange(n) % model.num_classes
@@ -122,7 +129,7 @@ def save_samples(model, goal, meta: dict, out: Path, n: int, seed: int = 0) -> d
     ax.set_axis_off()
     what = "pixels" if pixels else "latents (first channels, min..max per sample)"
     how = "Euler" if goal.name == "flow" else "ancestral"
-    title = f"{n} {how} samples, {meta['schedule']['name']} T={schedule.num_timesteps}, {what}"
+    title = f"{n} {how} samples, {description.schedule['name']} T={schedule.num_timesteps}, {what}"
     if labels is not None:
         title += (
             f"\nclass labels {', '.join(str(int(v)) for v in labels[: model.num_classes])}, ..."

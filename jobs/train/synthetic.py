@@ -43,12 +43,13 @@ def make_synthetic_records(
     from pipeline.noising.noise import KeyedNoise
     from pipeline.noising.schedule import make_schedule
     from pipeline.output import records
+    from pipeline.output.description import make_metadata
     from pipeline.output.manifest import OutputDir
     from pipeline.read.conditioning import Conditioning
 
     sched = make_schedule(schedule, num_timesteps)
     noise = KeyedNoise(seed, num_timesteps)
-    meta = records.make_metadata(
+    meta = make_metadata(
         schedule=sched,
         noise=noise,
         dtype=dtype,
