@@ -5,9 +5,12 @@ it round-trips, an old manifest's ``process`` block reads, and a newer format is
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.noising import process
 from pipeline.noising.noise import KeyedNoise
@@ -138,6 +141,107 @@ def test_round_trip_through_json_and_a_schema(case):
     schema = records.record_schema(new.shape, new.dtype, new.store_x0, new)
     assert ProcessMetadata.from_json(process_metadata(schema)) == new
     assert same_process(new, process_metadata(schema)) == []
+
+
+# The keys a description may lack (what each reads as then: ProcessMetadata's defaults), with a
+# value each may hold; every one but format may also be written as null.
+MAYBE = {
+    "format": "ddpm-records/1", "store_x0": True, "config_hash": "abc", "source": SOURCE,
+    "library_version": "0.3.0", "encoder": ENCODER,
+    "conditioning": {"keep": ["cls"], "types": {"cls": "int64"}}, "targets": ["v"],
+    "buckets": BUCKETS, "text": TEXT, "grid": process.flow(1000, shift=3.0).grid,
+}  # fmt: skip
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _required() -> dict:
+    proc, noise = _ddpm()
+    return {"schedule": proc.describe(), "noise": noise.describe(), "dtype": "float16",
+            "shape": [3, 8, 8]}  # fmt: skip
+
+
+def _assert_round_trip(d: dict) -> None:
+    """``d`` comes back from ProcessMetadata exactly: the same keys in the same order, through
+    JSON text, and as the same bytes in a records file's schema and in a manifest."""
+    from pipeline.output.manifest import OutputDir
+
+    m = ProcessMetadata.from_json(d)
+    assert m.to_json() == d and list(m.to_json()) == list(d)
+    assert ProcessMetadata.from_json(json.loads(json.dumps(m.to_json()))) == m
+    assert json.dumps(m.to_json()) == json.dumps(d)
+    schema = records.record_schema([3, 8, 8], "float16", False, m)
+    assert schema.metadata[records.METADATA_KEY] == json.dumps(d, sort_keys=True).encode()
+    assert process_metadata(schema) == d
+    manifest = OutputDir.encode_json({"process": m.to_json()})
+    assert manifest == OutputDir.encode_json({"process": d})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"config_hash": None},  # absent: a hand-written description, or an older version's
+        {"store_x0": None},
+        {"format": None},  # before the key existed
+        {"config_hash": "null"},  # present, null
+        {"encoder": "null"},
+        {"source": "null", "text": "null", "grid": "null"},
+    ],
+    ids=[
+        "no-config_hash",
+        "no-store_x0",
+        "no-format",
+        "null-config_hash",
+        "null-encoder",
+        "null-source-text-grid",
+    ],
+)
+def test_a_description_without_a_key_or_with_a_null_round_trips_exactly(change):
+    full = {"format": "ddpm-records/1", **_required(), "store_x0": False, "config_hash": "abc",
+            "encoder": ENCODER}  # fmt: skip
+    d = {k: v for k, v in full.items() if change.get(k, 1) is not None}
+    d.update({k: None for k, v in change.items() if v == "null"})
+    _assert_round_trip(d)
+    m = ProcessMetadata.from_json(d)
+    assert m.encoder == d.get("encoder") and m.config_hash == d.get("config_hash")  # null: None
+    assert m.store_x0 is d.get("store_x0", False) and m.format == "ddpm-records/1"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_every_dict_it_accepts_round_trips_exactly(data):
+    """Property: each key that may be absent is absent, null (but format, which must name a
+    version) or set; unknown keys added; the keys in any order."""
+    d = _required()
+    for key, value in MAYBE.items():
+        how = data.draw(st.sampled_from(["absent", "set"] + ([] if key == "format" else ["null"])))
+        if how != "absent":
+            d[key] = value if how == "set" else None
+    known = set(MAYBE) | set(d) | {"extra", "_keys"}
+    unknown = st.text(min_size=1, max_size=6).filter(lambda k: k not in known)
+    d.update(data.draw(st.dictionaries(unknown, JSON_VALUES, max_size=2)))
+    d.update(data.draw(st.dictionaries(st.sampled_from(["extra", "_keys"]), JSON_VALUES)))
+    order = data.draw(st.permutations(list(d)))
+    _assert_round_trip({k: d[k] for k in order})
+
+
+def test_a_field_set_after_reading_is_written_and_equality_is_the_json():
+    d = {**_required(), "encoder": None}  # no format, store_x0, config_hash; a null encoder
+    m = ProcessMetadata.from_json(d)
+    assert ProcessMetadata.from_json({**_required()}) != m  # absent is not null
+    assert ProcessMetadata.from_json({**_required(), "encoder": None}) == m
+    m.config_hash, m.text = "h", TEXT  # set since: written, after the keys read
+    assert list(m.to_json()) == [*d, "config_hash", "text"] and m.to_json()["config_hash"] == "h"
+    m.encoder = ENCODER  # read (as null): stays in its place
+    assert m.to_json() == {**d, "encoder": ENCODER, "config_hash": "h", "text": TEXT}
+    moved = replace(m, source=SOURCE, grid=None)  # as the worker adds a file's source and grid
+    assert moved.to_json() == {**m.to_json(), "source": SOURCE}
+    assert m.to_json()["encoder"] == ENCODER and "source" not in m.to_json()
 
 
 def test_typed_fields_and_the_readers_take_either_form():

@@ -38,7 +38,7 @@ from pipeline.output.records import (
 SUPPORTED_FORMATS = (FORMAT,)
 
 
-@dataclass
+@dataclass(eq=False)
 class ProcessMetadata:
     """The process description of a dataset, or of one file (see the module docstring).
 
@@ -52,6 +52,12 @@ class ProcessMetadata:
     (the text encoders' identity), ``grid`` (a flow file's own grid). ``extra``: the fields this
     version does not know, kept and written back as they were. The nested descriptions are the
     plain dicts their own modules define.
+
+    Read from JSON (:meth:`from_json`), it writes back exactly what it read (:meth:`to_json`):
+    the same keys in the same order, a key absent when it was (a file without ``config_hash``,
+    ``store_x0`` or ``format``, written by an older version or by hand) and null when it was
+    null. ``_keys`` records the keys read (None: built in code, written as :meth:`to_json`
+    says). Two descriptions are equal when their JSON is.
     """
 
     schedule: dict
@@ -70,6 +76,14 @@ class ProcessMetadata:
     grid: dict | None = None
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
+    _keys: tuple[str, ...] | None = field(default=None, repr=False)
+
+    def __eq__(self, other):
+        if not isinstance(other, ProcessMetadata):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+    __hash__ = None  # mutable
 
     @property
     def family(self) -> str:
@@ -85,16 +99,26 @@ class ProcessMetadata:
         return int(self.noise["draws_per_sample"])
 
     def to_json(self) -> dict:
-        """The description's JSON: ``format``, the seven process fields, the optional ones that
-        are set, then the unknown fields it was read with (the dict :func:`make_metadata` wrote
-        before this class: same keys, same order, same omissions)."""
-        out: dict[str, Any] = {"format": self.format}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("format", "extra") or (value is None and f.name in _OPTIONAL):
-                continue
-            out[f.name] = value
-        return {**out, **self.extra}
+        """The description's JSON. Built in code: ``format``, the seven process fields, the
+        optional ones that are set (the dict :func:`make_metadata` wrote before this class: same
+        keys, same order, same omissions). Read by :meth:`from_json`: the dict it was read from,
+        key for key and in its order (a field set since is written, after them, if it differs
+        from what its absence reads as), with the unknown fields. Every writer sorts the keys
+        (a schema's ``ddpm`` JSON, the manifest), so the bytes do not depend on the order."""
+        out: dict[str, Any] = {}
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if self._keys is None:
+                written = value is not None or name not in _OPTIONAL
+            else:  # as read; a field set since when it differs from what absence reads as
+                written = name in self._keys or value != _ABSENT.get(name)
+            if written:
+                out[name] = value
+        out.update(self.extra)
+        if self._keys is None:
+            return out
+        order = {k: i for i, k in enumerate(self._keys)}
+        return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
     @classmethod
     def from_json(cls, d: Mapping | ProcessMetadata) -> ProcessMetadata:
@@ -117,15 +141,22 @@ class ProcessMetadata:
                 "pipeline.precompute (it has the keys "
                 f"{list(_REQUIRED)})"
             )
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        return cls(**kwargs, extra={k: v for k, v in d.items() if k not in known})
+        kwargs = {k: v for k, v in d.items() if k in _FIELDS}
+        extra = {k: v for k, v in d.items() if k not in _FIELDS}
+        return cls(**kwargs, extra=extra, _keys=tuple(d))
 
 
-# Written only when set; the others are written always.
+# The fields written as JSON keys (format first), in the order a description built in code
+# writes them.
+_FIELDS = ("format",) + tuple(
+    f.name for f in fields(ProcessMetadata) if f.name not in ("format", "extra", "_keys")
+)
+# Built in code, written only when set; the others are written always.
 _OPTIONAL = frozenset(
     {"source", "library_version", "encoder", "conditioning", "targets", "buckets", "text", "grid"}
 )
+# What a field reads as when its key is absent (the required ones are never absent).
+_ABSENT = {**dict.fromkeys(_OPTIONAL), "format": FORMAT, "store_x0": False, "config_hash": None}
 _REQUIRED = ("schedule", "noise", "dtype", "shape")
 
 
