@@ -6,15 +6,18 @@ import itertools
 
 import pytest
 from fixtures.runner import run_python
+from hydra.core.config_store import ConfigStore
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import OmegaConf
 
 from pipeline.run.config import (
     CONF_DIR,
+    TextEncoderConfig,
     check_keys,
     compose,
     config_error_message,
     config_hash,
+    register_configs,
     validate,
 )
 
@@ -43,6 +46,75 @@ def test_every_config_composes_and_validates(source, schedule, ray):
 def test_config_files_are_small():
     for path in CONF_DIR.rglob("*.yaml"):
         assert path.stat().st_size < 2048, f"{path} is over 2 KB: split it"
+
+
+PRECOMPUTE_GROUPS = ("source", "schedule", "ray", "encoder", "text")
+PRECOMPUTE_YAMLS = [
+    CONF_DIR / "config.yaml",
+    *(p for g in PRECOMPUTE_GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))),
+]
+# The schema leaves that hold a value: what no YAML sets, its home in code (the read limits:
+# pipeline/read/tarstream.py; keep: pipeline/read/conditioning.py) or the schema (a kind).
+SCHEMA_VALUES = {
+    "source": {"kind", "max_member_bytes", "shard_timeout_s", "keep", "require", "class_names"},
+    "encoder": {"kind"},
+}
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """Dotted key -> value of every leaf of a nested dict (``???`` for a required value)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _sets(tree: dict, key: str) -> bool:
+    """Whether a YAML file's tree sets the dotted ``key``."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+@pytest.mark.parametrize("path", PRECOMPUTE_YAMLS, ids=lambda p: str(p.relative_to(CONF_DIR)))
+def test_each_default_has_one_home(path):
+    """As conf/validate.yaml (tests/test_validate_config.py): a schema leaf is ``???`` (its type
+    only) and every file extending the schema sets it, or it holds its value (SCHEMA_VALUES) and
+    no file sets it. A value stated twice could drift; a key a file stops setting reads ``???``."""
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    base = raw.pop("defaults")[0]  # the schema the file extends, e.g. base_flow
+    raw.pop("hydra", None)
+    group = "" if path.parent == CONF_DIR else path.parent.name
+    register_configs()
+    node = ConfigStore.instance().load(f"{group}/{base}.yaml".lstrip("/")).node
+    schema = _leaves(OmegaConf.to_container(node))
+    if not group:  # config.yaml: the groups come from their own files
+        assert all(OmegaConf.is_missing(node, g) for g in PRECOMPUTE_GROUPS)
+        schema = {k: v for k, v in schema.items() if k.split(".")[0] not in PRECOMPUTE_GROUPS}
+    valued = {k for k, v in schema.items() if v != "???"}
+    assert valued == SCHEMA_VALUES.get(group, set()), "a schema default: move it to the YAML"
+    unset = [k for k in schema if k not in valued and not _sets(raw, k)]
+    twice = [k for k in valued if _sets(raw, k)]
+    assert not unset, f"{path.name} leaves {unset} unset (???): give each its value"
+    assert not twice, f"{path.name} restates {twice}, whose default is in the code"
+    stray = [k for k in _leaves(raw) if not any(k == s or k.startswith(s + ".") for s in schema)]
+    assert not stray  # schedule.params.* sit under the dict-valued params
+
+
+def test_text_presets_state_only_what_differs_from_an_encoders_defaults():
+    """text.encoders items are TextEncoderConfig, whose defaults users rely on when they write
+    their own list: a preset restating one would be a second home."""
+    element = OmegaConf.to_container(OmegaConf.structured(TextEncoderConfig))
+    for path in sorted((CONF_DIR / "text").glob("*.yaml")):
+        for item in OmegaConf.to_container(OmegaConf.load(path))["encoders"]:
+            assert "name" in item and set(item) <= set(element), path.name
+            restated = [k for k, v in item.items() if k != "name" and v == element[k]]
+            assert not restated, f"{path.name}: {item['name']} restates its default {restated}"
 
 
 def test_required_values_are_missing_until_given():

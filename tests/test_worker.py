@@ -12,7 +12,7 @@ import torch
 from pipeline.noising.noise import KeyedNoise
 from pipeline.noising.schedule import make_schedule
 from pipeline.read.source import Sample
-from pipeline.run.config import PrecomputeConfig, RayConfig
+from pipeline.run.config import actor_config, compose
 from pipeline.run.stages import RecordOptions, RowGroupWriter, compute_records, read_ahead
 from pipeline.run.worker import resolve_device
 
@@ -117,8 +117,10 @@ def test_a_sample_too_large_for_an_actor_is_a_config_error(tmp_path, make_cfg):
 
 
 def test_read_ahead_auto_needs_a_second_cpu():
-    def cfg(read_ahead, cpus):
-        return PrecomputeConfig(read_ahead=read_ahead, ray=RayConfig(cpus_per_actor=cpus))
+    def cfg(read_ahead, cpus):  # as the actor receives it: the schema alone holds no values
+        over = [f"read_ahead={'null' if read_ahead is None else read_ahead}"]
+        return actor_config(compose(["source.urls=x.tar", "output.dir=o", *over,
+                                     f"ray.cpus_per_actor={cpus}"]))  # fmt: skip
 
     assert read_ahead(cfg(None, 1)) == 0  # one CPU: the thread would only contend for the GIL
     assert read_ahead(cfg(None, 2)) == 2

@@ -5,6 +5,15 @@ key or a value of the wrong type fails when Hydra composes the config, before Ra
 :func:`pipeline.run.config_rules.validate` then checks values (ranges, choices) with messages that
 name the config key; :mod:`pipeline.run.overrides` handles the command line. This module also says
 which part of a config determines the records (:func:`process_config`, :func:`config_hash`).
+
+Each default has one home. Where the YAML files set a key, the schema fixes its type and holds
+no value (``MISSING``), and every option of the group sets it: a key an option stopped setting
+reads as ``???`` (an error naming it), not as a second, stale default. The schema keeps a value
+only for what no YAML sets: the ``kind`` of a source or encoder schema, the read limits and
+``source.keep`` (their homes are :mod:`pipeline.read.tarstream` and
+:mod:`pipeline.read.conditioning`), ``source.require``, ``source.class_names``, and the fields
+of :class:`TextEncoderConfig` (the items of ``text.encoders``, which users write themselves).
+tests/test_config.py holds both sides to this.
 """
 
 from __future__ import annotations
@@ -43,32 +52,32 @@ class SourceConfig:
 @dataclass
 class ImagesSource(SourceConfig):
     kind: str = "images"
-    resolution: int = 256
-    channels: int = 3
-    normalize: bool = True
-    alpha: str = "composite"
+    resolution: int = MISSING
+    channels: int = MISSING
+    normalize: bool = MISSING
+    alpha: str = MISSING
     # aspect-ratio buckets (pipeline/read/buckets.py): null (square crop) | auto | [[H, W], ...]
-    buckets: Any = None
-    bucket_step: int = 64
-    max_aspect: float = 4.0
-    crop: str = "center"  # center | random (keyed on seed, shard, key)
-    flip: str = "none"  # none | random (keyed)
+    buckets: Any = MISSING
+    bucket_step: int = MISSING
+    max_aspect: float = MISSING
+    crop: str = MISSING  # center | random (keyed on seed, shard, key)
+    flip: str = MISSING  # none | random (keyed)
 
 
 @dataclass
 class ArraysSource(SourceConfig):
     kind: str = "arrays"
-    shape: list[int] | None = None
-    scale: float = 1.0
-    shift: float = 0.0
+    shape: list[int] | None = MISSING
+    scale: float = MISSING
+    shift: float = MISSING
 
 
 @dataclass
 class ScheduleConfig:
     name: str = MISSING
-    num_timesteps: int = 1000
-    zero_terminal_snr: bool = False
-    params: dict[str, float] = field(default_factory=dict)
+    num_timesteps: int = MISSING
+    zero_terminal_snr: bool = MISSING
+    params: dict[str, float] = MISSING
 
 
 @dataclass
@@ -76,47 +85,46 @@ class FlowScheduleConfig(ScheduleConfig):
     """``schedule=flow``: rectified flow on diffusers' training grid
     (pipeline/noising/process.py)."""
 
-    name: str = "flow"
-    shift: float = 1.0  # static shift (SD3: 3.0)
-    dynamic_shift: bool = False  # Flux: shift exp(mu), mu linear in the latent sequence length
-    base_shift: float = 0.5
-    max_shift: float = 1.15
-    base_seq_len: int = 256
-    max_seq_len: int = 4096
-    patch_size: int = 2  # sequence length = (H / patch_size) (W / patch_size)
+    shift: float = MISSING  # static shift
+    dynamic_shift: bool = MISSING  # Flux: shift exp(mu), mu linear in the latent sequence length
+    base_shift: float = MISSING
+    max_shift: float = MISSING
+    base_seq_len: int = MISSING
+    max_seq_len: int = MISSING
+    patch_size: int = MISSING  # sequence length = (H / patch_size) (W / patch_size)
 
 
 @dataclass
 class SamplingConfig:
-    draws_per_sample: int = 1
-    timesteps: str = "uniform"
-    logit_mean: float = 0.0  # logit_normal (SD3): u = sigmoid(logit_mean + logit_std z)
-    logit_std: float = 1.0
-    mode_scale: float = 1.29  # mode (SD3)
+    draws_per_sample: int = MISSING
+    timesteps: str = MISSING
+    logit_mean: float = MISSING  # logit_normal (SD3): u = sigmoid(logit_mean + logit_std z)
+    logit_std: float = MISSING
+    mode_scale: float = MISSING  # mode (SD3)
 
 
 @dataclass
 class OutputConfig:
     dir: str = MISSING
-    dtype: str = "float16"
-    store_x0: bool = False
-    targets: list[str] = field(default_factory=list)  # extra targets: v | x_0 | velocity
-    rows_per_group: int = 256
-    compression: str = "zstd"
-    tensor_compression: str = "none"
-    overwrite: bool = False
-    lease_timeout_s: float = 120.0
+    dtype: str = MISSING
+    store_x0: bool = MISSING
+    targets: list[str] = MISSING  # extra targets: v | x_0 | velocity
+    rows_per_group: int = MISSING
+    compression: str = MISSING
+    tensor_compression: str = MISSING
+    overwrite: bool = MISSING
+    lease_timeout_s: float = MISSING
 
 
 @dataclass
 class RayConfig:
-    address: str | None = None
-    num_actors: int | None = None
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    device: str = "auto"
-    max_shard_retries: int = 2
-    actor_start_timeout_s: float = 120.0
+    address: str | None = MISSING
+    num_actors: int | None = MISSING
+    cpus_per_actor: float = MISSING
+    gpus_per_actor: float = MISSING
+    device: str = MISSING
+    max_shard_retries: int = MISSING
+    actor_start_timeout_s: float = MISSING
 
 
 @dataclass
@@ -136,14 +144,14 @@ class VaeEncoder(EncoderConfig):
 
     kind: str = "vae"
     model: str = MISSING  # Hub id, local folder or URL in diffusers layout
-    revision: str | None = None
-    subfolder: str | None = None
-    latent: str = "sample"  # sample | mean
-    store_dist: bool = False
-    dtype: str = "float32"  # float32 | float16 | bfloat16
-    scaling_factor: float | None = None  # null: from the model's config.json
-    shift_factor: float | None = None
-    batch_size: int = 16
+    revision: str | None = MISSING
+    subfolder: str | None = MISSING
+    latent: str = MISSING  # sample | mean
+    store_dist: bool = MISSING
+    dtype: str = MISSING  # float32 | float16 | bfloat16
+    scaling_factor: float | None = MISSING  # null: from the model's config.json
+    shift_factor: float | None = MISSING
+    batch_size: int = MISSING
 
 
 @dataclass
@@ -165,14 +173,14 @@ class TextEncoderConfig:
 class TextConfig:
     """``text=clip|t5|sdxl|sd3|flux``: captions -> embeddings stored per sample; ``none``: off."""
 
-    kind: str = "none"
-    model: str | None = None  # folder or Hub id (a pipeline root for the presets)
-    revision: str | None = None
-    caption_key: str = "txt"  # the kept member (source.keep) holding the caption
-    dtype: str | None = None  # stored values: float16 | float32; null: output.dtype
-    compute_dtype: str = "float32"  # the encoders' dtype: float32 | float16 | bfloat16
-    batch_size: int = 32  # captions per forward pass (fixed: embeddings do not depend on it)
-    encoders: list[TextEncoderConfig] = field(default_factory=list)
+    kind: str = MISSING
+    model: str | None = MISSING  # folder or Hub id (a pipeline root for the presets)
+    revision: str | None = MISSING
+    caption_key: str = MISSING  # the kept member (source.keep) holding the caption
+    dtype: str | None = MISSING  # stored values: float16 | float32; null: output.dtype
+    compute_dtype: str = MISSING  # the encoders' dtype: float32 | float16 | bfloat16
+    batch_size: int = MISSING  # captions per forward pass (fixed: embeddings do not depend on it)
+    encoders: list[TextEncoderConfig] = MISSING
 
 
 @dataclass
@@ -181,14 +189,14 @@ class PrecomputeConfig:
     schedule: ScheduleConfig = MISSING
     ray: RayConfig = MISSING
     encoder: EncoderConfig = MISSING
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
-    seed: int = 0
-    batch_size: int = 64
-    read_ahead: int | None = None
-    on_error: str = "skip"
-    progress: bool = True
+    seed: int = MISSING
+    batch_size: int = MISSING
+    read_ahead: int | None = MISSING
+    on_error: str = MISSING
+    progress: bool = MISSING
 
 
 def actor_config(cfg: DictConfig) -> PrecomputeConfig:
