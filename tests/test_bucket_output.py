@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from fixtures.pins import check_description_pin
 from shards import encode_image, random_image, write_tar
 from sources import source_group
 
@@ -29,6 +30,14 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 # (width, height): aspect 0.25 .. 4, each shard spread over several buckets
 SIZES = [(40, 40), (80, 40), (40, 80), (160, 40), (40, 160), (60, 45), (45, 60), (100, 30)]
 BUCKETS = ["source=images", "source.resolution=32", "source.buckets=auto", "source.bucket_step=16"]
+# sha256 of the process description of each job's files and manifest (tests/fixtures/pins.py:
+# tmp paths and the NumPy version normalised, with the VAE also its file hashes and so the
+# config hash, each checked first; every other field as written), computed by the code at
+# commit 098a8ff. A change to any field fails the test that pins it.
+DESCRIPTION_PINS = {
+    "buckets": "0b8b7d33a34c7a4f7ac89d64a289cf689a80147c46ac1c243022cbcc2514f30d",
+    "vae-buckets": "8e87ec3b7b6208bab01a92fc4252b131e57f6c1afef82dfc0c4e51f56c565c6e",
+}
 
 
 def bucket_shards(tmp_path, n_shards=2, n=12) -> str:
@@ -52,6 +61,7 @@ def test_a_shard_is_one_file_per_bucket_listed_by_its_marker_and_the_manifest(tm
     urls = bucket_shards(tmp_path)
     m = run(make_cfg(urls, f"output.dir={tmp_path}/o", *BUCKETS, "sampling.draws_per_sample=2"))
     assert m["exit_code"] == 0
+    check_description_pin(tmp_path / "o", DESCRIPTION_PINS["buckets"], {"tmp": tmp_path})
     out = OutputDir(str(tmp_path / "o"))
     grid = Grid.from_source(source_group("images", buckets="auto", resolution=32, bucket_step=16))
     listed = set()
@@ -278,8 +288,11 @@ def vae_dirs(tmp_path_factory):
 def test_vae_latents_have_each_buckets_shape(tmp_path, make_cfg, vae_dirs):
     urls = bucket_shards(tmp_path, n_shards=1, n=8)
     vae = ["encoder=vae", f"encoder.model={vae_dirs['f2']}", "encoder.batch_size=2"]
-    m = run(make_cfg(urls, f"output.dir={tmp_path}/o", *BUCKETS, *vae))
+    cfg = make_cfg(urls, f"output.dir={tmp_path}/o", *BUCKETS, *vae)
+    m = run(cfg)
     assert m["exit_code"] == 0
+    roots = {"tmp": tmp_path, "vae": vae_dirs["f2"]}
+    check_description_pin(tmp_path / "o", DESCRIPTION_PINS["vae-buckets"], roots, cfg)
     for f in m["shards"]["b-0"]["files"]:
         h, w = f["bucket"]
         assert f["shape"] == [4, h // 2, w // 2]

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures.pins import check_description_pin
 from shards import write_array_shard
 
 from pipeline.output import records
@@ -68,6 +69,16 @@ def _posterior(a_t, s_t, a_s, s_s):
 
 
 FLOW_SHIFT3 = ["schedule.shift=3.0", "sampling.timesteps=logit_normal"]
+# sha256 of the process description of each job's files and manifest (tests/fixtures/pins.py:
+# tmp paths and the NumPy version normalised, each checked first; every other field as
+# written), computed by the code at commit 098a8ff. A change to any field fails the test that
+# pins it.
+DESCRIPTION_PINS = {
+    "flow-shift3": "e4268079710dfda9e12c1920e0071a30fff83b7cc3d4bdf2ac33eb5609da1b12",
+    "flow-dynamic-shift": "bfb57de8983843d8e5cb8536a5852dab3956d7570c0a9c9a95d72c01794ae214",
+    "flow-stratified": "6315388943d0199d9d245bfcf9a9cab9e3f2476f2574e182f6ffd72f4d2c5cc6",
+    "ddpm-v": "6255d1bcee4decf80eccb486b8f1d532d9b237e085e97ea2062fa1f486d18a19",
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +92,20 @@ def flow_shift3(tmp_path_factory, ray_session):
 
 
 @pytest.mark.parametrize(
-    "overrides,shift",
+    "overrides,shift,pin",
     [
-        (FLOW_SHIFT3, 3.0),
-        (["schedule.dynamic_shift=true", "sampling.timesteps=mode"], None),
-        (["sampling.timesteps=stratified"], 1.0),
+        (FLOW_SHIFT3, 3.0, "flow-shift3"),
+        (["schedule.dynamic_shift=true", "sampling.timesteps=mode"], None, "flow-dynamic-shift"),
+        (["sampling.timesteps=stratified"], 1.0, "flow-stratified"),
     ],
 )
-def test_flow_records_against_float64(tmp_path, make_cfg, request, overrides, shift):
+def test_flow_records_against_float64(tmp_path, make_cfg, request, overrides, shift, pin):
     if overrides == FLOW_SHIFT3:
-        _, schema, c = request.getfixturevalue("flow_shift3")
+        out, schema, c = request.getfixturevalue("flow_shift3")
     else:
         schema, c = _run(tmp_path, make_cfg, "schedule=flow", *overrides)
+        out = tmp_path / "o"
+    check_description_pin(out, DESCRIPTION_PINS[pin], {"tmp": out.parent})
     meta = records.process_metadata(schema)
     T = 1000
     if shift is None:  # Flux: mu linear in (H/2)(W/2) = 16 tokens, then exp(mu)
@@ -129,6 +142,7 @@ def test_flow_records_against_float64(tmp_path, make_cfg, request, overrides, sh
 def test_ddpm_records_with_v_against_float64(tmp_path, make_cfg):
     schema, c = _run(tmp_path, make_cfg, "schedule=linear", "output.targets=[v]")
     assert records.process_metadata(schema)["targets"] == ["v"]
+    check_description_pin(tmp_path / "o", DESCRIPTION_PINS["ddpm-v"], {"tmp": tmp_path})
     assert schema.field("t").type == pa.int32() and "velocity" not in schema.names
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     ab = np.cumprod(1 - betas)

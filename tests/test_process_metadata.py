@@ -4,6 +4,7 @@ it round-trips, an old manifest's ``process`` block reads, and a newer format is
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -242,6 +243,87 @@ def test_a_field_set_after_reading_is_written_and_equality_is_the_json():
     moved = replace(m, source=SOURCE, grid=None)  # as the worker adds a file's source and grid
     assert moved.to_json() == {**m.to_json(), "source": SOURCE}
     assert m.to_json()["encoder"] == ENCODER and "source" not in m.to_json()
+
+
+def _leaves(value, path=()):
+    """The path of every value, container and key of a JSON value."""
+    yield path
+    if isinstance(value, dict | list):
+        for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from _leaves(v, (*path, k))
+
+
+def _changed(d, path, how: str):
+    """A deep copy of ``d`` with the value at ``path`` changed, deleted or given one more item."""
+    d = copy.deepcopy(d)
+    *up, last = path
+    parent = d
+    for k in up:
+        parent = parent[k]
+    v = parent[last]
+    if how == "delete":
+        del parent[last]
+    elif isinstance(v, dict | list):
+        v.update({"added": 1}) if isinstance(v, dict) else v.append(1)
+    else:
+        parent[last] = {bool: lambda: not v, int: lambda: v + 1, float: lambda: v * 1.5 + 1,
+                        str: lambda: v + "x", type(None): lambda: 0}[type(v)]()  # fmt: skip
+    return d
+
+
+def test_a_description_pin_fails_on_any_change_of_any_field_and_not_on_a_move(tmp_path):
+    """tests/fixtures/pins.py, which the flow, text and bucket jobs' tests pin descriptions
+    with: changing, deleting or extending any value of a description changes the pinned JSON
+    or fails a check of a normalised value; the same job in another tmp dir pins the same."""
+    import hashlib
+    import shutil
+
+    import numpy as np
+    from fixtures.pins import canonical, normalise
+
+    def job(root):
+        model = root / "clip"
+        model.mkdir(parents=True)
+        for n in ("config.json", "model.safetensors", "tokenizer.json"):
+            (model / n).write_bytes(n.encode())
+        sha = {n: hashlib.sha256(n.encode()).hexdigest() for n in ("config.json",
+               "model.safetensors", "tokenizer.json")}  # fmt: skip
+        proc, noise = _flow()
+        meta = make_metadata(
+            schedule=proc, noise=noise, dtype="float16", shape=[4, 8, 8], store_x0=False,
+            config_hash="abc", source={**SOURCE, "url": f"{root}/a-0.tar", "shard": "a-0"},
+            library_version="0.3.0", targets=["v"], buckets=BUCKETS,
+        )  # fmt: skip
+        encoder = {"name": "clip", "model": str(model), "folder": str(model),
+                   "tokenizer_folder": str(model), "config_sha256": sha["config.json"],
+                   "weights_sha256": {"model.safetensors": sha["model.safetensors"]},
+                   "tokenizer_sha256": {"tokenizer.json": sha["tokenizer.json"]}}  # fmt: skip
+        return {**meta, "text": {**TEXT, "encoders": [encoder]}, "grid": proc.grid}
+
+    meta = job(tmp_path / "a")
+    assert meta["noise"]["numpy_version"] == np.__version__
+    pin = canonical(normalise(meta, {"tmp": tmp_path / "a"}, "abc"))
+    assert str(tmp_path) not in pin and np.__version__ not in pin and "0.3.0" in pin
+
+    def fails(d) -> bool:
+        try:
+            return canonical(normalise(d, {"tmp": tmp_path / "a"}, "abc")) != pin
+        except AssertionError:  # a normalised value that is not what it must be
+            return True
+
+    paths = list(_leaves(meta))[1:]
+    assert len(paths) > 70
+    for path in paths:
+        for how in ("change", "delete"):
+            assert fails(_changed(meta, path, how)), (path, how)
+    assert not fails(copy.deepcopy(meta))
+    moved = job(tmp_path / "b")  # another tmp dir: other paths
+    assert canonical(normalise(moved, {"tmp": tmp_path / "b"}, "abc")) == pin
+    shutil.rmtree(tmp_path / "b" / "clip")  # its files are checked: gone, the pin fails
+    with pytest.raises(AssertionError, match="not the sha256 of"):
+        normalise(moved, {"tmp": tmp_path / "b"}, "abc")
+    with pytest.raises(AssertionError, match="pass its cfg"):  # a model's hash needs the config
+        normalise(meta, {"tmp": tmp_path / "a"})
 
 
 def test_typed_fields_and_the_readers_take_either_form():

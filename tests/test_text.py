@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures.pins import check_description_pin
 from shards import npy_bytes, write_tar
 
 from jobs.bench.textmodels import make_clip, make_flux_root, make_sd3_root, make_sdxl_root, make_t5
@@ -32,6 +33,14 @@ transformers = pytest.importorskip("transformers")
 CAPTIONS = ["a red cat", "a blue dog on the sea", None, "a red cat",
             " ".join(["small"] * 30), "the sky"]  # fmt: skip
 K = 4
+# sha256 of the process description of each job's files and manifest (tests/fixtures/pins.py:
+# tmp paths and the NumPy version normalised, and the tiny encoders' file hashes and so the
+# config hash, each checked first; every other field as written), computed by the code at
+# commit 098a8ff. A change to any field fails the test that pins it.
+DESCRIPTION_PINS = {
+    "clip": "83c71b100786fb6cedd4e580a9e9c16d926aab83ceaf17ad714d99a1134b3489",
+    "sd3": "715b66a596da39a6ea95cdbbbf5e5b31692ee7551b1d7691fc8269b67e364c2b",
+}
 
 
 def write_captioned(path, seed: int, captions=CAPTIONS) -> dict[str, str | None]:
@@ -78,6 +87,13 @@ def clip_run(tmp_path_factory, clip_dir, ray_session):
     ])  # fmt: skip
     report = run(cfg)
     return root / "out", caps, report, cfg
+
+
+def test_the_process_description_is_pinned(clip_run, clip_dir):
+    """The description of clip_run's files and manifest (DESCRIPTION_PINS);
+    test_sd3_preset_end_to_end pins three encoders'."""
+    out, _, _, cfg = clip_run
+    check_description_pin(out, DESCRIPTION_PINS["clip"], {"tmp": out.parent, "clip": clip_dir}, cfg)
 
 
 def test_config_problems_are_named(make_cfg, clip_dir):
@@ -581,6 +597,7 @@ def test_sd3_preset_end_to_end(tmp_path, ray_session):
                    "sampling.draws_per_sample=2", "text=sd3", f"text.model={root}",
                    "ray.num_actors=1", *lengths])  # fmt: skip
     assert run(cfg)["exit_code"] == 0
+    check_description_pin(tmp_path / "out", DESCRIPTION_PINS["sd3"], {"tmp": tmp_path}, cfg)
     names = ["clip_l_hidden", "clip_l_pooled", "clip_g_hidden", "clip_g_pooled", "t5_hidden"]
     ds = PrecomputedDataset(tmp_path / "out", columns=["key", *names], shuffle=False)
     recs = list(ds)

@@ -11,6 +11,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fixtures.pins import check_description_pin
 from test_bucket_output import BUCKETS, bucket_shards
 
 from pipeline import validate
@@ -19,6 +20,14 @@ from pipeline.precompute import run
 from pipeline.run.config import compose
 
 pytestmark = pytest.mark.usefixtures("ray_session")
+# sha256 of the process description of each job's files and manifest (tests/fixtures/pins.py:
+# tmp paths and the NumPy version normalised, with text also the tiny CLIP's file hashes and so
+# the config hash, each checked first; every other field as written), computed by the code at
+# commit 098a8ff. A change to any field fails the test that pins it.
+DESCRIPTION_PINS = {
+    "clean": "221c8128d7eb9a49138145a516c440a504049210cf06edb038be72ee6fb5d33a",
+    "text-buckets": "65437fc08f6273cd87bfb39cf822d7cb966ca5636283fe43d87fffab1cbba15c",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +49,7 @@ def _validate(path, *overrides):
 
 
 def test_a_clean_bucketed_dataset_passes_every_check(clean, tmp_path):
+    check_description_pin(clean, DESCRIPTION_PINS["clean"], {"tmp": clean.parent})
     report, checks = _validate(clean, "plots=true", f"output.report_dir={tmp_path}/rep")
     failed = {n: c["summary"] for n, c in checks.items() if not c["passed"]}
     assert not failed and report["exit_code"] == 0
@@ -137,6 +147,7 @@ def test_text_embeddings_with_buckets_validate_and_load_by_shard(tmp_path):
                    "ray.num_actors=1"])  # fmt: skip
     assert run(cfg)["exit_code"] == 0
     assert len(list((tmp_path / "o").glob("c-0.*x*.parquet"))) >= 3
+    check_description_pin(tmp_path / "o", DESCRIPTION_PINS["text-buckets"], {"tmp": tmp_path}, cfg)
     report, checks = _validate(tmp_path / "o")
     assert checks["text"]["passed"] and checks["buckets"]["passed"], checks["text"]["summary"]
     ds = PrecomputedDataset(tmp_path / "o", columns=["key", "txt", "clip_pooled"], shuffle=False)
