@@ -38,8 +38,11 @@ $(STAMP_DEMO): pyproject.toml
 
 # Tests: `make test` runs everything (CI; the 15 slowest are listed); `make test-fast` the unit
 # tier: no test that starts a process (Ray, a subprocess, an embedded job: marked `integration`
-# at collection by tests/fixtures/tiers.py) and none marked `slow`.
-PYTEST := $(PY) -m pytest -q --durations=15
+# at collection by tests/fixtures/tiers.py) and none marked `slow`. Both run TEST_WORKERS
+# pytest-xdist workers, a module per worker at a time (tests/fixtures/workers.py);
+# TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadscope
 
 test: setup
 	$(PYTEST)

@@ -12,6 +12,7 @@ pytest_plugins = [
     "fixtures.records",
     "fixtures.runner",
     "fixtures.dataset",
+    "fixtures.workers",
 ]
 
 
