@@ -35,8 +35,8 @@ BUCKETS = ["source=images", "source.resolution=32", "source.buckets=auto", "sour
 # config hash, each checked first; every other field as written), computed by the code at
 # commit 098a8ff. A change to any field fails the test that pins it.
 DESCRIPTION_PINS = {
-    "buckets": "0b8b7d33a34c7a4f7ac89d64a289cf689a80147c46ac1c243022cbcc2514f30d",
-    "vae-buckets": "8e87ec3b7b6208bab01a92fc4252b131e57f6c1afef82dfc0c4e51f56c565c6e",
+    "buckets": "0996fd7513f0acc280bcf526413517e67de79b1aa1a41e3cb87052997ff2ce73",
+    "vae-buckets": "d0c1ca241e3a4076f98c914994ca570b7e9f3da9aeaede3ed01330b3467c2296",
 }
 
 

@@ -74,10 +74,10 @@ FLOW_SHIFT3 = ["schedule.shift=3.0", "sampling.timesteps=logit_normal"]
 # written), computed by the code at commit 098a8ff. A change to any field fails the test that
 # pins it.
 DESCRIPTION_PINS = {
-    "flow-shift3": "e4268079710dfda9e12c1920e0071a30fff83b7cc3d4bdf2ac33eb5609da1b12",
-    "flow-dynamic-shift": "bfb57de8983843d8e5cb8536a5852dab3956d7570c0a9c9a95d72c01794ae214",
-    "flow-stratified": "6315388943d0199d9d245bfcf9a9cab9e3f2476f2574e182f6ffd72f4d2c5cc6",
-    "ddpm-v": "6255d1bcee4decf80eccb486b8f1d532d9b237e085e97ea2062fa1f486d18a19",
+    "flow-shift3": "82f4a4ff55db37771ef00a6fa7136fede477805a770e047d919ea728255a8e6c",
+    "flow-dynamic-shift": "fbfae34613abb96182fbc3ba0e1cbb6fb82f6bc20af9ab462d61dc85658410d2",
+    "flow-stratified": "23f29fd97d50811c72f34725eb411c7a301c81fef2542a28481a8d103d1c77b6",
+    "ddpm-v": "92fc1b87cd8dbcc7d63e5b31347d39594363acc73cd9e867603355d8b88655dc",
 }
 
 

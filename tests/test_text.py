@@ -38,8 +38,8 @@ K = 4
 # config hash, each checked first; every other field as written), computed by the code at
 # commit 098a8ff. A change to any field fails the test that pins it.
 DESCRIPTION_PINS = {
-    "clip": "83c71b100786fb6cedd4e580a9e9c16d926aab83ceaf17ad714d99a1134b3489",
-    "sd3": "715b66a596da39a6ea95cdbbbf5e5b31692ee7551b1d7691fc8269b67e364c2b",
+    "clip": "246b9dcb70f1650d985991b785cc4492eb9254ce0164e669b82962e7ff5b861d",
+    "sd3": "a44f96e2fb55423a41510aff7fcd7b2f1a0cdc6cb798c4ff2a7678d1796e02f4",
 }
 
 
