@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 from fixtures.runner import run_python
@@ -99,6 +101,36 @@ def test_a_scan_process_that_always_dies_fails_only_its_shard(dataset, monkeypat
     assert report["summary"]["records"] == 2 * 24 * 2  # the other two shards, both draws
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
     assert failed == {"completeness"}
+
+
+class _PoolThatBreaks:
+    """A stand-in for ProcessPoolExecutor: shard "a" scans, the process of shard "b" dies while
+    "a" is collected, so the next submit raises BrokenProcessPool (as the real pool does once a
+    process died) and b's future ends in error."""
+
+    def __init__(self):
+        self.futures = {}
+
+    def submit(self, fn, out, shard, plan):
+        if len(self.futures) == 2:
+            self.futures["b"].set_exception(BrokenProcessPool("a child process terminated"))
+            raise BrokenProcessPool("a child process terminated")
+        fut = self.futures[shard] = Future()
+        if shard == "a":
+            fut.set_result(f"stats of {shard}")
+        return fut
+
+
+def test_a_pool_that_broke_between_two_waits_returns_what_is_left():
+    """A scan process that dies between two waits breaks the pool before the next submit: the
+    window keeps the finished scans and returns the lost one and those not submitted, to be
+    retried (it raised BrokenProcessPool out of the validator before)."""
+    folded = []
+    order = executor._InOrder(lambda i, st: folded.append((i, st)), lambda n: None)
+    todo = [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
+    left, lost = executor._run_window(_PoolThatBreaks(), 2, None, todo, None, order)
+    assert folded == [(0, "stats of a")]
+    assert lost == [(1, "b")] and left == [(2, "c"), (3, "d")]
 
 
 @pytest.mark.parametrize("bad", ["executor=dask", "workers=0"])

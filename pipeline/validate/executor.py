@@ -215,7 +215,7 @@ def _scan_local(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder, 
     try:
         while todo:
             todo, died = _run_window(pool, 2 * workers, out, todo, ds.plan, order)
-            if died:  # a process died and broke the pool: those in flight alone, then a new pool
+            if todo or died:  # a process died, the pool broke: lost scans alone, a new pool
                 pool.shutdown()
                 _retry_alone(died, out, ds, order)
                 pool = _pool(workers)
@@ -252,22 +252,38 @@ def _retry_alone(died: list, out, ds, order: _InOrder) -> None:
 
 def _run_window(pool, window: int, out, todo: list, plan, order: _InOrder) -> tuple:
     """Scans on ``pool``, at most ``window`` in flight or finished early, each put to ``order``
-    as it finishes. Returns (shards not submitted, shards in flight) when the pool broke (a
-    process died), else ([], [])."""
+    as it finishes. Returns (shards not submitted, shards whose scan was lost) when the pool
+    broke (a process died: noticed by a future, or by ``submit`` when it died since the last
+    wait), else ([], [])."""
     todo, running = list(reversed(todo)), {}
     while todo or running:
         while todo and len(running) + len(order) < window:
-            ordinal, shard = todo.pop()
-            running[pool.submit(scan_task, out, shard, plan)] = ordinal, shard
+            try:
+                fut = pool.submit(scan_task, out, todo[-1][1], plan)
+            except BrokenProcessPool:
+                return _broken(todo, running, order)
+            running[fut] = todo.pop()
         finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
         for fut in finished:
             try:
                 st = fut.result()
             except BrokenProcessPool:
-                wait(list(running))  # every future of a broken pool ends, in error
-                return list(reversed(todo)), sorted(running.values())
+                return _broken(todo, running, order)
             order.put(running.pop(fut)[0], st)
     return [], []
+
+
+def _broken(todo: list, running: dict, order: _InOrder) -> tuple:
+    """After the pool broke: the scans in flight that finished are kept, the others returned
+    with the shards not submitted (see :func:`_run_window`)."""
+    wait(list(running))  # every future of a broken pool ends, in error or with its result
+    lost = []
+    for fut, (ordinal, shard) in running.items():
+        try:
+            order.put(ordinal, fut.result())
+        except BrokenProcessPool:
+            lost.append((ordinal, shard))
+    return list(reversed(todo)), sorted(lost)
 
 
 # What a pool process runs for one shard (a name, so that tests can stand in a dying scan).
