@@ -188,3 +188,33 @@ def test_the_shared_noise_test_runs_on_a_bucketed_dataset(clean):
     shape = report["summary"]["shape"]
     table = json.loads((clean / "_manifest.json").read_text())["buckets"]
     assert shape == max(table, key=lambda r: r["records"])["shape"]
+
+
+def dying_b1_scan(out, shard, plan):
+    """executor.scan_task, except that the scan of shard b-1 kills its process."""
+    import os
+
+    from pipeline.validate.scan import scan_shard
+
+    if shard == "b-1":
+        os._exit(9)
+    return scan_shard(out, shard, plan)
+
+
+def test_a_dead_scan_of_a_bucketed_shard_names_the_files_it_wrote(clean, monkeypatch):
+    """A shard whose scan process dies (twice: then it counts as unreadable) is reported by the
+    files the shard wrote, one per bucket (``b-1.{HxW,...}.parquet``), not by a
+    ``b-1.parquet`` that a bucketed shard never has."""
+    from pipeline.validate import executor
+
+    monkeypatch.setattr(executor, "scan_task", dying_b1_scan)
+    _, checks = _validate(clean, "executor=local", "workers=1")
+    c = checks["completeness"]
+    bad = {i["quantity"]: i for i in c["detail"]["items"] if not i["passed"]}
+    assert set(bad) == {"unreadable files"}
+    (example,) = bad["unreadable files"]["examples"]
+    files = [f["name"] for f in json.loads((clean / "_shards" / "b-1.json").read_text())["files"]]
+    assert len(files) >= 2 and not (clean / "b-1.parquet").exists()
+    buckets = ",".join(sorted(name.split(".")[1] for name in files))  # b-1.<H>x<W>.parquet
+    assert example.startswith(f"{clean}/b-1.{{{buckets}}}.parquet: ")
+    assert "process died" in example

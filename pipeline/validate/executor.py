@@ -45,7 +45,7 @@ from pipeline.validate.noisehash import (
     merge_duplicates,
     noise_buckets,
 )
-from pipeline.validate.scan import scan_shard
+from pipeline.validate.scan import scan_shard, shard_names, shown_files
 
 
 class CannotStart(errors.CannotStart):
@@ -125,8 +125,15 @@ class _InOrder:
         return len(self.held)
 
 
-def _died(out: OutputDir, shard: str, why: str) -> ShardStats:
-    return ShardStats(shard, out.display(OutputDir.data_name(shard)), error=why)
+def _died(out: OutputDir, shard: str, why: str, plan) -> ShardStats:
+    """A shard whose scan's process died: an unreadable file, named as its scan would name it
+    (:func:`pipeline.validate.scan.shown_files`: a bucketed shard's bucket files, found by one
+    listing; no marker is read on the driver)."""
+    try:
+        names = shard_names(out, shard, None, plan)
+    except OSError:  # the listing failed too: the shard id is all there is to name
+        names = []
+    return ShardStats(shard, shown_files(out, shard, names), error=why, died=True)
 
 
 # -- Ray ---------------------------------------------------------------------------------------
@@ -155,7 +162,7 @@ def _scan_ray(cfg, out, todo: list, ds, spill: SpillBuckets, order: _InOrder, la
             try:
                 st = ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # the task's process died (OOM, node)
-                st = _died(out, shard, str(exc))
+                st = _died(out, shard, str(exc), ds.plan)
             order.put(ordinal, st)
         lap("scan_tasks")
         ds.duplicates = merge_duplicates(_check_on_ray(spill, cpus), ds.names())
@@ -246,7 +253,7 @@ def _retry_alone(died: list, out, ds, order: _InOrder) -> None:
             try:
                 st = alone.submit(scan_task, out, shard, ds.plan).result()
             except BrokenProcessPool:
-                st = _died(out, shard, "the scan's process died (out of memory?)")
+                st = _died(out, shard, "the scan's process died (out of memory?)", ds.plan)
         order.put(ordinal, st)
 
 

@@ -152,6 +152,7 @@ class ShardStats:
     cond: dict = field(default_factory=dict)  # CondScan.summary(): kept columns' figures
     buckets: dict = field(default_factory=dict)  # BucketScan.summary(): aspect-ratio buckets
     cost: dict = field(default_factory=dict)  # seconds per part of the scan (Cost)
+    died: bool = False  # its scan's process died: nothing was read (no marker, no file check)
 
 
 class DatasetStats(Stats):
@@ -181,7 +182,7 @@ class DatasetStats(Stats):
         summ = {"file": st.file, "rows": st.num_rows, "error": st.error, "seconds": st.seconds}
         summ["meta_problems"] = st.meta_problems
         summ["marker"], summ["marker_error"] = st.marker, st.marker_error
-        summ["file_check"] = st.file_check
+        summ["file_check"], summ["died"] = st.file_check, st.died
         self.shards[st.shard] = summ
         self.cost.update(st.cost)
         self.cost["task_total"] += st.seconds

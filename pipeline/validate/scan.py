@@ -38,6 +38,21 @@ def shard_names(
     return data_names_by_shard(out.list(), [shard]).get(shard, [])
 
 
+def shown_files(out: OutputDir, shard: str, names: list[str]) -> str:
+    """The shard's data files ``names`` as a report names them: its one file
+    (``<out>/<shard>.parquet``), a bucketed shard's files in brace form
+    (``<out>/<shard>.{32x64,64x32}.parquet``: exactly the files it wrote), or ``shard <id>`` when
+    none is found."""
+    from pipeline.read.buckets import BUCKET_FILE
+
+    if len(names) == 1:
+        return out.display(names[0])
+    buckets = [m["h"] + "x" + m["w"] for n in names if (m := BUCKET_FILE.match(n))]
+    if not names or len(buckets) != len(names):
+        return f"shard {shard} ({', '.join(map(out.display, names)) or 'no data file'})"
+    return out.display(f"{shard}.{{{','.join(buckets)}}}.parquet")
+
+
 def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
     """Read one committed shard batch by batch and return its statistics. Never raises for a
     bad file: the error is returned in ``ShardStats.error`` (reported by ``completeness``). A
@@ -46,8 +61,7 @@ def scan_shard(out: OutputDir, shard: str, plan: ScanPlan) -> ShardStats:
     t0 = time.perf_counter()
     marker, marker_error = read_marker(out, shard)
     names = shard_names(out, shard, marker, plan)
-    shown = out.display(names[0]) if len(names) == 1 else out.display(f"{shard}.<bucket>.parquet")
-    st = ShardStats(shard=shard, file=shown)
+    st = ShardStats(shard=shard, file=shown_files(out, shard, names))
     st.marker, st.marker_error = marker, marker_error
     st.file_check = file_check(out, names, st.marker)
     try:

@@ -9,6 +9,7 @@ from collections import Counter
 
 from pipeline.output.contracts import CommitMarker
 from pipeline.output.manifest import COMMITTED, REJECTS, OutputDir
+from pipeline.read.buckets import data_names_by_shard
 from pipeline.validate.checks.context import Context
 from pipeline.validate.figures import kept_nulls
 from pipeline.validate.inventory import Inventory
@@ -136,8 +137,10 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
         if s is None:
             prob["missing files"].append(out.display(OutputDir.data_name(k)))
             continue
-        marker_bad = (
-            _marker_problem(out, k, e, s, manifest.get("config_hash")) if k in markers else None
+        marker_bad = (  # a scan that died read no marker: its shard is an unreadable file
+            _marker_problem(out, k, e, s, manifest.get("config_hash"))
+            if k in markers and not s.get("died")
+            else None
         )
         changed = _file_changed(out, k, s) if k in markers and not marker_bad else None
         if s.get("marker") is not None:  # a bucketed marker has a checksum per file
@@ -192,10 +195,15 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
         if any(e.get("rejected") for e in shards.values()):
             prob["rejects.jsonl lines != rejected"].append(f"{out.display(REJECTS)} missing")
     owned = set()  # the data files of the committed shards: as their markers list them
+    unlisted = []  # committed shards whose marker was not read: their files by name
     for k in committed:
         marker = (ds.shards.get(k) or {}).get("marker")
         files = marker.files if marker is not None else None
         owned.update([f.name for f in files] if files is not None else [OutputDir.data_name(k)])
+        if marker is None:
+            unlisted.append(k)
+    for names in data_names_by_shard(inv.data_files, unlisted).values():
+        owned.update(names)  # a bucketed shard's <shard>.<H>x<W>.parquet
     prob["files not in the manifest"] += [out.display(n) for n in inv.data_files if n not in owned]
     prob["files not in the manifest"] += [
         out.display(OutputDir.marker_name(m)) for m in sorted(markers - set(shards))
