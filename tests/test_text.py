@@ -253,6 +253,54 @@ def test_text_tables_are_under_the_commit_checksums(clip_run, tmp_path):
         assert side["checksum"] == o.checksum(f"_text/{sid}.parquet")
 
 
+def _flip_one_bit(path) -> None:
+    """Flip the lowest bit of one stored clip_hidden value in place (a relative change of
+    ~1e-7: the file keeps its size and parses, the value is within any re-encoding tolerance)."""
+    from pipeline.output.records import tensor_to_numpy
+
+    value = tensor_to_numpy(pq.read_table(path, columns=["clip_hidden"]).column(0))[0, 1, 2]
+    data = bytearray(path.read_bytes())
+    at = data.find(np.float32(value).tobytes())
+    assert at > 0
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_the_empty_prompt_table_is_under_the_manifest_checksum(clip_run, tmp_path, caplog):
+    """_text/_uncond.parquet belongs to no shard (every actor writes it at setup when absent):
+    its size and sha256 are the manifest's side_files. One bit flipped in one of its values
+    fails the validator's completeness, naming it; resume removes it and starts an actor for it
+    (no shard is left to do), which writes it again bit-equal, and the manifest records it."""
+    import logging
+
+    from pipeline.validate import load_config
+    from pipeline.validate import run as validate
+
+    out, _, _, cfg = clip_run
+    d = shutil.copytree(out, tmp_path / "d")
+    o = OutputDir(str(d))
+    entry = {"bytes": o.size(UNCOND), "checksum": o.checksum(UNCOND)}
+    assert o.read_json("_manifest.json")["side_files"] == {UNCOND: entry}
+    original = (d / UNCOND).read_bytes()
+    _flip_one_bit(d / UNCOND)
+    assert (d / UNCOND).stat().st_size == entry["bytes"]
+    report = validate(load_config([f"output.dir={d}", "plots=false", "progress=false",
+                                   "executor=local", "workers=1", "text_recheck=0"]))  # fmt: skip
+    check = next(c for c in report["checks"] if c["name"] == "completeness")
+    bad = {i["quantity"]: i for i in check["detail"]["items"] if not i["passed"]}
+    assert set(bad) == {"files changed since their commit"}
+    (example,) = bad["files changed since their commit"]["examples"]
+    assert example.startswith(f"{d}/{UNCOND}: ") and "the manifest's side_files" in example
+    cfg2 = cfg.copy()
+    cfg2.output.dir = str(d)
+    with caplog.at_level(logging.WARNING, logger="pipeline.output.resume"):
+        rerun = run(cfg2)
+    assert rerun["exit_code"] == 0 and rerun["resumed_samples"] == rerun["totals"]["samples"]
+    assert any(f"{d}/{UNCOND} is written again" in r.getMessage() for r in caplog.records)
+    assert (d / UNCOND).read_bytes() == original
+    assert o.read_json("_manifest.json")["side_files"] == {UNCOND: entry}
+
+
 class _Sample:
     def __init__(self, i, caption):
         self.key, self.index, self.cond = f"k{i}", i, {"txt": caption}

@@ -37,7 +37,7 @@ def commit(out: OutputDir, result: ShardResult) -> CommitMarker:
             f.checksum = out.checksum(f.tmp)
         sides = {}
         for tmp, side in result.side_files:  # per-sample tables (text embeddings)
-            sides[side] = {"bytes": out.size(tmp), "checksum": out.checksum(tmp)}
+            sides[side] = out.file_entry(tmp)
             out.commit(tmp, side)
         for f in files:  # every data file in place before the marker
             out.commit(f.tmp, f.name)

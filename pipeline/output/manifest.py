@@ -5,7 +5,8 @@
     output.dir/
       <shard_id>.parquet            records of one input shard (committed by rename)
       _text/<shard_id>.parquet      its text embeddings, one row per sample (text=..., text_store)
-      _text/_uncond.parquet         the empty prompt's embedding, once per dataset
+      _text/_uncond.parquet         the empty prompt's embedding, once per dataset (its
+                                    bytes and checksum in the manifest's side_files)
       <shard_id>.<H>x<W>.parquet    with aspect-ratio buckets: its records of bucket H x W, one
                                     file per bucket the shard uses (pipeline/read/buckets.py)
       _shards/<shard_id>.json       the shard's commit marker: its summary (written last)
@@ -25,6 +26,9 @@ A bucketed shard's marker lists its ``files`` instead (``name``, ``bucket`` [H, 
 ``records``, ``bytes``, ``checksum`` each; ``bytes`` and ``records`` are then the sums): all of
 them are in place before the marker is written, so a shard killed between two of its bucket files
 has no marker and none of its files is trusted (:func:`shard_files` reads both forms).
+The dataset's own files (:data:`DATASET_FILES`: with text embeddings the empty prompt's table,
+written by the actors at setup) have their ``bytes`` and ``checksum`` in the manifest's
+``side_files`` ({name: {bytes, checksum}}), checked by resume and the validator the same way.
 On a file system every write goes to a temporary name first and is then moved into place. On
 an object store (``s3://``, ``gs://``) an object becomes visible only when its upload completes,
 so a killed writer leaves nothing behind, while a "move" is a copy (S3 CopyObject: 5 GB at most)
@@ -69,6 +73,8 @@ MANIFEST = "_manifest.json"
 REJECTS = "rejects.jsonl"
 SHARDS = "_shards"
 TEXT = "_text"  # per-sample text embedding tables (pipeline.output.text_store)
+UNCOND = f"{TEXT}/_uncond.parquet"  # the empty prompt's embedding, once per dataset
+DATASET_FILES = (UNCOND,)  # files of no shard: their checksums are the manifest's side_files
 # The index segments of the markers (module doc): _shards/_index.seg-<n>.jsonl
 SEGMENT = re.compile(r"^_index\.seg-(?P<n>\d+)\.jsonl$")
 MANIFEST_FORMAT = "ddpm-manifest/1"
@@ -257,6 +263,10 @@ class OutputDir:
             while chunk := f.read(CHECKSUM_CHUNK):
                 h.update(chunk)
         return f"{CHECKSUM_ALGORITHM}:{h.hexdigest()}"
+
+    def file_entry(self, name: str) -> dict:
+        """``{"bytes", "checksum"}`` of a file: what a marker or the manifest records of it."""
+        return {"bytes": self.size(name), "checksum": self.checksum(name)}
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:
@@ -471,7 +481,7 @@ class OutputDir:
         shards.update(self.markers_ids())
         names.update(self.data_name(s) for s in shards)
         names.update(f"{TEXT}/{s}.parquet" for s in shards)  # text embeddings (text_store)
-        names.add(f"{TEXT}/_uncond.parquet")
+        names.add(UNCOND)
         listed = self.list() + self.list(SHARDS) + self.list(TEXT)
         from pipeline.read.buckets import (
             data_names_by_shard,  # bucket files <shard>.<H>x<W>.parquet

@@ -13,6 +13,10 @@
   (the text embedding table ``_text/<shard>.parquet``: ``side_files`` of the marker). Markers
   written before checksums existed are checked by size only (by row count when they lack the
   size too). Each redo is logged.
+* The dataset's own files (the empty prompt's embedding ``_text/_uncond.parquet``) are checked
+  against the manifest's ``side_files`` the same way (:func:`stale_dataset_files`); one that
+  fails is removed, and an actor writes it again at setup (the driver starts one for it when no
+  shard is left to do).
 
 Verifying the checksums reads every committed file once: one sha256 pass over its bytes, the
 price of noticing a file changed since its commit without trusting its size.
@@ -35,7 +39,14 @@ import pyarrow.parquet as pq
 from pipeline.fs import identities
 from pipeline.output.contracts import CommitMarker, DataFile
 from pipeline.output.lease import LEASE
-from pipeline.output.manifest import COMMITTED, SHARDS, OutputDir, check_own_file, parse_marker
+from pipeline.output.manifest import (
+    COMMITTED,
+    DATASET_FILES,
+    SHARDS,
+    OutputDir,
+    check_own_file,
+    parse_marker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,22 +151,51 @@ def _sides(sid: str, marker: CommitMarker) -> dict:
 def _stale_sides(out: OutputDir, sid: str, marker: CommitMarker, files: dict) -> str | None:
     """Why a shard's side files fail what its marker recorded (missing, size, checksum)."""
     for name, want in sorted(_sides(sid, marker).items()):
-        info = files.get(name)
-        if info is None:
-            return f"its file {out.display(name)} is missing"
-        if info.size != want.get("bytes"):
-            says = want.get("bytes")
-            return f"its file {out.display(name)} has {info.size} bytes, its marker says {says}"
-        try:
-            got = out.checksum(name)
-        except OSError as exc:
-            return f"its file {out.display(name)} is unreadable ({exc})"
-        if got != want.get("checksum"):
-            return (
-                f"its file {out.display(name)} has checksum {got[:19]}, its marker says "
-                f"{str(want.get('checksum'))[:19]} (changed since it was committed)"
-            )
+        why = _stale_entry(out, name, want, files.get(name), "its marker")
+        if why is not None:
+            return why
     return None
+
+
+def _stale_entry(out: OutputDir, name: str, want: dict, info, where: str) -> str | None:
+    """Why the file ``name`` (``info``: its listing, None when absent) fails the ``bytes`` and
+    ``checksum`` that ``where`` recorded in ``want``, or None."""
+    if info is None:
+        return f"its file {out.display(name)} is missing"
+    if info.size != want.get("bytes"):
+        return (
+            f"its file {out.display(name)} has {info.size} bytes, {where} says {want.get('bytes')}"
+        )
+    try:
+        got = out.checksum(name)
+    except OSError as exc:
+        return f"its file {out.display(name)} is unreadable ({exc})"
+    if got != want.get("checksum"):
+        return (
+            f"its file {out.display(name)} has checksum {got[:19]}, {where} says "
+            f"{str(want.get('checksum'))[:19]} (changed since it was written)"
+        )
+    return None
+
+
+def stale_dataset_files(out: OutputDir, manifest: dict | None) -> list[str]:
+    """Remove each of the dataset's own files (:data:`~pipeline.output.manifest.DATASET_FILES`)
+    that fails the size and checksum the manifest's ``side_files`` recorded (missing, resized,
+    flipped, rewritten), so that an actor writes it again; returns their names, each logged.
+    A manifest of an older version records none: nothing is checked."""
+    recorded = (manifest or {}).get("side_files") or {}
+    stale = []
+    for name in DATASET_FILES:  # only names the pipeline makes: the manifest names no other
+        want = recorded.get(name)
+        if not isinstance(want, dict):
+            continue
+        info = out.list_info(posixpath.dirname(name)).get(name)
+        why = _stale_entry(out, name, want, info, "the manifest")
+        if why is not None:
+            log.warning("%s is written again: %s", out.display(name), why)
+            out.remove(name)
+            stale.append(name)
+    return stale
 
 
 def _stale(out: OutputDir, sid: str, marker: CommitMarker, files: dict, inputs: dict) -> str | None:

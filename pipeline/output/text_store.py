@@ -12,6 +12,9 @@ float16, 64 times a 32x32x4 latent), so they live in a table of their own:
   redone.
 * ``_text/_uncond.parquet``: the empty prompt's embedding, one row, once per dataset (every actor
   computes it at setup and writes it if absent, atomically; equal bytes on one device and build).
+  The driver records its size and checksum in the manifest's ``side_files``
+  (:meth:`pipeline.run.jobstate.JobState.side_files`); resume removes it when it fails them, and
+  an actor writes it again.
 
 The directory starts with ``_`` like ``_shards/``: readers of ``*.parquet`` at the root never see
 it. :class:`TextTables` (used by :class:`pipeline.consume.dataset.PrecomputedDataset`) reads the
@@ -29,10 +32,10 @@ import pyarrow.parquet as pq
 
 from pipeline.encode.text import text_columns
 from pipeline.output.manifest import TEXT as TEXT_DIR
+from pipeline.output.manifest import UNCOND
 from pipeline.output.records import ARROW_TYPES, build_table, tensor_to_numpy, tensor_type
 from pipeline.run.stage import Batch, Stage
 
-UNCOND = f"{TEXT_DIR}/_uncond.parquet"
 ROWS_PER_GROUP = 64  # samples per row group: a loader reads about one records row group's worth
 
 

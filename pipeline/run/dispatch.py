@@ -45,7 +45,9 @@ class Progress:
 
 
 def dispatch(job: JobState) -> None:
-    """Hand pending shards to idle actors until every shard is committed or out of attempts."""
+    """Hand pending shards to idle actors until every shard is committed or out of attempts.
+    With no shard pending, one actor is started for its setup, which writes the dataset's own
+    files that are missing (the empty prompt's embedding: ``JobState.missing_dataset_files``)."""
     r = job.cfg.ray
     pool = ActorPool(
         ShardWorker,
@@ -62,7 +64,7 @@ def dispatch(job: JobState) -> None:
     progress = Progress(len(job.pending), job.cfg.progress)
     last_manifest, no_actor_since = time.monotonic(), None
     try:
-        while job.pending or running:
+        while job.pending or running or _setting_up(job, pool):
             while job.pending and (actor := pool.acquire()) is not None:
                 shard = job.pending.popleft()
                 shard.attempts += 1
@@ -90,6 +92,12 @@ def dispatch(job: JobState) -> None:
     finally:
         progress.close()
         pool.shutdown()
+
+
+def _setting_up(job: JobState, pool: ActorPool) -> bool:
+    """No shard to process, but the dataset's own files to write: wait until an actor has set
+    up (it wrote them) or none will."""
+    return not pool.live and bool(job.missing_dataset_files())
 
 
 def no_actor_will_come(job: JobState, pool: ActorPool, since: float) -> bool:

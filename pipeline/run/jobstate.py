@@ -18,6 +18,7 @@ from pipeline.output.description import ProcessMetadata
 from pipeline.output.lease import OutputLease
 from pipeline.output.manifest import (
     COMMITTED,
+    DATASET_FILES,
     MANIFEST,
     MANIFEST_FORMAT,
     REJECTS,
@@ -59,6 +60,7 @@ class JobState:
     started: float = field(default_factory=time.time)
     placement_problem: str | None = None  # why no node can hold an actor (pool.placement_problem)
     placement_warned: bool = False
+    sides: dict = field(default_factory=dict)  # the manifest's side_files (dataset's own files)
 
     def __post_init__(self):
         self.pending = deque(s for s in self.shards if s.id not in self.summaries)
@@ -76,6 +78,24 @@ class JobState:
         self.done[marker.status] += 1
         for key in TOTALS:
             self.done[key] += getattr(marker, key) or 0
+
+    def dataset_files(self) -> tuple[str, ...]:
+        """The dataset's own files this job writes (with text embeddings: the empty prompt's
+        table, written by every actor at setup when absent)."""
+        return DATASET_FILES if self.metadata.text else ()
+
+    def missing_dataset_files(self) -> list[str]:
+        """The dataset's own files not written (yet): an actor's setup writes them."""
+        return [n for n in self.dataset_files() if not self.out.exists(n)]
+
+    def side_files(self, final: bool) -> dict:
+        """The manifest's ``side_files``: {name: {bytes, checksum}} of the dataset's own files,
+        taken when one is first seen and again for the final manifest (an actor set up later
+        writes it only when absent, but one racing the first could replace it)."""
+        for name in self.dataset_files():
+            if (final or name not in self.sides) and self.out.exists(name):
+                self.sides[name] = self.out.file_entry(name)
+        return dict(self.sides)
 
     @property
     def max_attempts(self) -> int:
@@ -142,8 +162,10 @@ class JobState:
         if final and self.metadata.buckets is not None:  # records and files per bucket
             table = bucket_table(self.summaries, self.metadata.buckets)
             buckets = {"buckets": table}
+        sides = self.side_files(final)
         return {
             **buckets,
+            **({"side_files": sides} if sides else {}),
             "format": MANIFEST_FORMAT,
             "library_version": __version__,
             "config": OmegaConf.to_container(self.cfg, resolve=True),

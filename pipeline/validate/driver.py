@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
     if to_scan:
         _scan_all(cfg, out, to_scan, ds)
     try:
-        inventory = take_inventory(out)
+        inventory = take_inventory(out, text=bool(process.text))
     except CorruptFileError as exc:
         raise CannotValidate(str(exc)) from None
     from pipeline.validate.checks import (  # here: scipy (~0.7 s), not in scan processes' imports

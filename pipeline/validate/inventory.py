@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pipeline.output.contracts import CommitMarker
 from pipeline.output.manifest import (
+    DATASET_FILES,
     REJECTS,
     SHARDS,
     TEXT,
@@ -89,14 +90,18 @@ class Inventory:
     data_files: tuple  # names of the data files (:meth:`OutputDir.data_files`)
     rejects: list | None  # the lines of rejects.jsonl, None when it is absent
     text_files: tuple = ()  # the shards' text tables _text/<shard>.parquet (not _uncond)
+    # the dataset's own files (the empty prompt's embedding): {name: what _side_check found}
+    dataset_files: dict | None = None
 
 
-def take_inventory(out: OutputDir) -> Inventory:
-    """List the markers and data files and read ``rejects.jsonl`` (CorruptFileError naming it
-    when a line is not JSON)."""
+def take_inventory(out: OutputDir, text: bool = False) -> Inventory:
+    """List the markers and data files, read ``rejects.jsonl`` (CorruptFileError naming it
+    when a line is not JSON) and, for a dataset with text embeddings (``text``), measure its
+    own files (:data:`~pipeline.output.manifest.DATASET_FILES`: size and checksum)."""
     names = [posixpath.basename(n) for n in out.list(SHARDS)]
     markers = {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
     rejects = out.read_jsonl(REJECTS) if out.exists(REJECTS) else None
-    text = [n for n in out.list(TEXT) if n.endswith(".parquet")]
-    text = tuple(n for n in text if not posixpath.basename(n).startswith(("_", ".")))
-    return Inventory(frozenset(markers), tuple(out.data_files()), rejects, text)
+    tables = [n for n in out.list(TEXT) if n.endswith(".parquet")]
+    text_files = tuple(n for n in tables if not posixpath.basename(n).startswith(("_", ".")))
+    own = {n: _side_check(out, n) for n in DATASET_FILES} if text else {}
+    return Inventory(frozenset(markers), tuple(out.data_files()), rejects, text_files, own)

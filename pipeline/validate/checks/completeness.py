@@ -89,10 +89,12 @@ def _sides_changed(out: OutputDir, marker: CommitMarker, found: dict) -> str | N
     return None
 
 
-def _entry_changed(out: OutputDir, name: str, want: tuple, got: dict | None) -> str | None:
-    """How one file a marker lists (a bucket file or a side file) differs from its entry
-    (``want``: (bytes, checksum)) as found (``got``), or None; a missing or unreadable file is
-    reported as such elsewhere."""
+def _entry_changed(
+    out: OutputDir, name: str, want: tuple, got: dict | None, by: str = "its commit marker"
+) -> str | None:
+    """How one file a marker lists (a bucket file or a side file; ``by``: who recorded it)
+    differs from its entry (``want``: (bytes, checksum)) as found (``got``), or None; a missing
+    or unreadable file is reported as such elsewhere."""
     got = got or {}
     if got.get("missing") or got.get("error"):
         return None
@@ -100,9 +102,33 @@ def _entry_changed(out: OutputDir, name: str, want: tuple, got: dict | None) -> 
         return None
     return (
         f"{out.display(name)}: {got.get('bytes')} bytes, checksum "
-        f"{str(got.get('checksum'))[:19]}; its commit marker says {want[0]} "
-        f"bytes, {str(want[1])[:19]} (rewritten or damaged since its commit)"
+        f"{str(got.get('checksum'))[:19]}; {by} says {want[0]} "
+        f"bytes, {str(want[1])[:19]} (rewritten or damaged since it was recorded)"
     )
+
+
+def _dataset_files(out: OutputDir, manifest: dict, inv: Inventory, prob: dict) -> list[str]:
+    """The dataset's own files (the empty prompt's embedding) as found against the manifest's
+    ``side_files``: missing, unreadable or changed (added to ``prob``); returns the notes (a
+    manifest of an older version records no checksum)."""
+    recorded, notes = manifest.get("side_files") or {}, []
+    for name, got in sorted((inv.dataset_files or {}).items()):
+        want = recorded.get(name)
+        if got.get("missing"):
+            prob["missing files"].append(out.display(name))
+        elif got.get("error"):
+            prob["unreadable files"].append(f"{out.display(name)}: {got['error']}")
+        elif isinstance(want, dict):
+            entry = (want.get("bytes"), want.get("checksum"))
+            why = _entry_changed(out, name, entry, got, "the manifest's side_files")
+            if why:
+                prob["files changed since their commit"].append(why)
+        else:
+            notes.append(
+                f"{out.display(name)} has no checksum in the manifest (written by an older "
+                "version): not verified; a rerun of the job records it"
+            )
+    return notes
 
 
 def _side_problems(out: OutputDir, scanned: dict) -> tuple[list[str], list[str]]:
@@ -118,6 +144,7 @@ def _side_problems(out: OutputDir, scanned: dict) -> tuple[list[str], list[str]]
 def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventory) -> Check:
     """Every manifest shard committed, with its file and its side files (the text table; the
     size and checksum its marker recorded at commit: a file rewritten or damaged since fails),
+    and the dataset's own files (the empty prompt's embedding: the manifest's ``side_files``),
     marker and row count; accounting
     records = (samples - rejected) x K and rejects.jsonl; (key, draw) unique and complete per
     shard; file metadata = manifest process; no stray files; totals add up. ``out`` only names
@@ -184,7 +211,7 @@ def completeness(ds: DatasetStats, out: OutputDir, manifest: dict, inv: Inventor
         missing, unreadable = _side_problems(out, s)
         prob["missing files"] += missing
         prob["unreadable files"] += unreadable
-    notes = []
+    notes = _dataset_files(out, manifest, inv, prob)
     if unverified:
         notes.append(
             f"{unverified} committed files have no checksum in their marker (committed by an "
