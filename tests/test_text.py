@@ -135,6 +135,40 @@ def test_embeddings_match_transformers_exactly_once_per_sample(clip_run, clip_di
     assert np.array_equal(unc["clip_hidden"].numpy(), reference(clip_dir, [""])[0])
 
 
+def test_hf_dataset_and_export_carry_the_text_columns(clip_run, tmp_path):
+    """to_hf_dataset and export_hf_parquet join each record's text embedding columns from
+    _text/ (they used to lack them): equal to the loader's record by record, read back by
+    datasets with their shapes (hidden Array2D [L, D]; pooled and mask fixed-length lists)."""
+    datasets = pytest.importorskip("datasets")
+    from pipeline.consume.hf import export_hf_parquet, to_hf_dataset
+
+    out = clip_run[0]
+    want = {(r["key"], int(r["draw"])): r for r in PrecomputedDataset(out, shuffle=False)}
+    cols = ["caption_null", "clip_hidden", "clip_pooled", "clip_mask"]
+    L, D = want[next(iter(want))]["clip_hidden"].shape
+
+    def same(rows) -> None:
+        assert len(rows["key"]) == len(want) == 2 * 6 * K
+        for i, (key, draw) in enumerate(zip(rows["key"], rows["draw"])):
+            rec = want[(key, int(draw))]
+            for c in cols:
+                assert np.array_equal(np.asarray(rows[c][i]), rec[c].numpy()), (key, c)
+
+    ds = to_hf_dataset(out, cache_dir=str(tmp_path / "hf"))
+    assert ds.column_names[-4:] == cols
+    assert ds.features["clip_hidden"] == datasets.Array2D(shape=(L, D), dtype="float32")
+    assert ds.features["clip_mask"] == datasets.List(datasets.Value("int8"), length=L)
+    same(ds.with_format("numpy")[:])
+    sub = to_hf_dataset(out, columns=["key", "draw", "clip_pooled"], cache_dir=str(tmp_path / "hf"))
+    assert sub.column_names == ["key", "draw", "clip_pooled"]  # the join's index not added
+    written = export_hf_parquet(out, tmp_path / "export")
+    assert written == ["a-0.parquet", "a-1.parquet"]
+    back = datasets.load_dataset("parquet", data_files=f"{tmp_path}/export/*.parquet",
+                                 split="train", cache_dir=str(tmp_path / "hf2"))  # fmt: skip
+    assert back.features == ds.features
+    same(back.with_format("numpy")[:])
+
+
 def test_truncation_and_dedup_are_counted(clip_run):
     out, caps, report, _ = clip_run
     o = OutputDir(str(out))

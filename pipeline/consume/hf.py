@@ -26,12 +26,22 @@ each bucket's files under ``out/<H>x<W>/`` and a ``README.md`` whose ``configs``
 :func:`to_hf_dataset` takes ``bucket="HxW"`` and refuses a bucketed directory without it, naming
 the buckets.
 
+Text embeddings (``text=...`` at precompute time): they live in per-shard tables ``_text/``
+(:mod:`pipeline.output.text_store`), one row per sample; both paths join them to each record by
+its sample ``index``, as :class:`pipeline.consume.dataset.PrecomputedDataset` does, so every row
+carries ``caption_null`` and each encoder's ``<name>_hidden`` (``Array2D`` [L, D]),
+``<name>_pooled`` and ``<name>_mask`` (``List`` of fixed length: ``datasets`` has no ``Array1D``)
+unless ``columns`` leaves them out. The empty prompt's embedding (one row per dataset, for
+classifier-free guidance) is not a record: it stays in ``<dir>/_text/_uncond.parquet``
+(``PrecomputedDataset(dir).unconditional()``).
+
 Note: ``datasets``' numpy/torch formatting returns float16 ``ArrayND`` columns as float32.
-Tensor ranks 2 to 5 are supported (``[C, H, W]`` is rank 3).
+Tensor ranks 1 to 5 are supported (``[C, H, W]`` is rank 3; rank 1 as a fixed-length ``List``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -45,6 +55,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.consume.batching import table_to_numpy
+from pipeline.consume.columns import ColumnSelection
 from pipeline.consume.recordsdir import RecordsDir, Unit
 from pipeline.output import records
 from pipeline.output.manifest import MANIFEST, OutputDir
@@ -64,14 +75,20 @@ def _import_datasets():
 
 
 def _array_feature(type_: pa.FixedShapeTensorType):
+    """The ``datasets`` feature of a tensor column: ``ArrayND`` for ranks 2 to 5, a fixed-length
+    ``List`` for rank 1 (a text encoder's pooled embedding or attention mask)."""
     datasets = _import_datasets()
     shape = tuple(int(s) for s in type_.shape)
     classes = {2: datasets.Array2D, 3: datasets.Array3D, 4: datasets.Array4D, 5: datasets.Array5D}
-    if len(shape) not in classes:
+    if len(shape) not in classes and len(shape) != 1:
         raise ValueError(f"datasets has ArrayND features of rank 2 to 5 only, got shape {shape}")
-    dtype = {pa.float16(): "float16", pa.float32(): "float32"}.get(type_.value_type)
+    dtype = {pa.float16(): "float16", pa.float32(): "float32", pa.int8(): "int8"}.get(
+        type_.value_type
+    )
     if dtype is None:
         raise ValueError(f"unsupported tensor value type {type_.value_type}")
+    if len(shape) == 1:
+        return datasets.List(datasets.Value(dtype), length=shape[0])
     return classes[len(shape)](shape=shape, dtype=dtype)
 
 
@@ -136,7 +153,9 @@ def to_hf_table(table: pa.Table, features) -> pa.Table:
     arrays = []
     for field in schema:
         col = table[field.name]
-        if records.is_tensor(col.type):
+        if records.is_tensor(col.type) and not isinstance(field.type, pa.ExtensionType):
+            arrays.append(col.cast(col.type.storage_type).cast(field.type))  # rank 1: a List
+        elif records.is_tensor(col.type):
             storage = _nested_storage(col, col.type).cast(field.type.storage_type)
             arrays.append(pa.ExtensionArray.from_storage(field.type, storage))
         else:
@@ -144,16 +163,79 @@ def to_hf_table(table: pa.Table, features) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+class _Text:
+    """What joins the text embedding columns to records (see the module docstring): the
+    ``_text/`` tables of a records directory, the Arrow schema of the columns asked, and the
+    shard of each file path. Picklable (``datasets`` may run the generator in processes)."""
+
+    def __init__(self, rd: RecordsDir, columns: Sequence[str]):
+        from pipeline.output.text_store import text_schema
+
+        self.fs, self.root, self.uri = rd.fs, rd.root, rd.uri.rstrip("/")
+        full = text_schema(rd.description.text)
+        self.schema = pa.schema([full.field(c) for c in columns])
+        self.shards = {rd.path(i): rd.shard_of(i) for i in range(len(rd.files))}
+        self._tables = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tables": None}  # opened again where it is used
+
+    def join(self, table: pa.Table, shard: str) -> pa.Table:
+        """``table`` (records with their ``index``) with each record's row of its shard's text
+        table appended, columns of :attr:`schema`."""
+        from pipeline.output.text_store import TextTables, build
+
+        if self._tables is None:
+            self._tables = TextTables(
+                self.fs, self.root, functools.partial(posixpath.join, self.uri)
+            )
+        index = np.asarray(table.column("index").to_numpy())
+        rows = self._tables.rows(shard, index, self.schema.names)
+        joined = build(self.schema, rows)
+        for f in self.schema:
+            table = table.append_column(f, joined.column(f.name))
+        return table
+
+
+def _selection(rd: RecordsDir, columns: Sequence[str] | None) -> tuple[list, list, _Text | None]:
+    """(columns in order, record columns to read, the text join or None) of ``columns`` (default:
+    the records' columns, then the text embedding columns); ValueError naming the available
+    columns for an unknown one (:class:`pipeline.consume.columns.ColumnSelection`)."""
+    sel = ColumnSelection(rd, columns)
+    text = _Text(rd, sel.text_columns) if sel.text_columns else None
+    return sel.columns, sel.record_columns, text
+
+
+def _schema(rd: RecordsDir, file: int, text: _Text | None) -> pa.Schema:
+    """The records schema of file number ``file`` (its metadata kept), with the text columns."""
+    schema = rd.footers[file].schema.to_arrow_schema()
+    if text is None:
+        return schema
+    return pa.schema([*schema, *text.schema], metadata=schema.metadata)
+
+
+def _read(table: pa.Table, columns: Sequence[str], text: _Text | None, shard: str) -> pa.Table:
+    """A row group's record columns with the text columns joined, as ``columns``."""
+    return (table if text is None else text.join(table, shard)).select(list(columns))
+
+
 def _examples(
-    paths: list[str], fs, columns: tuple[str, ...], names: Sequence[str] | None = None
+    paths: list[str],
+    fs,
+    columns: tuple[str, ...],
+    names: Sequence[str] | None = None,
+    read: tuple[str, ...] | None = None,
+    text: _Text | None = None,
 ) -> Iterator[dict]:
-    """One dict per record, read one row group at a time (the generator of to_hf_dataset)."""
+    """One dict per record, read one row group at a time (the generator of to_hf_dataset);
+    ``read``: the record columns to read (default ``columns``), ``text``: the text join."""
     for path in paths:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             for g in range(pf.metadata.num_row_groups):
-                table = pf.read_row_group(g, columns=list(columns))
+                table = pf.read_row_group(g, columns=list(read or columns))
                 _check_labels(table, names, path)
+                table = _read(table, columns, text, text.shards[path] if text else "")
                 block = table_to_numpy(table)
                 n = len(block[columns[0]])
                 # tensors as numpy; scalars and conditioning columns as Python values, nulls None
@@ -165,7 +247,7 @@ def _examples(
                     yield {c: v[i] for c, v in rows}
 
 
-def _fingerprint(rd: RecordsDir, columns: list[str]) -> str:
+def _fingerprint(rd: RecordsDir, columns: list[str], text: _Text | None) -> str:
     infos = rd.fs.get_file_info([rd.path(i) for i in range(len(rd.files))])
     state = {
         "v": CACHE_VERSION,
@@ -177,18 +259,13 @@ def _fingerprint(rd: RecordsDir, columns: list[str]) -> str:
             for name, info, footer in zip(rd.files, infos, rd.footers)
         ],
     }
+    if text is not None:  # the joined text tables: a changed one is read again
+        from pipeline.output.text_store import table_name
+
+        names = sorted({table_name(s) for s in text.shards.values()})
+        tables = rd.fs.get_file_info([posixpath.join(rd.root, n) for n in names])
+        state["text"] = [[n, i.size, i.mtime_ns] for n, i in zip(names, tables)]
     return "ddpm-" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _columns(rd: RecordsDir, columns: Sequence[str] | None) -> list[str]:
-    cols = list(rd.column_names if columns is None else columns)
-    unknown = [c for c in cols if c not in rd.column_names]
-    if unknown or not cols:
-        raise ValueError(
-            f"unknown columns {unknown} for records in {rd.uri}; available: "
-            f"{', '.join(rd.column_names)}"
-        )
-    return cols
 
 
 def to_hf_dataset(
@@ -208,14 +285,14 @@ def to_hf_dataset(
     unchanged files and columns reuses it. Refuses mixed processes like PrecomputedDataset.
     ``num_proc`` splits the files over processes; other keywords go to ``Dataset.from_generator``.
     ``bucket``: ``"HxW"``, the one aspect-ratio bucket to load (required for a bucketed
-    directory: a ``datasets.Dataset`` has one shape per column).
+    directory: a ``datasets.Dataset`` has one shape per column). With text embeddings their
+    columns are joined to each record (module docstring); ``columns`` may name them.
     """
     datasets = _import_datasets()
     rd = RecordsDir(dir, filesystem)
     files = _bucket_files(rd, bucket)
-    cols = _columns(rd, columns)
-    schema = rd.footers[files[0]].schema.to_arrow_schema()
-    features = hf_features(schema, cols)
+    cols, read, text = _selection(rd, columns)
+    features = hf_features(_schema(rd, files[0], text), cols)
     names = class_names(rd.schema)
     paths = [rd.path(i) for i in files]
     ds = datasets.Dataset.from_generator(
@@ -228,9 +305,11 @@ def to_hf_dataset(
             "fs": rd.fs,
             "columns": tuple(cols),
             "names": names and tuple(names),  # a tuple: lists are sharded over num_proc
+            "read": tuple(read),
+            "text": text,
         },
         num_proc=num_proc if num_proc and len(paths) > 1 else None,
-        fingerprint=_fingerprint(rd, cols + ([f"bucket={bucket}"] if bucket else [])),
+        fingerprint=_fingerprint(rd, cols + ([f"bucket={bucket}"] if bucket else []), text),
         **from_generator_kwargs,
     )
     return ds
@@ -274,10 +353,11 @@ def export_hf_parquet(
 
     With aspect-ratio buckets, one ``datasets`` config per bucket: the files of bucket ``HxW``
     go to ``HxW/<name>`` (returned with that prefix) and ``README.md`` lists the configs
-    (``load_dataset(out, "HxW")``).
+    (``load_dataset(out, "HxW")``). With text embeddings their columns are joined to each
+    record (module docstring); ``columns`` may name them.
     """
     rd = RecordsDir(dir, filesystem)
-    cols = _columns(rd, columns)
+    cols, read, text = _selection(rd, columns)
     ddpm = (rd.schema.metadata or {}).get(records.METADATA_KEY)
     target = OutputDir(str(out))
     _refuse_records_target(rd, target)
@@ -289,7 +369,7 @@ def export_hf_parquet(
         if bucket is not None and bucket not in configs:
             target.makedirs(bucket)
             configs[bucket] = rd.shapes[i]
-        features = hf_features(rd.footers[i].schema.to_arrow_schema(), cols)
+        features = hf_features(_schema(rd, i, text), cols)
         schema = features.arrow_schema
         file_meta = rd.footers[i].schema.to_arrow_schema().metadata or {}
         meta = {
@@ -303,9 +383,9 @@ def export_hf_parquet(
         ) as writer:
             for g in range(rd.footers[i].num_row_groups):
                 unit = Unit(i, g, rd.footers[i].row_group(g).num_rows)
-                table = rd.read(unit, cols)
+                table = rd.read(unit, read)
                 _check_labels(table, class_names(rd.schema), rd.display(name))
-                table = to_hf_table(table, features)
+                table = to_hf_table(_read(table, cols, text, rd.shard_of(i)), features)
                 writer.write_table(
                     table.replace_schema_metadata(meta), row_group_size=unit.num_rows or None
                 )
