@@ -8,7 +8,9 @@ Datasets: 4 shards x 48 arrays [4, 8, 8] x 2 draws, schedule=flow shift 3, logit
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -160,6 +162,72 @@ def test_x_T_is_eps_exactly_at_sigma_1(datasets, tmp_path):
     assert _failed(checks) == {"convergence"}
     item = next(i for i in checks["convergence"]["detail"]["items"] if not i["passed"])
     assert item["quantity"] == "x_T != eps (bytes)" and item["value"] == 1
+
+
+# DDPM's words: alpha_bar (ab) and the 0-based t; a flow report has sigma and t = sigma * T
+DDPM_WORDS = re.compile(r"alpha_bar|\bab\b|1-ab|0-based")
+
+
+def _report_texts(path, tmp_path, monkeypatch) -> tuple[dict, dict]:
+    """Validate ``path`` with plots; (report, {where: text}) of report.md, report.html (its
+    embedded PNGs left out), every note and failed item's text and every plot's texts (titles,
+    axis labels, tick labels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from pipeline import validate
+
+    texts, savefig = {}, Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        found = " | ".join(t.get_text() for t in fig.findobj(Text) if t.get_text())
+        texts[f"plot {len(texts)}: {found[:60]}"] = found
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    cfg = validate.load_config([f"output.dir={path}", "progress=false",
+                                f"output.report_dir={tmp_path / 'rep'}"])  # fmt: skip
+    report = validate.run(cfg)
+    texts["report.md"] = (tmp_path / "rep" / "report.md").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text()
+    texts["report.html"] = re.sub(r'src="data:image/png;base64,[^"]*"', "", html)
+    for c in report["checks"]:
+        texts[f"notes of {c['name']}"] = json.dumps(c["detail"].get("notes", []))
+        texts[f"items of {c['name']}"] = json.dumps(
+            [[i.get("where"), i.get("quantity"), i.get("message")] for i in c["detail"]["items"]]
+        )
+    return report, texts
+
+
+def test_a_flow_report_speaks_of_sigma_not_alpha_bar(datasets, tmp_path, monkeypatch):
+    """The report of a flow dataset without stored x_0 (every note about the reconstruction of
+    x_0 shows) states the process in flow's terms: x_t = (1 - sigma) x_0 + sigma eps,
+    reconstruction where (1 - sigma)^2 is large enough, the per-t-bin table's mean sigma, the
+    terminal figures' sigma_T, the plots' grid index i (t = sigma_i T), the strip's t = sigma T
+    as the records carry it; no alpha_bar, ab or 0-based t anywhere (the report used DDPM's
+    words for both families; a DDPM report is unchanged: tests/test_report.py)."""
+    report, texts = _report_texts(datasets["u"], tmp_path, monkeypatch)
+    assert report["exit_code"] == 0
+    assert len([k for k in texts if k.startswith("plot")]) >= 5
+    for where, text in texts.items():
+        assert not DDPM_WORDS.search(text), (where, DDPM_WORDS.findall(text), text[:3000])
+    md = texts["report.md"]
+    assert "x_t = (1 - sigma) x_0 + sigma eps is NOT checkable" in md
+    assert "(E[x_t eps] = sigma)" in md and "where (1 - sigma)^2 >= 0.1" in md
+    assert "| t range | records | sigma | Var(x_t) |" in md
+    assert "Terminal figures (last grid point, t = sigma_T T = 20): sigma_T = 1," in md
+    assert report["terminal"] == {"sigma_T": 1.0, "mean_shift": 0.0, "variance_ratio": 1.0,
+                                  "snr_T": 0.0}  # fmt: skip
+    rows = next(c for c in report["checks"] if c["name"] == "variance_preservation")
+    assert all("alpha_bar" not in r and 0 < r["sigma"] <= 1 for r in rows["detail"]["per_bin"])
+    strip = next(t for k, t in texts.items() if "noising strip" in t)
+    proc = flow(20, shift=3.0)
+    first = f"t={str(np.float32(proc.timesteps[0]))} (sigma={proc.sigma[0]:.2g})"
+    assert first == "t=2.7272727 (sigma=0.14)" and first in strip  # the first grid point
+    assert "t=20.0 (sigma=1)" in strip
 
 
 @pytest.mark.parametrize("store_x0", [True, False])

@@ -147,12 +147,14 @@ class GaussianProcess:
         return self.schedule.alphas_cumprod if self.schedule is not None else self.alpha**2
 
     def terminal(self) -> dict[str, float]:
-        """Figures at the noisiest grid point: what is left of x_0 in x_T (keys of
-        :meth:`pipeline.noising.schedule.NoiseSchedule.terminal`)."""
+        """Figures at the noisiest grid point: what is left of x_0 in x_T. DDPM: the keys of
+        :meth:`pipeline.noising.schedule.NoiseSchedule.terminal` (``alpha_bar_T`` first);
+        rectified flow in its own terms: ``sigma_T`` (1 on every grid), then ``mean_shift`` =
+        alpha_T = 1 - sigma_T, ``variance_ratio`` = sigma_T^2 and ``snr_T``."""
         if self.schedule is not None:
             return self.schedule.terminal()
         a, s = float(self.alpha[-1]), float(self.sigma[-1])
-        return {"alpha_bar_T": a * a, "mean_shift": a, "variance_ratio": s * s,
+        return {"sigma_T": s, "mean_shift": a, "variance_ratio": s * s,
                 "snr_T": float(self.snr[-1])}  # fmt: skip
 
     def grid_index(self, t: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@ t-bin labels, per-bin cross-products, the x_0 figures and the conditioning summa
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import numpy as np
@@ -15,6 +16,13 @@ from pipeline.validate.stats import GroupedCoMoments
 def bin_label(plan: ScanPlan, b: int) -> str:
     """``t in [lo, hi)`` of t-bin ``b``."""
     return f"t in [{plan.edges[b]}, {plan.edges[b + 1]})"
+
+
+def flow_recon(plan: ScanPlan) -> str:
+    """Where a flow dataset's x_0 is reconstructed, (x_t - sigma eps) / (1 - sigma) for records
+    with alpha_t^2 >= ``reconstruct_min_alpha_bar``, in flow's terms."""
+    thr = plan.recon_min_alpha_bar
+    return f"(1 - sigma)^2 >= {thr}, i.e. sigma <= 1 - sqrt({thr}) = {1 - math.sqrt(thr):.4g}"
 
 
 def per_bin(c: GroupedCoMoments, bins: int) -> tuple[np.ndarray, np.ndarray]:

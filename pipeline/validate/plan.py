@@ -49,6 +49,12 @@ class ScanPlan:
         return len(self.edges) - 1
 
     @property
+    def flow(self) -> bool:
+        """Rectified flow (alpha = 1 - sigma, t = sigma * T): its report speaks of sigma where
+        a DDPM report speaks of alpha_bar."""
+        return (self.process.schedule or {}).get("family") == "flow"
+
+    @property
     def shape(self) -> tuple:
         shape = self.process.shape if self.sample_shape is None else self.sample_shape
         return tuple(int(s) for s in shape)

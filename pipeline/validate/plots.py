@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.output.description import ProcessMetadata
 from pipeline.output.manifest import OutputDir
-from pipeline.output.records import noise_from_metadata
+from pipeline.output.records import noise_from_metadata, process_from_metadata
 from pipeline.validate.checks import variance_preservation as vp
 from pipeline.validate.measures import DatasetStats, split_strip
 
@@ -220,11 +220,12 @@ def _schedule(plt, save, *, schedule, report, ctx, **_):
     with np.errstate(divide="ignore"):
         a1.plot(t, schedule.sigma if flow else schedule.alphas_cumprod, label=sch["name"])
         a2.plot(t, schedule.snr, label=sch["name"])
+    x_name = "grid index i (t = sigma_i T)" if flow else "t (0-based)"
     if flow:
-        a1.set(xlabel="grid index (t = sigma T)", ylabel="sigma_t", title="sigma_t")
+        a1.set(xlabel=x_name, ylabel="sigma_t", title="sigma_t")
     else:
-        a1.set(yscale="log", xlabel="t (0-based)", ylabel="alpha_bar_t", title="alpha_bar_t")
-    a2.set(yscale="log", xlabel="t (0-based)", ylabel="SNR(t)", title="SNR = alpha^2 / sigma^2")
+        a1.set(yscale="log", xlabel=x_name, ylabel="alpha_bar_t", title="alpha_bar_t")
+    a2.set(yscale="log", xlabel=x_name, ylabel="SNR(t)", title="SNR = alpha^2 / sigma^2")
     for a in (a1, a2):
         a.grid(True, which="both", alpha=0.3)
         a.legend()
@@ -252,7 +253,11 @@ def _timesteps(plt, save, *, ds, report, ctx, **_):
     band = z * np.sqrt(exp)
     ax.stairs(exp + band, edges, baseline=np.maximum(exp - band, 0), fill=True, color="C1",
               alpha=0.15, label=f"+- {z:g} sqrt(expected)")  # fmt: skip
-    ax.set(xlabel="t (0-based)", ylabel=f"records per t range (width {edges[1] - edges[0]})")
+    if ds.plan.flow:  # the histogram is over grid points; a record's t is sigma_i T
+        x_name, per = "grid index i (t = sigma_i T)", "range of grid points"
+    else:
+        x_name, per = "t (0-based)", "t range"
+    ax.set(xlabel=x_name, ylabel=f"records per {per} (width {edges[1] - edges[0]})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     title = verdict_text(_check(report, "timestep_distribution"))
@@ -344,6 +349,18 @@ def is_latent(process: ProcessMetadata) -> bool:
     return bool(process.encoder) or (process.source or {}).get("kind") == "arrays"
 
 
+def _t_text(t: float) -> str:
+    """A flow record's t (float32 sigma T) as the records show it."""
+    return str(np.float32(t))
+
+
+def _strip_title(process, i: int, ab) -> str:
+    """A strip column's title: DDPM ``t=<i> (ab=...)``; flow ``t=<sigma_i T> (sigma=...)``."""
+    if getattr(process, "family", "ddpm") == "flow":
+        return f"t={_t_text(process.timesteps[i])} (sigma={process.sigma[i]:.2g})"
+    return f"t={i} (ab={ab[i]:.2g})"
+
+
 def _strip(
     plt, save, *, ds, schedule, report, ctx, decode: Callable | None = None, note: str = "", **_
 ):
@@ -356,7 +373,9 @@ def _strip(
     shape = ds.plan.shape
     if not len(rows) or len(shape) != 3:
         return
-    x0, eps, xt, t_rec = split_strip(rows.astype(np.float64), shape)
+    x0, eps, xt, t_rec = split_strip(rows.astype(np.float64), shape)  # t_rec: grid indices
+    if ds.plan.flow:  # the grid of the strip's records (a dynamic shift's follows the shape)
+        schedule = process_from_metadata(ds.plan.process, shape)
     T, ab, al, sg = ds.T, schedule.alphas_cumprod, schedule.alpha, schedule.sigma
     ts = sorted({int(round(f * (T - 1))) for f in STRIP_FRACTIONS})
     latent = is_latent(ds.plan.process)
@@ -391,8 +410,9 @@ def _strip(
         show(axes[r, first], x0[r], f"x_0 ({src})")
         for j, tj in enumerate(ts):
             x = al[tj] * x0[r] + sg[tj] * eps[r]
-            show(axes[r, first + 1 + j], x, f"t={tj} (ab={ab[tj]:.2g})")
-        show(axes[r, -1], xt[r], f"stored x_t, t={t_rec[r]}")
+            show(axes[r, first + 1 + j], x, _strip_title(schedule, tj, ab))
+        t_shown = _t_text(schedule.timesteps[t_rec[r]]) if ds.plan.flow else t_rec[r]
+        show(axes[r, -1], xt[r], f"stored x_t, t={t_shown}")
     how = "channels side by side on [-3, 3]" if latent else "pixels from [-1, 1]"
     fig.suptitle(
         f"noising strip: x_t = alpha_t x_0 + sigma_t eps, each row one record with its own "

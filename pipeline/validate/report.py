@@ -47,6 +47,18 @@ def schedule_text(sch: dict) -> str:
     return f"{sch['name']} T={sch['num_timesteps']} ({how})"
 
 
+def terminal_text(report: dict) -> str:
+    """The report's line of terminal figures: ``Terminal figures (t = T-1): alpha_bar_T = ...``
+    for DDPM, ``Terminal figures (last grid point, t = sigma_T T = 1000): sigma_T = 1, ...`` for
+    rectified flow (its t is sigma T, not the grid index)."""
+    term, sch = report["terminal"], report["summary"]["schedule"]
+    where = "t = T-1"
+    if sch.get("family") == "flow":
+        t = term.get("sigma_T", float("nan")) * sch["num_timesteps"]
+        where = f"last grid point, t = sigma_T T = {_num(t)}"
+    return f"Terminal figures ({where}): " + ", ".join(f"{k} = {_num(v)}" for k, v in term.items())
+
+
 def dataset_summary(manifest: dict, ds: DatasetStats, noise) -> dict:
     """The report's ``summary`` block: what was validated (shards, records, process)."""
     p, t = ds.plan.process, manifest.get("totals", {})
@@ -189,7 +201,7 @@ def format_markdown(report: dict) -> str:
     (up to 20) and, for variance_preservation, the per-t-bin table; then the plots."""
     from pipeline.validate.verdict import describe
 
-    s, term = report["summary"], report["terminal"]
+    s = report["summary"]
     sch = s["schedule"]
     lines = [
         f"# Validation of `{report['dataset']}`",
@@ -205,11 +217,7 @@ def format_markdown(report: dict) -> str:
     for c in report["checks"]:
         name, stat = c["detail"]["statistic_name"], c["statistic"]
         lines.append(_row(c["name"], _verdict_word(c), name, stat, c["threshold"], c["summary"]))
-    lines += [
-        "",
-        "Terminal figures (t = T-1): " + ", ".join(f"{k} = {_num(v)}" for k, v in term.items()),
-        "",
-    ]
+    lines += ["", terminal_text(report), ""]
     for c in report["checks"]:
         lines += [f"## {c['name']}", ""]
         lines += [f"- {n}" for n in c["detail"].get("notes", [])]
@@ -231,15 +239,26 @@ def _bucket_rows(hist: list[dict]) -> list[list]:
     return [[h["bucket"], f"{h['records']}", f"{100 * h['share']:.1f}%"] for h in hist]
 
 
+def _per_bin_head(rows: list[dict]) -> list[str]:
+    """The per-t-bin table's header: the bin's mean alpha_bar (DDPM), or its mean sigma
+    (rectified flow, whose rows have no alpha_bar)."""
+    what = "alpha_bar" if "alpha_bar" in rows[0] else "sigma"
+    return ["t range", "records", what, "Var(x_t)", "model", "E[x_t]", "model"]
+
+
+def _per_bin_rows(rows: list[dict]) -> list[list]:
+    what = "alpha_bar" if "alpha_bar" in rows[0] else "sigma"
+    return [
+        [f"[{r['t_lo']}, {r['t_hi']})", f"{r['records']:.0f}", r[what], r["var_x_t"],
+         r["var_x_t_model"], r["mean_x_t"], r["mean_x_t_model"]]
+        for r in rows
+    ]  # fmt: skip
+
+
 def _per_bin_table(rows: list[dict]) -> list[str]:
-    lines = ["", "| t range | records | alpha_bar | Var(x_t) | model | E[x_t] | model |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    for r in rows:
-        lines.append(
-            f"| [{r['t_lo']}, {r['t_hi']}) | {r['records']:.0f} | {r['alpha_bar']:.4g} | "
-            f"{r['var_x_t']:.4g} | {r['var_x_t_model']:.4g} | {r['mean_x_t']:.4g} | "
-            f"{r['mean_x_t_model']:.4g} |"
-        )
+    lines = ["", "| " + " | ".join(_per_bin_head(rows)) + " |", "|---|---|---|---|---|---|---|"]
+    for r in _per_bin_rows(rows):
+        lines.append("| " + " | ".join(v if isinstance(v, str) else f"{v:.4g}" for v in r) + " |")
     return lines
 
 
@@ -293,8 +312,7 @@ def format_html(report: dict, images: Mapping[str, bytes]) -> str:
         for c in report["checks"]
     ]  # fmt: skip
     out += _html_table(["check", "verdict", "statistic", "value", "limit", "summary"], rows)
-    term = ", ".join(f"{k} = {_num(v)}" for k, v in report["terminal"].items())
-    out.append(f"<p>Terminal figures (t = T-1): {e(term)}</p>")
+    out.append(f"<p>{e(terminal_text(report))}</p>")
     for c in report["checks"]:
         out.append(f'<h2>{e(c["name"])} <span class="{_verdict_word(c)}">{_verdict_word(c)}'
                    "</span></h2>")  # fmt: skip
@@ -303,13 +321,8 @@ def format_html(report: dict, images: Mapping[str, bytes]) -> str:
         if lines:
             out.append("<ul>" + "".join(f"<li>{x}</li>" for x in lines) + "</ul>")
         if c["name"] == "variance_preservation" and c["detail"].get("per_bin"):
-            head = ["t range", "records", "alpha_bar", "Var(x_t)", "model", "E[x_t]", "model"]
-            rows = [
-                [f"[{r['t_lo']}, {r['t_hi']})", f"{r['records']:.0f}", r["alpha_bar"],
-                 r["var_x_t"], r["var_x_t_model"], r["mean_x_t"], r["mean_x_t_model"]]
-                for r in c["detail"]["per_bin"]
-            ]  # fmt: skip
-            out += _html_table(head, rows)
+            rows = c["detail"]["per_bin"]
+            out += _html_table(_per_bin_head(rows), _per_bin_rows(rows))
         if c["name"] == "buckets" and c["detail"].get("histogram"):
             rows = _bucket_rows(c["detail"]["histogram"])
             out += _html_table(["bucket (H x W)", "records", "share"], rows)

@@ -10,7 +10,7 @@ from scipy import stats as sps
 
 from pipeline.validate.checks.context import Context
 from pipeline.validate.features import CROSS
-from pipeline.validate.figures import bin_label, per_bin, x0_figures
+from pipeline.validate.figures import bin_label, flow_recon, per_bin, x0_figures
 from pipeline.validate.measures import DatasetStats
 from pipeline.validate.stats import correlation
 from pipeline.validate.verdict import Check, Highlight, corr_item, litem, pitem, verdict, zitem
@@ -26,14 +26,20 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
     record (an error otherwise)."""
     p, C, b = ds.plan, ds.plan.shape[0], ds.plan.bins - 1
     term, fig, where = schedule.terminal(), x0_figures(ds), f"{bin_label(p, b)}, all channels"
+    alpha = "1 - sigma_T" if p.flow else "sqrt(alpha_bar_T)"  # in the process's own terms
     shift = litem(
         "schedule",
-        "terminal mean shift alpha_T = sqrt(alpha_bar_T)",
+        f"terminal mean shift alpha_T = {alpha}",
         term["mean_shift"],
         max_shift,
         "warning",
     )
-    if not shift["passed"]:
+    if not shift["passed"] and p.flow:  # never on diffusers' grids: sigma_T = 1 on every one
+        shift["message"] = (
+            f"terminal SNR not negligible: sigma_T = {term['sigma_T']:.3g}, x_T keeps "
+            f"{term['mean_shift']:.3g} x_0"
+        )
+    elif not shift["passed"]:
         shift["message"] = (
             f"terminal SNR not negligible: alpha_bar_T = {term['alpha_bar_T']:.3g}, x_T keeps "
             f"{term['mean_shift']:.3g} x_0; remedy: schedule.zero_terminal_snr=true"
@@ -74,17 +80,21 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
             correlation(nb[b], cb[b], XT, X0),
             a * math.sqrt(cb[b][X0, X0] / cb[b][XT, XT]),
         )
+        a_x = "(1 - sigma)" if p.flow else "sqrt(ab)"
         model.append(
-            corr_item(where, "corr(x_T, x_0) vs model sqrt(ab) sd(x_0)/sd(x_T)", r, nb[b], expected)
+            corr_item(where, f"corr(x_T, x_0) vs model {a_x} sd(x_0)/sd(x_T)", r, nb[b], expected)
         )
         normal.append(corr_item(where, "corr(x_T, x_0) vs 0", r, nb[b], 0.0, "warning"))
     else:
-        notes.append(
-            Highlight(
-                "not_checked",
-                "corr(x_T, x_0)",
-                "corr(x_T, x_0) NOT checked: x_0 not stored (not reconstructable at small ab)",
+        why = "x_0 not stored (not reconstructable at small ab)"
+        if p.flow:  # the reason in flow's terms, and the true one when x_0 is stored
+            why = (
+                f"the top t-bin holds {n:.0f} of the 3 records it needs"
+                if p.store_x0
+                else f"x_0 not stored (reconstructed only where {flow_recon(p)})"
             )
+        notes.append(
+            Highlight("not_checked", "corr(x_T, x_0)", f"corr(x_T, x_0) NOT checked: {why}")
         )
     xs = ds.xT_res.sample().astype(np.float64)
     if len(xs) >= 20:

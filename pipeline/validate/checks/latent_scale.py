@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping
 
 from pipeline.validate.checks.context import Context
-from pipeline.validate.figures import x0_figures
+from pipeline.validate.figures import flow_recon, x0_figures
 from pipeline.validate.verdict import Check, verdict
 
 NAME = CHECK_NAME = "latent_scale"
@@ -140,6 +140,8 @@ def latent_scale(ds, include_arrays: bool = False) -> list[Check]:
         return []
     if ds.plan.process.store_x0:
         source = "stored"
+    elif ds.plan.flow:
+        source = f"reconstructed where {flow_recon(ds.plan)}"
     else:
         source = f"reconstructed where alpha_bar >= {ds.plan.recon_min_alpha_bar}"
     return [latent_scale_from_figures(x0_figures(ds), process, source)]

@@ -7,7 +7,7 @@ import math
 
 from pipeline.validate.checks.context import Context
 from pipeline.validate.features import CROSS
-from pipeline.validate.figures import bin_label, per_bin
+from pipeline.validate.figures import bin_label, flow_recon, per_bin
 from pipeline.validate.measures import DatasetStats
 from pipeline.validate.stats import correlation, shared_chi2
 from pipeline.validate.verdict import (
@@ -93,10 +93,12 @@ def noise_independence(ds: DatasetStats, z: float, correct: bool) -> Check:
             ]
         )
         if not p.store_x0:
-            notes.append(
-                "x_0 reconstructed as (x_t - sqrt(1-ab) eps)/sqrt(ab) where ab >= "
-                f"{p.recon_min_alpha_bar}: a wrong x_t makes it correlate with eps"
+            how = (
+                f"(x_t - sigma eps)/(1 - sigma) where {flow_recon(p)}"
+                if p.flow
+                else f"(x_t - sqrt(1-ab) eps)/sqrt(ab) where ab >= {p.recon_min_alpha_bar}"
             )
+            notes.append(f"x_0 reconstructed as {how}: a wrong x_t makes it correlate with eps")
     else:
         notes.append(
             Highlight(

@@ -4,6 +4,7 @@ within the rounding of the stored dtype (counted by :mod:`pipeline.validate.accu
 from __future__ import annotations
 
 from pipeline.validate.checks.context import Context
+from pipeline.validate.figures import flow_recon
 from pipeline.validate.measures import DatasetStats
 from pipeline.validate.verdict import Check, Highlight, litem, verdict
 
@@ -31,13 +32,20 @@ def record_consistency(ds: DatasetStats, z: float, correct: bool) -> Check:
             litem("overall", f"records with {k.replace('_', ' ')} values", ds.counts[k], 0)
         )
     if not ds.plan.store_x0:
+        # the process in its own terms: DDPM's alpha_bar (ab), flow's sigma (alpha = 1 - sigma)
+        xt, s, where = (
+            ("(1 - sigma) x_0 + sigma eps", "sigma", flow_recon(ds.plan))
+            if ds.plan.flow
+            else ("sqrt(ab) x_0 + sqrt(1-ab) eps", "sqrt(1-ab)",
+                  f"alpha_bar >= {ds.plan.recon_min_alpha_bar}")
+        )  # fmt: skip
         notes.append(
             Highlight(
                 "not_checked",
                 "x_t",
-                "x_t = sqrt(ab) x_0 + sqrt(1-ab) eps is NOT checkable record by record without "
+                f"x_t = {xt} is NOT checkable record by record without "
                 "stored x_0 (any x_t defines an x_0): covered statistically by "
-                "variance_preservation (E[x_t eps] = sqrt(1-ab)) and noise_independence "
+                f"variance_preservation (E[x_t eps] = {s}) and noise_independence "
                 "(corr(eps, x_0)), exactly by keyed_noise",
             )
         )
@@ -45,9 +53,8 @@ def record_consistency(ds: DatasetStats, z: float, correct: bool) -> Check:
             Highlight(
                 "not_checked",
                 "posterior_mean",
-                "posterior_mean checked from reconstructed x_0 where alpha_bar >= "
-                f"{ds.plan.recon_min_alpha_bar}; NOT checked for {ds.counts['unchecked_pm']} "
-                "records below",
+                f"posterior_mean checked from reconstructed x_0 where {where}; NOT checked for "
+                f"{ds.counts['unchecked_pm']} records below",
             )
         )
     notes.append(

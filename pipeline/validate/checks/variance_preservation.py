@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from pipeline.validate.checks.context import Context
-from pipeline.validate.figures import bin_label, x0_figures
+from pipeline.validate.figures import bin_label, flow_recon, x0_figures
 from pipeline.validate.measures import DatasetStats
 from pipeline.validate.verdict import Check, Highlight, verdict, zitem
 
@@ -81,42 +81,46 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
         if c == C:  # the variance form, for the report: a mixture over the bin's t
             ab = cell["ab"]
             pred = ab * f["var"] + cell["s2"] + cell.var("sqrt_ab") * f["mean"] ** 2
-            table.append(
-                {
-                    "bin": b,
-                    "t_lo": p.edges[b],
-                    "t_hi": p.edges[b + 1],
-                    "records": n,
-                    "alpha_bar": ab,  # alpha_t^2
-                    "sigma": cell["sqrt_1mab"],
-                    "var_x_t": float(np.mean(ds.xt.var(ddof=0)[b])),
-                    "var_x_t_model": pred,
-                    "mean_x_t": cell["xt_mean"],
-                    "mean_x_t_model": cell["sqrt_ab"] * f["mean"],
-                }
-            )
+            row = {
+                "bin": b,
+                "t_lo": p.edges[b],
+                "t_hi": p.edges[b + 1],
+                "records": n,
+                "alpha_bar": ab,  # alpha_t^2: DDPM's alpha_bar; flow has sigma alone
+                "sigma": cell["sqrt_1mab"],
+                "var_x_t": float(np.mean(ds.xt.var(ddof=0)[b])),
+                "var_x_t_model": pred,
+                "mean_x_t": cell["xt_mean"],
+                "mean_x_t_model": cell["sqrt_ab"] * f["mean"],
+            }
+            if p.flow:
+                del row["alpha_bar"]
+            table.append(row)
+    recon = f"where {flow_recon(p)}" if p.flow else f"where ab >= {p.recon_min_alpha_bar}"
     if C in fig:
-        v0, src = (
-            fig[C]["var"],
-            "stored" if p.store_x0 else f"reconstructed where ab >= {p.recon_min_alpha_bar}",
-        )
+        v0, src = fig[C]["var"], "stored" if p.store_x0 else f"reconstructed {recon}"
         notes.append(
             f"Var(x_0) = {v0:.4g}, E[x_0] = {fig[C]['mean']:.4g} "
             f"(x_0 {src}, {fig[C]['records']:.0f} records)"
         )
         if abs(v0 - 1) > 0.1:
+            form = (
+                "(1 - sigma)^2 Var(x_0) + sigma^2"
+                if p.flow
+                else "alpha^2 Var(x_0) + sigma^2; for DDPM Var(x_t) = 1 only for unit-variance data"
+            )
             notes.append(
                 Highlight(
                     "data",
                     "Var(x_0)",
                     f"data is not unit-variance (Var(x_0) = {v0:.3g}): the identity holds in its "
-                    "general form Var(x_t) = alpha^2 Var(x_0) + sigma^2; for DDPM Var(x_t) = 1 "
-                    "only for unit-variance data",
+                    f"general form Var(x_t) = {form}",
                 )
             )
     else:
+        above = "with (1 - sigma)^2 at or" if p.flow else "with ab"
         notes.append(
-            "no x_0 (not stored, no record with ab above the reconstruction threshold): only "
+            f"no x_0 (not stored, no record {above} above the reconstruction threshold): only "
             "E[x_t eps] = sigma checked"
         )
     extra = {"per_bin": table, "x0": {str(k): v for k, v in fig.items()}}
