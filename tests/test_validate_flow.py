@@ -230,6 +230,43 @@ def test_a_flow_report_speaks_of_sigma_not_alpha_bar(datasets, tmp_path, monkeyp
     assert "t=20.0 (sigma=1)" in strip
 
 
+def test_flow_t_bins_are_labelled_by_the_t_the_records_carry(datasets):
+    """A flow dataset's t-bins are labelled by t = sigma_i T (float32, as stored) of their
+    first and last grid points, not by grid index: counting the records whose stored t lies in
+    a bin's [t_lo, t_hi] gives the bin's record count, for every bin of the per-bin table, and
+    every per-bin item (variance_preservation, noise_independence, convergence) names its bin
+    by that label."""
+    import pyarrow.parquet as pq
+
+    path = datasets["u"]
+    report, checks = _validate(path)
+    t = np.concatenate(
+        [
+            pq.read_table(f, columns=["t"]).column(0).to_numpy()
+            for f in sorted(path.glob("*.parquet"))
+        ]
+    )
+    assert t.dtype == np.float32
+    rows = checks["variance_preservation"]["detail"]["per_bin"]
+    assert len(rows) >= 3
+    labels = set()
+    for r in rows:
+        lo, hi = np.float32(r["t_lo"]), np.float32(r["t_hi"])
+        assert (lo, hi) == (r["t_lo"], r["t_hi"])  # exact float32 values, as stored
+        assert r["label"] == f"t in [{str(lo)}, {str(hi)}]" and r["grid_hi"] > r["grid_lo"]
+        assert int(((t >= lo) & (t <= hi)).sum()) == r["records"], r
+        labels.add(r["label"])
+    bands = checks["variance_preservation"]["detail"]["bands"]
+    assert {b["label"] for b in bands} == labels
+    for name in ("variance_preservation", "noise_independence", "convergence"):
+        wheres = {i["where"] for i in checks[name]["detail"]["items"]}
+        binned = [w for w in wheres if w.startswith(("t in", "grid"))]  # label[, channel]
+        assert binned and all(re.match(r"t in \[\d+\.\d*, \d+\.\d*\](,|$)", w) for w in binned)
+    window = checks["convergence"]["detail"]["window"]
+    assert window["t_hi"] == 20.0 and window["label"].endswith(", 20.0]")
+    assert report["summary"]["t_bins"][-1] == 20  # the plan's edges stay grid indices
+
+
 @pytest.mark.parametrize("store_x0", [True, False])
 def test_weights_swapped(base, tmp_path, store_x0):
     d = _plant(_copy(base, tmp_path / "d"), ALL, _swap_weights)
@@ -335,6 +372,13 @@ def test_dynamic_shift_follows_each_bucket_files_shape(tmp_path):
     assert len(seen) >= 2 and len(set(seen.values())) == len(seen)  # one mu per shape
     report, checks = _validate(tmp_path / "o")
     assert report["exit_code"] == 0, _failed(checks)
+    # one grid per shape: a bin's t differs between files, so bins are named by grid points
+    vp = checks["variance_preservation"]["detail"]
+    assert vp["per_bin"] and all(
+        r["label"] == f"grid points [{r['grid_lo']}, {r['grid_hi']})" and "t_lo" not in r
+        for r in vp["per_bin"]
+    )
+    assert any("each sample shape (bucket) has its own grid" in n for n in vp["notes"])
 
 
 @pytest.mark.parametrize("store_x0", [True, False])

@@ -34,7 +34,7 @@ from pipeline.validate.config import check_values
 from pipeline.validate.cost import cost_seconds
 from pipeline.validate.inventory import take_inventory
 from pipeline.validate.measures import DatasetStats
-from pipeline.validate.plan import make_plan
+from pipeline.validate.plan import make_plan, shared_grid_t
 from pipeline.validate.report import REPORT_FORMAT, dataset_summary, write_report
 
 
@@ -119,7 +119,9 @@ def run(cfg: DictConfig) -> dict:
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         what = f"{type(exc).__name__}: {exc}"
         raise CannotValidate(f"{out.display(MANIFEST)}: bad process description ({what})") from None
-    ds = DatasetStats(make_plan(cfg, process, len(to_scan), positional(manifest)), entries)
+    grid_t = shared_grid_t(process, manifest)  # flow: t-bins labelled by the records' t
+    plan = make_plan(cfg, process, len(to_scan), positional(manifest), grid_t)
+    ds = DatasetStats(plan, entries)
     if to_scan:
         _scan_all(cfg, out, to_scan, ds)
     try:

@@ -14,8 +14,37 @@ from pipeline.validate.stats import GroupedCoMoments
 
 
 def bin_label(plan: ScanPlan, b: int) -> str:
-    """``t in [lo, hi)`` of t-bin ``b``."""
-    return f"t in [{plan.edges[b]}, {plan.edges[b + 1]})"
+    """The label of t-bin ``b`` (grid points ``edges[b]`` to ``edges[b + 1] - 1``) in the t the
+    records carry: DDPM ``t in [lo, hi)`` (t is the grid index); rectified flow ``t in [first,
+    last]``, the t (float32 sigma_i T, as the records show it) of its first and last grid
+    points, or ``grid points [lo, hi)`` when the files have several grids (a dynamic shift over
+    several shapes: a grid point's t differs between them)."""
+    lo, hi = plan.edges[b], plan.edges[b + 1]
+    if not plan.flow:
+        return f"t in [{lo}, {hi})"
+    if plan.grid_t is None:
+        return f"grid points [{lo}, {hi})"
+    return f"t in [{t_text(plan.grid_t[lo])}, {t_text(plan.grid_t[hi - 1])}]"
+
+
+def bin_range(plan: ScanPlan, b: int) -> dict:
+    """t-bin ``b``'s range in the report's JSON: DDPM ``t_lo``, ``t_hi`` (grid indices,
+    half-open); rectified flow ``grid_lo``, ``grid_hi`` (grid indices, half-open), its
+    :func:`bin_label` and, when the files have one grid, ``t_lo``, ``t_hi``: the t of its first
+    and last grid points (closed), the exact float32 values the records carry."""
+    lo, hi = plan.edges[b], plan.edges[b + 1]
+    if not plan.flow:
+        return {"t_lo": lo, "t_hi": hi}
+    out = {"grid_lo": lo, "grid_hi": hi, "label": bin_label(plan, b)}
+    if plan.grid_t is not None:
+        out.update(t_lo=plan.grid_t[lo], t_hi=plan.grid_t[hi - 1])
+    return out
+
+
+def t_text(t: float) -> str:
+    """A flow record's t (a float32) as the records show it: the shortest text that reads back
+    as the same float32 (``np.float32(text) == t``)."""
+    return str(np.float32(t))
 
 
 def flow_recon(plan: ScanPlan) -> str:

@@ -40,6 +40,10 @@ class ScanPlan:
     # the sample shape the statistics per tensor position are taken at; None: process["shape"]
     # (a bucketed dataset's is its largest configured bucket, which may hold no record)
     sample_shape: tuple | None = None
+    # rectified flow: the record t (float32 sigma_i T) of every grid point when every file has
+    # the same grid (shared_grid_t), to label the t-bins by the t the records carry; None for
+    # DDPM (t is the grid index) and for a dynamic shift over several sample shapes
+    grid_t: tuple | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "process", ProcessMetadata.from_json(self.process))
@@ -73,9 +77,11 @@ class ScanPlan:
         return bool(self.process.store_x0)
 
 
-def make_plan(cfg, process: ProcessMetadata, n_files: int, sample_shape=None) -> ScanPlan:
+def make_plan(
+    cfg, process: ProcessMetadata, n_files: int, sample_shape=None, grid_t=None
+) -> ScanPlan:
     """The plan for ``n_files`` shards from the validator's config (t-bins, reservoir sizes,
-    regenerated records per file); ``sample_shape``: see :attr:`ScanPlan.sample_shape`."""
+    regenerated records per file); ``sample_shape`` and ``grid_t``: see :class:`ScanPlan`."""
     T = process.num_timesteps
     edges = t_edges(T, int(cfg.bins), float(cfg.terminal_window))
     quota = math.ceil(cfg.max_consistency_records / max(n_files, 1))
@@ -89,7 +95,28 @@ def make_plan(cfg, process: ProcessMetadata, n_files: int, sample_shape=None) ->
         consistency_quota=quota,
         grid=bool(cfg.plots),
         sample_shape=None if sample_shape is None else tuple(int(x) for x in sample_shape),
+        grid_t=grid_t,
     )
+
+
+def shared_grid_t(process: ProcessMetadata, manifest: dict) -> tuple | None:
+    """The record t (float32 sigma_i T, as a float) of every grid point of a rectified-flow
+    dataset whose files all have one grid: a static shift, or a dynamic shift whose records
+    are of one sample shape (the manifest's bucket table; without buckets, the process's
+    shape). None for DDPM (its t is the grid index itself) and for a dynamic shift over several
+    shapes, where each bucket's files have their own grid and a grid point's t differs."""
+    schedule = process.schedule or {}
+    if schedule.get("family") != "flow":
+        return None
+    shape = process.shape
+    if schedule.get("dynamic_shift") and process.buckets is not None:
+        rows = manifest.get("buckets") or ()
+        shapes = {tuple(r["shape"]) for r in rows if r.get("records") and r.get("shape")}
+        if len(shapes) != 1:
+            return None
+        (shape,) = shapes
+    grid = records.process_from_metadata(process, shape).timesteps.astype(np.float32)
+    return tuple(float(t) for t in grid)
 
 
 def scan_columns(plan: ScanPlan) -> list[str]:

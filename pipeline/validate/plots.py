@@ -22,6 +22,7 @@ from pipeline.output.description import ProcessMetadata
 from pipeline.output.manifest import OutputDir
 from pipeline.output.records import noise_from_metadata, process_from_metadata
 from pipeline.validate.checks import variance_preservation as vp
+from pipeline.validate.figures import bin_label, t_text
 from pipeline.validate.measures import DatasetStats, split_strip
 
 STRIP_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)  # t / (T - 1) of the strip's columns
@@ -192,8 +193,9 @@ def _moments_over_t(plt, save, *, ds, schedule, report, ctx, **_):
         ax.plot(t, curve, "-", color="C1", lw=1, label="model")
         for band in (b for b in bands if b["quantity"] == quantity):
             b, m, tol, ok = band["bin"], per_bin[band["bin"]], band["tolerance"], band["passed"]
+            lo, hi = ds.plan.edges[b], ds.plan.edges[b + 1]  # the bin's grid points
             ax.fill_between(
-                [t[band["t_lo"]], t[band["t_hi"] - 1] + 1e-9], m - tol, m + tol, color="C1",
+                [t[lo], t[hi - 1] + 1e-9], m - tol, m + tol, color="C1",
                 alpha=0.25, lw=0, label="model +- tolerance",
             )  # fmt: skip
             y = m + band["value"] - band["expected"]
@@ -307,10 +309,9 @@ def _qq(plt, save, *, ds, report, ctx, **_):
     ax.plot(q, xT, ".", ms=2)
     ax.plot([-5, 5], [-5, 5], "k-", lw=0.5)
     ax.set(xlabel="N(0, 1) quantile", ylabel="x_t quantile")
+    top = bin_label(ds.plan, ds.plan.bins - 1) if ds.plan.flow else f"t >= {ds.plan.edges[-2]}"
     ax.set_title(
-        f"QQ of x_t, t >= {ds.plan.edges[-2]}\n{verdict_text(_check(report, 'convergence'))}\n"
-        f"{ctx}",
-        fontsize=8,
+        f"QQ of x_t, {top}\n{verdict_text(_check(report, 'convergence'))}\n{ctx}", fontsize=8
     )
     save(fig, "qq_x_T.png")
 
@@ -349,15 +350,10 @@ def is_latent(process: ProcessMetadata) -> bool:
     return bool(process.encoder) or (process.source or {}).get("kind") == "arrays"
 
 
-def _t_text(t: float) -> str:
-    """A flow record's t (float32 sigma T) as the records show it."""
-    return str(np.float32(t))
-
-
 def _strip_title(process, i: int, ab) -> str:
     """A strip column's title: DDPM ``t=<i> (ab=...)``; flow ``t=<sigma_i T> (sigma=...)``."""
     if getattr(process, "family", "ddpm") == "flow":
-        return f"t={_t_text(process.timesteps[i])} (sigma={process.sigma[i]:.2g})"
+        return f"t={t_text(process.timesteps[i])} (sigma={process.sigma[i]:.2g})"
     return f"t={i} (ab={ab[i]:.2g})"
 
 
@@ -411,7 +407,7 @@ def _strip(
         for j, tj in enumerate(ts):
             x = al[tj] * x0[r] + sg[tj] * eps[r]
             show(axes[r, first + 1 + j], x, _strip_title(schedule, tj, ab))
-        t_shown = _t_text(schedule.timesteps[t_rec[r]]) if ds.plan.flow else t_rec[r]
+        t_shown = t_text(schedule.timesteps[t_rec[r]]) if ds.plan.flow else t_rec[r]
         show(axes[r, -1], xt[r], f"stored x_t, t={t_shown}")
     how = "channels side by side on [-3, 3]" if latent else "pixels from [-1, 1]"
     fig.suptitle(

@@ -246,10 +246,18 @@ def _per_bin_head(rows: list[dict]) -> list[str]:
     return ["t range", "records", what, "Var(x_t)", "model", "E[x_t]", "model"]
 
 
+def _t_range(row: dict) -> str:
+    """A per-bin row's range: DDPM ``[lo, hi)`` (t is the grid index); rectified flow its label
+    without ``t in`` (``[first t, last t]``, or ``grid points [lo, hi)``)."""
+    if "label" in row:
+        return row["label"].removeprefix("t in ")
+    return f"[{row['t_lo']}, {row['t_hi']})"
+
+
 def _per_bin_rows(rows: list[dict]) -> list[list]:
     what = "alpha_bar" if "alpha_bar" in rows[0] else "sigma"
     return [
-        [f"[{r['t_lo']}, {r['t_hi']})", f"{r['records']:.0f}", r[what], r["var_x_t"],
+        [_t_range(r), f"{r['records']:.0f}", r[what], r["var_x_t"],
          r["var_x_t_model"], r["mean_x_t"], r["mean_x_t_model"]]
         for r in rows
     ]  # fmt: skip

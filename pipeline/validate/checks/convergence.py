@@ -10,7 +10,7 @@ from scipy import stats as sps
 
 from pipeline.validate.checks.context import Context
 from pipeline.validate.features import CROSS
-from pipeline.validate.figures import bin_label, flow_recon, per_bin, x0_figures
+from pipeline.validate.figures import bin_label, bin_range, flow_recon, per_bin, x0_figures
 from pipeline.validate.measures import DatasetStats
 from pipeline.validate.stats import correlation
 from pipeline.validate.verdict import Check, Highlight, corr_item, litem, pitem, verdict, zitem
@@ -105,7 +105,7 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
     extra = {
         "terminal": term,
         "exact_terminal": [ds.counts["terminal_checked"], ds.counts["terminal_mismatch"]],
-        "window": [p.edges[b], p.edges[b + 1]],
+        "window": bin_range(p, b) if p.flow else [p.edges[b], p.edges[b + 1]],
         "records": n,
         "threshold_mean_shift": max_shift,
     }

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from pipeline.validate.checks.context import Context
-from pipeline.validate.figures import bin_label, flow_recon, x0_figures
+from pipeline.validate.figures import bin_label, bin_range, flow_recon, x0_figures
 from pipeline.validate.measures import DatasetStats
 from pipeline.validate.verdict import Check, Highlight, verdict, zitem
 
@@ -83,8 +83,7 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
             pred = ab * f["var"] + cell["s2"] + cell.var("sqrt_ab") * f["mean"] ** 2
             row = {
                 "bin": b,
-                "t_lo": p.edges[b],
-                "t_hi": p.edges[b + 1],
+                **bin_range(p, b),  # DDPM t_lo, t_hi; flow also the grid points and a label
                 "records": n,
                 "alpha_bar": ab,  # alpha_t^2: DDPM's alpha_bar; flow has sigma alone
                 "sigma": cell["sqrt_1mab"],
@@ -123,6 +122,11 @@ def variance_preservation(ds: DatasetStats, z: float, correct: bool) -> Check:
             f"no x_0 (not stored, no record {above} above the reconstruction threshold): only "
             "E[x_t eps] = sigma checked"
         )
+    if p.flow and p.grid_t is None:
+        notes.append(
+            "t-bins are ranges of grid points i: with a dynamic shift each sample shape (bucket) "
+            "has its own grid, so the t = sigma_i T of a bin differs between bucket files"
+        )
     extra = {"per_bin": table, "x0": {str(k): v for k, v in fig.items()}}
     check = verdict(NAME, [items], z=z, correct=correct, notes=notes, extra=extra)
     check.detail["bands"] = _bands(p, items)
@@ -141,7 +145,7 @@ def _bands(p, items: list) -> list[dict]:
         if i is None or i["kind"] != "z" or not i["where"].endswith("all channels"):
             continue
         b = next(b for b in range(p.bins) if i["where"].startswith(bin_label(p, b) + ","))
-        out.append({"bin": b, "t_lo": p.edges[b], "t_hi": p.edges[b + 1]})
+        out.append({"bin": b, **bin_range(p, b)})
         out[-1].update({k: i[k] for k in BAND_FIELDS})
     return out
 
