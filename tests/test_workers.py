@@ -1,4 +1,4 @@
-"""tests/fixtures/workers.py: the units of work of ``make test``'s two xdist workers."""
+"""tests/fixtures/workers.py: the units of work of ``make test``'s xdist workers."""
 
 from __future__ import annotations
 
