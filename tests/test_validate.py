@@ -225,6 +225,27 @@ def test_clean_datasets_pass(base, name, tmp_path):
 # -- planted defects -------------------------------------------------------------------------
 
 
+def test_a_top_bin_too_small_for_corr_says_so_not_that_x0_is_missing(base, tmp_path):
+    """x_0 stored, but the top t-bin (t = 99 of 100) keeps 2 records (the others are moved to
+    t = 98, x_t and posterior rebuilt): corr(x_T, x_0) is not checked, and the note gives that
+    reason, not "x_0 not stored"."""
+    kept = []
+
+    def fewer_at_top(cols, sched, shard):
+        top = np.flatnonzero(cols["t"] >= 99)
+        keep = top[: max(0, 2 - len(kept))]
+        kept.extend(keep)
+        cols["t"][np.setdiff1d(top, keep)] = 98
+        _refresh(cols, sched)
+
+    d = _plant(_copy(base["a"], tmp_path / "d"), [f"sh-{i}" for i in range(4)], fewer_at_top)
+    assert len(kept) == 2
+    _, checks = _validate(d)
+    notes = checks["convergence"]["detail"]["notes"]
+    said = [t for t in notes if "corr(x_T, x_0) NOT checked" in t]
+    assert said == ["corr(x_T, x_0) NOT checked: the top t-bin holds 2 of the 3 records it needs"]
+
+
 def test_noise_scaled_in_one_shard(base, tmp_path):
     d = _plant(_copy(base["a"], tmp_path / "d"), ["sh-2"], _scale_noise)
     report, checks = _validate(d)

@@ -86,13 +86,12 @@ def convergence(ds: DatasetStats, schedule, z: float, correct: bool, max_shift: 
         )
         normal.append(corr_item(where, "corr(x_T, x_0) vs 0", r, nb[b], 0.0, "warning"))
     else:
-        why = "x_0 not stored (not reconstructable at small ab)"
-        if p.flow:  # the reason in flow's terms, and the true one when x_0 is stored
-            why = (
-                f"the top t-bin holds {n:.0f} of the 3 records it needs"
-                if p.store_x0
-                else f"x_0 not stored (reconstructed only where {flow_recon(p)})"
-            )
+        if p.store_x0:  # x_0 is there: the top bin has too few records
+            why = f"the top t-bin holds {n:.0f} of the 3 records it needs"
+        elif p.flow:
+            why = f"x_0 not stored (reconstructed only where {flow_recon(p)})"
+        else:
+            why = "x_0 not stored (not reconstructable at small ab)"
         notes.append(
             Highlight("not_checked", "corr(x_T, x_0)", f"corr(x_T, x_0) NOT checked: {why}")
         )
